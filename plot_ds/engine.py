@@ -1,0 +1,212 @@
+"""DeepSpeed glue: the filled DeepSpeed config, ZeRO-3-partitioned model loading, and the policy
+and frozen reference engines. The training loop sees only the engines this module returns.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+from pathlib import Path
+
+import torch
+
+from .assets import resolve_model_path
+from .config import Config, ConfigError, TrainConfig
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+# ------------------------------------------------------------------------------ DeepSpeed config
+def find_ds_config(path: str) -> Path:
+    candidate = Path(path)
+    for option in (candidate, REPO_ROOT / candidate):
+        if option.is_file():
+            return option
+    raise ConfigError(f"deepspeed.config: {path} not found (looked in the working directory and "
+                      f"in {REPO_ROOT})")
+
+
+def resolve_precision(precision: str) -> str:
+    from deepspeed.accelerator import get_accelerator
+
+    if precision != "auto":
+        return precision
+    accelerator = get_accelerator()
+    # bf16 matmuls on CPUs without AMX are slower than fp32; on GPUs bf16 is the norm.
+    if accelerator.device_name() != "cpu" and accelerator.is_bf16_supported():
+        return "bf16"
+    return "fp32"
+
+
+def _fill(section: dict, key: str, value, where: str) -> None:
+    """Set an "auto" field; a value written in the JSON must agree with the training config."""
+    current = section.get(key, "auto")
+    if current == "auto":
+        section[key] = value
+    elif current != value and not (isinstance(value, float) and isinstance(current, (int, float))
+                                   and math.isclose(current, value)):
+        raise ConfigError(f"{where}.{key} is {current!r} in the DeepSpeed config but the training "
+                          f"config gives {value!r}: set it to \"auto\" or make them agree")
+
+
+def fill_ds_config(template: dict, train: TrainConfig, world_size: int) -> dict:
+    ds = copy.deepcopy(template)
+    precision = resolve_precision(train.precision)
+    _fill(ds, "train_micro_batch_size_per_gpu", train.micro_batch_size, "ds")
+    _fill(ds, "gradient_accumulation_steps", train.gradient_accumulation_steps, "ds")
+    _fill(ds, "train_batch_size",
+          train.micro_batch_size * train.gradient_accumulation_steps * world_size, "ds")
+    _fill(ds, "gradient_clipping", float(train.max_grad_norm), "ds")
+    for name in ("bf16", "fp16"):
+        _fill(ds.setdefault(name, {}), "enabled", precision == name, f"ds.{name}")
+    optimizer = ds.get("optimizer")
+    if optimizer is not None:
+        params = optimizer.setdefault("params", {})
+        _fill(params, "lr", float(train.lr), "ds.optimizer.params")
+        _fill(params, "betas", list(train.adam_betas), "ds.optimizer.params")
+        _fill(params, "eps", float(train.adam_eps), "ds.optimizer.params")
+        _fill(params, "weight_decay", float(train.weight_decay), "ds.optimizer.params")
+    leftover = [k for k, v in _walk(ds) if v == "auto"]
+    if leftover:
+        raise ConfigError(f"DeepSpeed config: no value known for {', '.join(leftover)}; "
+                          f"write a value instead of \"auto\"")
+    return ds
+
+
+def _walk(tree: dict, prefix: str = ""):
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            yield from _walk(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+def load_ds_config(config: Config, world_size: int) -> dict:
+    path = find_ds_config(config.deepspeed.config)
+    try:
+        template = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{path}: not valid JSON at line {err.lineno} ({err.msg})") from None
+    return fill_ds_config(template, config.train, world_size)
+
+
+def zero_stage(ds_config: dict) -> int:
+    return int(ds_config.get("zero_optimization", {}).get("stage", 0))
+
+
+def reference_ds_config(policy_ds: dict, offload: bool) -> dict:
+    """Same sharding and precision as the policy, no optimizer; stage 0 unless ZeRO-3, since
+    ZeRO-1/2 only shard optimizer state, which a frozen model does not have."""
+    stage = 3 if zero_stage(policy_ds) == 3 else 0
+    zero = {"stage": stage}
+    if stage == 3:
+        keep = ("stage3_param_persistence_threshold", "stage3_prefetch_bucket_size",
+                "stage3_max_live_parameters", "stage3_max_reuse_distance")
+        zero.update({k: v for k, v in policy_ds["zero_optimization"].items() if k in keep})
+        if offload:
+            zero["offload_param"] = {"device": "cpu", "pin_memory": True}
+    elif offload:
+        raise ConfigError("model.reference_offload needs ZeRO-3 (ds_configs/zero3*.json)")
+    return {
+        "train_micro_batch_size_per_gpu": policy_ds["train_micro_batch_size_per_gpu"],
+        "gradient_accumulation_steps": policy_ds["gradient_accumulation_steps"],
+        "train_batch_size": policy_ds["train_batch_size"],
+        "bf16": {"enabled": policy_ds["bf16"]["enabled"]},
+        "fp16": {"enabled": policy_ds["fp16"]["enabled"]},
+        "zero_optimization": zero,
+        "steps_per_print": policy_ds.get("steps_per_print", 1000000),
+        "wall_clock_breakdown": False,
+    }
+
+
+def model_dtype(ds_config: dict) -> torch.dtype:
+    if ds_config["bf16"]["enabled"]:
+        return torch.bfloat16
+    if ds_config["fp16"]["enabled"]:
+        return torch.float16
+    return torch.float32
+
+
+# ------------------------------------------------------------------------------------- models
+def load_tokenizer(config: Config):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(config.model.name_or_path),
+                                              revision=config.model.revision,
+                                              trust_remote_code=config.model.trust_remote_code)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(config: Config, ds_config: dict):
+    """Load the causal LM so that ZeRO-3 partitions each tensor as it is loaded.
+
+    ``HfDeepSpeedConfig`` makes ``from_pretrained`` construct the model under ``zero.Init``; it is
+    held by the model because transformers consults it later (generation needs synced ranks).
+    """
+    from transformers import AutoModelForCausalLM
+    from transformers.integrations import HfDeepSpeedConfig
+
+    hf_ds_config = HfDeepSpeedConfig(ds_config) if zero_stage(ds_config) == 3 else None
+    model = AutoModelForCausalLM.from_pretrained(
+        resolve_model_path(config.model.name_or_path),
+        revision=config.model.revision,
+        trust_remote_code=config.model.trust_remote_code,
+        dtype=model_dtype(ds_config),
+        attn_implementation=config.model.attn_implementation,
+    )
+    model._plot_ds_hf_ds_config = hf_ds_config
+    model.config.use_cache = False
+    return model
+
+
+# ------------------------------------------------------------------------------------ engines
+def param_groups(model, weight_decay: float) -> list[dict]:
+    """No weight decay on biases and norm weights (1-D tensors, judged by their unpartitioned
+    shape since ZeRO-3 leaves an empty placeholder behind)."""
+    decay, no_decay = [], []
+    for param in model.parameters():
+        if not param.requires_grad:
+            continue
+        shape = getattr(param, "ds_shape", param.shape)
+        (decay if len(shape) >= 2 else no_decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0}]
+
+
+def warmup_cosine(train: TrainConfig):
+    """Multiplier of the peak lr at each optimizer step: linear warmup, cosine to min_lr_ratio."""
+    def factor(step: int) -> float:
+        if step < train.warmup_steps:
+            return (step + 1) / (train.warmup_steps + 1)
+        progress = (step - train.warmup_steps) / max(1, train.max_steps - train.warmup_steps)
+        cosine = 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        return train.min_lr_ratio + (1.0 - train.min_lr_ratio) * cosine
+    return factor
+
+
+def build_policy_engine(config: Config, ds_config: dict):
+    import deepspeed
+
+    model = load_model(config, ds_config)
+    if config.model.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    schedule = warmup_cosine(config.train)
+    engine, *_ = deepspeed.initialize(
+        model=model, config=ds_config,
+        model_parameters=param_groups(model, config.train.weight_decay),
+        lr_scheduler=lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, schedule))
+    return engine
+
+
+def build_reference_engine(config: Config, ds_config: dict):
+    import deepspeed
+
+    ref_config = reference_ds_config(ds_config, config.model.reference_offload)
+    model = load_model(config, ref_config)
+    model.eval()
+    model.requires_grad_(False)
+    engine, *_ = deepspeed.initialize(model=model, config=ref_config)
+    engine.eval()
+    return engine

@@ -1,0 +1,84 @@
+"""What a person watching the run sees: a progress bar and TensorBoard scalars, on rank 0 only.
+
+Metric names follow ``shared/PLOT_METHOD.md`` (TRL-compatible: ``rewards/margins``,
+``logps/chosen``...). Values arrive already reduced over ranks (see ``reduce_metrics``).
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from .distributed import all_reduce_sum
+
+
+def reduce_metrics(sums: dict[str, torch.Tensor]) -> dict[str, float]:
+    """One all-reduce for all metrics. Each value is a rank's share of a global mean (already
+    divided by the global count), so the sum over ranks is the mean itself."""
+    if not sums:
+        return {}
+    names = sorted(sums)
+    stacked = torch.stack([sums[n].detach().to(torch.float64) for n in names])
+    all_reduce_sum(stacked)
+    return dict(zip(names, stacked.tolist()))
+
+
+class RunMonitor:
+    PROGRESS_FIELDS = {"loss/total": "loss", "rewards/accuracies": "acc", "lr": "lr",
+                       "throughput/tokens_per_s": "tok/s"}
+
+    def __init__(self, log_dir: Path, total_steps: int, enabled: bool, tensorboard: bool):
+        self.enabled = enabled
+        self.writer = None
+        self.bar = None
+        self.total_steps = total_steps
+        if not enabled:
+            return
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+            self.writer = SummaryWriter(log_dir=str(log_dir))
+        from tqdm.auto import tqdm
+        self.bar = tqdm(total=total_steps, desc="train", unit="step", dynamic_ncols=True)
+        self._tokens, self._since = 0.0, time.perf_counter()
+
+    def count_tokens(self, tokens: float) -> None:
+        if self.enabled:
+            self._tokens += tokens
+
+    def throughput(self) -> float:
+        """Tokens per second since the last call (all ranks' tokens, wall time on rank 0)."""
+        now = time.perf_counter()
+        rate = self._tokens / max(now - self._since, 1e-9)
+        self._tokens, self._since = 0.0, now
+        return rate
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        if self.writer is not None:
+            for name, value in metrics.items():
+                self.writer.add_scalar(name, value, step)
+        shown = {label: f"{metrics[name]:.4g}" for name, label in self.PROGRESS_FIELDS.items()
+                 if name in metrics}
+        if shown:
+            self.bar.set_postfix(shown, refresh=False)
+
+    def advance(self, steps: int = 1) -> None:
+        if self.enabled:
+            self.bar.update(steps)
+
+    def log_text(self, tag: str, text: str, step: int) -> None:
+        if self.enabled and self.writer is not None:
+            self.writer.add_text(tag, text, step)
+
+    def message(self, text: str) -> None:
+        if self.enabled:
+            (self.bar.write if self.bar is not None else print)(text)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.writer is not None:
+            self.writer.flush()
+            self.writer.close()

@@ -1,0 +1,145 @@
+"""The training loop, explicit in one place: data -> engines -> steps -> eval -> checkpoint."""
+from __future__ import annotations
+
+import json
+import random
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from .checkpointing import save_checkpoint
+from .config import Config
+from .data import GlobalBatchSampler, collate, prepare_datasets
+from .distributed import DistInfo, all_reduce_sum, barrier, init_distributed
+from .engine import build_policy_engine, build_reference_engine, load_ds_config, load_tokenizer
+from .evaluation import evaluate
+from .logprobs import batch_logps
+from .monitoring import RunMonitor, reduce_metrics
+from .objectives import GlobalTotals, build_objective
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        import numpy
+        numpy.random.seed(seed)
+    except ImportError:  # pragma: no cover - numpy ships with torch's dependencies
+        pass
+
+
+def train_step(policy, reference, objective, micro_batches: list[dict], world_size: int,
+               before_update: Optional[Callable[[], None]] = None):
+    """Forward and backward every micro-batch of one global-batch share, then the optimizer step.
+
+    Returns this rank's metric shares (sum over ranks = global means) and the global totals.
+    ``before_update`` runs once the step's gradients are complete, before the optimizer uses them.
+    """
+    counts = torch.stack([batch["counts"] for batch in micro_batches]).sum(0).to(policy.device)
+    totals = GlobalTotals.from_counts(all_reduce_sum(counts))
+    sums: dict[str, torch.Tensor] = {}
+    for index, batch in enumerate(micro_batches):
+        with torch.no_grad():
+            reference_logps = batch_logps(reference, batch) if reference is not None else None
+        loss, metrics = objective(batch_logps(policy, batch), reference_logps, totals)
+        # The loss is this micro-batch's share of the global mean; DeepSpeed would divide it by the
+        # accumulation steps (scale_wrt_gas) and average gradients over ranks, so scale by the
+        # rank count and skip the former: the step's gradient is then the global-mean gradient.
+        policy.backward(loss * world_size, scale_wrt_gas=False)
+        if before_update is not None and index == len(micro_batches) - 1:
+            before_update()
+        policy.step()  # an optimizer update only at the accumulation boundary
+        for name, value in {"loss/total": loss, "loss/vanilla": loss, **metrics}.items():
+            sums[name] = sums.get(name, 0.0) + value.detach()
+    return sums, totals
+
+
+def _log_line(step: int, metrics: dict[str, float]) -> str:
+    shown = ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items()))
+    return f"[plot_ds] step {step}: {shown}"
+
+
+def train(config: Config, dist: Optional[DistInfo] = None) -> dict:
+    dist = dist or init_distributed()
+    train_cfg = config.train
+    seed_everything(train_cfg.seed)
+    output_dir = Path(train_cfg.output_dir)
+    ds_config = load_ds_config(config, dist.world_size)
+    if dist.is_main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        config.save(output_dir / "config.yaml")
+        (output_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=2))
+        print(f"[plot_ds] {dist.world_size} rank(s) on {dist.device.type}; config:\n{config.to_yaml()}",
+              flush=True)
+
+    tokenizer = load_tokenizer(config)
+    train_examples, eval_examples = prepare_datasets(config.data, tokenizer)
+    sampler = GlobalBatchSampler(len(train_examples), train_cfg.micro_batch_size,
+                                 train_cfg.gradient_accumulation_steps, dist.rank, dist.world_size,
+                                 train_cfg.seed)
+    objective = build_objective(config.objective)
+    policy = build_policy_engine(config, ds_config)
+    reference = build_reference_engine(config, ds_config) if objective.needs_reference else None
+
+    monitor = RunMonitor(output_dir / "tensorboard", train_cfg.max_steps, dist.is_main,
+                         train_cfg.tensorboard)
+    truncated = sum(ex.truncated for ex in train_examples)
+    monitor.message(f"[plot_ds] {len(train_examples)} training pairs ({truncated} truncated), "
+                    f"{len(eval_examples)} held out; global batch {sampler.global_batch_size}, "
+                    f"{sampler.steps_per_epoch} steps per epoch, {sampler.dropped_per_epoch} pairs "
+                    f"left out of each epoch's permutation")
+    pad_id = tokenizer.pad_token_id
+
+    def run_eval(step: int) -> dict[str, float]:
+        results = evaluate(policy, reference, objective, eval_examples, train_cfg.eval_batch_size,
+                           pad_id, dist.rank, dist.world_size)
+        monitor.log(step, results)
+        if results:
+            monitor.message(_log_line(step, results))
+        return results
+
+    history = []
+    started = time.perf_counter()
+    for step in range(train_cfg.max_steps):
+        micro_batches = [collate([train_examples[i] for i in indices], pad_id)
+                         for indices in sampler.micro_batches(step)]
+        lr = policy.get_lr()[0]  # the scheduler moves on inside the step
+        sums, totals = train_step(policy, reference, objective, micro_batches, dist.world_size)
+        monitor.count_tokens(float(totals.input_tokens))
+        monitor.advance()
+        done = step + 1
+        if done % train_cfg.log_every == 0 or done == train_cfg.max_steps:
+            metrics = reduce_metrics(sums)
+            metrics["lr"] = lr
+            grad_norm = policy.get_global_grad_norm()
+            if grad_norm is not None:
+                metrics["grad_norm"] = float(grad_norm)
+            if dist.is_main:
+                metrics["throughput/tokens_per_s"] = monitor.throughput()
+            monitor.log(done, metrics)
+            history.append({"step": done, **metrics})
+        if train_cfg.eval_every and done % train_cfg.eval_every == 0 and done != train_cfg.max_steps:
+            run_eval(done)
+    eval_results = run_eval(train_cfg.max_steps)
+    elapsed = time.perf_counter() - started
+
+    checkpoint = save_checkpoint(policy, output_dir, train_cfg.max_steps) if train_cfg.save_checkpoint else None
+    barrier()
+    monitor.close()
+    summary = {"steps": train_cfg.max_steps, "train_seconds": elapsed, "history": history,
+               "eval": eval_results, "checkpoint": str(checkpoint) if checkpoint else None,
+               "tensorboard": str(output_dir / "tensorboard") if train_cfg.tensorboard else None}
+    if dist.is_main:
+        (output_dir / "eval_results.json").write_text(json.dumps(eval_results, indent=2))
+        (output_dir / "train_history.json").write_text(json.dumps(history, indent=2))
+        print(f"[plot_ds] done: {train_cfg.max_steps} steps in {elapsed:.1f}s", flush=True)
+        print(f"[plot_ds] run directory:  {output_dir.resolve()}", flush=True)
+        if checkpoint:
+            print(f"[plot_ds] checkpoint:     {checkpoint.resolve()}", flush=True)
+        if train_cfg.tensorboard:
+            print(f"[plot_ds] TensorBoard:    tensorboard --logdir {(output_dir / 'tensorboard').resolve()}",
+                  flush=True)
+        print(f"[plot_ds] eval results:   {(output_dir / 'eval_results.json').resolve()}", flush=True)
+    return summary
