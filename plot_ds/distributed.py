@@ -4,6 +4,7 @@ Devices and backends come from DeepSpeed's accelerator, so the same code runs on
 """
 from __future__ import annotations
 
+import importlib
 import os
 import socket
 import warnings
@@ -78,8 +79,8 @@ def init_distributed() -> DistInfo:
     if accelerator.device_name() == "cpu":
         # DeepSpeed builds a C++ shared-memory all-reduce here (minutes of compiling) that only
         # its inference all-reduce uses; training never calls it.
-        import deepspeed.comm.torch as ds_torch_comm
-        ds_torch_comm.build_shm_op = lambda: None
+        # (importlib: `import deepspeed.comm.torch as m` would bind the torch package instead.)
+        importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
     else:
         accelerator.set_device(local_rank)
     deepspeed.init_distributed(dist_backend=accelerator.communication_backend_name(),

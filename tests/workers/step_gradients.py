@@ -1,0 +1,66 @@
+"""Run by real ranks (torchrun): one optimizer step through plot_ds.training.train_step for each
+objective and micro-batch split, recording the full gradient the optimizer is about to use, and
+how each parameter is partitioned.
+
+usage: step_gradients.py MODEL_DIR DS_CONFIG OUT_FILE SPLITS
+  SPLITS: comma-separated MICROxACCUM, e.g. 1x4,2x2,4x1 (per-rank micro-batch x accumulation)
+"""
+import sys
+
+import torch
+from deepspeed.utils import safe_get_full_grad
+
+from plot_ds.config import load_config
+from plot_ds.data import GlobalBatchSampler, collate, prepare_datasets
+from plot_ds.distributed import init_distributed
+from plot_ds.engine import build_policy_engine, build_reference_engine, load_ds_config, load_tokenizer
+from plot_ds.objectives import build_objective
+from plot_ds.training import train_step
+
+
+def main(model_dir: str, ds_config_path: str, out_file: str, splits: str) -> None:
+    dist = init_distributed()
+    results = {}
+    for objective_name in ("sft", "dpo"):
+        for split in splits.split(","):
+            micro, accum = map(int, split.split("x"))
+            config = load_config(None, {
+                "model.name_or_path": model_dir, "deepspeed.config": ds_config_path,
+                "objective.name": objective_name, "data.max_length": 96,
+                "data.max_prompt_length": 48, "data.eval_size": 0,
+                "train.micro_batch_size": micro, "train.gradient_accumulation_steps": accum,
+                "train.max_grad_norm": 0.0, "train.precision": "fp32", "train.max_steps": 2,
+                "train.warmup_steps": 0})
+            torch.manual_seed(0)
+            ds_config = load_ds_config(config, dist.world_size)
+            tokenizer = load_tokenizer(config)
+            examples, _ = prepare_datasets(config.data, tokenizer)
+            sampler = GlobalBatchSampler(len(examples), micro, accum, dist.rank, dist.world_size, seed=7)
+            policy = build_policy_engine(config, ds_config)
+            objective = build_objective(config.objective)
+            reference = build_reference_engine(config, ds_config) if objective.needs_reference else None
+            batches = [collate([examples[i] for i in idx], tokenizer.pad_token_id)
+                       for idx in sampler.micro_batches(0)]
+            grads = {}
+
+            def capture():
+                for name, param in policy.module.named_parameters():
+                    grads[name] = safe_get_full_grad(param).detach().clone().cpu()
+
+            sums, totals = train_step(policy, reference, objective, batches, dist.world_size,
+                                      before_update=capture)
+            from plot_ds.monitoring import reduce_metrics
+            partition = {name: (int(p.ds_tensor.numel()), int(p.ds_numel), int(p.numel()))
+                         for name, p in policy.module.named_parameters()}
+            key = f"{objective_name}:{split}"
+            results[key] = {"grads": grads, "metrics": reduce_metrics(sums),
+                            "pairs": float(totals.pairs), "partition": partition,
+                            "global_batch": sampler.global_batch(0)}
+            policy.destroy()
+            if reference is not None:
+                reference.destroy()
+    torch.save(results, f"{out_file}.rank{dist.rank}")
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:5])
