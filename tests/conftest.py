@@ -18,7 +18,7 @@ sys.path.insert(0, str(REPO))
 
 
 def child_env(**extra) -> dict:
-    env = dict(os.environ, **TEST_ENV, **extra)
+    env = {**os.environ, **TEST_ENV, **extra}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     return env
 

@@ -1,0 +1,68 @@
+import json
+
+import pytest
+
+from conftest import REPO
+from plot_ds.config import ConfigError, TrainConfig, load_config, parse_overrides
+from plot_ds.engine import (fill_ds_config, find_ds_config, load_ds_config, reference_ds_config,
+                            warmup_cosine)
+
+
+@pytest.mark.parametrize("name", ["zero3.json", "zero3_offload.json", "zero2.json"])
+def test_shipped_configs_fill_every_auto_field(name):
+    config = load_config(None, parse_overrides([
+        "--deepspeed.config", f"ds_configs/{name}", "--train.micro_batch_size", "3",
+        "--train.gradient_accumulation_steps", "5", "--train.max_grad_norm", "0.5",
+        "--train.lr", "2e-6", "--train.precision", "bf16"]))
+    ds = load_ds_config(config, world_size=4)
+    assert "auto" not in json.dumps(ds)
+    assert ds["train_micro_batch_size_per_gpu"] == 3
+    assert ds["gradient_accumulation_steps"] == 5
+    assert ds["train_batch_size"] == 60
+    assert ds["gradient_clipping"] == 0.5
+    assert ds["bf16"]["enabled"] is True and ds["fp16"]["enabled"] is False
+    assert ds["optimizer"]["params"]["lr"] == 2e-6
+    assert ds["optimizer"]["params"]["torch_adam"] is True  # no C++ op build on first use
+
+
+def test_written_values_must_agree_with_the_training_config():
+    template = json.loads((REPO / "ds_configs" / "zero3.json").read_text())
+    template["train_micro_batch_size_per_gpu"] = 8
+    with pytest.raises(ConfigError, match="train_micro_batch_size_per_gpu is 8 in the DeepSpeed config"):
+        fill_ds_config(template, TrainConfig(micro_batch_size=2), world_size=1)
+    template["train_micro_batch_size_per_gpu"] = 2
+    assert fill_ds_config(template, TrainConfig(micro_batch_size=2), 1)["train_micro_batch_size_per_gpu"] == 2
+
+
+def test_unknown_auto_field_is_refused():
+    template = {"zero_optimization": {"stage": 3, "reduce_bucket_size": "auto"}}
+    with pytest.raises(ConfigError, match="zero_optimization.reduce_bucket_size"):
+        fill_ds_config(template, TrainConfig(), 1)
+
+
+def test_missing_ds_config_names_the_file():
+    with pytest.raises(ConfigError, match="deepspeed.config: nope.json not found"):
+        find_ds_config("nope.json")
+
+
+def test_reference_config_shards_like_the_policy_without_optimizer():
+    config = load_config(None, parse_overrides(["--train.precision", "fp32"]))
+    ds = load_ds_config(config, world_size=2)
+    ref = reference_ds_config(ds, offload=True)
+    assert "optimizer" not in ref
+    assert ref["zero_optimization"]["stage"] == 3
+    assert ref["zero_optimization"]["offload_param"]["device"] == "cpu"
+    assert ref["train_batch_size"] == ds["train_batch_size"]
+    zero2 = load_ds_config(load_config(None, {"deepspeed.config": "ds_configs/zero2.json"}), 1)
+    assert reference_ds_config(zero2, offload=False)["zero_optimization"]["stage"] == 0
+    with pytest.raises(ConfigError, match="reference_offload needs ZeRO-3"):
+        reference_ds_config(zero2, offload=True)
+
+
+def test_warmup_then_cosine_to_the_floor():
+    factor = warmup_cosine(TrainConfig(max_steps=10, warmup_steps=2, min_lr_ratio=0.1))
+    values = [factor(s) for s in range(11)]
+    assert values[0] == pytest.approx(1 / 3) and values[1] == pytest.approx(2 / 3)
+    assert values[2] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(values[2:], values[3:]))
+    assert values[10] == pytest.approx(0.1)
