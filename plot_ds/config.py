@@ -44,8 +44,8 @@ class DataConfig:
     source: str = "builtin:champ"
     eval_source: Optional[str] = None
     # Held-out pairs carved off the training source with `seed` when eval_source is not given.
-    eval_size: int = 16
-    max_length: int = 320
+    eval_size: int = 8
+    max_length: int = 256
     max_prompt_length: int = 128
     seed: int = 1234
 
@@ -79,8 +79,8 @@ class TrainConfig:
     output_dir: str = "runs/default"
     micro_batch_size: int = 2
     gradient_accumulation_steps: int = 1
-    max_steps: int = 6
-    lr: float = 5e-6
+    max_steps: int = 5
+    lr: float = 1e-5
     weight_decay: float = 0.0
     adam_betas: tuple[float, float] = (0.9, 0.95)
     adam_eps: float = 1e-8

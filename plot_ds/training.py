@@ -108,7 +108,6 @@ def train(config: Config, dist: Optional[DistInfo] = None) -> dict:
         lr = policy.get_lr()[0]  # the scheduler moves on inside the step
         sums, totals = train_step(policy, reference, objective, micro_batches, dist.world_size)
         monitor.count_tokens(float(totals.input_tokens))
-        monitor.advance()
         done = step + 1
         if done % train_cfg.log_every == 0 or done == train_cfg.max_steps:
             metrics = reduce_metrics(sums)
@@ -120,6 +119,7 @@ def train(config: Config, dist: Optional[DistInfo] = None) -> dict:
                 metrics["throughput/tokens_per_s"] = monitor.throughput()
             monitor.log(done, metrics)
             history.append({"step": done, **metrics})
+        monitor.advance()
         if train_cfg.eval_every and done % train_cfg.eval_every == 0 and done != train_cfg.max_steps:
             run_eval(done)
     eval_results = run_eval(train_cfg.max_steps)

@@ -69,3 +69,10 @@ def test_cli_reports_a_bad_key_in_one_line_before_anything_heavy():
     assert proc.stderr.strip() == ("plot-train: config error: unknown config key 'train.lrr' "
                                    "(did you mean 'train.lr'?)")
     assert "deepspeed" not in proc.stdout.lower()
+
+
+def test_example_config_lists_every_key_with_its_default():
+    path = REPO / "configs" / "example.yaml"
+    assert load_config(path) == Config()
+    listed = yaml.safe_load(path.read_text())
+    assert {s: set(v) for s, v in listed.items()} == {s: set(v) for s, v in Config().to_dict().items()}
