@@ -62,7 +62,8 @@ class DataConfig:
 
 @dataclass
 class ObjectiveConfig:
-    name: Literal["sft", "dpo"] = "dpo"
+    # The vanilla objective; the PLOT term (section `plot`) is added to it: L = L_vanilla + alpha * L_PLOT.
+    name: Literal["sft", "dpo", "none"] = "dpo"
     beta: float = 0.1
     # Conservative DPO: the probability that a preference label is flipped.
     label_smoothing: float = 0.0
@@ -72,6 +73,50 @@ class ObjectiveConfig:
             raise ConfigError("objective.beta: must be > 0")
         if not 0.0 <= self.label_smoothing < 0.5:
             raise ConfigError("objective.label_smoothing: must be in [0, 0.5)")
+
+
+@dataclass
+class PlotConfig:
+    """The PLOT term; see docs/method.md for what each option means and costs."""
+    enabled: bool = True
+    alpha: float = 1.0
+    # Support per position: the top_k tokens of p_t plus the target token; 0 = whole vocabulary.
+    top_k: int = 64
+    cost: Literal["cosine", "l2"] = "cosine"
+    target: Literal["onehot", "ref_mix"] = "onehot"
+    # ref_mix: b_t = (1 - rho) delta(y_t) + rho * reference distribution on S_t.
+    rho: float = 0.1
+    # auto = the exact closed form for one-hot token targets, Sinkhorn otherwise.
+    solver: Literal["auto", "closed_form", "sinkhorn", "emd"] = "auto"
+    sinkhorn_eps: float = 0.01
+    sinkhorn_iters: int = 200
+    granularity: Literal["token", "sequence"] = "token"
+    # lambda: weight of the rejected-response term that is subtracted.
+    rejected_weight: float = 0.0
+    # Geometry from the input embeddings, or the LM head (differs only for untied models).
+    embedding: Literal["input", "output"] = "input"
+    # How E[U] is fetched under ZeRO-3: only the needed rows, or the whole matrix (reference).
+    embedding_gather: Literal["slice", "full"] = "slice"
+
+    def resolved_solver(self) -> str:
+        if self.solver != "auto":
+            return self.solver
+        return "closed_form" if self.target == "onehot" and self.granularity == "token" else "sinkhorn"
+
+    def validate(self) -> None:
+        if self.alpha < 0:
+            raise ConfigError("plot.alpha: must be >= 0")
+        if self.top_k < 0:
+            raise ConfigError("plot.top_k: must be >= 0 (0 = the whole vocabulary)")
+        if not 0.0 < self.rho < 1.0:
+            raise ConfigError("plot.rho: must be in (0, 1)")
+        if self.sinkhorn_eps <= 0 or self.sinkhorn_iters < 1:
+            raise ConfigError("plot.sinkhorn_eps must be > 0 and plot.sinkhorn_iters >= 1")
+        if self.rejected_weight < 0:
+            raise ConfigError("plot.rejected_weight: must be >= 0")
+        if self.solver == "closed_form" and (self.target != "onehot" or self.granularity != "token"):
+            raise ConfigError("plot.solver: closed_form is exact only for target onehot at granularity "
+                              "token; use sinkhorn or emd (or auto)")
 
 
 @dataclass
@@ -127,6 +172,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    plot: PlotConfig = field(default_factory=PlotConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
 
@@ -135,6 +181,9 @@ class Config:
             validate = getattr(getattr(self, section.name), "validate", None)
             if validate is not None:
                 validate()
+        if self.objective.name == "none" and not (self.plot.enabled and self.plot.alpha > 0):
+            raise ConfigError("objective.name: none leaves nothing to train unless plot.enabled is true "
+                              "and plot.alpha > 0")
         return self
 
     def to_dict(self) -> dict:

@@ -155,12 +155,12 @@ def collate(examples: list[TokenizedPair], pad_id: int) -> dict:
 
 
 def example_counts(examples: list[TokenizedPair]) -> torch.Tensor:
-    """[pairs, chosen response tokens, rejected response tokens, input tokens] of some pairs:
-    the denominators of the global means (see ``objectives.GlobalTotals``)."""
+    """[pairs, chosen response tokens, rejected response tokens, input tokens, batches] of some
+    pairs (one batch): the denominators of the global means (see ``objectives.GlobalTotals``)."""
     chosen = sum(len(ex.chosen_ids) for ex in examples)
     rejected = sum(len(ex.rejected_ids) for ex in examples)
     prompts = sum(len(ex.prompt_ids) for ex in examples)
-    return torch.tensor([len(examples), chosen, rejected, 2 * prompts + chosen + rejected],
+    return torch.tensor([len(examples), chosen, rejected, 2 * prompts + chosen + rejected, 1],
                         dtype=torch.float64)
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from .data import TokenizedPair, collate, example_counts
-from .logprobs import batch_logps
+from .logprobs import forward_pairs
 from .monitoring import reduce_metrics
 from .objectives import GlobalTotals
 
@@ -25,14 +25,19 @@ def evaluate(policy, reference, objective, examples: list[TokenizedPair], batch_
         return {}
     was_training = policy.training
     policy.eval()
-    totals = GlobalTotals.from_counts(example_counts(examples).to(policy.device))
+    shards = eval_shards(len(examples), batch_size, rank, world_size)
+    counts = example_counts(examples)
+    counts[-1] = len(shards) * world_size  # batches: the per-batch metrics are means over these
+    totals = GlobalTotals.from_counts(counts.to(policy.device))
     sums: dict[str, torch.Tensor] = {}
-    for indices in eval_shards(len(examples), batch_size, rank, world_size):
+    for indices in shards:
         weight = 1.0 if indices else 0.0
         batch = collate([examples[i] for i in (indices or [0])], pad_id)
-        reference_logps = batch_logps(reference, batch) if reference is not None else None
-        loss, metrics = objective(batch_logps(policy, batch), reference_logps, totals)
-        for name, value in {"loss/total": loss, **metrics}.items():
+        reference_out = (forward_pairs(reference, batch, objective.needs_reference_logits)
+                         if reference is not None else None)
+        _, metrics = objective(forward_pairs(policy, batch, objective.needs_policy_logits),
+                               reference_out, totals)
+        for name, value in metrics.items():
             sums[name] = sums.get(name, 0.0) + weight * value
     policy.train(was_training)
     return {f"eval/{name}": value for name, value in reduce_metrics(sums).items()}

@@ -42,11 +42,20 @@ def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, rows_per_chunk: i
     return torch.cat(sums), mask.sum(-1)
 
 
-def batch_logps(model, batch: dict) -> PairLogps:
+@dataclass
+class PairOutputs:
+    """A model's outputs on a collated batch: log-probs, and the logits when a loss needs them."""
+    logps: PairLogps
+    logits: torch.Tensor | None
+    labels: torch.Tensor
+
+
+def forward_pairs(model, batch: dict, keep_logits: bool) -> PairOutputs:
     """One forward over the chosen and rejected rows of a collated batch together."""
     device = model.device
     input_ids = batch["input_ids"].to(device, non_blocking=True)
     attention_mask = batch["attention_mask"].to(device, non_blocking=True)
     labels = batch["labels"].to(device, non_blocking=True)
     logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-    return PairLogps.from_rows(*sequence_logps(logits, labels))
+    logps = PairLogps.from_rows(*sequence_logps(logits, labels))
+    return PairOutputs(logps, logits if keep_logits else None, labels)

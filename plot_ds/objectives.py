@@ -1,8 +1,9 @@
-"""Vanilla preference objectives, each a small module with one signature.
+"""Training objectives: L = L_vanilla + alpha * L_PLOT.
 
-``forward(policy, reference, totals) -> (loss, metrics)`` where ``policy`` and ``reference`` hold
+Each vanilla objective is a small module with one signature,
+``forward(policy, reference, totals) -> (loss, metrics)``, where ``policy`` and ``reference`` hold
 per-pair summed log-probs of one micro-batch and ``totals`` the counts of the whole global batch
-(all micro-batches, all ranks). Every loss and metric is a sum over this micro-batch divided by a
+(all micro-batches, all ranks). ``Objective`` adds the PLOT term (``plot_loss``). Every loss and metric is a sum over this micro-batch divided by a
 global count, so summing them over micro-batches and ranks gives the exact global mean: the
 gradient of a step does not depend on how the global batch is split.
 """
@@ -14,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .logprobs import PairLogps
+from .logprobs import PairLogps, PairOutputs
 
 
 @dataclass
@@ -24,6 +25,7 @@ class GlobalTotals:
     chosen_tokens: torch.Tensor
     rejected_tokens: torch.Tensor
     input_tokens: torch.Tensor
+    micro_batches: torch.Tensor
 
     @classmethod
     def from_counts(cls, counts: torch.Tensor) -> "GlobalTotals":
@@ -73,10 +75,57 @@ class DPOLoss(nn.Module):
         return loss, metrics
 
 
-def build_objective(config) -> nn.Module:
+class NoVanillaLoss(nn.Module):
+    """`none`: PLOT alone."""
+    needs_reference = False
+
+    def forward(self, policy: PairLogps, reference: PairLogps | None, totals: GlobalTotals):
+        return policy.chosen.new_zeros(()), _logp_metrics(policy, totals)
+
+
+class Objective(nn.Module):
+    """L = L_vanilla + alpha * L_PLOT on one micro-batch, with every term's metrics."""
+
+    def __init__(self, vanilla: nn.Module, plot: nn.Module | None = None, alpha: float = 1.0):
+        super().__init__()
+        self.vanilla, self.plot, self.alpha = vanilla, plot, alpha
+        self.needs_reference = vanilla.needs_reference or bool(plot is not None and plot.needs_reference)
+        # Only PLOT looks at logits beyond the log-probs.
+        self.needs_policy_logits = plot is not None
+        self.needs_reference_logits = bool(plot is not None and plot.needs_reference)
+
+    def forward(self, policy: PairOutputs, reference: PairOutputs | None, totals: GlobalTotals):
+        loss, metrics = self.vanilla(policy.logps, reference.logps if reference is not None else None, totals)
+        metrics["loss/vanilla"] = loss.detach()
+        if self.plot is not None:
+            plot_loss, plot_metrics = self.plot(policy.logits, policy.labels,
+                                                reference.logits if reference is not None else None, totals)
+            loss = loss + self.alpha * plot_loss
+            metrics.update(plot_metrics)
+            metrics["loss/plot"] = plot_loss.detach()
+        metrics["loss/total"] = loss.detach()
+        return loss, metrics
+
+
+def build_vanilla(config) -> nn.Module:
     """``config`` is the ``objective`` section of the run config."""
     if config.name == "sft":
         return SFTLoss()
     if config.name == "dpo":
         return DPOLoss(config.beta, config.label_smoothing)
+    if config.name == "none":
+        return NoVanillaLoss()
     raise ValueError(f"objective.name: unknown objective '{config.name}'")
+
+
+def build_objective(config, embedding_rows=None) -> Objective:
+    """``config`` is the whole run config; ``embedding_rows`` fetches rows of the policy's
+    embedding matrix (``embedding_slice.EmbeddingRows``), needed when PLOT is enabled."""
+    from .plot_loss import PLOTLoss
+
+    plot = None
+    if config.plot.enabled and config.plot.alpha > 0:
+        if embedding_rows is None:
+            raise ValueError("PLOT needs the policy's embedding rows (embedding_rows)")
+        plot = PLOTLoss(config.plot, embedding_rows)
+    return Objective(build_vanilla(config.objective), plot, config.plot.alpha)

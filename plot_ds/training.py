@@ -15,7 +15,8 @@ from .data import GlobalBatchSampler, collate, prepare_datasets
 from .distributed import DistInfo, all_reduce_sum, barrier, init_distributed
 from .engine import build_policy_engine, build_reference_engine, load_ds_config, load_tokenizer
 from .evaluation import evaluate
-from .logprobs import batch_logps
+from .embedding_slice import embedding_rows_for
+from .logprobs import forward_pairs
 from .monitoring import RunMonitor, reduce_metrics
 from .objectives import GlobalTotals, build_objective
 
@@ -42,8 +43,10 @@ def train_step(policy, reference, objective, micro_batches: list[dict], world_si
     sums: dict[str, torch.Tensor] = {}
     for index, batch in enumerate(micro_batches):
         with torch.no_grad():
-            reference_logps = batch_logps(reference, batch) if reference is not None else None
-        loss, metrics = objective(batch_logps(policy, batch), reference_logps, totals)
+            reference_out = (forward_pairs(reference, batch, objective.needs_reference_logits)
+                             if reference is not None else None)
+        policy_out = forward_pairs(policy, batch, objective.needs_policy_logits)
+        loss, metrics = objective(policy_out, reference_out, totals)
         # The loss is this micro-batch's share of the global mean; DeepSpeed would divide it by the
         # accumulation steps (scale_wrt_gas) and average gradients over ranks, so scale by the
         # rank count and skip the former: the step's gradient is then the global-mean gradient.
@@ -51,8 +54,8 @@ def train_step(policy, reference, objective, micro_batches: list[dict], world_si
         if before_update is not None and index == len(micro_batches) - 1:
             before_update()
         policy.step()  # an optimizer update only at the accumulation boundary
-        for name, value in {"loss/total": loss, "loss/vanilla": loss, **metrics}.items():
-            sums[name] = sums.get(name, 0.0) + value.detach()
+        for name, value in metrics.items():
+            sums[name] = sums.get(name, 0.0) + value
     return sums, totals
 
 
@@ -79,8 +82,8 @@ def train(config: Config, dist: Optional[DistInfo] = None) -> dict:
     sampler = GlobalBatchSampler(len(train_examples), train_cfg.micro_batch_size,
                                  train_cfg.gradient_accumulation_steps, dist.rank, dist.world_size,
                                  train_cfg.seed)
-    objective = build_objective(config.objective)
     policy = build_policy_engine(config, ds_config)
+    objective = build_objective(config, embedding_rows_for(policy.module, config.plot))
     reference = build_reference_engine(config, ds_config) if objective.needs_reference else None
 
     monitor = RunMonitor(output_dir / "tensorboard", train_cfg.max_steps, dist.is_main,

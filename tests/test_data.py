@@ -96,7 +96,7 @@ def test_collate_labels_only_response_tokens(tokenizer):
     counts = example_counts(examples)
     response_positions = (batch["labels"][:, 1:] != IGNORE_INDEX).sum(1)
     assert counts.tolist() == [2, float(response_positions[:2].sum()), float(response_positions[2:].sum()),
-                               float(batch["attention_mask"].sum())]
+                               float(batch["attention_mask"].sum()), 1.0]
 
 
 @pytest.mark.parametrize("world, micro, accum", [(1, 4, 2), (2, 2, 2), (2, 1, 4), (4, 2, 1)])

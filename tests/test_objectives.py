@@ -5,7 +5,7 @@ import torch
 
 from plot_ds.config import ObjectiveConfig
 from plot_ds.logprobs import PairLogps
-from plot_ds.objectives import DPOLoss, GlobalTotals, SFTLoss, build_objective
+from plot_ds.objectives import DPOLoss, GlobalTotals, NoVanillaLoss, SFTLoss, build_vanilla
 
 
 def logps(chosen, rejected, chosen_tokens=(1.0,), rejected_tokens=(1.0,)):
@@ -14,7 +14,7 @@ def logps(chosen, rejected, chosen_tokens=(1.0,), rejected_tokens=(1.0,)):
 
 
 def totals(pairs, chosen_tokens=1.0, rejected_tokens=1.0):
-    return GlobalTotals(*map(torch.tensor, (float(pairs), chosen_tokens, rejected_tokens, 0.0)))
+    return GlobalTotals(*map(torch.tensor, (float(pairs), chosen_tokens, rejected_tokens, 0.0, 1.0)))
 
 
 def test_sft_is_the_token_mean_nll_of_chosen():
@@ -82,7 +82,8 @@ def test_losses_are_shares_of_the_global_mean():
         assert sum(halves).item() == pytest.approx(full.item(), rel=1e-6)
 
 
-def test_build_objective():
-    assert isinstance(build_objective(ObjectiveConfig(name="sft")), SFTLoss)
-    dpo = build_objective(ObjectiveConfig(name="dpo", beta=0.3, label_smoothing=0.1))
+def test_build_vanilla():
+    assert isinstance(build_vanilla(ObjectiveConfig(name="sft")), SFTLoss)
+    assert isinstance(build_vanilla(ObjectiveConfig(name="none")), NoVanillaLoss)
+    dpo = build_vanilla(ObjectiveConfig(name="dpo", beta=0.3, label_smoothing=0.1))
     assert isinstance(dpo, DPOLoss) and dpo.beta == 0.3 and dpo.needs_reference

@@ -4,6 +4,9 @@ how each parameter is partitioned.
 
 usage: step_gradients.py MODEL_DIR DS_CONFIG OUT_FILE SPLITS
   SPLITS: comma-separated MICROxACCUM, e.g. 1x4,2x2,4x1 (per-rank micro-batch x accumulation)
+
+Also fetches embedding rows (different sets, of different sizes, on each rank) through both the
+sliced and the full-gather path, to compare with the unpartitioned matrix.
 """
 import sys
 
@@ -14,19 +17,43 @@ from plot_ds.config import load_config
 from plot_ds.data import GlobalBatchSampler, collate, prepare_datasets
 from plot_ds.distributed import init_distributed
 from plot_ds.engine import build_policy_engine, build_reference_engine, load_ds_config, load_tokenizer
+from plot_ds.embedding_slice import EmbeddingRows, embedding_rows_for
 from plot_ds.objectives import build_objective
 from plot_ds.training import train_step
+
+VARIANTS = {
+    "sft": {"objective.name": "sft", "plot.enabled": False},
+    "dpo": {"objective.name": "dpo", "plot.enabled": False},
+    # PLOT with both terms, so that chosen and rejected positions both carry gradient.
+    "dpo+plot": {"objective.name": "dpo", "plot.rejected_weight": 0.5, "plot.top_k": 16},
+    "dpo+plot_full": {"objective.name": "dpo", "plot.rejected_weight": 0.5, "plot.top_k": 16,
+                      "plot.embedding_gather": "full"},
+    "none+plot_ref_mix": {"objective.name": "none", "plot.target": "ref_mix", "plot.rho": 0.3,
+                          "plot.top_k": 8, "plot.sinkhorn_iters": 30},
+}
+
+
+def slice_rows(policy, rank: int) -> dict:
+    vocab = policy.module.get_input_embeddings().weight.ds_shape[0]
+    generator = torch.Generator().manual_seed(100 + rank)
+    ids = torch.randperm(vocab, generator=generator)[: 37 + 50 * rank].sort().values
+    ids[0] = vocab - 1  # the last row sits in the padded tail partition
+    weight = policy.module.get_input_embeddings().weight
+    sliced, sliced_bytes = EmbeddingRows(weight, "slice")(ids, policy.device)
+    full, full_bytes = EmbeddingRows(weight, "full")(ids, policy.device)
+    return {"ids": ids, "sliced": sliced.cpu(), "full": full.cpu(), "sliced_bytes": sliced_bytes,
+            "full_bytes": full_bytes}
 
 
 def main(model_dir: str, ds_config_path: str, out_file: str, splits: str) -> None:
     dist = init_distributed()
     results = {}
-    for objective_name in ("sft", "dpo"):
+    for variant, overrides in VARIANTS.items():
         for split in splits.split(","):
             micro, accum = map(int, split.split("x"))
             config = load_config(None, {
-                "model.name_or_path": model_dir, "deepspeed.config": ds_config_path,
-                "objective.name": objective_name, "data.max_length": 96,
+                **overrides, "model.name_or_path": model_dir, "deepspeed.config": ds_config_path,
+                "data.max_length": 96,
                 "data.max_prompt_length": 48, "data.eval_size": 0,
                 "train.micro_batch_size": micro, "train.gradient_accumulation_steps": accum,
                 "train.max_grad_norm": 0.0, "train.precision": "fp32", "train.max_steps": 2,
@@ -37,7 +64,9 @@ def main(model_dir: str, ds_config_path: str, out_file: str, splits: str) -> Non
             examples, _ = prepare_datasets(config.data, tokenizer)
             sampler = GlobalBatchSampler(len(examples), micro, accum, dist.rank, dist.world_size, seed=7)
             policy = build_policy_engine(config, ds_config)
-            objective = build_objective(config.objective)
+            if "slice" not in results:
+                results["slice"] = slice_rows(policy, dist.rank)
+            objective = build_objective(config, embedding_rows_for(policy.module, config.plot))
             reference = build_reference_engine(config, ds_config) if objective.needs_reference else None
             batches = [collate([examples[i] for i in idx], tokenizer.pad_token_id)
                        for idx in sampler.micro_batches(0)]
@@ -52,7 +81,7 @@ def main(model_dir: str, ds_config_path: str, out_file: str, splits: str) -> Non
             from plot_ds.monitoring import reduce_metrics
             partition = {name: (int(p.ds_tensor.numel()), int(p.ds_numel), int(p.numel()))
                          for name, p in policy.module.named_parameters()}
-            key = f"{objective_name}:{split}"
+            key = f"{variant}:{split}"
             results[key] = {"grads": grads, "metrics": reduce_metrics(sums),
                             "pairs": float(totals.pairs), "partition": partition,
                             "global_batch": sampler.global_batch(0)}

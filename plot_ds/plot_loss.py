@@ -1,0 +1,150 @@
+"""The PLOT loss: token- (or sequence-) level optimal transport between the policy's next-token
+distribution and the preferred one, with a ground cost from the model's own token embeddings.
+
+Implements the project's formulation, ``docs/method.md`` (from ``shared/PLOT_METHOD.md``):
+
+    L_PLOT = mean_{chosen tokens} W(p~_t, b_t) - lambda * mean_{rejected tokens} W(p~_t, delta(y-_t))
+
+p~_t is the policy distribution restricted to S_t = TopK(p_t, k) U {y_t} and renormalised; the
+cost between tokens i, j is ``1 - cos(E_i, E_j)`` (or the L2 distance of normalised rows), with E
+detached. Only rows E[U], U = union of all S_t of the micro-batch, are fetched (see
+``embedding_slice``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .data import IGNORE_INDEX
+from .ot_solvers import SOLVERS
+
+
+@dataclass
+class Supports:
+    """Per response position t: the support S_t as token ids, which slots are real, the slot of
+    the target token, and the restricted, renormalised policy distribution p~_t."""
+    ids: torch.Tensor        # [N, K] token ids
+    valid: torch.Tensor      # [N, K] bool; False for a duplicate slot
+    target_slot: torch.Tensor  # [N] index into K of y_t
+    probs: torch.Tensor      # [N, K] float32, zero on invalid slots
+
+
+def response_positions(labels: torch.Tensor):
+    """(row, position) of every response token's predicting logit, and its target token."""
+    targets = labels[:, 1:]
+    rows, cols = (targets != IGNORE_INDEX).nonzero(as_tuple=True)
+    return rows, cols, targets[rows, cols]
+
+
+def restricted_supports(logits: torch.Tensor, targets: torch.Tensor, top_k: int) -> Supports:
+    """S_t = TopK(p_t, k) U {y_t} with a fixed width k + 1 (a duplicate slot is masked), or the
+    whole vocabulary when ``top_k == 0``. Gradients flow through the logits in S_t only."""
+    n, vocab = logits.shape
+    if top_k == 0 or top_k >= vocab:
+        ids = torch.arange(vocab, device=logits.device).expand(n, vocab)
+        valid = torch.ones(n, vocab, dtype=torch.bool, device=logits.device)
+        target_slot = targets
+        restricted = logits.float()
+    else:
+        with torch.no_grad():
+            top = logits.topk(top_k, dim=-1).indices
+        ids = torch.cat([top, targets.unsqueeze(-1)], dim=-1)
+        in_top = (top == targets.unsqueeze(-1))
+        has_target = in_top.any(-1)
+        valid = torch.cat([torch.ones_like(top, dtype=torch.bool), (~has_target).unsqueeze(-1)], -1)
+        target_slot = torch.where(has_target, in_top.float().argmax(-1), torch.full_like(targets, top_k))
+        restricted = logits.gather(-1, ids).float()
+    probs = restricted.masked_fill(~valid, -torch.inf).softmax(-1)
+    return Supports(ids, valid, target_slot, probs)
+
+
+def pairwise_cost(left: torch.Tensor, right: torch.Tensor, cost: str) -> torch.Tensor:
+    """Cost between L2-normalised embedding rows: [..., K, d] x [..., J, d] -> [..., K, J]."""
+    cosine = left @ right.transpose(-1, -2)
+    if cost == "cosine":
+        return 1.0 - cosine
+    return (2.0 - 2.0 * cosine).clamp_min(0.0).sqrt()
+
+
+class PLOTLoss(nn.Module):
+    """Configured by the ``plot`` config section; ``embedding_rows`` fetches rows of E (an
+    ``embedding_slice.EmbeddingRows``)."""
+
+    def __init__(self, config, embedding_rows):
+        super().__init__()
+        self.top_k, self.cost, self.target = config.top_k, config.cost, config.target
+        self.rho, self.granularity = config.rho, config.granularity
+        self.rejected_weight = config.rejected_weight
+        self.solver_name = config.resolved_solver()
+        self.sinkhorn_eps, self.sinkhorn_iters = config.sinkhorn_eps, config.sinkhorn_iters
+        self.embedding_rows = embedding_rows
+        self.needs_reference = config.target == "ref_mix"
+
+    def solve(self, a, b, M):
+        if self.solver_name == "sinkhorn":
+            return SOLVERS["sinkhorn"](a, b, M, eps=self.sinkhorn_eps, n_iters=self.sinkhorn_iters)
+        return SOLVERS[self.solver_name](a, b, M)
+
+    def forward(self, policy_logits, labels, reference_logits, totals):
+        rows, cols, targets = response_positions(labels)
+        logits = policy_logits[:, :-1][rows, cols]
+        support = restricted_supports(logits, targets, self.top_k)
+        unique_ids, slot_rows = torch.unique(support.ids, return_inverse=True)
+        raw_rows, moved = self.embedding_rows(unique_ids, logits.device)
+        unit_rows = F.normalize(raw_rows.float(), dim=-1)
+        n_pairs = labels.shape[0] // 2
+        chosen = rows < n_pairs
+        if self.granularity == "token":
+            w = self._token_costs(support, slot_rows, unit_rows, reference_logits, rows, cols, chosen)
+            w_chosen = w[chosen].sum() / totals.chosen_tokens
+            w_rejected = w[~chosen].sum() / totals.rejected_tokens
+        else:
+            w_rows = self._sequence_costs(support, slot_rows, unit_rows, rows, labels.shape[0])
+            w_chosen = w_rows[:n_pairs].sum() / totals.pairs
+            w_rejected = w_rows[n_pairs:].sum() / totals.pairs
+        loss = w_chosen - self.rejected_weight * w_rejected
+        metrics = {"plot/w_chosen": w_chosen.detach(), "plot/w_rejected": w_rejected.detach(),
+                   "plot/slice_rows": unique_ids.new_tensor(unique_ids.numel(), dtype=torch.float32) / totals.micro_batches,
+                   "plot/slice_bytes": torch.tensor(float(moved), device=logits.device) / totals.micro_batches}
+        return loss, metrics
+
+    def _token_costs(self, support, slot_rows, unit_rows, reference_logits, rows, cols, chosen):
+        embedded = unit_rows[slot_rows]                      # [N, K, d]
+        target_rows = embedded.gather(1, support.target_slot.view(-1, 1, 1).expand(-1, 1, embedded.shape[-1]))
+        onehot = F.one_hot(support.target_slot, support.ids.shape[-1]).float()
+        if self.target == "onehot" and self.solver_name == "closed_form":
+            # All mass goes to y_t: W = sum_i p~(i) c(i, y_t), exactly; no K x K matrix needed.
+            to_target = pairwise_cost(embedded, target_rows, self.cost).squeeze(-1)
+            return (support.probs * to_target).sum(-1)
+        target = onehot
+        if self.target == "ref_mix":
+            with torch.no_grad():
+                ref = reference_logits[:, :-1][rows, cols].gather(-1, support.ids).float()
+                ref = ref.masked_fill(~support.valid, -torch.inf).softmax(-1)
+            # The rejected term always compares with its own token (delta(y-_t)).
+            mix = (1 - self.rho) * onehot + self.rho * ref
+            target = torch.where(chosen.unsqueeze(-1), mix, onehot)
+        return self.solve(support.probs, target, pairwise_cost(embedded, embedded, self.cost))
+
+    def _sequence_costs(self, support, slot_rows, unit_rows, rows, n_rows):
+        """Per response: OT between the mean restricted distribution and the token histogram,
+        on the union of its supports."""
+        costs = []
+        for row in range(n_rows):
+            at = rows == row
+            if not at.any():
+                costs.append(support.probs.new_zeros(()))
+                continue
+            local_ids, local = torch.unique(slot_rows[at], return_inverse=True)
+            count = int(at.sum())
+            a = torch.zeros(local_ids.numel(), device=local.device).index_add(
+                0, local.flatten(), support.probs[at].flatten()) / count
+            target_local = local.gather(1, support.target_slot[at].unsqueeze(-1)).squeeze(-1)
+            b = torch.zeros_like(a).index_add(0, target_local, torch.ones_like(target_local, dtype=a.dtype)) / count
+            embedded = unit_rows[local_ids]
+            M = pairwise_cost(embedded, embedded, self.cost)
+            costs.append(self.solve(a.unsqueeze(0), b.unsqueeze(0), M.unsqueeze(0)).squeeze(0))
+        return torch.stack(costs)
