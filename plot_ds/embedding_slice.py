@@ -40,6 +40,9 @@ def _sliced_rows(weight: torch.Tensor, ids: torch.Tensor, device: torch.device) 
     size = partition.ds_numel if hasattr(partition, "ds_numel") else partition.numel()
 
     ids = ids.to(device=device, dtype=torch.long)
+    if world == 1:  # the one partition is the whole (padded) matrix
+        matrix = partition.narrow(0, 0, weight.ds_numel).view(weight.ds_shape)
+        return matrix[ids.to(partition.device)].to(device), 0
     count = torch.tensor([ids.numel()], device=device, dtype=torch.long)
     counts = [torch.zeros_like(count) for _ in range(world)]
     dist.all_gather(counts, count, group=group)

@@ -44,3 +44,47 @@ def test_parameters_are_partitioned_not_replicated(step_results):
         assert all(n < full for n in local), f"{name}: a rank holds the whole tensor {local} of {full}"
         assert sum(local) >= full, f"{name}: partitions {local} do not cover {full} elements"
         assert all(r[name][2] == 0 for r in ranks), f"{name}: left gathered outside forward"
+
+
+PLOT_VARIANTS = ("dpo+plot", "dpo+plot_full", "none+plot_ref_mix")
+
+
+@pytest.mark.parametrize("variant", PLOT_VARIANTS)
+@pytest.mark.parametrize("split", SPLITS)
+def test_plot_step_gradient_equals_one_process_run(step_results, variant, split):
+    single = step_results["one"][f"{variant}:8x1"]
+    assert single["metrics"]["plot/w_chosen"] > 0
+    for rank_results in step_results["two"]:
+        two = rank_results[f"{variant}:{split}"]
+        for name, grad in single["grads"].items():
+            torch.testing.assert_close(two["grads"][name], grad, rtol=1e-4, atol=1e-5 * grad.abs().max().item(),
+                                       msg=lambda m: f"{variant} {split} {name}: {m}")
+        for metric in ("loss/total", "loss/plot", "plot/w_chosen", "plot/w_rejected"):
+            assert two["metrics"][metric] == pytest.approx(single["metrics"][metric], rel=1e-5, abs=1e-7)
+
+
+def test_sliced_and_full_gather_paths_agree(step_results):
+    results = [r for r in step_results["two"]]
+    for split in SPLITS:
+        sliced = results[0][f"dpo+plot:{split}"]
+        full = results[0][f"dpo+plot_full:{split}"]
+        for name, grad in full["grads"].items():
+            torch.testing.assert_close(sliced["grads"][name], grad)
+        assert sliced["metrics"]["loss/total"] == full["metrics"]["loss/total"]
+        assert sliced["metrics"]["plot/slice_bytes"] < full["metrics"]["plot/slice_bytes"]
+
+
+def test_slice_equals_rows_of_the_unpartitioned_matrix(step_results, tiny_model_dir):
+    from safetensors.torch import load_file
+    matrix = load_file(f"{tiny_model_dir}/model.safetensors")["model.embed_tokens.weight"]
+    vocab, dim = matrix.shape
+    for rank, rank_results in enumerate(step_results["two"]):
+        got = rank_results["slice"]
+        assert len(got["ids"]) == 37 + 50 * rank  # ranks asked for different numbers of rows
+        assert got["ids"][0] == vocab - 1
+        torch.testing.assert_close(got["sliced"], matrix[got["ids"]], rtol=0, atol=0)
+        torch.testing.assert_close(got["full"], matrix[got["ids"]], rtol=0, atol=0)
+        # Communication: the requested rows of both ranks, not the whole matrix.
+        rows_moved = (37 + 87) * dim * 4
+        assert rows_moved <= got["sliced_bytes"] < rows_moved + 2 * (1 + 87) * 8 + 1
+        assert got["full_bytes"] == vocab * dim * 4
