@@ -21,7 +21,9 @@ def test_default_run_on_the_real_model(tmp_path, real_model_dir):
     assert "builtin:smollm2-135m-instruct" in saved and "builtin:champ" in saved and "name: dpo" in saved
     assert "440 training pairs" in proc.stdout + proc.stderr  # 444 real pairs, 4 held out
     history = json.loads((out / "train_history.json").read_text())
-    assert history[0]["loss/total"] == pytest.approx(math.log(2), abs=1e-4)
+    assert history[0]["loss/vanilla"] == pytest.approx(math.log(2), abs=1e-4)  # policy == reference
+    assert history[0]["loss/total"] == pytest.approx(history[0]["loss/vanilla"] + history[0]["loss/plot"], rel=1e-5)
+    assert 0 < history[0]["plot/w_chosen"] < 2
     # Real solutions: a trained instruct model already finds human text less likely than its own kind.
     assert history[0]["logps/chosen"] < 0 and history[0]["logps/rejected"] < 0
     assert all(math.isfinite(v) for h in history for v in h.values())
@@ -30,3 +32,27 @@ def test_default_run_on_the_real_model(tmp_path, real_model_dir):
     assert set(evaluated) >= {"eval/loss/total", "eval/rewards/accuracies", "eval/rewards/margins"}
     assert (out / "checkpoints" / "latest").read_text().strip() == "step_00000002"
     assert any((out / "tensorboard").iterdir())
+
+
+def test_plot_run_on_the_real_model_lowers_the_transport_cost(tmp_path, real_model_dir):
+    """SFT + PLOT on 4 real CHAMP pairs, every step on the same pairs: W(chosen) must fall."""
+    from plot_ds.data import load_pairs
+    from test_launch import scalars
+
+    data = tmp_path / "four_pairs.jsonl"
+    data.write_text("".join(json.dumps(p) + "\n" for p in load_pairs("builtin:champ")[:4]))
+    out = tmp_path / "plot"
+    run_command([sys.executable, str(REPO / "launch" / "train.py"), "--objective.name", "sft",
+                 "--data.source", str(data), "--data.eval_size", "0", "--data.max_length", "128",
+                 "--data.max_prompt_length", "64", "--train.gradient_accumulation_steps", "2",
+                 "--train.max_steps", "4", "--train.lr", "5e-5", "--train.warmup_steps", "0",
+                 "--train.save_checkpoint", "false", "--train.output_dir", str(out)],
+                timeout=1200, OMP_NUM_THREADS="2")
+    history = json.loads((out / "train_history.json").read_text())
+    w = [h["plot/w_chosen"] for h in history]
+    assert all(math.isfinite(v) for h in history for v in h.values())
+    assert w[-1] < w[0], w
+    logged = scalars(out / "tensorboard")
+    for name in ("loss/plot", "plot/w_chosen", "plot/w_rejected", "plot/slice_rows", "plot/slice_bytes"):
+        assert name in logged, f"{name} missing from TensorBoard"
+    assert logged["plot/w_chosen"] == pytest.approx(w, rel=1e-6)

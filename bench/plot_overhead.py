@@ -1,0 +1,106 @@
+"""PLOT overhead, side by side in one run: the same training steps with and without the PLOT term
+(alpha = 0 vs on), alternating on the same engines and batches, plus the embedding-slice bytes
+against a full gather of the embedding matrix.
+
+    python bench/plot_overhead.py [--steps 4] [--section.key value ...]        # one process
+    deepspeed --num_gpus 2 bench/plot_overhead.py [...]                        # slice bytes need >= 2 ranks
+
+Defaults are the default run's shapes (SmolLM2-135M-Instruct, DPO, CHAMP, micro-batch 2, 256 tokens).
+Prints one JSON line with the ratios; each timing is the median over the measured steps.
+"""
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+from deepspeed.accelerator import get_accelerator  # noqa: E402
+
+from plot_ds.config import load_config, parse_overrides  # noqa: E402
+from plot_ds.data import GlobalBatchSampler, collate, prepare_datasets  # noqa: E402
+from plot_ds.distributed import init_distributed  # noqa: E402
+from plot_ds.embedding_slice import EmbeddingRows, embedding_rows_for  # noqa: E402
+from plot_ds.engine import build_policy_engine, build_reference_engine, load_ds_config, load_tokenizer  # noqa: E402
+from plot_ds.monitoring import reduce_metrics  # noqa: E402
+from plot_ds.objectives import Objective, build_objective  # noqa: E402
+from plot_ds.training import train_step  # noqa: E402
+
+
+def timed_step(policy, reference, objective, batches, world_size):
+    get_accelerator().synchronize()
+    start = time.perf_counter()
+    sums, _ = train_step(policy, reference, objective, batches, world_size)
+    metrics = reduce_metrics(sums)  # includes the step's last collective: all ranks are done
+    get_accelerator().synchronize()
+    return time.perf_counter() - start, metrics
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--steps", type=int, default=4, help="measured steps per variant")
+    parser.add_argument("--warmup", type=int, default=1, help="unmeasured steps per variant")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    args, rest = parser.parse_known_args()
+    config = load_config(None, {"train.save_checkpoint": False, "data.eval_size": 0,
+                                **parse_overrides(rest)})
+    dist = init_distributed()
+    ds_config = load_ds_config(config, dist.world_size)
+    tokenizer = load_tokenizer(config)
+    examples, _ = prepare_datasets(config.data, tokenizer)
+    sampler = GlobalBatchSampler(len(examples), config.train.micro_batch_size,
+                                 config.train.gradient_accumulation_steps, dist.rank, dist.world_size,
+                                 config.train.seed)
+    policy = build_policy_engine(config, ds_config)
+    with_plot = build_objective(config, embedding_rows_for(policy.module, config.plot))
+    if with_plot.plot is None:
+        raise SystemExit("plot.enabled must be true and plot.alpha > 0 for this benchmark")
+    without_plot = Objective(with_plot.vanilla, None)
+    reference = (build_reference_engine(config, ds_config)
+                 if with_plot.needs_reference or without_plot.needs_reference else None)
+
+    times = {"plot": [], "vanilla": []}
+    slice_bytes, slice_rows = [], []
+    for step in range(args.warmup + args.steps):
+        batches = [collate([examples[i] for i in idx], tokenizer.pad_token_id)
+                   for idx in sampler.micro_batches(step)]
+        # Alternate the order so that neither variant always runs on a warmer cache.
+        order = [("vanilla", without_plot), ("plot", with_plot)]
+        for name, objective in (order if step % 2 == 0 else order[::-1]):
+            seconds, metrics = timed_step(policy, reference, objective, batches, dist.world_size)
+            if step >= args.warmup:
+                times[name].append(seconds)
+                if name == "plot":
+                    slice_bytes.append(metrics["plot/slice_bytes"])
+                    slice_rows.append(metrics["plot/slice_rows"])
+        if dist.is_main:
+            print(f"[bench] step {step + 1}/{args.warmup + args.steps} done", file=sys.stderr, flush=True)
+
+    embedding = policy.module.get_input_embeddings().weight
+    full_bytes = EmbeddingRows(embedding).full_matrix_bytes
+    median = {name: statistics.median(values) for name, values in times.items()}
+    result = {
+        "benchmark": "plot_overhead",
+        "device": get_accelerator().device_name(), "ranks": dist.world_size,
+        "model": config.model.name_or_path, "objective": config.objective.name,
+        "micro_batch_size": config.train.micro_batch_size,
+        "gradient_accumulation_steps": config.train.gradient_accumulation_steps,
+        "max_length": config.data.max_length, "top_k": config.plot.top_k,
+        "target": config.plot.target, "solver": config.plot.resolved_solver(),
+        "measured_steps": args.steps,
+        "step_seconds_vanilla_median": median["vanilla"], "step_seconds_plot_median": median["plot"],
+        "overhead_ratio": median["plot"] / median["vanilla"],
+        "slice_rows_per_micro_batch": statistics.mean(slice_rows),
+        "slice_bytes_per_micro_batch": statistics.mean(slice_bytes),
+        "full_gather_bytes": full_bytes,
+        "slice_to_full_bytes_ratio": statistics.mean(slice_bytes) / full_bytes,
+    }
+    if dist.is_main:
+        print(json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    main()
