@@ -39,34 +39,41 @@ def response_positions(labels: torch.Tensor):
     return rows, cols, targets[rows, cols]
 
 
-def restricted_supports(logits: torch.Tensor, targets: torch.Tensor, top_k: int) -> Supports:
+def restricted_supports(flat_logits: torch.Tensor, positions: torch.Tensor, targets: torch.Tensor,
+                        top_k: int, chunk: int = 512) -> Supports:
     """S_t = TopK(p_t, k) U {y_t} with a fixed width k + 1 (a duplicate slot is masked), or the
-    whole vocabulary when ``top_k == 0``. Gradients flow through the logits in S_t only."""
-    n, vocab = logits.shape
+    whole vocabulary when ``top_k == 0``. ``flat_logits`` is [rows, V], ``positions`` the rows of
+    the response positions. Gradients flow through the logits in S_t only, and only [N, k + 1]
+    logits are copied: the top-k runs on bounded chunks without autograd."""
+    n, vocab = positions.numel(), flat_logits.shape[-1]
     if top_k == 0 or top_k >= vocab:
-        ids = torch.arange(vocab, device=logits.device).expand(n, vocab)
-        valid = torch.ones(n, vocab, dtype=torch.bool, device=logits.device)
+        ids = torch.arange(vocab, device=flat_logits.device).expand(n, vocab)
+        valid = torch.ones(n, vocab, dtype=torch.bool, device=flat_logits.device)
         target_slot = targets
-        restricted = logits.float()
+        restricted = flat_logits.index_select(0, positions).float()
     else:
         with torch.no_grad():
-            top = logits.topk(top_k, dim=-1).indices
+            top = torch.cat([flat_logits.index_select(0, positions[i:i + chunk]).topk(top_k, dim=-1).indices
+                             for i in range(0, n, chunk)]) if n else positions.new_zeros(0, top_k)
         ids = torch.cat([top, targets.unsqueeze(-1)], dim=-1)
         in_top = (top == targets.unsqueeze(-1))
         has_target = in_top.any(-1)
         valid = torch.cat([torch.ones_like(top, dtype=torch.bool), (~has_target).unsqueeze(-1)], -1)
         target_slot = torch.where(has_target, in_top.float().argmax(-1), torch.full_like(targets, top_k))
-        restricted = logits.gather(-1, ids).float()
+        restricted = flat_logits[positions.unsqueeze(-1), ids].float()
     probs = restricted.masked_fill(~valid, -torch.inf).softmax(-1)
     return Supports(ids, valid, target_slot, probs)
 
 
-def pairwise_cost(left: torch.Tensor, right: torch.Tensor, cost: str) -> torch.Tensor:
-    """Cost between L2-normalised embedding rows: [..., K, d] x [..., J, d] -> [..., K, J]."""
-    cosine = left @ right.transpose(-1, -2)
+def cost_from_cosine(cosine: torch.Tensor, cost: str) -> torch.Tensor:
     if cost == "cosine":
         return 1.0 - cosine
-    return (2.0 - 2.0 * cosine).clamp_min(0.0).sqrt()
+    return (2.0 - 2.0 * cosine).clamp_min(0.0).sqrt()  # ||a - b|| of unit vectors
+
+
+def pairwise_cost(left: torch.Tensor, right: torch.Tensor, cost: str) -> torch.Tensor:
+    """Cost between L2-normalised embedding rows: [..., K, d] x [..., J, d] -> [..., K, J]."""
+    return cost_from_cosine(left @ right.transpose(-1, -2), cost)
 
 
 class PLOTLoss(nn.Module):
@@ -90,15 +97,20 @@ class PLOTLoss(nn.Module):
 
     def forward(self, policy_logits, labels, reference_logits, totals):
         rows, cols, targets = response_positions(labels)
-        logits = policy_logits[:, :-1][rows, cols]
-        support = restricted_supports(logits, targets, self.top_k)
-        unique_ids, slot_rows = torch.unique(support.ids, return_inverse=True)
-        raw_rows, moved = self.embedding_rows(unique_ids, logits.device)
-        unit_rows = F.normalize(raw_rows.float(), dim=-1)
+        length, vocab = policy_logits.shape[1], policy_logits.shape[-1]
+        positions = rows * length + cols  # rows of the [batch * length, V] view
+        support = restricted_supports(policy_logits.view(-1, vocab), positions, targets, self.top_k)
         n_pairs = labels.shape[0] // 2
         chosen = rows < n_pairs
+        if self.rejected_weight == 0:  # the rejected term is only a metric: no backward through it
+            support.probs = torch.where(chosen.unsqueeze(-1), support.probs, support.probs.detach())
+        unique_ids, slot_rows = torch.unique(support.ids, return_inverse=True)
+        raw_rows, moved = self.embedding_rows(unique_ids, policy_logits.device)
+        unit_rows = F.normalize(raw_rows.float(), dim=-1)
         if self.granularity == "token":
-            w = self._token_costs(support, slot_rows, unit_rows, reference_logits, rows, cols, chosen)
+            reference = (reference_logits.view(-1, vocab)[positions.unsqueeze(-1), support.ids]
+                         if self.target == "ref_mix" else None)
+            w = self._token_costs(support, slot_rows, unit_rows, reference, chosen)
             w_chosen = w[chosen].sum() / totals.chosen_tokens
             w_rejected = w[~chosen].sum() / totals.rejected_tokens
         else:
@@ -108,22 +120,24 @@ class PLOTLoss(nn.Module):
         loss = w_chosen - self.rejected_weight * w_rejected
         metrics = {"plot/w_chosen": w_chosen.detach(), "plot/w_rejected": w_rejected.detach(),
                    "plot/slice_rows": unique_ids.new_tensor(unique_ids.numel(), dtype=torch.float32) / totals.micro_batches,
-                   "plot/slice_bytes": torch.tensor(float(moved), device=logits.device) / totals.micro_batches}
+                   "plot/slice_bytes": torch.tensor(float(moved), device=policy_logits.device) / totals.micro_batches}
         return loss, metrics
 
-    def _token_costs(self, support, slot_rows, unit_rows, reference_logits, rows, cols, chosen):
-        embedded = unit_rows[slot_rows]                      # [N, K, d]
-        target_rows = embedded.gather(1, support.target_slot.view(-1, 1, 1).expand(-1, 1, embedded.shape[-1]))
-        onehot = F.one_hot(support.target_slot, support.ids.shape[-1]).float()
+    def _token_costs(self, support, slot_rows, unit_rows, reference, chosen):
         if self.target == "onehot" and self.solver_name == "closed_form":
-            # All mass goes to y_t: W = sum_i p~(i) c(i, y_t), exactly; no K x K matrix needed.
-            to_target = pairwise_cost(embedded, target_rows, self.cost).squeeze(-1)
-            return (support.probs * to_target).sum(-1)
+            # All mass goes to y_t: W = sum_i p~(i) c(i, y_t), exactly; no K x K matrix. The
+            # [N, K, d] rows are gathered in chunks to bound memory.
+            target_rows = unit_rows[slot_rows.gather(1, support.target_slot.unsqueeze(-1)).squeeze(-1)]
+            chunk = 256
+            cosine = torch.cat([torch.einsum("nkd,nd->nk", unit_rows[slot_rows[i:i + chunk]], target_rows[i:i + chunk])
+                                for i in range(0, slot_rows.shape[0], chunk)])
+            return (support.probs * cost_from_cosine(cosine, self.cost)).sum(-1)
+        embedded = unit_rows[slot_rows]                      # [N, K, d]
+        onehot = F.one_hot(support.target_slot, support.ids.shape[-1]).to(support.probs.dtype)
         target = onehot
         if self.target == "ref_mix":
             with torch.no_grad():
-                ref = reference_logits[:, :-1][rows, cols].gather(-1, support.ids).float()
-                ref = ref.masked_fill(~support.valid, -torch.inf).softmax(-1)
+                ref = reference.float().masked_fill(~support.valid, -torch.inf).softmax(-1)
             # The rejected term always compares with its own token (delta(y-_t)).
             mix = (1 - self.rho) * onehot + self.rho * ref
             target = torch.where(chosen.unsqueeze(-1), mix, onehot)

@@ -151,7 +151,7 @@ def test_sequence_granularity(solver, value_tol, grad_tol):
 
 def test_support_has_fixed_width_and_masks_the_duplicate_target():
     logits = torch.tensor([[5.0, 4.0, 0.0, -1.0], [5.0, 4.0, 0.0, -1.0]])
-    support = restricted_supports(logits, torch.tensor([1, 3]), top_k=2)
+    support = restricted_supports(logits, torch.tensor([0, 1]), torch.tensor([1, 3]), top_k=2)
     assert support.ids.tolist() == [[0, 1, 1], [0, 1, 3]]
     assert support.valid.tolist() == [[True, True, False], [True, True, True]]
     assert support.target_slot.tolist() == [1, 2]
