@@ -32,12 +32,13 @@ def test_deepspeed_launcher_sft_run_learns_and_writes_everything(tiny_model_dir,
                         *tiny_run_args(tiny_model_dir, zero3_test_config, out, "--objective.name", "sft",
                                        "--train.lr", "1e-2", "--train.max_steps", "10")])
     history = json.loads((out / "train_history.json").read_text())
-    losses = [h["loss/total"] for h in history]
+    losses = [h["loss/vanilla"] for h in history]
     assert len(losses) == 10
     assert losses[0] == pytest.approx(math.log(49152), abs=0.2)  # a random model starts near ln V
     assert sum(losses[-3:]) / 3 < losses[0] - 1.0, losses
+    assert all(h["loss/total"] == pytest.approx(h["loss/vanilla"] + h["loss/plot"], rel=1e-5) for h in history)
     evaluated = json.loads((out / "eval_results.json").read_text())
-    assert evaluated["eval/loss/total"] < losses[0] - 1.0
+    assert evaluated["eval/loss/vanilla"] < losses[0] - 1.0
 
     saved = yaml.safe_load((out / "config.yaml").read_text())
     assert saved["objective"]["name"] == "sft" and saved["train"]["lr"] == 1e-2
@@ -52,10 +53,11 @@ def test_deepspeed_launcher_sft_run_learns_and_writes_everything(tiny_model_dir,
                (checkpoint / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt").is_file()
 
     logged = scalars(out / "tensorboard")
-    for name in ("loss/total", "loss/vanilla", "logps/chosen", "logps/rejected", "lr", "grad_norm",
-                 "throughput/tokens_per_s", "eval/loss/total"):
+    for name in ("loss/total", "loss/vanilla", "loss/plot", "plot/w_chosen", "plot/w_rejected",
+                 "plot/slice_rows", "plot/slice_bytes", "logps/chosen", "logps/rejected", "lr", "grad_norm",
+                 "throughput/tokens_per_s", "eval/loss/total", "eval/plot/w_chosen"):
         assert name in logged, f"{name} missing from TensorBoard: {sorted(logged)}"
-    assert logged["loss/total"] == pytest.approx(losses, rel=1e-6)
+    assert logged["loss/vanilla"] == pytest.approx(losses, rel=1e-6)
     assert len(logged["lr"]) == 10 and logged["lr"][0] == pytest.approx(1e-2)
     assert f"run directory:  {out}" in proc.stdout
     assert "tensorboard --logdir" in proc.stdout
@@ -69,7 +71,7 @@ def test_torchrun_dpo_run_with_reference_engine(tiny_model_dir, zero3_test_confi
                                 "--train.lr", "1e-3", "--train.max_steps", "3",
                                 "--train.gradient_accumulation_steps", "2", "--train.eval_every", "2")])
     history = json.loads((out / "train_history.json").read_text())
-    assert history[0]["loss/total"] == pytest.approx(math.log(2), abs=1e-5)  # policy == reference
+    assert history[0]["loss/vanilla"] == pytest.approx(math.log(2), abs=1e-5)  # policy == reference
     assert history[0]["rewards/margins"] == pytest.approx(0.0, abs=1e-6)
     assert all(math.isfinite(v) for h in history for v in h.values())
     logged = scalars(out / "tensorboard")
