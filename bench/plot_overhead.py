@@ -22,7 +22,7 @@ from deepspeed.accelerator import get_accelerator  # noqa: E402
 
 from plot_ds.config import load_config, parse_overrides  # noqa: E402
 from plot_ds.data import GlobalBatchSampler, collate, prepare_datasets  # noqa: E402
-from plot_ds.distributed import init_distributed  # noqa: E402
+from plot_ds.distributed import barrier, init_distributed  # noqa: E402
 from plot_ds.embedding_slice import EmbeddingRows, embedding_rows_for  # noqa: E402
 from plot_ds.engine import build_policy_engine, build_reference_engine, load_ds_config, load_tokenizer  # noqa: E402
 from plot_ds.monitoring import reduce_metrics  # noqa: E402
@@ -50,7 +50,8 @@ def main():
     dist = init_distributed()
     ds_config = load_ds_config(config, dist.world_size)
     tokenizer = load_tokenizer(config)
-    examples, _ = prepare_datasets(config.data, tokenizer)
+    examples, _, _ = prepare_datasets(config.data, tokenizer, preparer=dist.local_rank == 0,
+                                      sync=barrier)
     sampler = GlobalBatchSampler(len(examples), config.train.micro_batch_size,
                                  config.train.gradient_accumulation_steps, dist.rank, dist.world_size,
                                  config.train.seed)
@@ -65,7 +66,7 @@ def main():
     times = {"plot": [], "vanilla": []}
     slice_bytes, slice_rows = [], []
     for step in range(args.warmup + args.steps):
-        batches = [collate([examples[i] for i in idx], tokenizer.pad_token_id)
+        batches = [collate([examples[i] for i in idx], tokenizer.pad_token_id, examples[0])
                    for idx in sampler.micro_batches(step)]
         # Alternate the order so that neither variant always runs on a warmer cache.
         order = [("vanilla", without_plot), ("plot", with_plot)]

@@ -39,14 +39,32 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    # "builtin:champ" = the 444 real CHAMP preference pairs; or a .json/.jsonl file with
-    # prompt/chosen/rejected string fields.
+    # builtin:champ (the 444 real CHAMP pairs); a .jsonl, .jsonl.gz, .json, .parquet or .csv file;
+    # a folder of such files; a folder written by datasets' save_to_disk; or a hub dataset name.
     source: str = "builtin:champ"
+    split: str = "train"
+    # Held-out pairs: another source, or another split of this one, or else eval_size pairs
+    # carved off the training source with `seed`.
     eval_source: Optional[str] = None
-    # Held-out pairs carved off the training source with `seed` when eval_source is not given.
+    eval_split: Optional[str] = None
     eval_size: int = 8
+    # auto = per record: a `prompt` field -> explicit; message lists -> conversational;
+    # else implicit (chosen/rejected transcripts sharing the prompt, HH-RLHF style).
+    format: Literal["auto", "explicit", "implicit", "conversational"] = "auto"
+    prompt_field: str = "prompt"
+    chosen_field: str = "chosen"
+    rejected_field: str = "rejected"
+    # Implicit format: the prompt ends at the last occurrence of this marker both transcripts share.
+    assistant_marker: str = "\n\nAssistant:"
+    # A Jinja chat template (or a file holding one) for tokenizers without one.
+    chat_template: Optional[str] = None
     max_length: int = 256
     max_prompt_length: int = 128
+    # strict: report every bad record and stop before training; skip: leave them out, counted.
+    on_bad_record: Literal["strict", "skip"] = "strict"
+    # Tokenise once per dataset version; cache_dir defaults to ~/.cache/plot_ds/tokenized.
+    cache: bool = True
+    cache_dir: Optional[str] = None
     seed: int = 1234
 
     def validate(self) -> None:
@@ -58,6 +76,8 @@ class DataConfig:
                 f"data.max_length ({self.max_length}) to leave room for the response")
         if self.eval_size < 0:
             raise ConfigError("data.eval_size: must be >= 0")
+        if not self.assistant_marker:
+            raise ConfigError("data.assistant_marker: must not be empty")
 
 
 @dataclass
@@ -141,6 +161,8 @@ class TrainConfig:
     eval_batch_size: int = 4
     tensorboard: bool = True
     save_checkpoint: bool = True
+    # Write the pair ids each rank trained on at each step (pair_ids.rank<r>.jsonl): an audit trail.
+    log_pair_ids: bool = False
 
     def validate(self) -> None:
         for key in ("micro_batch_size", "gradient_accumulation_steps", "max_steps", "log_every",

@@ -11,7 +11,7 @@ from .objectives import GlobalTotals
 
 def eval_shards(num_pairs: int, batch_size: int, rank: int, world_size: int) -> list[list[int]]:
     """This rank's eval batches. Every rank gets the same number of batches, since a ZeRO-3
-    forward is a collective; a rank with nothing left gets an empty batch (run with no weight)."""
+    forward is a collective; a rank with nothing left gets an empty batch (run as a weightless filler)."""
     mine = list(range(rank, num_pairs, world_size))
     per_rank = -(-num_pairs // world_size)
     count = -(-per_rank // batch_size)
@@ -31,13 +31,12 @@ def evaluate(policy, reference, objective, examples: list[TokenizedPair], batch_
     totals = GlobalTotals.from_counts(counts.to(policy.device))
     sums: dict[str, torch.Tensor] = {}
     for indices in shards:
-        weight = 1.0 if indices else 0.0
-        batch = collate([examples[i] for i in (indices or [0])], pad_id)
+        batch = collate([examples[i] for i in indices], pad_id, filler=examples[0])
         reference_out = (forward_pairs(reference, batch, objective.needs_reference_logits)
                          if reference is not None else None)
         _, metrics = objective(forward_pairs(policy, batch, objective.needs_policy_logits),
                                reference_out, totals)
         for name, value in metrics.items():
-            sums[name] = sums.get(name, 0.0) + weight * value
+            sums[name] = sums.get(name, 0.0) + batch["weight"] * value
     policy.train(was_training)
     return {f"eval/{name}": value for name, value in reduce_metrics(sums).items()}

@@ -47,6 +47,9 @@ def train_step(policy, reference, objective, micro_batches: list[dict], world_si
                              if reference is not None else None)
         policy_out = forward_pairs(policy, batch, objective.needs_policy_logits)
         loss, metrics = objective(policy_out, reference_out, totals)
+        if batch["weight"] != 1.0:  # a filler batch: every rank must run it, nothing may count
+            loss = loss * batch["weight"]
+            metrics = {name: value * batch["weight"] for name, value in metrics.items()}
         # The loss is this micro-batch's share of the global mean; DeepSpeed would divide it by the
         # accumulation steps (scale_wrt_gas) and average gradients over ranks, so scale by the
         # rank count and skip the former: the step's gradient is then the global-mean gradient.
@@ -70,15 +73,20 @@ def train(config: Config, dist: Optional[DistInfo] = None) -> dict:
     seed_everything(train_cfg.seed)
     output_dir = Path(train_cfg.output_dir)
     ds_config = load_ds_config(config, dist.world_size)
+    output_dir.mkdir(parents=True, exist_ok=True)
     if dist.is_main:
-        output_dir.mkdir(parents=True, exist_ok=True)
         config.save(output_dir / "config.yaml")
         (output_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=2))
         print(f"[plot_ds] {dist.world_size} rank(s) on {dist.device.type}; config:\n{config.to_yaml()}",
               flush=True)
 
     tokenizer = load_tokenizer(config)
-    train_examples, eval_examples = prepare_datasets(config.data, tokenizer)
+    train_examples, eval_examples, reports = prepare_datasets(
+        config.data, tokenizer, preparer=dist.local_rank == 0, sync=barrier)
+    if dist.is_main:
+        (output_dir / "data_report.json").write_text(json.dumps([r.to_dict() for r in reports], indent=2))
+        for report in reports:
+            print(f"[plot_ds] data {report.summary()}", flush=True)
     sampler = GlobalBatchSampler(len(train_examples), train_cfg.micro_batch_size,
                                  train_cfg.gradient_accumulation_steps, dist.rank, dist.world_size,
                                  train_cfg.seed)
@@ -88,12 +96,13 @@ def train(config: Config, dist: Optional[DistInfo] = None) -> dict:
 
     monitor = RunMonitor(output_dir / "tensorboard", train_cfg.max_steps, dist.is_main,
                          train_cfg.tensorboard)
-    truncated = sum(ex.truncated for ex in train_examples)
-    monitor.message(f"[plot_ds] {len(train_examples)} training pairs ({truncated} truncated), "
-                    f"{len(eval_examples)} held out; global batch {sampler.global_batch_size}, "
-                    f"{sampler.steps_per_epoch} steps per epoch, {sampler.dropped_per_epoch} pairs "
-                    f"left out of each epoch's permutation")
-    pad_id = tokenizer.pad_token_id
+    monitor.message(f"[plot_ds] {len(train_examples)} training pairs, {len(eval_examples)} held out; "
+                    f"global batch {sampler.global_batch_size}, {sampler.steps_per_epoch} steps per epoch "
+                    f"(the last one with {sampler.last_batch_size} pairs); {train_cfg.max_steps} steps = "
+                    f"{train_cfg.max_steps / sampler.steps_per_epoch:.2f} epochs")
+    pad_id, filler = tokenizer.pad_token_id, train_examples[0]
+    pair_log = (open(output_dir / f"pair_ids.rank{dist.rank}.jsonl", "a", encoding="utf-8")
+                if train_cfg.log_pair_ids else None)
 
     def run_eval(step: int) -> dict[str, float]:
         results = evaluate(policy, reference, objective, eval_examples, train_cfg.eval_batch_size,
@@ -106,8 +115,12 @@ def train(config: Config, dist: Optional[DistInfo] = None) -> dict:
     history = []
     started = time.perf_counter()
     for step in range(train_cfg.max_steps):
-        micro_batches = [collate([train_examples[i] for i in indices], pad_id)
+        micro_batches = [collate([train_examples[i] for i in indices], pad_id, filler)
                          for indices in sampler.micro_batches(step)]
+        if pair_log is not None:
+            ids = [pair_id for batch in micro_batches for pair_id in batch["pair_ids"]]
+            pair_log.write(json.dumps({"step": step + 1, "epoch": sampler.epoch_of(step), "ids": ids}) + "\n")
+            pair_log.flush()
         lr = policy.get_lr()[0]  # the scheduler moves on inside the step
         sums, totals = train_step(policy, reference, objective, micro_batches, dist.world_size)
         monitor.count_tokens(float(totals.input_tokens))
@@ -131,6 +144,8 @@ def train(config: Config, dist: Optional[DistInfo] = None) -> dict:
     checkpoint = save_checkpoint(policy, output_dir, train_cfg.max_steps) if train_cfg.save_checkpoint else None
     barrier()
     monitor.close()
+    if pair_log is not None:
+        pair_log.close()
     summary = {"steps": train_cfg.max_steps, "train_seconds": elapsed, "history": history,
                "eval": eval_results, "checkpoint": str(checkpoint) if checkpoint else None,
                "tensorboard": str(output_dir / "tensorboard") if train_cfg.tensorboard else None}

@@ -81,3 +81,30 @@ def test_torchrun_dpo_run_with_reference_engine(tiny_model_dir, zero3_test_confi
     assert len(logged["eval/loss/total"]) == 2  # at step 2 and at the end
     evaluated = json.loads((out / "eval_results.json").read_text())
     assert 0.0 <= evaluated["eval/rewards/accuracies"] <= 1.0
+
+
+def test_two_ranks_see_every_pair_exactly_once_per_epoch(tiny_model_dir, zero3_test_config, tmp_path):
+    """10 pairs, global batch 4 (2 ranks x 1 pair x 2 accumulation steps): 3 steps per epoch, the
+    last one with 2 pairs, so each rank's second micro-batch is a weightless filler."""
+    data = tmp_path / "ten.jsonl"
+    data.write_text("".join(json.dumps({"id": f"pair{i}", "prompt": f"Count to {i}.",
+                                        "chosen": " ".join(map(str, range(i + 1))), "rejected": "no"}) + "\n"
+                            for i in range(10)))
+    out = tmp_path / "epoch"
+    run_command([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                 "--master_addr=127.0.0.1", f"--master_port={free_port()}", TRAIN,
+                 *tiny_run_args(tiny_model_dir, zero3_test_config, out, "--data.source", str(data),
+                                "--data.eval_size", "0", "--train.micro_batch_size", "1",
+                                "--train.gradient_accumulation_steps", "2", "--train.max_steps", "6",
+                                "--train.log_pair_ids", "true", "--train.save_checkpoint", "false")])
+    seen = {0: [], 1: []}
+    for rank in (0, 1):
+        for line in (out / f"pair_ids.rank{rank}.jsonl").read_text().splitlines():
+            record = json.loads(line)
+            seen[record["epoch"]].extend(record["ids"])
+    for epoch in (0, 1):
+        assert sorted(seen[epoch]) == sorted(f"pair{i}" for i in range(10)), seen[epoch]
+    history = json.loads((out / "train_history.json").read_text())
+    assert all(math.isfinite(h["loss/total"]) for h in history)
+    report = json.loads((out / "data_report.json").read_text())
+    assert report[0]["pairs"] == 10 and report[0]["skipped"] == []

@@ -15,7 +15,7 @@ from deepspeed.utils import safe_get_full_grad
 
 from plot_ds.config import load_config
 from plot_ds.data import GlobalBatchSampler, collate, prepare_datasets
-from plot_ds.distributed import init_distributed
+from plot_ds.distributed import barrier, init_distributed
 from plot_ds.engine import build_policy_engine, build_reference_engine, load_ds_config, load_tokenizer
 from plot_ds.embedding_slice import EmbeddingRows, embedding_rows_for
 from plot_ds.objectives import build_objective
@@ -61,7 +61,8 @@ def main(model_dir: str, ds_config_path: str, out_file: str, splits: str) -> Non
             torch.manual_seed(0)
             ds_config = load_ds_config(config, dist.world_size)
             tokenizer = load_tokenizer(config)
-            examples, _ = prepare_datasets(config.data, tokenizer)
+            examples, _, _ = prepare_datasets(config.data, tokenizer, preparer=dist.local_rank == 0,
+                                              sync=barrier)
             sampler = GlobalBatchSampler(len(examples), micro, accum, dist.rank, dist.world_size, seed=7)
             policy = build_policy_engine(config, ds_config)
             if "slice" not in results:
