@@ -42,11 +42,25 @@ def _suffix(path: Path) -> str:
     return path.suffix.lower()
 
 
+def _open_binary(path: Path):
+    return gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb")
+
+
 def _open_text_lines(path: Path) -> Iterator[tuple[int, bytes]]:
-    opener = gzip.open if path.name.endswith(".gz") else open
-    with opener(path, "rb") as handle:
+    with _open_binary(path) as handle:
         for line_no, line in enumerate(handle, 1):
             yield line_no, line
+
+
+def _read_text(path: Path, defects: list, encoding: str = "utf-8") -> str | None:
+    """The whole (decompressed) file as text, or None with a defect for undecodable bytes."""
+    with _open_binary(path) as handle:
+        raw = handle.read()
+    try:
+        return raw.decode(encoding)
+    except UnicodeDecodeError as err:
+        defects.append(Defect(str(path), None, f"undecodable bytes (not UTF-8) at byte {err.start}"))
+        return None
 
 
 def _read_jsonl(path: Path, records: list, defects: list) -> None:
@@ -66,13 +80,8 @@ def _read_jsonl(path: Path, records: list, defects: list) -> None:
 
 
 def _read_json(path: Path, records: list, defects: list) -> None:
-    opener = gzip.open if path.name.endswith(".gz") else open
-    with opener(path, "rb") as handle:
-        raw = handle.read()
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as err:
-        defects.append(Defect(str(path), None, f"undecodable bytes (not UTF-8) at byte {err.start}"))
+    text = _read_text(path, defects)
+    if text is None:
         return
     try:
         loaded = json.loads(text)
@@ -88,13 +97,8 @@ def _read_json(path: Path, records: list, defects: list) -> None:
 
 
 def _read_csv(path: Path, records: list, defects: list) -> None:
-    opener = gzip.open if path.name.endswith(".gz") else open
-    with opener(path, "rb") as handle:
-        raw = handle.read()
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as err:
-        defects.append(Defect(str(path), None, f"undecodable bytes (not UTF-8) at byte {err.start}"))
+    text = _read_text(path, defects, encoding="utf-8-sig")  # tolerate a byte-order mark
+    if text is None:
         return
     reader = csv.DictReader(io.StringIO(text, newline=""))
     for row in reader:  # line numbers count the header as line 1
