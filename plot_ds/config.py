@@ -83,10 +83,13 @@ class DataConfig:
 @dataclass
 class ObjectiveConfig:
     # The vanilla objective; the PLOT term (section `plot`) is added to it: L = L_vanilla + alpha * L_PLOT.
-    name: Literal["sft", "dpo", "none"] = "dpo"
+    name: Literal["sft", "dpo", "ipo", "simpo", "none"] = "dpo"
+    # DPO/IPO: strength of the KL anchor to the reference; SimPO: reward scale (its papers use ~2).
     beta: float = 0.1
     # Conservative DPO: the probability that a preference label is flipped.
     label_smoothing: float = 0.0
+    # SimPO's target reward margin.
+    simpo_gamma: float = 0.5
 
     def validate(self) -> None:
         if self.beta <= 0:

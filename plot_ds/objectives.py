@@ -38,6 +38,21 @@ def _logp_metrics(policy: PairLogps, totals: GlobalTotals) -> dict[str, torch.Te
             "logps/rejected": policy.rejected.detach().sum() / totals.pairs}
 
 
+def _reward_metrics(chosen_rewards, rejected_rewards, policy, totals) -> dict[str, torch.Tensor]:
+    chosen_rewards, rejected_rewards = chosen_rewards.detach(), rejected_rewards.detach()
+    return {
+        "rewards/chosen": chosen_rewards.sum() / totals.pairs,
+        "rewards/rejected": rejected_rewards.sum() / totals.pairs,
+        "rewards/margins": (chosen_rewards - rejected_rewards).sum() / totals.pairs,
+        "rewards/accuracies": (chosen_rewards > rejected_rewards).float().sum() / totals.pairs,
+        **_logp_metrics(policy, totals),
+    }
+
+
+def _mean_logps(logps: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    return logps / tokens.clamp_min(1).to(logps.dtype)
+
+
 class SFTLoss(nn.Module):
     """Mean negative log-likelihood of the chosen response tokens of the global batch."""
     needs_reference = False
@@ -63,16 +78,39 @@ class DPOLoss(nn.Module):
         # logsigmoid is stable for any margin: no overflow at |logits| >> 1.
         losses = (-(1 - self.label_smoothing) * F.logsigmoid(logits)
                   - self.label_smoothing * F.logsigmoid(-logits))
-        loss = losses.sum() / totals.pairs
-        chosen_rewards, rejected_rewards = chosen_rewards.detach(), rejected_rewards.detach()
-        metrics = {
-            "rewards/chosen": chosen_rewards.sum() / totals.pairs,
-            "rewards/rejected": rejected_rewards.sum() / totals.pairs,
-            "rewards/margins": (chosen_rewards - rejected_rewards).sum() / totals.pairs,
-            "rewards/accuracies": (chosen_rewards > rejected_rewards).float().sum() / totals.pairs,
-            **_logp_metrics(policy, totals),
-        }
-        return loss, metrics
+        return losses.sum() / totals.pairs, _reward_metrics(chosen_rewards, rejected_rewards, policy, totals)
+
+
+class IPOLoss(nn.Module):
+    """(h - 1/(2 beta))^2 with h the difference of length-averaged log-ratios (IPO, Azar et al.)."""
+    needs_reference = True
+
+    def __init__(self, beta: float):
+        super().__init__()
+        self.beta = beta
+
+    def forward(self, policy: PairLogps, reference: PairLogps, totals: GlobalTotals):
+        chosen_ratio = _mean_logps(policy.chosen, policy.chosen_tokens) - _mean_logps(reference.chosen, policy.chosen_tokens)
+        rejected_ratio = (_mean_logps(policy.rejected, policy.rejected_tokens)
+                          - _mean_logps(reference.rejected, policy.rejected_tokens))
+        losses = (chosen_ratio - rejected_ratio - 1 / (2 * self.beta)) ** 2
+        return losses.sum() / totals.pairs, _reward_metrics(self.beta * chosen_ratio, self.beta * rejected_ratio,
+                                                            policy, totals)
+
+
+class SimPOLoss(nn.Module):
+    """-log sigmoid(beta/|y+| log pi(y+) - beta/|y-| log pi(y-) - gamma): no reference model."""
+    needs_reference = False
+
+    def __init__(self, beta: float, gamma: float):
+        super().__init__()
+        self.beta, self.gamma = beta, gamma
+
+    def forward(self, policy: PairLogps, reference: PairLogps | None, totals: GlobalTotals):
+        chosen_rewards = self.beta * _mean_logps(policy.chosen, policy.chosen_tokens)
+        rejected_rewards = self.beta * _mean_logps(policy.rejected, policy.rejected_tokens)
+        losses = -F.logsigmoid(chosen_rewards - rejected_rewards - self.gamma)
+        return losses.sum() / totals.pairs, _reward_metrics(chosen_rewards, rejected_rewards, policy, totals)
 
 
 class NoVanillaLoss(nn.Module):
@@ -113,6 +151,10 @@ def build_vanilla(config) -> nn.Module:
         return SFTLoss()
     if config.name == "dpo":
         return DPOLoss(config.beta, config.label_smoothing)
+    if config.name == "ipo":
+        return IPOLoss(config.beta)
+    if config.name == "simpo":
+        return SimPOLoss(config.beta, config.simpo_gamma)
     if config.name == "none":
         return NoVanillaLoss()
     raise ValueError(f"objective.name: unknown objective '{config.name}'")
