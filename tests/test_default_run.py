@@ -36,11 +36,11 @@ def test_default_run_on_the_real_model(tmp_path, real_model_dir):
 
 def test_plot_run_on_the_real_model_lowers_the_transport_cost(tmp_path, real_model_dir):
     """SFT + PLOT on 4 real CHAMP pairs, every step on the same pairs: W(chosen) must fall."""
-    from plot_ds.data import load_pairs
+    from plot_ds.assets import champ_pairs
     from test_launch import scalars
 
     data = tmp_path / "four_pairs.jsonl"
-    data.write_text("".join(json.dumps(p) + "\n" for p in load_pairs("builtin:champ")[:4]))
+    data.write_text("".join(json.dumps(p) + "\n" for p in champ_pairs()[:4]))
     out = tmp_path / "plot"
     run_command([sys.executable, str(REPO / "launch" / "train.py"), "--objective.name", "sft",
                  "--data.source", str(data), "--data.eval_size", "0", "--data.max_length", "128",
