@@ -29,12 +29,25 @@ class ModelConfig:
     trust_remote_code: bool = False
     attn_implementation: Optional[str] = "sdpa"
     gradient_checkpointing: bool = False
-    # Offload the frozen reference engine's parameters to CPU memory (ZeRO-3 only).
-    reference_offload: bool = False
 
     def validate(self) -> None:
         if not self.name_or_path.strip():
             raise ConfigError("model.name_or_path: must name a local folder, a hub id or builtin:<name>")
+
+
+@dataclass
+class ReferenceConfig:
+    """Where the reference log-probs of DPO/IPO (and PLOT's ref_mix target) come from."""
+    # engine: a frozen ZeRO-3 copy runs every step. cache: one pass before training writes them to
+    # disk (keyed by data, tokenizer and reference fingerprints); no reference model is held
+    # during training, and later runs on the same data reuse the file.
+    mode: Literal["engine", "cache"] = "engine"
+    # The reference model; default: the policy's starting point (model.name_or_path).
+    name_or_path: Optional[str] = None
+    # Keep the reference engine's parameter shards in CPU memory (ZeRO-3 only).
+    offload: bool = False
+    # A cache file to use or create; default: ~/.cache/plot_ds/reference_logps/<key>.safetensors.
+    cache_path: Optional[str] = None
 
 
 @dataclass
@@ -195,6 +208,7 @@ class DeepSpeedConfig:
 @dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
+    reference: ReferenceConfig = field(default_factory=ReferenceConfig)
     data: DataConfig = field(default_factory=DataConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     plot: PlotConfig = field(default_factory=PlotConfig)
@@ -206,6 +220,10 @@ class Config:
             validate = getattr(getattr(self, section.name), "validate", None)
             if validate is not None:
                 validate()
+        if (self.reference.mode == "cache" and self.plot.enabled and self.plot.alpha > 0
+                and self.plot.target == "ref_mix"):
+            raise ConfigError("reference.mode: cache stores log-probs, but plot.target ref_mix needs the "
+                              "reference model's full distributions: use reference.mode engine")
         if self.objective.name == "none" and not (self.plot.enabled and self.plot.alpha > 0):
             raise ConfigError("objective.name: none leaves nothing to train unless plot.enabled is true "
                               "and plot.alpha > 0")

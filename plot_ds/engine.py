@@ -106,7 +106,7 @@ def reference_ds_config(policy_ds: dict, offload: bool) -> dict:
         if offload:
             zero["offload_param"] = {"device": "cpu", "pin_memory": True}
     elif offload:
-        raise ConfigError("model.reference_offload needs ZeRO-3 (ds_configs/zero3*.json)")
+        raise ConfigError("reference.offload needs ZeRO-3 (ds_configs/zero3*.json)")
     return {
         "train_micro_batch_size_per_gpu": policy_ds["train_micro_batch_size_per_gpu"],
         "gradient_accumulation_steps": policy_ds["gradient_accumulation_steps"],
@@ -139,7 +139,7 @@ def load_tokenizer(config: Config):
     return tokenizer
 
 
-def load_model(config: Config, ds_config: dict):
+def load_model(config: Config, ds_config: dict, name_or_path: str | None = None):
     """Load the causal LM so that ZeRO-3 partitions each tensor as it is loaded.
 
     ``HfDeepSpeedConfig`` makes ``from_pretrained`` construct the model under ``zero.Init``; it is
@@ -150,7 +150,7 @@ def load_model(config: Config, ds_config: dict):
 
     hf_ds_config = HfDeepSpeedConfig(ds_config) if zero_stage(ds_config) == 3 else None
     model = AutoModelForCausalLM.from_pretrained(
-        resolve_model_path(config.model.name_or_path),
+        resolve_model_path(name_or_path or config.model.name_or_path),
         revision=config.model.revision,
         trust_remote_code=config.model.trust_remote_code,
         dtype=model_dtype(ds_config),
@@ -203,8 +203,8 @@ def build_policy_engine(config: Config, ds_config: dict):
 def build_reference_engine(config: Config, ds_config: dict):
     import deepspeed
 
-    ref_config = reference_ds_config(ds_config, config.model.reference_offload)
-    model = load_model(config, ref_config)
+    ref_config = reference_ds_config(ds_config, config.reference.offload)
+    model = load_model(config, ref_config, config.reference.name_or_path)
     model.eval()
     model.requires_grad_(False)
     engine, *_ = deepspeed.initialize(model=model, config=ref_config)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from .data import TokenizedPair, collate, example_counts
-from .logprobs import forward_pairs
+from .logprobs import forward_pairs, reference_pairs
 from .monitoring import reduce_metrics
 from .objectives import GlobalTotals
 
@@ -32,8 +32,7 @@ def evaluate(policy, reference, objective, examples: list[TokenizedPair], batch_
     sums: dict[str, torch.Tensor] = {}
     for indices in shards:
         batch = collate([examples[i] for i in indices], pad_id, filler=examples[0])
-        reference_out = (forward_pairs(reference, batch, objective.needs_reference_logits)
-                         if reference is not None else None)
+        reference_out = reference_pairs(reference, batch, objective.needs_reference_logits)
         _, metrics = objective(forward_pairs(policy, batch, objective.needs_policy_logits),
                                reference_out, totals)
         for name, value in metrics.items():

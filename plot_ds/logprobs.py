@@ -59,3 +59,19 @@ def forward_pairs(model, batch: dict, keep_logits: bool) -> PairOutputs:
     logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
     logps = PairLogps.from_rows(*sequence_logps(logits, labels))
     return PairOutputs(logps, logits if keep_logits else None, labels)
+
+
+def reference_pairs(engine, batch: dict, keep_logits: bool) -> PairOutputs | None:
+    """The reference side of a batch: precomputed log-probs when the batch carries them,
+    else a no-grad forward of the reference engine (None when the objective needs no reference)."""
+    if "reference_logps" in batch:
+        labels = batch["labels"]
+        device = labels.device if engine is None else engine.device
+        chosen, rejected = batch["reference_logps"].to(device)
+        tokens = (labels[:, 1:] != IGNORE_INDEX).sum(-1).to(device)
+        n = chosen.shape[0]
+        return PairOutputs(PairLogps(chosen, rejected, tokens[:n], tokens[n:]), None, labels)
+    if engine is None:
+        return None
+    with torch.no_grad():
+        return forward_pairs(engine, batch, keep_logits)

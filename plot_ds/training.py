@@ -16,9 +16,10 @@ from .distributed import DistInfo, all_reduce_sum, barrier, init_distributed
 from .engine import build_policy_engine, build_reference_engine, load_ds_config, load_tokenizer
 from .evaluation import evaluate
 from .embedding_slice import embedding_rows_for
-from .logprobs import forward_pairs
+from .logprobs import forward_pairs, reference_pairs
 from .monitoring import RunMonitor, reduce_metrics
 from .objectives import GlobalTotals, build_objective
+from .reference_cache import attach_reference_logps
 
 
 def seed_everything(seed: int) -> None:
@@ -42,9 +43,7 @@ def train_step(policy, reference, objective, micro_batches: list[dict], world_si
     totals = GlobalTotals.from_counts(all_reduce_sum(counts))
     sums: dict[str, torch.Tensor] = {}
     for index, batch in enumerate(micro_batches):
-        with torch.no_grad():
-            reference_out = (forward_pairs(reference, batch, objective.needs_reference_logits)
-                             if reference is not None else None)
+        reference_out = reference_pairs(reference, batch, objective.needs_reference_logits)
         policy_out = forward_pairs(policy, batch, objective.needs_policy_logits)
         loss, metrics = objective(policy_out, reference_out, totals)
         if batch["weight"] != 1.0:  # a filler batch: every rank must run it, nothing may count
@@ -92,7 +91,13 @@ def train(config: Config, dist: Optional[DistInfo] = None) -> dict:
                                  train_cfg.seed)
     policy = build_policy_engine(config, ds_config)
     objective = build_objective(config, embedding_rows_for(policy.module, config.plot))
-    reference = build_reference_engine(config, ds_config) if objective.needs_reference else None
+    reference = None
+    if objective.needs_reference and config.reference.mode == "cache":
+        attach_reference_logps(config, ds_config, tokenizer, train_examples, eval_examples, reports, dist,
+                               build_engine=lambda: build_reference_engine(config, ds_config),
+                               log=lambda m: print(m, flush=True) if dist.is_main else None)
+    elif objective.needs_reference:
+        reference = build_reference_engine(config, ds_config)
 
     monitor = RunMonitor(output_dir / "tensorboard", train_cfg.max_steps, dist.is_main,
                          train_cfg.tensorboard)

@@ -55,7 +55,7 @@ def test_reference_config_shards_like_the_policy_without_optimizer():
     assert ref["train_batch_size"] == ds["train_batch_size"]
     zero2 = load_ds_config(load_config(None, {"deepspeed.config": "ds_configs/zero2.json"}), 1)
     assert reference_ds_config(zero2, offload=False)["zero_optimization"]["stage"] == 0
-    with pytest.raises(ConfigError, match="reference_offload needs ZeRO-3"):
+    with pytest.raises(ConfigError, match="reference.offload needs ZeRO-3"):
         reference_ds_config(zero2, offload=True)
 
 

@@ -33,6 +33,8 @@ class DataReport:
     prompt_truncated: int = 0
     response_truncated: int = 0
     lengths: list = field(default_factory=list)
+    # The tokenised data's cache key: content, tokenizer and settings.
+    fingerprint: str = ""
 
     def summary(self) -> str:
         formats = ", ".join(f"{k} {v}" for k, v in sorted(self.formats.items())) or "none"
@@ -121,15 +123,18 @@ def tokenize_pairs(tokenizer, pairs: list[Pair], max_length: int, max_prompt_len
     return examples, defects
 
 
-def _tokenize_cached(tokenizer, pairs, data_config, preparer: bool, sync) -> tuple[list, list]:
-    """Tokenise once per dataset version: the preparing rank writes the cache, the others read it."""
+def _tokenize_cached(tokenizer, pairs, data_config, preparer: bool, sync) -> tuple[list, list, str]:
+    """Tokenise once per dataset version: the preparing rank writes the cache, the others read it.
+    Returns the examples, the defects and the data fingerprint (the cache key)."""
     template = _chat_template(data_config)
     settings = {"max_length": data_config.max_length, "max_prompt_length": data_config.max_prompt_length,
                 "chat_template": template}
+    key = cache_key(pairs, tokenizer, settings)
     if not data_config.cache:
-        return tokenize_pairs(tokenizer, pairs, data_config.max_length, data_config.max_prompt_length, template)
+        return (*tokenize_pairs(tokenizer, pairs, data_config.max_length, data_config.max_prompt_length,
+                                template), key)
     root = Path(data_config.cache_dir) if data_config.cache_dir else default_cache_dir() / "tokenized"
-    path = root / f"{cache_key(pairs, tokenizer, settings)}.safetensors"
+    path = root / f"{key}.safetensors"
     failure = None
     if preparer and not path.is_file():
         try:
@@ -143,7 +148,7 @@ def _tokenize_cached(tokenizer, pairs, data_config, preparer: bool, sync) -> tup
         raise failure
     if not path.is_file():
         raise DataError(f"the tokenised data {path} was not written: see the error of local rank 0")
-    return load_cache(path)
+    return (*load_cache(path), key)
 
 
 def prepare_datasets(data_config, tokenizer, preparer: bool = True, sync=lambda: None):
@@ -167,7 +172,8 @@ def prepare_datasets(data_config, tokenizer, preparer: bool = True, sync=lambda:
         eval_report = DataReport("eval", f"{data_config.eval_size} pairs held out of {data_config.source}")
     results = []
     for report, split in ((train_report, train_pairs), (eval_report, eval_pairs)):
-        examples, tokenize_defects = _tokenize_cached(tokenizer, split, data_config, preparer, sync)
+        examples, tokenize_defects, report.fingerprint = _tokenize_cached(tokenizer, split, data_config,
+                                                                           preparer, sync)
         report.defects = report.defects + tokenize_defects
         report.pairs = len(examples)
         report.formats = dict(Counter(p.format for p in split))

@@ -47,5 +47,9 @@ def collate(examples: list[TokenizedPair], pad_id: int, filler: TokenizedPair | 
     counts = example_counts(examples)
     if weight == 0.0:
         counts[:-1] = 0
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": label_ids,
-            "pair_ids": [ex.id for ex in examples] if weight else [], "counts": counts, "weight": weight}
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": label_ids,
+             "pair_ids": [ex.id for ex in examples] if weight else [], "counts": counts, "weight": weight}
+    if all(ex.reference_chosen is not None for ex in examples):  # precomputed (reference.mode: cache)
+        batch["reference_logps"] = torch.tensor([[ex.reference_chosen for ex in examples],
+                                                 [ex.reference_rejected for ex in examples]])
+    return batch

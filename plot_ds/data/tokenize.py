@@ -30,6 +30,9 @@ class TokenizedPair:
     rejected_ids: list[int]
     prompt_truncated: bool = False
     response_truncated: bool = False
+    # Summed reference log-probs, when they come from a precomputed cache (reference.mode: cache).
+    reference_chosen: float | None = None
+    reference_rejected: float | None = None
 
     @property
     def truncated(self) -> bool:

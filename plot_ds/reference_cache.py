@@ -1,0 +1,149 @@
+"""Precomputed reference log-probs: one pass over the data before training, then no reference
+model in memory.
+
+The file (safetensors, no pickle) records the fingerprints it was made from: the tokenised data
+of each split (which includes the tokenizer), the tokenizer, the reference model and the
+precision. A file whose fingerprints differ from this run's is refused, naming what changed.
+"""
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .assets import cache_dir, resolve_model_path
+from .data import DataError, collate
+from .data.tokenize import tokenizer_fingerprint
+from .distributed import all_reduce_sum, barrier
+from .evaluation import eval_shards
+from .logprobs import forward_pairs
+
+FULL_HASH_LIMIT = 1 << 30
+SAMPLE_BLOCK, SAMPLES = 1 << 20, 64
+
+
+def _file_fingerprint(path: Path) -> dict:
+    """SHA-256 of a weight file up to 1 GiB; above, of its safetensors header (names, shapes,
+    dtypes, offsets) and 64 evenly spaced 1 MiB blocks, so that a 100 GB checkpoint is not read on
+    every run (any fine-tuning changes every block)."""
+    size = path.stat().st_size
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        if size <= FULL_HASH_LIMIT:
+            for block in iter(lambda: handle.read(SAMPLE_BLOCK), b""):
+                digest.update(block)
+        else:
+            if path.suffix == ".safetensors":
+                header_len = int.from_bytes(handle.read(8), "little")
+                digest.update(handle.read(min(header_len, size)))
+            for i in range(SAMPLES):
+                handle.seek((size - SAMPLE_BLOCK) * i // (SAMPLES - 1))
+                digest.update(handle.read(SAMPLE_BLOCK))
+    return {"name": path.name, "size": size, "sha256": digest.hexdigest()}
+
+
+def model_fingerprint(name_or_path: str, revision: str | None = None) -> str:
+    folder = Path(resolve_model_path(name_or_path))
+    if not folder.is_dir():  # a hub id: the same local snapshot from_pretrained would load
+        from huggingface_hub import snapshot_download
+        folder = Path(snapshot_download(str(folder), revision=revision,
+                                        allow_patterns=["*.json", "*.safetensors", "*.bin"]))
+    parts = [json.loads((folder / "config.json").read_text())] if (folder / "config.json").is_file() else []
+    weights = sorted(p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin"))
+    if not weights:
+        raise DataError(f"{folder}: no weight files to fingerprint the reference model")
+    parts += [_file_fingerprint(p) for p in weights]
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def expected_metadata(config, tokenizer, reports, ds_config) -> dict[str, str]:
+    reference = config.reference.name_or_path or config.model.name_or_path
+    precision = "bf16" if ds_config["bf16"]["enabled"] else "fp16" if ds_config["fp16"]["enabled"] else "fp32"
+    return {"data_train": reports[0].fingerprint, "data_eval": reports[1].fingerprint,
+            "tokenizer": tokenizer_fingerprint(tokenizer)[:32],
+            "reference_model": model_fingerprint(reference, config.model.revision), "precision": precision}
+
+
+def cache_file(config, metadata: dict[str, str]) -> Path:
+    if config.reference.cache_path:
+        return Path(config.reference.cache_path)
+    key = hashlib.sha256(json.dumps(metadata, sort_keys=True).encode()).hexdigest()[:32]
+    return cache_dir() / "reference_logps" / f"{key}.safetensors"
+
+
+@torch.no_grad()
+def compute_logps(engine, examples, batch_size: int, pad_id: int, rank: int, world_size: int) -> torch.Tensor:
+    """[N, 2] summed log-probs of (chosen, rejected), each pair computed by one rank."""
+    values = torch.zeros(len(examples), 2, dtype=torch.float64, device=engine.device)
+    for indices in eval_shards(len(examples), batch_size, rank, world_size):
+        batch = collate([examples[i] for i in indices], pad_id, filler=examples[0])
+        logps = forward_pairs(engine, batch, keep_logits=False).logps
+        if indices:
+            rows = torch.tensor(indices, device=engine.device)
+            values[rows, 0] = logps.chosen.double()
+            values[rows, 1] = logps.rejected.double()
+    return all_reduce_sum(values).float().cpu()
+
+
+def _save(path: Path, tensors: dict, metadata: dict) -> None:
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, staging = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(handle)
+    try:
+        save_file(tensors, staging, metadata=metadata)
+        os.replace(staging, path)
+    finally:
+        if os.path.exists(staging):
+            os.remove(staging)
+
+
+def load_checked(path: Path, expected: dict[str, str]) -> dict[str, torch.Tensor]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        found = handle.metadata() or {}
+        tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+    changed = [key for key in expected if found.get(key) != expected[key]]
+    if changed:
+        details = "; ".join(f"{key}: file {found.get(key)!r}, this run {expected[key]!r}" for key in changed)
+        raise DataError(f"{path}: reference log-probs were computed for other inputs ({details}). Remove "
+                        f"reference.cache_path to compute a fresh cache, or point it at the matching file")
+    return tensors
+
+
+def attach_reference_logps(config, ds_config, tokenizer, train_examples, eval_examples, reports, dist,
+                           build_engine, log=print) -> Path:
+    """Load (or compute once, then load) the cache and attach it to every example."""
+    expected = expected_metadata(config, tokenizer, reports, ds_config)
+    path = cache_file(config, expected)
+    if not path.is_file():
+        log(f"[plot_ds] computing reference log-probs once into {path}")
+        engine = build_engine()
+        splits = {name: compute_logps(engine, examples, config.train.eval_batch_size, tokenizer.pad_token_id,
+                                      dist.rank, dist.world_size)
+                  for name, examples in (("train", train_examples), ("eval", eval_examples)) if examples}
+        engine.destroy()
+        del engine
+        gc.collect()
+        if dist.is_main:
+            _save(path, splits, expected)
+        barrier()
+    else:
+        log(f"[plot_ds] reference log-probs from {path}")
+    tensors = load_checked(path, expected)
+    for name, examples in (("train", train_examples), ("eval", eval_examples)):
+        if not examples:
+            continue
+        values = tensors[name]
+        if values.shape[0] != len(examples):
+            raise DataError(f"{path}: holds {values.shape[0]} {name} pairs, this run has {len(examples)}")
+        for example, (chosen, rejected) in zip(examples, values.tolist()):
+            example.reference_chosen, example.reference_rejected = chosen, rejected
+    return path

@@ -1,0 +1,77 @@
+"""Precomputed reference log-probs: same training as the live reference engine; wrong inputs refused."""
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO, child_env, free_port, run_command
+from plot_ds.reference_cache import model_fingerprint
+
+TRAIN = str(REPO / "launch" / "train.py")
+
+
+def dpo_args(model_dir, ds_config, out, *extra):
+    return ["--model.name_or_path", model_dir, "--deepspeed.config", ds_config, "--objective.name", "dpo",
+            "--data.max_length", "96", "--data.max_prompt_length", "48", "--data.eval_size", "6",
+            "--train.max_steps", "3", "--train.lr", "1e-3", "--train.gradient_accumulation_steps", "2",
+            "--train.save_checkpoint", "false", "--train.output_dir", str(out), *extra]
+
+
+def two_ranks(*args):
+    return run_command([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                        "--master_addr=127.0.0.1", f"--master_port={free_port()}", TRAIN, *args])
+
+
+@pytest.mark.distributed
+def test_cached_reference_trains_exactly_like_the_live_engine(tiny_model_dir, zero3_test_config, tmp_path):
+    cache = tmp_path / "ref.safetensors"
+    two_ranks(*dpo_args(tiny_model_dir, zero3_test_config, tmp_path / "engine"))
+    first = two_ranks(*dpo_args(tiny_model_dir, zero3_test_config, tmp_path / "cache",
+                                "--reference.mode", "cache", "--reference.cache_path", str(cache)))
+    assert "computing reference log-probs once" in first.stdout and cache.is_file()
+    again = two_ranks(*dpo_args(tiny_model_dir, zero3_test_config, tmp_path / "again",
+                                "--reference.mode", "cache", "--reference.cache_path", str(cache)))
+    assert f"reference log-probs from {cache}" in again.stdout and "computing" not in again.stdout
+    runs = {name: json.loads((tmp_path / name / "train_history.json").read_text()) for name in ("engine", "cache", "again")}
+    evals = {name: json.loads((tmp_path / name / "eval_results.json").read_text()) for name in runs}
+    for name in ("cache", "again"):
+        for live, cached in zip(runs["engine"], runs[name]):
+            for metric in ("loss/total", "loss/vanilla", "rewards/margins", "rewards/accuracies"):
+                assert cached[metric] == pytest.approx(live[metric], rel=1e-5, abs=1e-6), (name, metric)
+        assert evals[name]["eval/loss/total"] == pytest.approx(evals["engine"]["eval/loss/total"], rel=1e-5)
+
+
+def test_a_cache_made_for_other_data_is_refused(tiny_model_dir, zero3_test_config, tmp_path):
+    cache = tmp_path / "ref.safetensors"
+    run_command([sys.executable, TRAIN, *dpo_args(tiny_model_dir, zero3_test_config, tmp_path / "a",
+                                                  "--train.max_steps", "1", "--reference.mode", "cache",
+                                                  "--reference.cache_path", str(cache))])
+    proc = subprocess.run([sys.executable, TRAIN, *dpo_args(tiny_model_dir, zero3_test_config, tmp_path / "b",
+                                                            "--train.max_steps", "1", "--data.eval_size", "7",
+                                                            "--reference.mode", "cache",
+                                                            "--reference.cache_path", str(cache))],
+                          cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0
+    assert f"{cache}: reference log-probs were computed for other inputs (data_train:" in proc.stderr
+    assert "reference_model" not in proc.stderr.split("other inputs")[1].split(")")[0]  # only the data changed
+
+
+def test_reference_fingerprint_follows_the_weights(tiny_model_dir, tmp_path):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_model_dir, copy)
+    assert model_fingerprint(str(copy)) == model_fingerprint(tiny_model_dir)
+    weights = load_file(copy / "model.safetensors")
+    weights["model.norm.weight"] = weights["model.norm.weight"] + 1
+    save_file(weights, copy / "model.safetensors", metadata={"format": "pt"})
+    assert model_fingerprint(str(copy)) != model_fingerprint(tiny_model_dir)
+
+
+def test_cache_cannot_serve_the_ref_mix_target():
+    from plot_ds.config import ConfigError, load_config
+    with pytest.raises(ConfigError, match="reference.mode: cache stores log-probs"):
+        load_config(None, {"reference.mode": "cache", "plot.target": "ref_mix"})
