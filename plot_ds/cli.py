@@ -70,3 +70,49 @@ def data_main(argv: list[str] | None = None) -> int:
         print(f"plot-data: {bad} bad record(s): training would stop (data.on_bad_record: strict)", file=sys.stderr)
         return 1
     return 0
+
+
+EVAL_USAGE = """plot-eval MODEL_OR_RUN [--config FILE.yaml] [--output FILE.json] [--section.key VALUE ...]
+
+MODEL_OR_RUN is a training run directory (its config.yaml and exported final_model/ are used, the
+reference is the run's starting model) or a Hugging Face model folder or hub id (with --config or
+overrides for the data). Writes the held-out loss, reward accuracy and margins, log-probs, PLOT
+costs, greedy generations and answer accuracy as JSON (default: <run>/eval/<model name>.json)."""
+
+
+def eval_main(argv: list[str] | None = None) -> int:
+    import argparse
+    from pathlib import Path
+
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(prog="plot-eval", usage=EVAL_USAGE)
+    parser.add_argument("target")
+    parser.add_argument("--config", default=None)
+    parser.add_argument("--output", default=None)
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    known, rest = parser.parse_known_args(argv)
+    target = Path(known.target)
+    try:
+        overrides = parse_overrides(rest)
+        if (target / "config.yaml").is_file():  # a run directory
+            model = target / "final_model"
+            if not (model / "config.json").is_file():
+                raise ConfigError(f"{target} has no exported final_model/: plot_ds reads models from safetensors "
+                                  f"only (DeepSpeed checkpoints are pickles); train with train.export_final true")
+            config = load_config(known.config or target / "config.yaml", overrides)
+            output = Path(known.output or target / "eval" / "final_model.json")
+        else:
+            config = load_config(known.config, overrides)
+            model = known.target
+            output = Path(known.output or Path(config.train.output_dir) / "eval" / f"{Path(known.target).name}.json")
+    except ConfigError as err:
+        print(f"plot-eval: config error: {err}", file=sys.stderr)
+        return 2
+    from .evaluation import evaluate_model
+
+    report = evaluate_model(config, str(model), output)
+    if int(__import__("os").environ.get("RANK", "0")) == 0:
+        for name, value in sorted(report["metrics"].items()):
+            print(f"{name}: {value:.6g}")
+        print(f"[plot_ds] evaluation written to {output.resolve()}")
+    return 0

@@ -177,6 +177,8 @@ class TrainConfig:
     eval_batch_size: int = 4
     tensorboard: bool = True
     save_checkpoint: bool = True
+    # Export the trained model as a Hugging Face folder (safetensors) into <output_dir>/final_model.
+    export_final: bool = True
     # Write the pair ids each rank trained on at each step (pair_ids.rank<r>.jsonl): an audit trail.
     log_pair_ids: bool = False
 
@@ -200,6 +202,20 @@ class TrainConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Beyond the held-out loss and rewards (train.eval_every, train.eval_batch_size)."""
+    # Held-out prompts answered greedily and logged to TensorBoard as text.
+    generations: int = 2
+    # Held-out pairs with a reference answer (CHAMP `answer`, "#### answer") scored by generation.
+    answer_samples: int = 8
+    max_new_tokens: int = 96
+
+    def validate(self) -> None:
+        if self.generations < 0 or self.answer_samples < 0 or self.max_new_tokens < 1:
+            raise ConfigError("eval.generations and eval.answer_samples must be >= 0, eval.max_new_tokens >= 1")
+
+
+@dataclass
 class DeepSpeedConfig:
     # A JSON file; relative paths are looked up in the working directory, then in the repository.
     config: str = "ds_configs/zero3.json"
@@ -213,6 +229,7 @@ class Config:
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     plot: PlotConfig = field(default_factory=PlotConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
 
     def validate(self) -> "Config":

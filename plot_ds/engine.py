@@ -200,13 +200,19 @@ def build_policy_engine(config: Config, ds_config: dict):
     return engine
 
 
-def build_reference_engine(config: Config, ds_config: dict):
+def build_frozen_engine(config: Config, ds_config: dict, name_or_path: str | None = None,
+                        offload: bool = False):
+    """A ZeRO-3 inference engine (no optimizer): the reference model, or a model under evaluation."""
     import deepspeed
 
-    ref_config = reference_ds_config(ds_config, config.reference.offload)
-    model = load_model(config, ref_config, config.reference.name_or_path)
+    frozen_config = reference_ds_config(ds_config, offload)
+    model = load_model(config, frozen_config, name_or_path)
     model.eval()
     model.requires_grad_(False)
-    engine, *_ = deepspeed.initialize(model=model, config=ref_config)
+    engine, *_ = deepspeed.initialize(model=model, config=frozen_config)
     engine.eval()
     return engine
+
+
+def build_reference_engine(config: Config, ds_config: dict):
+    return build_frozen_engine(config, ds_config, config.reference.name_or_path, config.reference.offload)

@@ -1,5 +1,8 @@
-"""Held-out evaluation: the objective's loss, rewards and log-probs over all held-out pairs."""
+"""Held-out evaluation: the objective's loss, rewards and log-probs over all held-out pairs, and
+greedy generations with final-answer accuracy where the data has reference answers."""
 from __future__ import annotations
+
+import re
 
 import torch
 
@@ -39,3 +42,147 @@ def evaluate(policy, reference, objective, examples: list[TokenizedPair], batch_
             sums[name] = sums.get(name, 0.0) + batch["weight"] * value
     policy.train(was_training)
     return {f"eval/{name}": value for name, value in reduce_metrics(sums).items()}
+
+
+# ------------------------------------------------------------------------------ generation
+ANSWER_PATTERNS = (r"####\s*([^\n]+)", r"\\boxed\{([^{}]+)\}", r"(?:final answer|answer)\s*(?:is|:)\s*([^\n]+)")
+
+
+def extract_final_answer(text: str) -> str | None:
+    """The final answer a solution states: "#### x", "\\boxed{x}", "answer is x" (last one), or
+    else the last number in the text."""
+    for pattern in ANSWER_PATTERNS:
+        found = re.findall(pattern, text, flags=re.IGNORECASE)
+        if found:
+            return found[-1]
+    numbers = re.findall(r"-?\d[\d,]*(?:\.\d+)?(?:/\d+)?", text)
+    return numbers[-1] if numbers else None
+
+
+def normalise_answer(answer: str) -> str:
+    answer = answer.strip().strip("$").strip().rstrip(".").strip()
+    answer = re.sub(r"\\boxed\{(.*)\}", r"\1", answer)
+    answer = re.sub(r"(?<=\d),(?=\d{3}\b)", "", answer)  # 1,000 -> 1000
+    return re.sub(r"\s+", "", answer).lower()
+
+
+def answer_matches(generated: str, reference: str) -> bool:
+    extracted = extract_final_answer(generated)
+    return extracted is not None and normalise_answer(extracted) == normalise_answer(reference)
+
+
+@torch.no_grad()
+def generate(policy, examples: list[TokenizedPair], pad_id: int, eos_id: int, max_new_tokens: int,
+             rank: int, world_size: int, batch_size: int) -> list[list[int]]:
+    """Greedy continuations of the examples' prompts, computed in shards on every rank (ZeRO-3
+    ranks generate in lockstep: synced_gpus) and gathered on every rank, in order."""
+    import torch.distributed as torch_dist
+
+    model = policy.module if hasattr(policy, "module") else policy
+    synced = world_size > 1
+    was_training = model.training
+    model.eval()
+    mine: dict[int, list[int]] = {}
+    for indices in eval_shards(len(examples), batch_size, rank, world_size):
+        prompts = [examples[i].prompt_ids for i in (indices or [0])]
+        width = max(len(p) for p in prompts)
+        input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+        attention_mask = torch.zeros_like(input_ids)
+        for row, prompt in enumerate(prompts):  # left padding: continuations start together
+            input_ids[row, width - len(prompt):] = torch.tensor(prompt)
+            attention_mask[row, width - len(prompt):] = 1
+        output = model.generate(input_ids=input_ids.to(policy.device), attention_mask=attention_mask.to(policy.device),
+                                max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id,
+                                eos_token_id=eos_id, synced_gpus=synced, use_cache=True)
+        for row, index in enumerate(indices):
+            tokens = output[row, width:].tolist()
+            mine[index] = tokens[:tokens.index(eos_id)] if eos_id in tokens else tokens
+    model.train(was_training)
+    if world_size > 1:
+        gathered: list = [None] * world_size
+        torch_dist.all_gather_object(gathered, mine)
+        for part in gathered:
+            mine.update(part)
+    return [mine[i] for i in range(len(examples))]
+
+
+def generation_report(policy, tokenizer, examples: list[TokenizedPair], config, rank: int,
+                      world_size: int) -> tuple[dict[str, float], list[dict]]:
+    """Greedy generations for ``eval.generations`` held-out prompts, and answer accuracy on up to
+    ``eval.answer_samples`` held-out pairs that carry a reference answer."""
+    with_answers = [ex for ex in examples if ex.answer][:config.eval.answer_samples]
+    shown = examples[:config.eval.generations]
+    chosen = shown + [ex for ex in with_answers if ex not in shown]
+    if not chosen:
+        return {}, []
+    outputs = generate(policy, chosen, tokenizer.pad_token_id, tokenizer.eos_token_id, config.eval.max_new_tokens,
+                       rank, world_size, config.train.eval_batch_size)
+    texts = [tokenizer.decode(tokens, skip_special_tokens=True) for tokens in outputs]
+    records, correct, extracted = [], 0, 0
+    for example, text in zip(chosen, texts):
+        record = {"id": example.id, "prompt": tokenizer.decode(example.prompt_ids, skip_special_tokens=True),
+                  "generation": text}
+        if example in with_answers:
+            found = extract_final_answer(text)
+            record.update(reference_answer=example.answer, extracted_answer=found,
+                          correct=answer_matches(text, example.answer))
+            correct += record["correct"]
+            extracted += found is not None
+        records.append(record)
+    metrics = {}
+    if with_answers:
+        metrics = {"eval/answer_accuracy": correct / len(with_answers),
+                   "eval/answer_extracted": extracted / len(with_answers),
+                   "eval/answer_samples": float(len(with_answers))}
+    return metrics, records
+
+
+def generations_markdown(records: list[dict]) -> str:
+    rows = ["| id | prompt (end) | generation | answer |", "| --- | --- | --- | --- |"]
+    clean = lambda s: s.replace("|", "\\|").replace("\n", " ")
+    for r in records:
+        answer = f"{r.get('extracted_answer')} vs {r['reference_answer']}" if "reference_answer" in r else ""
+        rows.append(f"| {clean(r['id'])} | {clean(r['prompt'][-200:])} | {clean(r['generation'])} | {clean(answer)} |")
+    return "\n".join(rows)
+
+
+# ------------------------------------------------------------------------------ plot-eval
+def evaluate_model(config, model_path: str, output: "Path") -> dict:
+    """Evaluate a saved or exported model on the held-out pairs of ``config``: the objective's
+    metrics against the configured reference, and generations with answer accuracy. Writes JSON."""
+    import json
+    from pathlib import Path
+
+    from .data import prepare_datasets
+    from .distributed import barrier, init_distributed
+    from .embedding_slice import embedding_rows_for
+    from .engine import build_frozen_engine, build_reference_engine, load_ds_config, load_tokenizer
+    from .objectives import build_objective
+    from .reference_cache import attach_reference_logps
+
+    dist = init_distributed()
+    ds_config = load_ds_config(config, dist.world_size)
+    tokenizer = load_tokenizer(config)
+    _, held_out, reports = prepare_datasets(config.data, tokenizer, preparer=dist.local_rank == 0, sync=barrier)
+    if not held_out:
+        raise ValueError("no held-out pairs: set data.eval_source, data.eval_split or data.eval_size")
+    policy = build_frozen_engine(config, ds_config, model_path)
+    objective = build_objective(config, embedding_rows_for(policy.module, config.plot))
+    reference = None
+    if objective.needs_reference and config.reference.mode == "cache":
+        attach_reference_logps(config, ds_config, tokenizer, [], held_out, reports, dist,
+                               build_engine=lambda: build_reference_engine(config, ds_config),
+                               log=lambda m: print(m, flush=True) if dist.is_main else None)
+    elif objective.needs_reference:
+        reference = build_reference_engine(config, ds_config)
+    results = evaluate(policy, reference, objective, held_out, config.train.eval_batch_size,
+                       tokenizer.pad_token_id, dist.rank, dist.world_size)
+    answer_metrics, generations = generation_report(policy, tokenizer, held_out, config, dist.rank, dist.world_size)
+    results.update(answer_metrics)
+    report = {"model": str(model_path), "reference": config.reference.name_or_path or config.model.name_or_path,
+              "objective": config.objective.name, "held_out_pairs": len(held_out), "metrics": results,
+              "generations": generations}
+    if dist.is_main:
+        Path(output).parent.mkdir(parents=True, exist_ok=True)
+        Path(output).write_text(json.dumps(report, indent=2))
+    return report

@@ -9,12 +9,12 @@ from typing import Callable, Optional
 
 import torch
 
-from .checkpointing import save_checkpoint
+from .checkpointing import export_hf_model, save_checkpoint
 from .config import Config
 from .data import GlobalBatchSampler, collate, prepare_datasets
 from .distributed import DistInfo, all_reduce_sum, barrier, init_distributed
 from .engine import build_policy_engine, build_reference_engine, load_ds_config, load_tokenizer
-from .evaluation import evaluate
+from .evaluation import evaluate, generation_report, generations_markdown
 from .embedding_slice import embedding_rows_for
 from .logprobs import forward_pairs, reference_pairs
 from .monitoring import RunMonitor, reduce_metrics
@@ -109,13 +109,18 @@ def train(config: Config, dist: Optional[DistInfo] = None) -> dict:
     pair_log = (open(output_dir / f"pair_ids.rank{dist.rank}.jsonl", "a", encoding="utf-8")
                 if train_cfg.log_pair_ids else None)
 
-    def run_eval(step: int) -> dict[str, float]:
+    def run_eval(step: int) -> dict:
         results = evaluate(policy, reference, objective, eval_examples, train_cfg.eval_batch_size,
                            pad_id, dist.rank, dist.world_size)
+        answer_metrics, generations = generation_report(policy, tokenizer, eval_examples, config,
+                                                        dist.rank, dist.world_size)
+        results.update(answer_metrics)
         monitor.log(step, results)
+        if generations:
+            monitor.log_text("eval/generations", generations_markdown(generations), step)
         if results:
             monitor.message(_log_line(step, results))
-        return results
+        return {**results, "generations": generations}
 
     history = []
     started = time.perf_counter()
@@ -147,6 +152,8 @@ def train(config: Config, dist: Optional[DistInfo] = None) -> dict:
     elapsed = time.perf_counter() - started
 
     checkpoint = save_checkpoint(policy, output_dir, train_cfg.max_steps) if train_cfg.save_checkpoint else None
+    exported = (export_hf_model(policy, tokenizer, output_dir / "final_model", dist.is_main)
+                if train_cfg.export_final else None)
     barrier()
     monitor.close()
     if pair_log is not None:
@@ -161,6 +168,8 @@ def train(config: Config, dist: Optional[DistInfo] = None) -> dict:
         print(f"[plot_ds] run directory:  {output_dir.resolve()}", flush=True)
         if checkpoint:
             print(f"[plot_ds] checkpoint:     {checkpoint.resolve()}", flush=True)
+        if exported:
+            print(f"[plot_ds] final model:    {exported.resolve()}  (Hugging Face, safetensors)", flush=True)
         if train_cfg.tensorboard:
             print(f"[plot_ds] TensorBoard:    tensorboard --logdir {(output_dir / 'tensorboard').resolve()}",
                   flush=True)

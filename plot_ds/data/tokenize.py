@@ -19,7 +19,7 @@ import torch
 from .formats import Pair
 from .records import DataError, Defect
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 
 
 @dataclass
@@ -30,6 +30,8 @@ class TokenizedPair:
     rejected_ids: list[int]
     prompt_truncated: bool = False
     response_truncated: bool = False
+    # The reference final answer (CHAMP `answer`, or GSM8K-style "#### answer" in the chosen text).
+    answer: str | None = None
     # Summed reference log-probs, when they come from a precomputed cache (reference.mode: cache).
     reference_chosen: float | None = None
     reference_rejected: float | None = None
@@ -108,7 +110,17 @@ def tokenize_pair(tokenizer, renderer: Renderer, pair: Pair, max_length: int,
     for name, ids in (("chosen", chosen), ("rejected", rejected)):
         if all(token == eos for token in ids):
             return None, Defect(pair.location, name, "is empty after tokenisation")
-    return TokenizedPair(pair.id, prompt_ids, chosen, rejected, prompt_truncated, response_truncated), None
+    return TokenizedPair(pair.id, prompt_ids, chosen, rejected, prompt_truncated, response_truncated,
+                         reference_answer(pair)), None
+
+
+def reference_answer(pair: Pair) -> str | None:
+    if pair.extra.get("answer") not in (None, ""):
+        return str(pair.extra["answer"])
+    chosen = pair.chosen if isinstance(pair.chosen, str) else "\n".join(m["content"] for m in pair.chosen)
+    marker = chosen.rfind("####")
+    tail = chosen[marker + 4:].strip() if marker >= 0 else ""
+    return tail.splitlines()[0].strip() if tail else None
 
 
 def cache_key(pairs: list[Pair], tokenizer, settings: dict) -> str:
@@ -141,7 +153,7 @@ def save_cache(path: Path, examples: list[TokenizedPair], defects: list[Defect])
         tensors[f"{name}.flat"], tensors[f"{name}.offsets"] = _flatten([getattr(e, name) for e in examples])
     tensors["flags"] = torch.tensor([[e.prompt_truncated, e.response_truncated] for e in examples],
                                     dtype=torch.int8).reshape(-1, 2)
-    metadata = {"ids": json.dumps([e.id for e in examples]),
+    metadata = {"ids": json.dumps([e.id for e in examples]), "answers": json.dumps([e.answer for e in examples]),
                 "defects": json.dumps([[d.location, d.field, d.problem] for d in defects])}
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, staging = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
@@ -160,11 +172,11 @@ def load_cache(path: Path) -> tuple[list[TokenizedPair], list[Defect]]:
     with safe_open(str(path), framework="pt") as handle:
         metadata = handle.metadata()
         tensors = {name: handle.get_tensor(name) for name in handle.keys()}
-    ids = json.loads(metadata["ids"])
+    ids, answers = json.loads(metadata["ids"]), json.loads(metadata["answers"])
     columns = [_unflatten(tensors[f"{n}.flat"], tensors[f"{n}.offsets"])
                for n in ("prompt_ids", "chosen_ids", "rejected_ids")]
     flags = tensors["flags"].tolist()
     examples = [TokenizedPair(ids[i], columns[0][i], columns[1][i], columns[2][i], bool(flags[i][0]),
-                              bool(flags[i][1])) for i in range(len(ids))]
+                              bool(flags[i][1]), answers[i]) for i in range(len(ids))]
     defects = [Defect(*d) for d in json.loads(metadata["defects"])]
     return examples, defects
