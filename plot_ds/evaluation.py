@@ -60,7 +60,7 @@ def extract_final_answer(text: str) -> str | None:
 
 
 def normalise_answer(answer: str) -> str:
-    answer = answer.strip().strip("$").strip().rstrip(".").strip()
+    answer = answer.replace("$", "").strip().rstrip(".").strip()
     answer = re.sub(r"\\boxed\{(.*)\}", r"\1", answer)
     answer = re.sub(r"(?<=\d),(?=\d{3}\b)", "", answer)  # 1,000 -> 1000
     return re.sub(r"\s+", "", answer).lower()

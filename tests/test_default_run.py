@@ -15,7 +15,8 @@ def test_default_run_on_the_real_model(tmp_path, real_model_dir):
     out = tmp_path / "default"
     proc = run_command([sys.executable, str(REPO / "launch" / "train.py"),
                         "--train.max_steps", "2", "--data.eval_size", "4", "--data.max_length", "160",
-                        "--data.max_prompt_length", "96", "--train.output_dir", str(out)],
+                        "--data.max_prompt_length", "96", "--eval.max_new_tokens", "24",
+                        "--eval.answer_samples", "2", "--train.output_dir", str(out)],
                        timeout=1200, OMP_NUM_THREADS="2")
     saved = (out / "config.yaml").read_text()
     assert "builtin:smollm2-135m-instruct" in saved and "builtin:champ" in saved and "name: dpo" in saved
@@ -32,6 +33,18 @@ def test_default_run_on_the_real_model(tmp_path, real_model_dir):
     assert set(evaluated) >= {"eval/loss/total", "eval/rewards/accuracies", "eval/rewards/margins"}
     assert (out / "checkpoints" / "latest").read_text().strip() == "step_00000002"
     assert any((out / "tensorboard").iterdir())
+    assert len(evaluated["generations"]) == 2 and evaluated["eval/answer_samples"] == 2
+
+    # plot-eval on the run: its exported final model against the run's starting model.
+    proc = run_command([sys.executable, "-c", "import sys; from plot_ds.cli import eval_main; sys.exit(eval_main())",
+                        str(out), "--eval.answer_samples", "4", "--eval.max_new_tokens", "48"],
+                       timeout=1200, OMP_NUM_THREADS="2")
+    report = json.loads((out / "eval" / "final_model.json").read_text())
+    assert report["model"] == str(out / "final_model") and report["held_out_pairs"] == 4
+    assert report["metrics"]["eval/loss/vanilla"] == pytest.approx(evaluated["eval/loss/vanilla"], rel=1e-4)
+    assert report["metrics"]["eval/answer_samples"] == 4 and 0 <= report["metrics"]["eval/answer_accuracy"] <= 1
+    assert all(g["generation"].strip() for g in report["generations"])  # the real model writes text
+    assert "evaluation written to" in proc.stdout
 
 
 def test_plot_run_on_the_real_model_lowers_the_transport_cost(tmp_path, real_model_dir):
