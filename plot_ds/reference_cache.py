@@ -79,8 +79,11 @@ def cache_file(config, metadata: dict[str, str]) -> Path:
 @torch.no_grad()
 def compute_logps(engine, examples, batch_size: int, pad_id: int, rank: int, world_size: int) -> torch.Tensor:
     """[N, 2] summed log-probs of (chosen, rejected), each pair computed by one rank."""
+    from tqdm.auto import tqdm
+
     values = torch.zeros(len(examples), 2, dtype=torch.float64, device=engine.device)
-    for indices in eval_shards(len(examples), batch_size, rank, world_size):
+    shards = eval_shards(len(examples), batch_size, rank, world_size)
+    for indices in tqdm(shards, desc="reference log-probs", unit="batch", disable=rank != 0):
         batch = collate([examples[i] for i in indices], pad_id, filler=examples[0])
         logps = forward_pairs(engine, batch, keep_logits=False).logps
         if indices:

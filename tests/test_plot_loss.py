@@ -177,3 +177,18 @@ def test_auto_solver():
     assert PlotConfig().resolved_solver() == "closed_form"
     assert PlotConfig(target="ref_mix").resolved_solver() == "sinkhorn"
     assert PlotConfig(granularity="sequence").resolved_solver() == "sinkhorn"
+
+
+def test_embedding_option_picks_input_or_lm_head_rows():
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from plot_ds.embedding_slice import embedding_rows_for
+
+    untied = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                                          num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=False))
+    rows_in = embedding_rows_for(untied, PlotConfig(embedding="input"))
+    rows_out = embedding_rows_for(untied, PlotConfig(embedding="output"))
+    assert rows_in.weight is untied.get_input_embeddings().weight
+    assert rows_out.weight is untied.get_output_embeddings().weight
+    ids = torch.tensor([3, 7])
+    torch.testing.assert_close(rows_out(ids, torch.device("cpu"))[0], untied.lm_head.weight.detach()[ids])
+    assert embedding_rows_for(untied, PlotConfig(enabled=False)) is None

@@ -112,9 +112,11 @@ def _chat_template(data_config) -> str | None:
 
 def tokenize_pairs(tokenizer, pairs: list[Pair], max_length: int, max_prompt_length: int,
                    chat_template: str | None = None) -> tuple[list[TokenizedPair], list[Defect]]:
+    from tqdm.auto import tqdm
+
     renderer = Renderer(tokenizer, chat_template)
     examples, defects = [], []
-    for pair in pairs:
+    for pair in tqdm(pairs, desc="tokenize", unit="pair", disable=len(pairs) < 2000):
         example, defect = tokenize_pair(tokenizer, renderer, pair, max_length, max_prompt_length)
         if example is not None:
             examples.append(example)
