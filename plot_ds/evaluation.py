@@ -156,25 +156,21 @@ def evaluate_model(config, model_path: str, output: "Path") -> dict:
     from .data import prepare_datasets
     from .distributed import barrier, init_distributed
     from .embedding_slice import embedding_rows_for
-    from .engine import build_frozen_engine, build_reference_engine, load_ds_config, load_tokenizer
+    from .engine import build_frozen_engine, load_ds_config, load_tokenizer
     from .objectives import build_objective
-    from .reference_cache import attach_reference_logps
+    from .reference_cache import prepare_reference
 
     dist = init_distributed()
     ds_config = load_ds_config(config, dist.world_size)
     tokenizer = load_tokenizer(config)
-    _, held_out, reports = prepare_datasets(config.data, tokenizer, preparer=dist.local_rank == 0, sync=barrier)
+    train_pairs, held_out, reports = prepare_datasets(config.data, tokenizer, preparer=dist.local_rank == 0,
+                                                      sync=barrier)
     if not held_out:
         raise ValueError("no held-out pairs: set data.eval_source, data.eval_split or data.eval_size")
     policy = build_frozen_engine(config, ds_config, model_path)
     objective = build_objective(config, embedding_rows_for(policy.module, config.plot))
-    reference = None
-    if objective.needs_reference and config.reference.mode == "cache":
-        attach_reference_logps(config, ds_config, tokenizer, [], held_out, reports, dist,
-                               build_engine=lambda: build_reference_engine(config, ds_config),
-                               log=lambda m: print(m, flush=True) if dist.is_main else None)
-    elif objective.needs_reference:
-        reference = build_reference_engine(config, ds_config)
+    # The cache, when used, covers both splits: the one file then also serves training runs.
+    reference = prepare_reference(config, ds_config, tokenizer, objective, train_pairs, held_out, reports, dist)
     results = evaluate(policy, reference, objective, held_out, config.train.eval_batch_size,
                        tokenizer.pad_token_id, dist.rank, dist.world_size)
     answer_metrics, generations = generation_report(policy, tokenizer, held_out, config, dist.rank, dist.world_size)

@@ -150,3 +150,18 @@ def attach_reference_logps(config, ds_config, tokenizer, train_examples, eval_ex
         for example, (chosen, rejected) in zip(examples, values.tolist()):
             example.reference_chosen, example.reference_rejected = chosen, rejected
     return path
+
+
+def prepare_reference(config, ds_config, tokenizer, objective, train_examples, eval_examples, reports, dist):
+    """The reference side for ``objective``: None when it needs none; with ``reference.mode: cache``
+    None too, the log-probs being attached to the examples; else the frozen reference engine."""
+    from .engine import build_reference_engine
+
+    if not objective.needs_reference:
+        return None
+    if config.reference.mode == "engine":
+        return build_reference_engine(config, ds_config)
+    attach_reference_logps(config, ds_config, tokenizer, train_examples, eval_examples, reports, dist,
+                           build_engine=lambda: build_reference_engine(config, ds_config),
+                           log=lambda m: print(m, flush=True) if dist.is_main else None)
+    return None

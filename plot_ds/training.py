@@ -13,13 +13,13 @@ from .checkpointing import export_hf_model, save_checkpoint
 from .config import Config
 from .data import GlobalBatchSampler, collate, prepare_datasets
 from .distributed import DistInfo, all_reduce_sum, barrier, init_distributed
-from .engine import build_policy_engine, build_reference_engine, load_ds_config, load_tokenizer
+from .engine import build_policy_engine, load_ds_config, load_tokenizer
 from .evaluation import evaluate, generation_report, generations_markdown
 from .embedding_slice import embedding_rows_for
 from .logprobs import forward_pairs, reference_pairs
 from .monitoring import RunMonitor, reduce_metrics
 from .objectives import GlobalTotals, build_objective
-from .reference_cache import attach_reference_logps
+from .reference_cache import prepare_reference
 
 
 def seed_everything(seed: int) -> None:
@@ -91,13 +91,8 @@ def train(config: Config, dist: Optional[DistInfo] = None) -> dict:
                                  train_cfg.seed)
     policy = build_policy_engine(config, ds_config)
     objective = build_objective(config, embedding_rows_for(policy.module, config.plot))
-    reference = None
-    if objective.needs_reference and config.reference.mode == "cache":
-        attach_reference_logps(config, ds_config, tokenizer, train_examples, eval_examples, reports, dist,
-                               build_engine=lambda: build_reference_engine(config, ds_config),
-                               log=lambda m: print(m, flush=True) if dist.is_main else None)
-    elif objective.needs_reference:
-        reference = build_reference_engine(config, ds_config)
+    reference = prepare_reference(config, ds_config, tokenizer, objective, train_examples, eval_examples,
+                                  reports, dist)
 
     monitor = RunMonitor(output_dir / "tensorboard", train_cfg.max_steps, dist.is_main,
                          train_cfg.tensorboard)
