@@ -29,10 +29,11 @@ def train_main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"plot-train: config error: {err}", file=sys.stderr)
         return 2
+    from .preemption import EXIT_FAULTS, EXIT_PREEMPTED
     from .training import train  # heavy imports only after the config is known to be good
 
-    train(config)
-    return 0
+    outcome = train(config)["outcome"]
+    return {"completed": 0, "preempted": EXIT_PREEMPTED, "faults": EXIT_FAULTS}[outcome]
 
 
 DATA_USAGE = """plot-data [--config FILE.yaml] [--section.key VALUE ...]
@@ -115,4 +116,31 @@ def eval_main(argv: list[str] | None = None) -> int:
         for name, value in sorted(report["metrics"].items()):
             print(f"{name}: {value:.6g}")
         print(f"[plot_ds] evaluation written to {output.resolve()}")
+    return 0
+
+
+EXPORT_USAGE = """plot-export RUN_OR_CHECKPOINT [--output DIR]
+
+Writes a Hugging Face folder (safetensors weights, config, generation config, tokenizer) from a
+run directory's newest complete checkpoint, or from one checkpoint directory. One process, no GPU:
+the ranks' partitions are merged from disk. Default output: <checkpoint>/hf_model."""
+
+
+def export_main(argv: list[str] | None = None) -> int:
+    import argparse
+    from pathlib import Path
+
+    from .checkpointing import CheckpointError, export_checkpoint, find_checkpoint
+
+    parser = argparse.ArgumentParser(prog="plot-export", usage=EXPORT_USAGE)
+    parser.add_argument("source")
+    parser.add_argument("--output", default=None)
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        directory = find_checkpoint(args.source, Path(args.source))
+        target = export_checkpoint(directory, Path(args.output or directory / "hf_model"))
+    except CheckpointError as err:
+        print(f"plot-export: {err}", file=sys.stderr)
+        return 1
+    print(f"[plot_ds] exported {directory} to {target.resolve()}")
     return 0

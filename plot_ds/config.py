@@ -176,7 +176,15 @@ class TrainConfig:
     eval_every: int = 0
     eval_batch_size: int = 4
     tensorboard: bool = True
+    # Checkpoints: at the end (save_checkpoint), every save_every steps (0 = never in between), and
+    # on SIGTERM/SIGUSR1/Ctrl-C; the newest keep_last complete ones are kept (0 = all).
     save_checkpoint: bool = True
+    save_every: int = 0
+    keep_last: int = 2
+    # auto = continue from this output_dir's newest complete checkpoint if there is one; none; or a path.
+    resume: str = "auto"
+    # Stop (with a checkpoint) after this many optimizer steps in a row had non-finite gradients.
+    max_consecutive_faults: int = 3
     # Export the trained model as a Hugging Face folder (safetensors) into <output_dir>/final_model.
     export_final: bool = True
     # Write the pair ids each rank trained on at each step (pair_ids.rank<r>.jsonl): an audit trail.
@@ -199,6 +207,9 @@ class TrainConfig:
             raise ConfigError("train.adam_betas: both must be in [0, 1)")
         if self.eval_every < 0:
             raise ConfigError("train.eval_every: must be >= 0")
+        if self.save_every < 0 or self.keep_last < 0 or self.max_consecutive_faults < 1:
+            raise ConfigError("train.save_every and train.keep_last must be >= 0, "
+                              "train.max_consecutive_faults >= 1")
 
 
 @dataclass

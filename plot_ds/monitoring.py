@@ -5,6 +5,7 @@ Metric names follow ``shared/PLOT_METHOD.md`` (TRL-compatible: ``rewards/margins
 """
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -82,3 +83,31 @@ class RunMonitor:
         if self.writer is not None:
             self.writer.flush()
             self.writer.close()
+
+
+class StepLog:
+    """A JSON-lines record per step that survives resumes: entries after the step a run resumes
+    from are dropped (they will be redone), so the file always tells one consistent history."""
+
+    def __init__(self, path: Path, resume_step: int, enabled: bool = True):
+        self.path, self.handle = Path(path), None
+        if not enabled:
+            return
+        kept = []
+        if self.path.is_file() and resume_step > 0:
+            kept = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line)["step"] <= resume_step]
+        self.path.write_text("".join(line + "\n" for line in kept))
+        self.handle = self.path.open("a", encoding="utf-8")
+
+    def write(self, record: dict) -> None:
+        if self.handle is not None:
+            self.handle.write(json.dumps(record) + "\n")
+            self.handle.flush()
+
+    def records(self) -> list[dict]:
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
+    def close(self) -> None:
+        if self.handle is not None:
+            self.handle.close()

@@ -9,7 +9,7 @@ from typing import Callable, Optional
 
 import torch
 
-from .checkpointing import export_hf_model, save_checkpoint
+from .checkpointing import export_hf_model, find_checkpoint, load_checkpoint, save_checkpoint
 from .config import Config
 from .data import GlobalBatchSampler, collate, prepare_datasets
 from .distributed import DistInfo, all_reduce_sum, barrier, init_distributed
@@ -17,7 +17,8 @@ from .engine import build_policy_engine, load_ds_config, load_tokenizer
 from .evaluation import evaluate, generation_report, generations_markdown
 from .embedding_slice import embedding_rows_for
 from .logprobs import forward_pairs, reference_pairs
-from .monitoring import RunMonitor, reduce_metrics
+from .monitoring import RunMonitor, StepLog, reduce_metrics
+from .preemption import EXIT_PREEMPTED, StopRequest
 from .objectives import GlobalTotals, build_objective
 from .reference_cache import prepare_reference
 
@@ -101,8 +102,17 @@ def train(config: Config, dist: Optional[DistInfo] = None) -> dict:
                     f"(the last one with {sampler.last_batch_size} pairs); {train_cfg.max_steps} steps = "
                     f"{train_cfg.max_steps / sampler.steps_per_epoch:.2f} epochs")
     pad_id, filler = tokenizer.pad_token_id, train_examples[0]
-    pair_log = (open(output_dir / f"pair_ids.rank{dist.rank}.jsonl", "a", encoding="utf-8")
-                if train_cfg.log_pair_ids else None)
+
+    start_step = 0
+    resume_from = find_checkpoint(train_cfg.resume, output_dir)
+    if resume_from is not None:
+        info = load_checkpoint(policy, resume_from, dist.rank)
+        start_step = sampler.load_state_dict(info["data"])
+        monitor.message(f"[plot_ds] resumed from {resume_from} at step {start_step}")
+        monitor.advance(start_step)
+    history = StepLog(output_dir / "train_history.jsonl", start_step, enabled=dist.is_main)
+    pair_log = StepLog(output_dir / f"pair_ids.rank{dist.rank}.jsonl", start_step, enabled=train_cfg.log_pair_ids)
+    stop = StopRequest()
 
     def run_eval(step: int) -> dict:
         results = evaluate(policy, reference, objective, eval_examples, train_cfg.eval_batch_size,
@@ -117,52 +127,81 @@ def train(config: Config, dist: Optional[DistInfo] = None) -> dict:
             monitor.message(_log_line(step, results))
         return {**results, "generations": generations}
 
-    history = []
+    def checkpoint(step: int) -> Path:
+        return save_checkpoint(policy, output_dir, step, dist.rank, dist.is_main, sampler.state_dict(step),
+                               config, train_cfg.keep_last)
+
     started = time.perf_counter()
-    for step in range(train_cfg.max_steps):
+    outcome, faults, skipped, saved = "completed", 0, 0, None
+    for step in range(start_step, train_cfg.max_steps):
         micro_batches = [collate([train_examples[i] for i in indices], pad_id, filler)
                          for indices in sampler.micro_batches(step)]
-        if pair_log is not None:
-            ids = [pair_id for batch in micro_batches for pair_id in batch["pair_ids"]]
-            pair_log.write(json.dumps({"step": step + 1, "epoch": sampler.epoch_of(step), "ids": ids}) + "\n")
-            pair_log.flush()
+        pair_log.write({"step": step + 1, "epoch": sampler.epoch_of(step),
+                        "ids": [pair_id for batch in micro_batches for pair_id in batch["pair_ids"]]})
         lr = policy.get_lr()[0]  # the scheduler moves on inside the step
         sums, totals = train_step(policy, reference, objective, micro_batches, dist.world_size)
         monitor.count_tokens(float(totals.input_tokens))
         done = step + 1
-        if done % train_cfg.log_every == 0 or done == train_cfg.max_steps:
+        # DeepSpeed skips the update on every rank when the global gradient norm is not finite.
+        faults = 0 if policy.was_step_applied() else faults + 1
+        skipped += faults > 0
+        if faults:
+            monitor.message(f"[plot_ds] step {done}: non-finite loss or gradient; the update was skipped on "
+                            f"every rank ({faults} in a row, at most {train_cfg.max_consecutive_faults})")
+        if done % train_cfg.log_every == 0 or done == train_cfg.max_steps or faults:
             metrics = reduce_metrics(sums)
             metrics["lr"] = lr
             grad_norm = policy.get_global_grad_norm()
             if grad_norm is not None:
                 metrics["grad_norm"] = float(grad_norm)
+            metrics["faults/skipped_steps"] = float(skipped)
             if dist.is_main:
                 metrics["throughput/tokens_per_s"] = monitor.throughput()
             monitor.log(done, metrics)
-            history.append({"step": done, **metrics})
+            history.write({"step": done, **metrics})
         monitor.advance()
+        if faults >= train_cfg.max_consecutive_faults:
+            # Skipped updates left the weights as they were before the first fault.
+            saved = checkpoint(done)
+            monitor.message(f"[plot_ds] stopping: {faults} consecutive non-finite steps (last {done}). The "
+                            f"weights in {saved} are those from before step {done - faults + 1}. Lower "
+                            f"train.lr, check the data around these steps, or use fp32/bf16 over fp16.")
+            outcome = "faults"
+            break
+        if stop.agreed(policy.device):
+            saved = checkpoint(done)
+            monitor.message(f"[plot_ds] {stop.signal_name or 'a stop signal on another rank'}: checkpoint "
+                            f"{saved} written at step {done}; exiting with {EXIT_PREEMPTED} (requeue to resume)")
+            outcome = "preempted"
+            break
+        if train_cfg.save_every and done % train_cfg.save_every == 0 and done != train_cfg.max_steps:
+            saved = checkpoint(done)
         if train_cfg.eval_every and done % train_cfg.eval_every == 0 and done != train_cfg.max_steps:
             run_eval(done)
-    eval_results = run_eval(train_cfg.max_steps)
+    stop.restore()
     elapsed = time.perf_counter() - started
+    history.close()
+    pair_log.close()
+    summary = {"outcome": outcome, "train_seconds": elapsed, "checkpoint": str(saved) if saved else None}
+    if outcome != "completed":
+        monitor.close()
+        return summary
 
-    checkpoint = save_checkpoint(policy, output_dir, train_cfg.max_steps) if train_cfg.save_checkpoint else None
+    eval_results = run_eval(train_cfg.max_steps)
+    if train_cfg.save_checkpoint:
+        saved = checkpoint(train_cfg.max_steps)
     exported = (export_hf_model(policy, tokenizer, output_dir / "final_model", dist.is_main)
                 if train_cfg.export_final else None)
     barrier()
     monitor.close()
-    if pair_log is not None:
-        pair_log.close()
-    summary = {"steps": train_cfg.max_steps, "train_seconds": elapsed, "history": history,
-               "eval": eval_results, "checkpoint": str(checkpoint) if checkpoint else None,
-               "tensorboard": str(output_dir / "tensorboard") if train_cfg.tensorboard else None}
+    summary.update(eval=eval_results, checkpoint=str(saved) if saved else None)
     if dist.is_main:
         (output_dir / "eval_results.json").write_text(json.dumps(eval_results, indent=2))
-        (output_dir / "train_history.json").write_text(json.dumps(history, indent=2))
-        print(f"[plot_ds] done: {train_cfg.max_steps} steps in {elapsed:.1f}s", flush=True)
+        (output_dir / "train_history.json").write_text(json.dumps(history.records(), indent=2))
+        print(f"[plot_ds] done: steps {start_step + 1}-{train_cfg.max_steps} in {elapsed:.1f}s", flush=True)
         print(f"[plot_ds] run directory:  {output_dir.resolve()}", flush=True)
-        if checkpoint:
-            print(f"[plot_ds] checkpoint:     {checkpoint.resolve()}", flush=True)
+        if saved:
+            print(f"[plot_ds] checkpoint:     {Path(saved).resolve()}", flush=True)
         if exported:
             print(f"[plot_ds] final model:    {exported.resolve()}  (Hugging Face, safetensors)", flush=True)
         if train_cfg.tensorboard:

@@ -1,0 +1,211 @@
+"""Runs that die, are preempted or hit non-finite steps lose nothing and resume exactly."""
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import REPO, WORKERS, child_env, free_port, run_command
+
+TRAIN = str(REPO / "launch" / "train.py")
+pytestmark = pytest.mark.distributed
+
+
+def run_args(model_dir, ds_config, out, *extra):
+    return ["--model.name_or_path", model_dir, "--deepspeed.config", ds_config, "--objective.name", "dpo",
+            "--data.max_length", "96", "--data.max_prompt_length", "48", "--data.eval_size", "3",
+            "--train.micro_batch_size", "1", "--train.gradient_accumulation_steps", "2",
+            "--train.max_steps", "8", "--train.lr", "1e-3", "--train.warmup_steps", "1",
+            "--train.save_every", "2", "--train.keep_last", "2", "--train.log_pair_ids", "true",
+            "--eval.generations", "0", "--eval.answer_samples", "0", "--train.output_dir", str(out), *extra]
+
+
+def torchrun_cmd(*args):
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+            f"--master_port={free_port()}", *map(str, args)]
+
+
+def history(out):
+    return json.loads((out / "train_history.json").read_text())
+
+
+def pair_ids(out):
+    return [[json.loads(line) for line in (out / f"pair_ids.rank{r}.jsonl").read_text().splitlines()] for r in (0, 1)]
+
+
+def logged_steps(out) -> int:
+    path = out / "train_history.jsonl"
+    return len(path.read_text().splitlines()) if path.is_file() else 0
+
+
+def start(cmd):
+    return subprocess.Popen(cmd, cwd=REPO, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+
+
+def descendants(pid: int) -> list[int]:
+    children = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                ppid = int(open(f"/proc/{entry}/stat").read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def kill_tree(proc) -> None:
+    """SIGKILL the launcher and every rank under it (ranks may sit in sessions of their own)."""
+    for pid in [proc.pid, *descendants(proc.pid)]:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait()
+
+
+def wait_for(condition, proc, timeout=600):
+    deadline = time.time() + timeout
+    while not condition():
+        if proc.poll() is not None:
+            raise AssertionError(f"the run ended early ({proc.returncode}):\n{proc.stdout.read()[-4000:]}")
+        if time.time() > deadline:
+            raise AssertionError("timed out")
+        time.sleep(0.2)
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory):
+    """13 pairs: 10 train after 3 held out; global batch 4 -> 3 steps per epoch, the last one short."""
+    path = tmp_path_factory.mktemp("data") / "pairs.jsonl"
+    path.write_text("".join(json.dumps({"id": f"p{i}", "prompt": f"Say {i} words.", "chosen": "yes " * (i + 1),
+                                        "rejected": "no " * (13 - i)}) + "\n" for i in range(13)))
+    return path
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_model_dir, zero3_test_config, data_file, tmp_path_factory):
+    out = tmp_path_factory.mktemp("full") / "run"
+    run_command(torchrun_cmd(TRAIN, *run_args(tiny_model_dir, zero3_test_config, out, "--data.source", data_file)))
+    return out
+
+
+def assert_same_run(out, reference):
+    got, want = history(out), history(reference)
+    assert [h["step"] for h in got] == list(range(1, 9))
+    for a, b in zip(got, want):
+        for name in ("loss/total", "loss/vanilla", "loss/plot", "rewards/margins", "grad_norm", "lr"):
+            assert a[name] == pytest.approx(b[name], rel=1e-6, abs=1e-9), (a["step"], name)
+    assert pair_ids(out) == pair_ids(reference)
+    for epoch in (0, 1):  # each of the 10 training pairs once per epoch
+        seen = [i for rank in pair_ids(out) for r in rank if r["epoch"] == epoch for i in r["ids"]]
+        assert len(seen) == len(set(seen)) == 10
+
+
+def test_sigkill_mid_training_then_resume_is_exact(uninterrupted, tiny_model_dir, zero3_test_config, data_file, tmp_path):
+    out = tmp_path / "run"
+    cmd = torchrun_cmd(TRAIN, *run_args(tiny_model_dir, zero3_test_config, out, "--data.source", data_file))
+    proc = start(cmd)
+    wait_for(lambda: logged_steps(out) >= 5, proc)  # past the step-4 checkpoint
+    kill_tree(proc)
+    assert (out / "checkpoints" / "latest_complete").read_text().strip() == "step_00000004"
+    resumed = run_command(cmd)
+    assert "resumed from" in resumed.stdout and "step_00000004 at step 4" in resumed.stdout
+    assert_same_run(out, uninterrupted)
+    kept = sorted(p.name for p in (out / "checkpoints").iterdir() if p.name.startswith("step_"))
+    assert kept == ["step_00000006", "step_00000008"]  # keep_last 2
+
+
+def test_killed_while_writing_a_checkpoint_resumes_from_the_previous_one(
+        uninterrupted, tiny_model_dir, zero3_test_config, data_file, tmp_path):
+    out = tmp_path / "run"
+    args = run_args(tiny_model_dir, zero3_test_config, out, "--data.source", data_file)
+    # The worker runs the trainer but makes rank 0 die after the step-4 files are written and
+    # before that checkpoint is marked complete.
+    proc = subprocess.run(torchrun_cmd(WORKERS / "die_while_checkpointing.py", "4", TRAIN, *args), cwd=REPO,
+                          env=child_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0
+    assert (out / "checkpoints" / "step_00000004").is_dir()
+    assert not (out / "checkpoints" / "step_00000004" / "plot_ds_complete.json").exists()
+    assert (out / "checkpoints" / "latest_complete").read_text().strip() == "step_00000002"
+    resumed = run_command(torchrun_cmd(TRAIN, *args))
+    assert "step_00000002 at step 2" in resumed.stdout
+    assert_same_run(out, uninterrupted)
+
+
+def test_sigterm_checkpoints_exits_for_requeue_and_resumes(uninterrupted, tiny_model_dir, zero3_test_config,
+                                                            data_file, tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, TRAIN, *run_args(tiny_model_dir, zero3_test_config, out, "--data.source", data_file,
+                                            "--train.save_every", "0")]
+    # One process holds the same global batch (micro 1 x accumulation 4) as 2 ranks x 2.
+    cmd += ["--train.gradient_accumulation_steps", "4"]
+    proc = start(cmd)
+    wait_for(lambda: logged_steps(out) >= 3, proc)
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 75, output[-3000:]
+    assert "SIGTERM: checkpoint" in output
+    step = int((out / "checkpoints" / "latest_complete").read_text().strip().split("_")[1])
+    assert 3 <= step < 8
+    resumed = run_command(cmd)
+    assert f"at step {step}" in resumed.stdout
+    got, want = history(out), history(uninterrupted)
+    assert [h["step"] for h in got] == list(range(1, 9))
+    for a, b in zip(got, want):  # one process vs two ranks: float tolerance
+        assert a["loss/total"] == pytest.approx(b["loss/total"], rel=1e-4), a["step"]
+
+
+def test_non_finite_steps_are_skipped_then_the_run_stops(tiny_model_dir, zero3_test_config, data_file, tmp_path):
+    out = tmp_path / "run"
+    args = run_args(tiny_model_dir, zero3_test_config, out, "--data.source", data_file, "--train.save_every", "0",
+                    "--train.max_consecutive_faults", "2")
+    # Step 3, then steps 6 and 7, get a NaN loss on rank 1 only.
+    proc = subprocess.run(torchrun_cmd(WORKERS / "nan_at_steps.py", "3,6,7", TRAIN, *args), cwd=REPO,
+                          env=child_env(), capture_output=True, text=True, timeout=600)
+    records = [json.loads(line) for line in (out / "train_history.jsonl").read_text().splitlines()]
+    by_step = {r["step"]: r for r in records}
+    assert by_step[2]["faults/skipped_steps"] == 0
+    assert by_step[3]["faults/skipped_steps"] == 1 and not math.isfinite(by_step[3]["grad_norm"])
+    assert by_step[4]["faults/skipped_steps"] == 1 and math.isfinite(by_step[4]["grad_norm"])  # going again
+    assert max(by_step) == 7  # stopped after two consecutive faults (6, 7)
+    assert proc.returncode != 0
+    assert "stopping: 2 consecutive non-finite steps (last 7)" in proc.stdout + proc.stderr
+    assert (out / "checkpoints" / "latest_complete").read_text().strip() == "step_00000007"
+
+
+def test_export_round_trip_with_tied_embeddings(tiny_model_dir, zero3_test_config, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "run"
+    out.mkdir()
+    run_command(torchrun_cmd(WORKERS / "export_roundtrip.py", tiny_model_dir, zero3_test_config, out))
+    exported = subprocess.run([sys.executable, "-c", "import sys; from plot_ds.cli import export_main; "
+                               "sys.exit(export_main())", str(out), "--output", str(tmp_path / "from_checkpoint")],
+                              cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=600)
+    assert exported.returncode == 0, exported.stderr
+    engine = torch.load(out / "engine_logits.pt", weights_only=True)
+    for folder in (out / "live_export", tmp_path / "from_checkpoint"):
+        assert {p.name for p in folder.iterdir()} >= {"config.json", "generation_config.json",
+                                                     "model.safetensors", "tokenizer.json"}
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+        assert model.config.tie_word_embeddings
+        assert model.get_input_embeddings().weight.data_ptr() == model.get_output_embeddings().weight.data_ptr()
+        with torch.no_grad():
+            logits = model(input_ids=engine["input_ids"], attention_mask=engine["attention_mask"]).logits
+        torch.testing.assert_close(logits, engine["logits"], rtol=1e-5, atol=1e-5)
+    untrained = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    with torch.no_grad():
+        before = untrained(input_ids=engine["input_ids"], attention_mask=engine["attention_mask"]).logits
+    assert (before - engine["logits"]).abs().max() > 1e-3  # the export holds the trained weights
