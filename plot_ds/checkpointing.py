@@ -17,6 +17,7 @@ import shutil
 import tempfile
 import time
 import types
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -193,19 +194,54 @@ def load_checkpoint(engine, directory: Path, rank: int) -> dict:
     from safetensors.torch import load_file
 
     info = json.loads((directory / COMPLETE_MARKER).read_text())
+    source = directory
     if info["world_size"] != _world_size():
-        raise CheckpointError(
-            f"{directory} was written by {info['world_size']} ranks and this run has {_world_size()}: "
-            f"ZeRO-3 partitions are per rank. Resume with {info['world_size']} ranks, or convert it with "
-            f"DeepSpeed's ds_to_universal and train from the converted weights")
+        # ZeRO partitions are per rank: reshard through DeepSpeed's universal checkpoint format.
+        source = universal_checkpoint(directory, is_main=rank == 0)
+        engine._config.load_universal_checkpoint = True
     _safe_deepspeed_load(engine.checkpoint_engine)
-    loaded, _ = engine.load_checkpoint(str(directory.parent), tag=directory.name, load_optimizer_states=True,
-                                       load_lr_scheduler_states=True)
+    with _torch_load_as_data():  # DeepSpeed's universal loader calls torch.load directly
+        loaded, _ = engine.load_checkpoint(str(source.parent), tag=source.name, load_optimizer_states=True,
+                                           load_lr_scheduler_states=True)
     if loaded is None:
         raise CheckpointError(f"{directory}: DeepSpeed could not load it")
-    set_rng_state(load_file(str(directory / f"rng_rank{rank}.safetensors")),
-                  json.loads((directory / f"rng_rank{rank}.json").read_text()))
+    rng_file = directory / f"rng_rank{rank}.safetensors"
+    if rng_file.is_file():
+        set_rng_state(load_file(str(rng_file)), json.loads((directory / f"rng_rank{rank}.json").read_text()))
+    else:  # a rank the checkpoint did not have: a fresh stream, derived from rank 0's
+        set_rng_state(load_file(str(directory / "rng_rank0.safetensors")),
+                      json.loads((directory / "rng_rank0.json").read_text()))
+        torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,)).item()) + rank)
     return info
+
+
+@contextmanager
+def _torch_load_as_data():
+    original, torch.load = torch.load, load_as_data
+    try:
+        yield
+    finally:
+        torch.load = original
+
+
+def universal_checkpoint(directory: Path, is_main: bool) -> Path:
+    """``<checkpoint>.universal``: the checkpoint in DeepSpeed's rank-independent format, converted
+    once (by rank 0, files read as plain data) for resuming with another number of ranks."""
+    import argparse
+
+    from deepspeed.checkpoint import ds_to_universal
+
+    target = directory.parent / f"{directory.name}.universal" / directory.name
+    if is_main and not (target.parent / COMPLETE_MARKER).is_file():
+        shutil.rmtree(target.parent, ignore_errors=True)
+        args = argparse.Namespace(input_folder=str(directory), output_folder=str(target), num_extract_workers=1,
+                                  num_merge_workers=1, keep_temp_folder=False, strict=True,
+                                  inject_missing_state=False)
+        with _torch_load_as_data():
+            ds_to_universal.main(args)
+        _mark_complete(target.parent, {"converted_from": str(directory)})
+    barrier()
+    return target
 
 
 # ------------------------------------------------------------------------------------ export

@@ -209,3 +209,22 @@ def test_export_round_trip_with_tied_embeddings(tiny_model_dir, zero3_test_confi
     with torch.no_grad():
         before = untrained(input_ids=engine["input_ids"], attention_mask=engine["attention_mask"]).logits
     assert (before - engine["logits"]).abs().max() > 1e-3  # the export holds the trained weights
+
+
+def test_resume_with_another_number_of_ranks_through_a_universal_checkpoint(uninterrupted, tmp_path):
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(uninterrupted, out)
+    shutil.rmtree(out / "checkpoints" / "step_00000008")  # the newest complete one is now step 6
+    config = out / "config.yaml"
+    # One rank now: the same global batch of 4 as micro 1 x accumulation 4.
+    resumed = run_command([sys.executable, TRAIN, "--config", str(config), "--train.gradient_accumulation_steps",
+                           "4", "--train.output_dir", str(out)])
+    assert "step_00000006 at step 6" in resumed.stdout
+    assert (out / "checkpoints" / "step_00000006.universal" / "plot_ds_complete.json").is_file()
+    got, want = history(out), history(uninterrupted)
+    assert [h["step"] for h in got] == list(range(1, 9))
+    for a, b in zip(got[6:], want[6:]):
+        assert a["loss/total"] == pytest.approx(b["loss/total"], rel=1e-4), a["step"]
+        assert a["lr"] == pytest.approx(b["lr"], rel=1e-9)
