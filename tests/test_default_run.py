@@ -31,7 +31,7 @@ def test_default_run_on_the_real_model(tmp_path, real_model_dir):
     assert history[1]["grad_norm"] > 0
     evaluated = json.loads((out / "eval_results.json").read_text())
     assert set(evaluated) >= {"eval/loss/total", "eval/rewards/accuracies", "eval/rewards/margins"}
-    assert (out / "checkpoints" / "latest").read_text().strip() == "step_00000002"
+    assert (out / "checkpoints" / "latest_complete").read_text().strip() == "step_00000002"
     assert any((out / "tensorboard").iterdir())
     assert len(evaluated["generations"]) == 2 and evaluated["eval/answer_samples"] == 2
 

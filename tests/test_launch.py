@@ -46,9 +46,11 @@ def test_deepspeed_launcher_sft_run_learns_and_writes_everything(tiny_model_dir,
     assert ds["train_batch_size"] == 4 and ds["zero_optimization"]["stage"] == 3
 
     checkpoint = out / "checkpoints" / "step_00000010"
-    assert (out / "checkpoints" / "latest").read_text().strip() == "step_00000010"
+    assert (out / "checkpoints" / "latest_complete").read_text().strip() == "step_00000010"
+    assert (checkpoint / "plot_ds_complete.json").is_file() and (checkpoint / "config.yaml").is_file()
     for rank in (0, 1):  # one partition per rank: ZeRO-3 state really is sharded
         assert (checkpoint / f"zero_pp_rank_{rank}_mp_rank_00_model_states.pt").is_file()
+        assert (checkpoint / f"rng_rank{rank}.safetensors").is_file()
         assert (checkpoint / f"bf16_zero_pp_rank_{rank}_mp_rank_00_optim_states.pt").is_file() or \
                (checkpoint / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt").is_file()
 
