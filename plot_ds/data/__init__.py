@@ -38,9 +38,9 @@ class DataReport:
 
     def summary(self) -> str:
         formats = ", ".join(f"{k} {v}" for k, v in sorted(self.formats.items())) or "none"
-        return (f"{self.name}: {self.pairs} pairs from {self.records} records of {self.source} "
-                f"({formats}); {len(self.defects)} skipped; truncated: {self.prompt_truncated} prompts, "
-                f"{self.response_truncated} pairs' responses")
+        origin = f"from {self.records} records of {self.source}" if self.records else f"({self.source})"
+        return (f"{self.name}: {self.pairs} pairs {origin} ({formats}); {len(self.defects)} skipped; "
+                f"truncated: {self.prompt_truncated} prompts, {self.response_truncated} pairs' responses")
 
     def histogram(self, bins: int = 8) -> list[tuple[int, int, int]]:
         if not self.lengths:
