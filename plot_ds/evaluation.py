@@ -35,7 +35,7 @@ def evaluate(policy, reference, objective, examples: list[TokenizedPair], batch_
     sums: dict[str, torch.Tensor] = {}
     for indices in shards:
         batch = collate([examples[i] for i in indices], pad_id, filler=examples[0])
-        reference_out = reference_pairs(reference, batch, objective.needs_reference_logits)
+        reference_out = reference_pairs(reference, batch, objective.needs_reference_logits, policy.device)
         _, metrics = objective(forward_pairs(policy, batch, objective.needs_policy_logits),
                                reference_out, totals)
         for name, value in metrics.items():

@@ -61,12 +61,12 @@ def forward_pairs(model, batch: dict, keep_logits: bool) -> PairOutputs:
     return PairOutputs(logps, logits if keep_logits else None, labels)
 
 
-def reference_pairs(engine, batch: dict, keep_logits: bool) -> PairOutputs | None:
-    """The reference side of a batch: precomputed log-probs when the batch carries them,
-    else a no-grad forward of the reference engine (None when the objective needs no reference)."""
+def reference_pairs(engine, batch: dict, keep_logits: bool, device) -> PairOutputs | None:
+    """The reference side of a batch, on ``device`` (the policy's): precomputed log-probs when the
+    batch carries them, else a no-grad forward of the reference engine (None when the objective
+    needs no reference)."""
     if "reference_logps" in batch:
         labels = batch["labels"]
-        device = labels.device if engine is None else engine.device
         chosen, rejected = batch["reference_logps"].to(device)
         tokens = (labels[:, 1:] != IGNORE_INDEX).sum(-1).to(device)
         n = chosen.shape[0]
