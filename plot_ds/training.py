@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 import time
 from pathlib import Path
@@ -77,7 +78,8 @@ def train(config: Config, dist: Optional[DistInfo] = None) -> dict:
     if dist.is_main:
         config.save(output_dir / "config.yaml")
         (output_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=2))
-        print(f"[plot_ds] {dist.world_size} rank(s) on {dist.device.type}; config:\n{config.to_yaml()}",
+        print(f"[plot_ds] {dist.world_size} rank(s) on {dist.device.type}, rendezvous "
+              f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}; config:\n{config.to_yaml()}",
               flush=True)
 
     tokenizer = load_tokenizer(config)

@@ -1,6 +1,7 @@
 """launch/train.py end to end under the deepspeed launcher and torchrun: 2 real ranks, ZeRO-3."""
 import json
 import math
+import subprocess
 import sys
 
 import pytest
@@ -110,3 +111,20 @@ def test_two_ranks_see_every_pair_exactly_once_per_epoch(tiny_model_dir, zero3_t
     assert all(math.isfinite(h["loss/total"]) for h in history)
     report = json.loads((out / "data_report.json").read_text())
     assert report[0]["pairs"] == 10 and report[0]["skipped"] == []
+
+
+def test_shell_scripts_quote_every_variable_and_pass_shellcheck():
+    scripts = [REPO / "launch" / "slurm.sh", REPO / ".ci" / "run", REPO / ".ci" / "install_cluster_tools.sh"]
+    proc = subprocess.run(["shellcheck", "--severity=info", *map(str, scripts)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_slurm_template_marks_what_users_edit():
+    text = (REPO / "launch" / "slurm.sh").read_text()
+    for option in ("--nodes", "--gpus-per-node", "--cpus-per-task", "--time", "--partition", "--output"):
+        line = next(line for line in text.splitlines() if line.startswith(f"#SBATCH {option}="))
+        assert "# EDIT" in line, line
+    for kept in ("--requeue", "--open-mode=append", "--signal=B:USR1@", "--ntasks-per-node=1"):
+        assert f"#SBATCH {kept}" in text
+    usage = subprocess.run(["bash", str(REPO / "launch" / "slurm.sh")], capture_output=True, text=True)
+    assert usage.returncode == 2 and "usage: sbatch launch/slurm.sh path/to/config.yaml" in usage.stderr
