@@ -1,17 +1,24 @@
-"""Rows E[U] of a ZeRO-3-partitioned embedding matrix, moving only the rows that are needed.
+"""What PLOT needs of a ZeRO-3-partitioned embedding matrix E, moving as little of it as possible.
 
 ZeRO-3 keeps each parameter as a flat, padded tensor cut into equal contiguous partitions, one per
-rank (``param.ds_tensor``). To read rows U without materialising the V x d matrix:
-1. ranks exchange their row-index sets (small: |U_r| integers each);
-2. each rank writes, into a buffer of sum_r |U_r| rows, the elements of those rows that lie in its
-   own partition (zeros elsewhere);
-3. one all-reduce sums the buffers: every element has exactly one owner, so the sum is the row.
-Communication is sum_r |U_r| x d elements, against V x d for a full gather. The full gather
-(``deepspeed.zero.GatheredParameters``) stays available as the reference path.
+rank (``param.ds_tensor``). Every element has exactly one owner, so sums of owner-filled buffers
+assemble exact values without materialising the V x d matrix:
+
+- Rows E[U] (``EmbeddingRows.__call__``, for OT with a full cost matrix): ranks exchange their
+  index sets, each writes the elements it owns into a buffer of sum_r |U_r| rows, one all-reduce
+  completes them. sum_r |U_r| x d elements move, against V x d for a full gather.
+- Cosines cos(E_i, E_y) to each position's target token (``target_cosines``, all that a point-mass
+  target needs, the default): only the target rows E[Y] travel; each rank computes the partial
+  dot products and squared norms over the elements it owns, and one all-reduce of those scalars
+  completes them. sum_r |Y_r| x d elements plus a few numbers per (row, target) pair move.
+
+The full gather (``deepspeed.zero.GatheredParameters``) stays available as the reference path
+(``plot.embedding_gather: full``).
 """
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 
 def is_partitioned(weight: torch.Tensor) -> bool:
@@ -28,48 +35,135 @@ def _full_rows(weight: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, i
     return rows, weight.ds_numel * weight.element_size()
 
 
+def _partition(weight: torch.Tensor):
+    """(this rank's flat partition, its first element in the flat padded matrix, its size)."""
+    import deepspeed.comm as dist
+
+    partition = weight.ds_tensor
+    size = partition.ds_numel if hasattr(partition, "ds_numel") else partition.numel()
+    rank = dist.get_rank(group=weight.ds_process_group)
+    return partition, rank * size, size
+
+
+def _all_gather_varying(values: torch.Tensor, group) -> tuple[list[torch.Tensor], int]:
+    """Every rank's 1-D tensor (lengths may differ) and the bytes exchanged. One host sync: the
+    lengths decide the buffers."""
+    import deepspeed.comm as dist
+
+    world = dist.get_world_size(group=group)
+    count = torch.tensor([values.numel()], device=values.device, dtype=torch.long)
+    counts = [torch.zeros_like(count) for _ in range(world)]
+    dist.all_gather(counts, count, group=group)
+    counts = torch.cat(counts).tolist()
+    padded = values.new_zeros(max(counts))
+    padded[:values.numel()] = values
+    gathered = [torch.zeros_like(padded) for _ in range(world)]
+    dist.all_gather(gathered, padded, group=group)
+    moved = world * (8 + padded.numel() * padded.element_size())
+    return [g[:n] for g, n in zip(gathered, counts)], moved
+
+
+def _owned_block(weight: torch.Tensor, row_ids: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows ``row_ids`` with only this rank's elements filled (zeros elsewhere), and which of them
+    have any element here. Every element of the matrix has exactly one owner."""
+    partition, low, size = _partition(weight)
+    dim = weight.ds_shape[-1]
+    block = torch.zeros(row_ids.numel(), dim, device=device, dtype=weight.dtype)
+    touching = ((row_ids + 1) * dim > low) & (row_ids * dim < low + size)
+    slots = touching.nonzero().squeeze(-1)
+    if slots.numel():
+        flat = row_ids[slots].unsqueeze(-1) * dim + torch.arange(dim, device=device)
+        owned = (flat >= low) & (flat < low + size)
+        part = torch.zeros(slots.numel(), dim, device=device, dtype=weight.dtype)
+        part[owned] = partition[(flat[owned] - low).to(partition.device)].to(device)
+        block[slots] = part
+    return block, touching
+
+
+def _requested_rows(weight: torch.Tensor, ids: torch.Tensor, device) -> tuple[torch.Tensor, list[int], int]:
+    """Rows requested by every rank, concatenated in rank order (each rank's own request sits at
+    its offset), assembled by one all-reduce of owner-filled blocks."""
+    import deepspeed.comm as dist
+
+    group = weight.ds_process_group
+    requests, moved = _all_gather_varying(ids, group)
+    block, _ = _owned_block(weight, torch.cat(requests), device)
+    dist.all_reduce(block, group=group)
+    return block, [r.numel() for r in requests], moved + block.numel() * block.element_size()
+
+
 def _sliced_rows(weight: torch.Tensor, ids: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, int]:
     if not is_partitioned(weight):
         return weight.detach()[ids.to(weight.device)].to(device), 0
     import deepspeed.comm as dist
 
-    group = weight.ds_process_group
-    world, rank = dist.get_world_size(group=group), dist.get_rank(group=group)
-    dim = weight.ds_shape[-1]
-    partition = weight.ds_tensor
-    size = partition.ds_numel if hasattr(partition, "ds_numel") else partition.numel()
-
     ids = ids.to(device=device, dtype=torch.long)
-    if world == 1:  # the one partition is the whole (padded) matrix
+    if dist.get_world_size(group=weight.ds_process_group) == 1:  # the one partition is the whole matrix
+        partition = weight.ds_tensor
         matrix = partition.narrow(0, 0, weight.ds_numel).view(weight.ds_shape)
         return matrix[ids.to(partition.device)].to(device), 0
-    count = torch.tensor([ids.numel()], device=device, dtype=torch.long)
-    counts = [torch.zeros_like(count) for _ in range(world)]
-    dist.all_gather(counts, count, group=group)
-    counts = torch.cat(counts).tolist()  # one small host sync per micro-batch
-    padded = torch.zeros(max(counts), device=device, dtype=torch.long)
-    padded[:ids.numel()] = ids
-    gathered = [torch.zeros_like(padded) for _ in range(world)]
-    dist.all_gather(gathered, padded, group=group)
-    requested = torch.cat([g[:n] for g, n in zip(gathered, counts)])
+    rows, counts, moved = _requested_rows(weight, ids, device)
+    start = sum(counts[:dist.get_rank(group=weight.ds_process_group)])
+    return rows[start:start + ids.numel()], moved
 
-    low, high = rank * size, rank * size + size
-    buffer = torch.zeros(requested.numel(), dim, device=device, dtype=weight.dtype)
-    # Only rows overlapping [low, high) have elements here: index just those.
-    touching = ((requested + 1) * dim > low) & (requested * dim < high)
-    slots = touching.nonzero().squeeze(-1)
-    if slots.numel():
-        flat = requested[slots].unsqueeze(-1) * dim + torch.arange(dim, device=device)
-        owned = (flat >= low) & (flat < high)
-        values = partition[(flat[owned] - low).to(partition.device)].to(device)
-        block = torch.zeros(slots.numel(), dim, device=device, dtype=weight.dtype)
-        block[owned] = values
-        buffer[slots] = block
-    dist.all_reduce(buffer, group=group)
-    start = sum(counts[:rank])
-    # The all-reduced rows, plus the exchanged counts and padded index lists (int64).
-    moved = buffer.numel() * buffer.element_size() + world * (1 + padded.numel()) * 8
-    return buffer[start:start + ids.numel()], moved
+
+def _cosines_from_rows(rows_of, ids: torch.Tensor, targets: torch.Tensor, device) -> tuple[torch.Tensor, int]:
+    """cos(E_i, E_{y_n}) for i in ids[n] from fetched rows (the unpartitioned / full-gather path)."""
+    unique, inverse = torch.unique(torch.cat([ids.flatten(), targets]), return_inverse=True)
+    rows, moved = rows_of(unique)
+    unit = F.normalize(rows.float(), dim=-1)
+    slots, target_slots = inverse[:ids.numel()].view_as(ids), inverse[ids.numel():]
+    chunk = 256  # bounds the [chunk, K, d] gather
+    cosine = torch.cat([torch.einsum("nkd,nd->nk", unit[slots[i:i + chunk]], unit[target_slots[i:i + chunk]])
+                        for i in range(0, ids.shape[0], chunk)]) if ids.shape[0] else ids.new_zeros(ids.shape, dtype=torch.float32)
+    return cosine, moved
+
+
+def _sliced_cosines(weight: torch.Tensor, ids: torch.Tensor, targets: torch.Tensor, device) -> tuple[torch.Tensor, int]:
+    """cos(E_i, E_{y_n}) for i in ids[n], moving partial dot products instead of rows.
+
+    Only the target rows E[Y] travel (every rank gets all ranks' targets). Each rank then computes,
+    for every rank's (i, y) pairs, the dot product over the elements of E_i it owns, and the same
+    partial sums of squares for the norms; one all-reduce of these scalars completes them. Bytes:
+    sum_r |Y_r| x d for the rows plus a few numbers per pair, against sum_r |U_r| x d rows.
+    """
+    import deepspeed.comm as dist
+
+    group = weight.ds_process_group
+    rank, vocab = dist.get_rank(group=group), weight.ds_shape[0]
+    ids, targets = ids.to(device=device, dtype=torch.long), targets.to(device=device, dtype=torch.long)
+    wanted_targets, target_index = torch.unique(targets, return_inverse=True)
+    target_rows, target_counts, moved = _requested_rows(weight, wanted_targets, device)
+    target_offsets = [sum(target_counts[:r]) for r in range(len(target_counts))]
+
+    # This rank's distinct (row, target) pairs, as row * |Y_all| + (index of the target row).
+    keys = ids * target_rows.shape[0] + (target_index + target_offsets[rank]).unsqueeze(-1)
+    pair_keys, pair_of_entry = torch.unique(keys.flatten(), return_inverse=True)
+    all_keys, key_moved = _all_gather_varying(pair_keys, group)
+    moved += key_moved
+    every_key = torch.cat(all_keys)
+    pair_rows, pair_targets = every_key // target_rows.shape[0], every_key % target_rows.shape[0]
+
+    rows, pair_slot = torch.unique(pair_rows, return_inverse=True)  # the same on every rank
+    owned, touching = _owned_block(weight, rows, device)
+    owned, targets_fp32 = owned.float(), target_rows.float()
+    partial = torch.zeros(every_key.numel() + rows.numel(), device=device, dtype=torch.float32)
+    here = touching[pair_slot].nonzero().squeeze(-1)  # pairs whose row has elements on this rank
+    chunk = 4096
+    for i in range(0, here.numel(), chunk):
+        pairs = here[i:i + chunk]
+        partial[pairs] = (owned[pair_slot[pairs]] * targets_fp32[pair_targets[pairs]]).sum(-1)
+    partial[every_key.numel():] = owned.pow(2).sum(-1)
+    dist.all_reduce(partial, group=group)
+    moved += partial.numel() * partial.element_size()
+
+    start = sum(k.numel() for k in all_keys[:rank])
+    mine = slice(start, start + pair_keys.numel())
+    dots = partial[mine]
+    row_norms = partial[every_key.numel():].sqrt()[pair_slot[mine]]
+    target_norms = targets_fp32.norm(dim=-1)[pair_targets[mine]]
+    cosine = dots / (row_norms.clamp_min(1e-12) * target_norms.clamp_min(1e-12))
+    return cosine[pair_of_entry].view_as(ids), moved
 
 
 class EmbeddingRows:
@@ -100,6 +194,17 @@ class EmbeddingRows:
             rows, moved = _full_rows(self.weight, ids)
             return rows.to(device), moved
         return _sliced_rows(self.weight, ids, device)
+
+    @torch.no_grad()
+    def target_cosines(self, ids: torch.Tensor, targets: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, int]:
+        """cos(E_i, E_{targets[n]}) for every i in ids[n] ([N, K] -> [N, K] float32), all a point-mass
+        target needs. Returns (cosines, bytes this rank's collectives moved)."""
+        if self.path == "slice" and is_partitioned(self.weight):
+            import deepspeed.comm as dist
+
+            if dist.get_world_size(group=self.weight.ds_process_group) > 1:
+                return _sliced_cosines(self.weight, ids, targets, device)
+        return _cosines_from_rows(lambda unique: self(unique, device), ids, targets, device)
 
 
 def embedding_rows_for(model, plot_config) -> EmbeddingRows | None:

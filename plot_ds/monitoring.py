@@ -41,18 +41,20 @@ class RunMonitor:
             self.writer = SummaryWriter(log_dir=str(log_dir))
         from tqdm.auto import tqdm
         self.bar = tqdm(total=total_steps, desc="train", unit="step", dynamic_ncols=True)
-        self._tokens, self._since = 0.0, time.perf_counter()
+        self._tokens, self._pairs, self._since = 0.0, 0.0, time.perf_counter()
 
-    def count_tokens(self, tokens: float) -> None:
+    def count(self, tokens: float, pairs: float) -> None:
         if self.enabled:
             self._tokens += tokens
+            self._pairs += pairs
 
-    def throughput(self) -> float:
-        """Tokens per second since the last call (all ranks' tokens, wall time on rank 0)."""
+    def throughput(self) -> dict[str, float]:
+        """Tokens and pairs per second since the last call (all ranks' work, wall time on rank 0)."""
         now = time.perf_counter()
-        rate = self._tokens / max(now - self._since, 1e-9)
-        self._tokens, self._since = 0.0, now
-        return rate
+        seconds = max(now - self._since, 1e-9)
+        rates = {"throughput/tokens_per_s": self._tokens / seconds, "throughput/pairs_per_s": self._pairs / seconds}
+        self._tokens, self._pairs, self._since = 0.0, 0.0, now
+        return rates
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         if not self.enabled:

@@ -105,33 +105,35 @@ class PLOTLoss(nn.Module):
         if self.rejected_weight == 0:  # the rejected term is only a metric: no backward through it
             support.probs = torch.where(chosen.unsqueeze(-1), support.probs, support.probs.detach())
         unique_ids, slot_rows = torch.unique(support.ids, return_inverse=True)
-        raw_rows, moved = self.embedding_rows(unique_ids, policy_logits.device)
-        unit_rows = F.normalize(raw_rows.float(), dim=-1)
-        if self.granularity == "token":
-            reference = (reference_logits.view(-1, vocab)[positions.unsqueeze(-1), support.ids]
-                         if self.target == "ref_mix" else None)
-            w = self._token_costs(support, slot_rows, unit_rows, reference, chosen)
-            w_chosen = w[chosen].sum() / totals.chosen_tokens
-            w_rejected = w[~chosen].sum() / totals.rejected_tokens
-        else:
+        if self.granularity == "sequence":
+            unit_rows, moved = self._unit_rows(unique_ids, policy_logits.device)
             w_rows = self._sequence_costs(support, slot_rows, unit_rows, rows, labels.shape[0])
             w_chosen = w_rows[:n_pairs].sum() / totals.pairs
             w_rejected = w_rows[n_pairs:].sum() / totals.pairs
+        else:
+            if self.target == "onehot" and self.solver_name == "closed_form":
+                # All mass goes to y_t: W = sum_i p~(i) c(i, y_t) exactly, which needs only the
+                # cosines to y_t (no K x K matrix, far fewer bytes than the rows under ZeRO-3).
+                cosine, moved = self.embedding_rows.target_cosines(support.ids, targets, policy_logits.device)
+                w = (support.probs * cost_from_cosine(cosine, self.cost)).sum(-1)
+            else:
+                unit_rows, moved = self._unit_rows(unique_ids, policy_logits.device)
+                reference = (reference_logits.view(-1, vocab)[positions.unsqueeze(-1), support.ids]
+                             if self.target == "ref_mix" else None)
+                w = self._token_costs(support, slot_rows, unit_rows, reference, chosen)
+            w_chosen = w[chosen].sum() / totals.chosen_tokens
+            w_rejected = w[~chosen].sum() / totals.rejected_tokens
         loss = w_chosen - self.rejected_weight * w_rejected
         metrics = {"plot/w_chosen": w_chosen.detach(), "plot/w_rejected": w_rejected.detach(),
                    "plot/slice_rows": unique_ids.new_tensor(unique_ids.numel(), dtype=torch.float32) / totals.micro_batches,
                    "plot/slice_bytes": torch.tensor(float(moved), device=policy_logits.device) / totals.micro_batches}
         return loss, metrics
 
+    def _unit_rows(self, unique_ids, device):
+        raw_rows, moved = self.embedding_rows(unique_ids, device)
+        return F.normalize(raw_rows.float(), dim=-1), moved
+
     def _token_costs(self, support, slot_rows, unit_rows, reference, chosen):
-        if self.target == "onehot" and self.solver_name == "closed_form":
-            # All mass goes to y_t: W = sum_i p~(i) c(i, y_t), exactly; no K x K matrix. The
-            # [N, K, d] rows are gathered in chunks to bound memory.
-            target_rows = unit_rows[slot_rows.gather(1, support.target_slot.unsqueeze(-1)).squeeze(-1)]
-            chunk = 256
-            cosine = torch.cat([torch.einsum("nkd,nd->nk", unit_rows[slot_rows[i:i + chunk]], target_rows[i:i + chunk])
-                                for i in range(0, slot_rows.shape[0], chunk)])
-            return (support.probs * cost_from_cosine(cosine, self.cost)).sum(-1)
         embedded = unit_rows[slot_rows]                      # [N, K, d]
         onehot = F.one_hot(support.target_slot, support.ids.shape[-1]).to(support.probs.dtype)
         target = onehot

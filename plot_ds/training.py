@@ -142,7 +142,7 @@ def train(config: Config, dist: Optional[DistInfo] = None) -> dict:
                         "ids": [pair_id for batch in micro_batches for pair_id in batch["pair_ids"]]})
         lr = policy.get_lr()[0]  # the scheduler moves on inside the step
         sums, totals = train_step(policy, reference, objective, micro_batches, dist.world_size)
-        monitor.count_tokens(float(totals.input_tokens))
+        monitor.count(float(totals.input_tokens), float(totals.pairs))
         done = step + 1
         # DeepSpeed skips the update on every rank when the global gradient norm is not finite.
         faults = 0 if policy.was_step_applied() else faults + 1
@@ -158,7 +158,7 @@ def train(config: Config, dist: Optional[DistInfo] = None) -> dict:
                 metrics["grad_norm"] = float(grad_norm)
             metrics["faults/skipped_steps"] = float(skipped)
             if dist.is_main:
-                metrics["throughput/tokens_per_s"] = monitor.throughput()
+                metrics.update(monitor.throughput())
             monitor.log(done, metrics)
             history.write({"step": done, **metrics})
         monitor.advance()

@@ -15,3 +15,24 @@ def test_plot_overhead_benchmark_runs_and_reports_ratios(tiny_model_dir, zero3_t
     assert result["step_seconds_vanilla_median"] > 0 and result["step_seconds_plot_median"] > 0
     assert result["full_gather_bytes"] == 49152 * 32 * 4
     assert result["slice_rows_per_micro_batch"] > 64
+
+
+def test_zero3_memory_benchmark_halves_model_state_at_two_ranks(tiny_model_dir, zero3_test_config):
+    proc = run_command([sys.executable, str(REPO / "bench" / "zero3_memory.py"), "--ranks", "1,2",
+                        "--model.name_or_path", tiny_model_dir, "--deepspeed.config", zero3_test_config])
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    one, two = result["per_rank"]["1"][0], result["per_rank"]["2"]
+    assert one["parameters"] >= 4 * 49152 * 32  # fp32, the whole model on the one rank
+    assert one["gradients"] == one["parameters"]  # no persistent parameters with threshold 0
+    assert one["optimizer"] == 3 * one["parameters"]  # Adam's two moments + the fp32 master partition
+    assert len(two) == 2 and all(r["total"] < 0.51 * one["total"] for r in two)
+    assert 0.49 < result["ratio_to_first"]["2"] < 0.51
+
+
+def test_sinkhorn_vs_pot_benchmark_reports_speed_ratio_and_error(real_model_dir):
+    proc = run_command([sys.executable, str(REPO / "bench" / "sinkhorn_vs_pot.py"), "--problems", "16",
+                        "--repeats", "1", "--model", real_model_dir])
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["speedup_sinkhorn_over_pot_loop"] > 0 and result["device"] == "cpu"
+    assert 0.0 < result["mean_W"] < 2.0
+    assert result["abs_error_max"] < 0.02  # eps = 0.01 entropic bias at most

@@ -41,8 +41,17 @@ def slice_rows(policy, rank: int) -> dict:
     weight = policy.module.get_input_embeddings().weight
     sliced, sliced_bytes = EmbeddingRows(weight, "slice")(ids, policy.device)
     full, full_bytes = EmbeddingRows(weight, "full")(ids, policy.device)
+    # Cosines to a target per position: supports of different widths per rank, repeated rows,
+    # the padded tail row, and targets that are also support rows.
+    support = torch.randint(0, vocab, (5 + 3 * rank, 7), generator=generator)
+    support[0, 0] = vocab - 1
+    targets = torch.randint(0, vocab, (support.shape[0],), generator=generator)
+    support[1, 3], targets[2] = targets[1], vocab - 1
+    cosines, cosine_bytes = EmbeddingRows(weight, "slice").target_cosines(support, targets, policy.device)
+    cosines_full, _ = EmbeddingRows(weight, "full").target_cosines(support, targets, policy.device)
     return {"ids": ids, "sliced": sliced.cpu(), "full": full.cpu(), "sliced_bytes": sliced_bytes,
-            "full_bytes": full_bytes}
+            "full_bytes": full_bytes, "support": support, "targets": targets, "cosines": cosines.cpu(),
+            "cosines_full": cosines_full.cpu(), "cosine_bytes": cosine_bytes}
 
 
 def main(model_dir: str, ds_config_path: str, out_file: str, splits: str) -> None:

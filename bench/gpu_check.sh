@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# The CUDA path end to end and the benchmarks, in one run of under ten minutes on one lent GPU.
+# Prepare here first: bash bench/gpu_prepare.sh; then run there with .gpu carried:
+#     bash bench/gpu_check.sh            (results: JSON lines in $OUT, or bench/out/ without $OUT)
+# GPU_CHECK_STEPS (training steps, default 20), GPU_CHECK_BENCH_STEPS (measured overhead steps, 6),
+# GPU_CHECK_PRECISION (bf16): small values and fp32 make it a smoke test on a CPU machine.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+RESULTS="${OUT:-bench/out}"
+mkdir -p "$RESULTS"
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+STEPS="${GPU_CHECK_STEPS:-20}"
+BENCH_STEPS="${GPU_CHECK_BENCH_STEPS:-6}"
+PRECISION="${GPU_CHECK_PRECISION:-bf16}"
+PYTHON="${PYTHON:-python3}"
+
+if ! "$PYTHON" -c 'import deepspeed, ot, datasets' 2>/dev/null; then
+    "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .gpu/wheels/*.whl
+    export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+MODEL=/tmp/smollm2-shaped
+"$PYTHON" bench/gpu_assets.py unpack .gpu/assets "$MODEL"
+DATA=.gpu/assets/champ.jsonl
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$RESULTS/device.txt" || true
+"$PYTHON" -c 'import torch, deepspeed, transformers; print("torch", torch.__version__, "deepspeed", deepspeed.__version__, "transformers", transformers.__version__)' | tee -a "$RESULTS/device.txt"
+
+COMMON=(--model.name_or_path "$MODEL" --data.source "$DATA" --data.eval_size 8 --train.precision "$PRECISION")
+
+echo "== 1. training end to end: ZeRO-3, ${PRECISION}, DPO + PLOT, ${STEPS} steps"
+timeout 240 "$PYTHON" -m deepspeed.launcher.runner --num_gpus 1 launch/train.py "${COMMON[@]}" \
+    --train.max_steps "$STEPS" --train.eval_every 0 --train.output_dir /tmp/gpu_run 2>&1 \
+    | tee "$RESULTS/train.log" | grep -E "^\[plot_ds\]|Error|error" || true
+tail -n 1 /tmp/gpu_run/train_history.jsonl | tee "$RESULTS/train_last_step.json"
+
+echo "== 2. PLOT overhead (one GPU: the slice bytes need two ranks, see docs/benchmarks.md)"
+timeout 150 "$PYTHON" bench/plot_overhead.py --steps "$BENCH_STEPS" --warmup 1 "${COMMON[@]}" 2>/dev/null \
+    | tail -n 1 | tee "$RESULTS/plot_overhead.json"
+
+echo "== 3. batched Sinkhorn on the GPU vs a loop over POT's ot.emd2"
+timeout 120 "$PYTHON" bench/sinkhorn_vs_pot.py --model "$MODEL" --problems 1024 --repeats 3 2>/dev/null \
+    | tail -n 1 | tee "$RESULTS/sinkhorn_vs_pot.json"
+
+echo "== done; results in $RESULTS"

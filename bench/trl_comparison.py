@@ -1,0 +1,254 @@
+"""plot_ds DPO against TRL's DPOTrainer, side by side in one run: the same model, pairs, batches,
+sequence length, precision, optimizer settings and number of steps, one CPU process each, one after
+the other. Prints one JSON line with the pairs-per-second ratio and the peak-memory ratio, both
+plot_ds / TRL (pairs/s above 1: plot_ds is faster; memory above 1: plot_ds needs more).
+
+    pip install trl                                   # benchmark-only dependency
+    python bench/trl_comparison.py [--steps 8] [--warmup 2] [--micro-batch 2] [--max-length 256]
+                                   [--max-prompt-length 128] [--threads 1] [--plot-ds-args "..."]
+
+"Same work" means: SmolLM2-135M-Instruct in fp32 with sdpa attention and no gradient checkpointing;
+the built-in CHAMP pairs, written once to a JSONL file of prompt/chosen/rejected strings that both
+sides read; no chat template on either side (plot_ds would template explicit prompts, so it gets a
+pass-through template); EOS appended to each response; --micro-batch pairs per step, no
+accumulation; sigmoid DPO with plot_ds's beta; a live reference model forwarded every step (plot_ds:
+a ZeRO-3 reference engine, ds_configs/zero3.json unless --plot-ds-args says otherwise; TRL: a plain
+copy, no precomputed log-probs); torch AdamW (not fused) with plot_ds's lr, betas, eps, weight decay
+and clipping, no warmup, cosine to the same floor. TRL reads the pairs in the order plot_ds's sampler
+deals them, so step k trains on the same pairs on both sides. The JSON line reports the mean tokens
+per pair as each side tokenised them and each side's loss at every step, so that the equal work can
+be checked.
+
+Known differences: TRL 1.16 has no prompt-length limit (plot_ds keeps a prompt's last
+max_prompt_length tokens, then cuts the responses; TRL cuts prompt + response at max_length), which
+changes only pairs whose prompt is longer than max_prompt_length (6 of the 444 at 128). TRL
+tokenises prompt + response as one string, plot_ds each part by itself, which can split the boundary
+differently. How each side computes the same thing is its own and is what is measured: e.g. TRL's
+log-probs come from a chunked ("fused") LM head that never holds the full logits, plot_ds's from the
+full logits.
+
+Each side's pairs/s is pairs per step over the wall time between consecutive step ends (data,
+forward, backward, optimizer, logging: everything a training step costs), median over the steps after
+the warmup. Peak memory is the child process's ru_maxrss, read inside it as it finishes.
+"""
+import argparse
+import importlib.util
+import json
+import os
+import resource
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+MODEL = "builtin:smollm2-135m-instruct"
+# plot_ds applies the tokenizer's chat template to explicit string prompts; this one renders the
+# prompt as it is, which is what TRL does with string data.
+RAW_TEMPLATE = "{% for message in messages %}{{ message['content'] }}{% endfor %}"
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=8, help="measured steps per side")
+    parser.add_argument("--warmup", type=int, default=2, help="unmeasured steps first, per side")
+    parser.add_argument("--micro-batch", type=int, default=2, help="pairs per step")
+    parser.add_argument("--max-length", type=int, default=256)
+    parser.add_argument("--max-prompt-length", type=int, default=128, help="plot_ds only: TRL 1.16 has none")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads, the same on both sides")
+    parser.add_argument("--plot-ds-args", default="", help="extra plot_ds overrides, e.g. \"--deepspeed.config "
+                        "ds_configs/zero2.json\" (applied last; TRL does not see them)")
+    parser.add_argument("--child", choices=["plot_ds", "trl"], help=argparse.SUPPRESS)
+    parser.add_argument("--workdir", help=argparse.SUPPRESS)
+    return parser.parse_args()
+
+
+def log(message):
+    print(f"[bench] {message}", file=sys.stderr, flush=True)
+
+
+def measured(values, args):
+    return values[args.warmup:args.warmup + args.steps]
+
+
+# ------------------------------------------------------------------------------------ plot_ds side
+def run_plot_ds(args, data_file, workdir):
+    # In this process, not as a grandchild, so that this process's ru_maxrss is the trainer's.
+    from plot_ds.cli import train_main
+
+    output_dir = os.path.join(workdir, "plot_ds_run")
+    template_file = os.path.join(workdir, "raw_prompt.jinja")
+    with open(template_file, "w") as handle:
+        handle.write(RAW_TEMPLATE)
+    argv = ["--objective.name", "dpo", "--plot.enabled", "false", "--reference.mode", "engine",
+            "--data.source", data_file, "--data.eval_size", "0", "--data.chat_template", template_file,
+            "--data.max_length", str(args.max_length), "--data.max_prompt_length", str(args.max_prompt_length),
+            "--data.cache", "false",
+            "--train.micro_batch_size", str(args.micro_batch), "--train.gradient_accumulation_steps", "1",
+            "--train.max_steps", str(args.warmup + args.steps), "--train.warmup_steps", "0",
+            "--train.precision", "fp32", "--train.eval_every", "0", "--train.save_checkpoint", "false",
+            "--train.export_final", "false", "--train.resume", "none", "--train.output_dir", output_dir,
+            # TRL runs with report_to none: no TensorBoard writer on this side either.
+            "--train.tensorboard", "false",
+            *shlex.split(args.plot_ds_args)]
+    code = train_main(argv)
+    if code != 0:
+        raise SystemExit(f"plot_ds training exited with {code}")
+    with open(os.path.join(output_dir, "train_history.jsonl")) as handle:
+        history = [json.loads(line) for line in handle if line.strip()]
+    pairs_per_s = [record["throughput/pairs_per_s"] for record in history]
+    for record in history:
+        log(f"plot_ds step {record['step']}: {args.micro_batch / record['throughput/pairs_per_s']:.2f} s")
+    # tokens/s over pairs/s of the same step: the trainer's own count of input tokens per pair.
+    tokens_per_pair = [r["throughput/tokens_per_s"] / r["throughput/pairs_per_s"] for r in history]
+    return {"pairs_per_s": statistics.median(measured(pairs_per_s, args)),
+            "mean_tokens_per_pair": statistics.mean(tokens_per_pair),
+            "losses": [record["loss/total"] for record in history]}
+
+
+# ---------------------------------------------------------------------------------------- TRL side
+def run_trl(args, data_file, workdir):
+    import datasets
+    import torch
+    from transformers import AutoTokenizer, TrainerCallback
+    from trl import DPOConfig, DPOTrainer
+
+    from plot_ds.assets import resolve_model_path
+    from plot_ds.config import ObjectiveConfig, TrainConfig
+    from plot_ds.data.sampler import GlobalBatchSampler
+
+    train = TrainConfig()  # plot_ds's defaults: the optimizer settings both sides use
+    total_steps = args.warmup + args.steps
+    dataset = datasets.load_dataset("json", data_files=data_file, split="train",
+                                    cache_dir=os.path.join(workdir, "hf_datasets"))
+    # plot_ds shuffles with its seeded sampler; TRL reads sequentially in that same order.
+    sampler = GlobalBatchSampler(len(dataset), args.micro_batch, 1, 0, 1, train.seed)
+    dataset = dataset.select([i for step in range(total_steps) for i in sampler.global_batch(step)])
+
+    class StepTimer(TrainerCallback):
+        """Wall time between consecutive step ends, as plot_ds measures its throughput."""
+        def __init__(self):
+            self.seconds, self.last = [], None
+
+        def on_train_begin(self, *_, **__):
+            self.last = time.perf_counter()
+
+        def on_step_end(self, _args, state, *_, **__):
+            now = time.perf_counter()
+            self.seconds.append(now - self.last)
+            self.last = now
+            log(f"trl step {state.global_step}: {self.seconds[-1]:.2f} s")
+
+    config = DPOConfig(
+        output_dir=os.path.join(workdir, "trl_run"),
+        per_device_train_batch_size=args.micro_batch, gradient_accumulation_steps=1, max_steps=total_steps,
+        learning_rate=train.lr, lr_scheduler_type="cosine_with_min_lr",
+        lr_scheduler_kwargs={"min_lr_rate": train.min_lr_ratio}, warmup_steps=0,
+        optim="adamw_torch", adam_beta1=train.adam_betas[0], adam_beta2=train.adam_betas[1],
+        adam_epsilon=train.adam_eps, weight_decay=train.weight_decay, max_grad_norm=train.max_grad_norm,
+        beta=ObjectiveConfig().beta, loss_type=["sigmoid"], max_length=args.max_length,
+        precompute_ref_log_probs=False,
+        # DPOConfig defaults to bf16 and gradient checkpointing; plot_ds runs fp32 without checkpointing.
+        # (activation_checkpointing is transformers 5's name; it wins over TRL's gradient_checkpointing.)
+        bf16=False, fp16=False, activation_checkpointing=False,
+        model_init_kwargs={"dtype": "float32", "attn_implementation": "sdpa"},
+        use_cpu=True, dataloader_num_workers=0, train_sampling_strategy="sequential", seed=train.seed,
+        eval_strategy="no", save_strategy="no", report_to="none", logging_steps=1, disable_tqdm=True,
+    )
+    model_path = resolve_model_path(MODEL)
+    timer = StepTimer()
+    trainer = DPOTrainer(model=model_path, args=config, train_dataset=dataset,
+                         processing_class=AutoTokenizer.from_pretrained(model_path), callbacks=[timer])
+    # Non-padding tokens of the chosen and rejected rows, from TRL's own tokenisation and collator.
+    examples = [trainer.train_dataset[i] for i in range(len(trainer.train_dataset))]
+    batches = [trainer.data_collator(examples[i:i + args.micro_batch])
+               for i in range(0, len(examples), args.micro_batch)]
+    tokens = sum(int(batch["attention_mask"].sum()) for batch in batches)
+    trainer.train()
+    if len(timer.seconds) != total_steps:
+        raise SystemExit(f"TRL ran {len(timer.seconds)} steps, expected {total_steps}")
+    return {"pairs_per_s": args.micro_batch / statistics.median(measured(timer.seconds, args)),
+            "mean_tokens_per_pair": tokens / len(examples), "torch_threads": torch.get_num_threads(),
+            "losses": [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]}
+
+
+def child_main(args):
+    import torch
+
+    torch.set_num_threads(args.threads)
+    data_file = os.path.join(args.workdir, "pairs.jsonl")
+    result = (run_plot_ds if args.child == "plot_ds" else run_trl)(args, data_file, args.workdir)
+    result.setdefault("torch_threads", torch.get_num_threads())  # DeepSpeed must not have changed it
+    result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    with open(os.path.join(args.workdir, f"result_{args.child}.json"), "w") as handle:
+        json.dump(result, handle)
+
+
+# ------------------------------------------------------------------------------------------ parent
+def write_pairs(path):
+    # Only string fields: both sides then see the same explicit prompt/chosen/rejected records.
+    from plot_ds.assets import champ_pairs
+
+    with open(path, "w") as handle:
+        for pair in champ_pairs():
+            handle.write(json.dumps({k: pair[k] for k in ("prompt", "chosen", "rejected")}) + "\n")
+
+
+def run_child(side, args, workdir):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+               OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
+    forwarded = ["--steps", args.steps, "--warmup", args.warmup, "--micro-batch", args.micro_batch,
+                 "--max-length", args.max_length, "--max-prompt-length", args.max_prompt_length,
+                 "--threads", args.threads, "--plot-ds-args", args.plot_ds_args]
+    command = [sys.executable, os.path.abspath(__file__), "--child", side, "--workdir", workdir,
+               *map(str, forwarded)]
+    log(f"running {side} ({args.warmup} + {args.steps} steps, {args.threads} thread(s))")
+    started = time.perf_counter()
+    # The children's stdout goes to stderr: this process's stdout is the one JSON line.
+    subprocess.run(command, env=env, stdout=sys.stderr, check=True, cwd=REPO)
+    log(f"{side} done in {time.perf_counter() - started:.0f} s")
+    with open(os.path.join(workdir, f"result_{side}.json")) as handle:
+        return json.load(handle)
+
+
+def main():
+    args = parse_args()
+    if args.child:
+        return child_main(args)
+    if importlib.util.find_spec("trl") is None:
+        raise SystemExit("this benchmark needs TRL: pip install trl")
+    from importlib.metadata import version
+
+    # The parent stays small (no torch): a child's ru_maxrss can start from its parent's size.
+    with tempfile.TemporaryDirectory(prefix="trl_comparison.") as workdir:
+        write_pairs(os.path.join(workdir, "pairs.jsonl"))
+        ours = run_child("plot_ds", args, workdir)
+        theirs = run_child("trl", args, workdir)
+    result = {
+        "benchmark": "trl_comparison", "device": "cpu", "model": MODEL, "precision": "fp32",
+        "pairs_per_step": args.micro_batch, "max_length": args.max_length,
+        "max_prompt_length_plot_ds": args.max_prompt_length, "warmup_steps": args.warmup,
+        "measured_steps": args.steps, "threads": args.threads,
+        "torch_threads_plot_ds": ours["torch_threads"], "torch_threads_trl": theirs["torch_threads"],
+        "mean_tokens_per_pair_plot_ds": ours["mean_tokens_per_pair"],
+        "mean_tokens_per_pair_trl": theirs["mean_tokens_per_pair"],
+        # Same pairs, model and optimizer: the losses should agree step by step (to float noise).
+        "losses_plot_ds": [round(x, 5) for x in ours["losses"]],
+        "losses_trl": [round(x, 5) for x in theirs["losses"]],
+        "pairs_per_s_plot_ds": ours["pairs_per_s"], "pairs_per_s_trl": theirs["pairs_per_s"],
+        "pairs_per_s_ratio": ours["pairs_per_s"] / theirs["pairs_per_s"],
+        "peak_rss_mib_plot_ds": ours["peak_rss_mib"], "peak_rss_mib_trl": theirs["peak_rss_mib"],
+        "peak_rss_ratio": ours["peak_rss_mib"] / theirs["peak_rss_mib"],
+        "versions": {name: version(name) for name in ("torch", "transformers", "deepspeed", "trl")},
+    }
+    if args.plot_ds_args:
+        result["plot_ds_args"] = args.plot_ds_args
+    print(json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    main()
