@@ -8,12 +8,14 @@ plot_ds / TRL (pairs/s above 1: plot_ds is faster; memory above 1: plot_ds needs
                                    [--max-prompt-length 128] [--threads 1] [--plot-ds-args "..."]
 
 "Same work" means: SmolLM2-135M-Instruct in fp32 with sdpa attention and no gradient checkpointing;
-the built-in CHAMP pairs, written once to a JSONL file of prompt/chosen/rejected strings that both
+the first (warmup + steps) x micro-batch built-in CHAMP pairs (the ones trained on), written once to a JSONL file of prompt/chosen/rejected strings that both
 sides read; no chat template on either side (plot_ds would template explicit prompts, so it gets a
 pass-through template); EOS appended to each response; --micro-batch pairs per step, no
-accumulation; sigmoid DPO with plot_ds's beta; a live reference model forwarded every step (plot_ds:
-a ZeRO-3 reference engine, ds_configs/zero3.json unless --plot-ds-args says otherwise; TRL: a plain
-copy, no precomputed log-probs); torch AdamW (not fused) with plot_ds's lr, betas, eps, weight decay
+accumulation; sigmoid DPO with plot_ds's beta; with --reference live (default) a reference model
+forwarded every step (plot_ds: a ZeRO-3 reference engine, ds_configs/zero3.json unless
+--plot-ds-args says otherwise; TRL: a plain copy), with --reference precomputed the reference
+log-probs made in one pass before training on both sides (plot_ds's reference cache, TRL's
+precompute_ref_log_probs), outside the measured steps; torch AdamW (not fused) with plot_ds's lr, betas, eps, weight decay
 and clipping, no warmup, cosine to the same floor. TRL reads the pairs in the order plot_ds's sampler
 deals them, so step k trains on the same pairs on both sides. The JSON line reports the mean tokens
 per pair as each side tokenised them and each side's loss at every step, so that the equal work can
@@ -21,7 +23,7 @@ be checked.
 
 Known differences: TRL 1.16 has no prompt-length limit (plot_ds keeps a prompt's last
 max_prompt_length tokens, then cuts the responses; TRL cuts prompt + response at max_length), which
-changes only pairs whose prompt is longer than max_prompt_length (6 of the 444 at 128). TRL
+changes only pairs whose prompt is longer than max_prompt_length (6 of the 444 CHAMP prompts at 128). TRL
 tokenises prompt + response as one string, plot_ds each part by itself, which can split the boundary
 differently. How each side computes the same thing is its own and is what is measured: e.g. TRL's
 log-probs come from a chunked ("fused") LM head that never holds the full logits, plot_ds's from the
@@ -60,6 +62,9 @@ def parse_args():
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--max-prompt-length", type=int, default=128, help="plot_ds only: TRL 1.16 has none")
     parser.add_argument("--threads", type=int, default=1, help="torch threads, the same on both sides")
+    parser.add_argument("--reference", choices=["live", "precomputed"], default="live",
+                        help="live: a reference forward every step on both sides; precomputed: plot_ds's "
+                             "reference cache vs TRL's precompute_ref_log_probs (one pass before training)")
     parser.add_argument("--plot-ds-args", default="", help="extra plot_ds overrides, e.g. \"--deepspeed.config "
                         "ds_configs/zero2.json\" (applied last; TRL does not see them)")
     parser.add_argument("--child", choices=["plot_ds", "trl"], help=argparse.SUPPRESS)
@@ -84,7 +89,9 @@ def run_plot_ds(args, data_file, workdir):
     template_file = os.path.join(workdir, "raw_prompt.jinja")
     with open(template_file, "w") as handle:
         handle.write(RAW_TEMPLATE)
-    argv = ["--objective.name", "dpo", "--plot.enabled", "false", "--reference.mode", "engine",
+    argv = ["--objective.name", "dpo", "--plot.enabled", "false",
+            "--reference.mode", "engine" if args.reference == "live" else "cache",
+            "--reference.cache_path", os.path.join(workdir, "reference_logps.safetensors"),
             "--data.source", data_file, "--data.eval_size", "0", "--data.chat_template", template_file,
             "--data.max_length", str(args.max_length), "--data.max_prompt_length", str(args.max_prompt_length),
             "--data.cache", "false",
@@ -151,7 +158,7 @@ def run_trl(args, data_file, workdir):
         optim="adamw_torch", adam_beta1=train.adam_betas[0], adam_beta2=train.adam_betas[1],
         adam_epsilon=train.adam_eps, weight_decay=train.weight_decay, max_grad_norm=train.max_grad_norm,
         beta=ObjectiveConfig().beta, loss_type=["sigmoid"], max_length=args.max_length,
-        precompute_ref_log_probs=False,
+        precompute_ref_log_probs=args.reference == "precomputed",
         # DPOConfig defaults to bf16 and gradient checkpointing; plot_ds runs fp32 without checkpointing.
         # (activation_checkpointing is transformers 5's name; it wins over TRL's gradient_checkpointing.)
         bf16=False, fp16=False, activation_checkpointing=False,
@@ -189,12 +196,13 @@ def child_main(args):
 
 
 # ------------------------------------------------------------------------------------------ parent
-def write_pairs(path):
-    # Only string fields: both sides then see the same explicit prompt/chosen/rejected records.
+def write_pairs(path, count):
+    # Only string fields: both sides then see the same explicit prompt/chosen/rejected records. Only
+    # the pairs the run trains on, so that a precomputed reference covers exactly those.
     from plot_ds.assets import champ_pairs
 
     with open(path, "w") as handle:
-        for pair in champ_pairs():
+        for pair in champ_pairs()[:count]:
             handle.write(json.dumps({k: pair[k] for k in ("prompt", "chosen", "rejected")}) + "\n")
 
 
@@ -203,7 +211,7 @@ def run_child(side, args, workdir):
                OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
     forwarded = ["--steps", args.steps, "--warmup", args.warmup, "--micro-batch", args.micro_batch,
                  "--max-length", args.max_length, "--max-prompt-length", args.max_prompt_length,
-                 "--threads", args.threads, "--plot-ds-args", args.plot_ds_args]
+                 "--threads", args.threads, "--reference", args.reference, "--plot-ds-args", args.plot_ds_args]
     command = [sys.executable, os.path.abspath(__file__), "--child", side, "--workdir", workdir,
                *map(str, forwarded)]
     log(f"running {side} ({args.warmup} + {args.steps} steps, {args.threads} thread(s))")
@@ -225,14 +233,14 @@ def main():
 
     # The parent stays small (no torch): a child's ru_maxrss can start from its parent's size.
     with tempfile.TemporaryDirectory(prefix="trl_comparison.") as workdir:
-        write_pairs(os.path.join(workdir, "pairs.jsonl"))
+        write_pairs(os.path.join(workdir, "pairs.jsonl"), (args.warmup + args.steps) * args.micro_batch)
         ours = run_child("plot_ds", args, workdir)
         theirs = run_child("trl", args, workdir)
     result = {
         "benchmark": "trl_comparison", "device": "cpu", "model": MODEL, "precision": "fp32",
         "pairs_per_step": args.micro_batch, "max_length": args.max_length,
         "max_prompt_length_plot_ds": args.max_prompt_length, "warmup_steps": args.warmup,
-        "measured_steps": args.steps, "threads": args.threads,
+        "measured_steps": args.steps, "threads": args.threads, "reference": args.reference,
         "torch_threads_plot_ds": ours["torch_threads"], "torch_threads_trl": theirs["torch_threads"],
         "mean_tokens_per_pair_plot_ds": ours["mean_tokens_per_pair"],
         "mean_tokens_per_pair_trl": theirs["mean_tokens_per_pair"],

@@ -49,8 +49,19 @@ def _fill(section: dict, key: str, value, where: str) -> None:
                           f"config gives {value!r}: set it to \"auto\" or make them agree")
 
 
-def fill_ds_config(template: dict, train: TrainConfig, world_size: int) -> dict:
+# ZeRO sizes that scale with the model, as Hugging Face's integration sets them: buckets of one
+# hidden x hidden matrix, parameters below ten hidden vectors kept whole. Fixed 5e7-element buckets
+# would cost a small model more memory than its layers.
+MODEL_SIZED_ZERO = {"reduce_bucket_size": lambda h: h * h, "stage3_prefetch_bucket_size": lambda h: int(0.9 * h * h),
+                    "stage3_param_persistence_threshold": lambda h: 10 * h}
+
+
+def fill_ds_config(template: dict, train: TrainConfig, world_size: int, hidden_size: int | None = None) -> dict:
     ds = copy.deepcopy(template)
+    zero = ds.get("zero_optimization", {})
+    for key, size in MODEL_SIZED_ZERO.items():
+        if zero.get(key) == "auto" and hidden_size is not None:
+            zero[key] = size(hidden_size)
     precision = resolve_precision(train.precision)
     _fill(ds, "train_micro_batch_size_per_gpu", train.micro_batch_size, "ds")
     _fill(ds, "gradient_accumulation_steps", train.gradient_accumulation_steps, "ds")
@@ -87,7 +98,13 @@ def load_ds_config(config: Config, world_size: int) -> dict:
         template = json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise ConfigError(f"{path}: not valid JSON at line {err.lineno} ({err.msg})") from None
-    return fill_ds_config(template, config.train, world_size)
+    hidden_size = None
+    if any(template.get("zero_optimization", {}).get(key) == "auto" for key in MODEL_SIZED_ZERO):
+        from transformers import AutoConfig
+        model_config = AutoConfig.from_pretrained(resolve_model_path(config.model.name_or_path),
+                                                  trust_remote_code=config.model.trust_remote_code)
+        hidden_size = getattr(model_config.get_text_config(), "hidden_size", None)
+    return fill_ds_config(template, config.train, world_size, hidden_size)
 
 
 def zero_stage(ds_config: dict) -> int:

@@ -136,7 +136,7 @@ class Objective(nn.Module):
         loss, metrics = self.vanilla(policy.logps, reference.logps if reference is not None else None, totals)
         metrics["loss/vanilla"] = loss.detach()
         if self.plot is not None:
-            plot_loss, plot_metrics = self.plot(policy.logits, policy.labels,
+            plot_loss, plot_metrics = self.plot(policy.logits, policy.tokens,
                                                 reference.logits if reference is not None else None, totals)
             loss = loss + self.alpha * plot_loss
             metrics.update(plot_metrics)

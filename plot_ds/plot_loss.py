@@ -7,8 +7,9 @@ Implements the project's formulation, ``docs/method.md`` (from ``shared/PLOT_MET
 
 p~_t is the policy distribution restricted to S_t = TopK(p_t, k) U {y_t} and renormalised; the
 cost between tokens i, j is ``1 - cos(E_i, E_j)`` (or the L2 distance of normalised rows), with E
-detached. Only rows E[U], U = union of all S_t of the micro-batch, are fetched (see
-``embedding_slice``).
+detached. Only what the cost needs of E is fetched (see ``embedding_slice``): the cosines to the
+target tokens for a one-hot target, else the rows E[U], U = union of all S_t of the micro-batch.
+Logits arrive as [N, V] at the N response positions only (``logprobs.response_logits``).
 """
 from __future__ import annotations
 
@@ -18,7 +19,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data import IGNORE_INDEX
 from .ot_solvers import SOLVERS
 
 
@@ -32,35 +32,27 @@ class Supports:
     probs: torch.Tensor      # [N, K] float32, zero on invalid slots
 
 
-def response_positions(labels: torch.Tensor):
-    """(row, position) of every response token's predicting logit, and its target token."""
-    targets = labels[:, 1:]
-    rows, cols = (targets != IGNORE_INDEX).nonzero(as_tuple=True)
-    return rows, cols, targets[rows, cols]
-
-
-def restricted_supports(flat_logits: torch.Tensor, positions: torch.Tensor, targets: torch.Tensor,
-                        top_k: int, chunk: int = 512) -> Supports:
+def restricted_supports(logits: torch.Tensor, targets: torch.Tensor, top_k: int, chunk: int = 512) -> Supports:
     """S_t = TopK(p_t, k) U {y_t} with a fixed width k + 1 (a duplicate slot is masked), or the
-    whole vocabulary when ``top_k == 0``. ``flat_logits`` is [rows, V], ``positions`` the rows of
-    the response positions. Gradients flow through the logits in S_t only, and only [N, k + 1]
-    logits are copied: the top-k runs on bounded chunks without autograd."""
-    n, vocab = positions.numel(), flat_logits.shape[-1]
+    whole vocabulary when ``top_k == 0``. ``logits`` is [N, V] at the response positions.
+    Gradients flow through the logits in S_t only, and only [N, k + 1] logits are copied: the
+    top-k runs on bounded chunks without autograd."""
+    n, vocab = logits.shape
     if top_k == 0 or top_k >= vocab:
-        ids = torch.arange(vocab, device=flat_logits.device).expand(n, vocab)
-        valid = torch.ones(n, vocab, dtype=torch.bool, device=flat_logits.device)
+        ids = torch.arange(vocab, device=logits.device).expand(n, vocab)
+        valid = torch.ones(n, vocab, dtype=torch.bool, device=logits.device)
         target_slot = targets
-        restricted = flat_logits.index_select(0, positions).float()
+        restricted = logits.float()
     else:
         with torch.no_grad():
-            top = torch.cat([flat_logits.index_select(0, positions[i:i + chunk]).topk(top_k, dim=-1).indices
-                             for i in range(0, n, chunk)]) if n else positions.new_zeros(0, top_k)
+            top = torch.cat([logits[i:i + chunk].topk(top_k, dim=-1).indices
+                             for i in range(0, n, chunk)]) if n else targets.new_zeros(0, top_k)
         ids = torch.cat([top, targets.unsqueeze(-1)], dim=-1)
         in_top = (top == targets.unsqueeze(-1))
         has_target = in_top.any(-1)
         valid = torch.cat([torch.ones_like(top, dtype=torch.bool), (~has_target).unsqueeze(-1)], -1)
         target_slot = torch.where(has_target, in_top.float().argmax(-1), torch.full_like(targets, top_k))
-        restricted = flat_logits[positions.unsqueeze(-1), ids].float()
+        restricted = logits.gather(-1, ids).float()
     probs = restricted.masked_fill(~valid, -torch.inf).softmax(-1)
     return Supports(ids, valid, target_slot, probs)
 
@@ -95,19 +87,19 @@ class PLOTLoss(nn.Module):
             return SOLVERS["sinkhorn"](a, b, M, eps=self.sinkhorn_eps, n_iters=self.sinkhorn_iters)
         return SOLVERS[self.solver_name](a, b, M)
 
-    def forward(self, policy_logits, labels, reference_logits, totals):
-        rows, cols, targets = response_positions(labels)
-        length, vocab = policy_logits.shape[1], policy_logits.shape[-1]
-        positions = rows * length + cols  # rows of the [batch * length, V] view
-        support = restricted_supports(policy_logits.view(-1, vocab), positions, targets, self.top_k)
-        n_pairs = labels.shape[0] // 2
+    def forward(self, policy_logits, tokens, reference_logits, totals):
+        """``policy_logits`` (and ``reference_logits`` for ref_mix): [N, V] at the response positions
+        ``tokens`` (a ``logprobs.ResponseTokens``)."""
+        rows, targets = tokens.rows, tokens.targets
+        support = restricted_supports(policy_logits, targets, self.top_k)
+        n_pairs = tokens.n_rows // 2
         chosen = rows < n_pairs
         if self.rejected_weight == 0:  # the rejected term is only a metric: no backward through it
             support.probs = torch.where(chosen.unsqueeze(-1), support.probs, support.probs.detach())
         unique_ids, slot_rows = torch.unique(support.ids, return_inverse=True)
         if self.granularity == "sequence":
             unit_rows, moved = self._unit_rows(unique_ids, policy_logits.device)
-            w_rows = self._sequence_costs(support, slot_rows, unit_rows, rows, labels.shape[0])
+            w_rows = self._sequence_costs(support, slot_rows, unit_rows, rows, tokens.n_rows)
             w_chosen = w_rows[:n_pairs].sum() / totals.pairs
             w_rejected = w_rows[n_pairs:].sum() / totals.pairs
         else:
@@ -118,8 +110,7 @@ class PLOTLoss(nn.Module):
                 w = (support.probs * cost_from_cosine(cosine, self.cost)).sum(-1)
             else:
                 unit_rows, moved = self._unit_rows(unique_ids, policy_logits.device)
-                reference = (reference_logits.view(-1, vocab)[positions.unsqueeze(-1), support.ids]
-                             if self.target == "ref_mix" else None)
+                reference = reference_logits.gather(-1, support.ids) if self.target == "ref_mix" else None
                 w = self._token_costs(support, slot_rows, unit_rows, reference, chosen)
             w_chosen = w[chosen].sum() / totals.chosen_tokens
             w_rejected = w[~chosen].sum() / totals.rejected_tokens

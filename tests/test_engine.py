@@ -31,11 +31,22 @@ def test_written_values_must_agree_with_the_training_config():
     with pytest.raises(ConfigError, match="train_micro_batch_size_per_gpu is 8 in the DeepSpeed config"):
         fill_ds_config(template, TrainConfig(micro_batch_size=2), world_size=1)
     template["train_micro_batch_size_per_gpu"] = 2
-    assert fill_ds_config(template, TrainConfig(micro_batch_size=2), 1)["train_micro_batch_size_per_gpu"] == 2
+    filled = fill_ds_config(template, TrainConfig(micro_batch_size=2), 1, hidden_size=576)
+    assert filled["train_micro_batch_size_per_gpu"] == 2
+
+
+def test_zero_buffers_are_sized_from_the_model():
+    template = json.loads((REPO / "ds_configs" / "zero3.json").read_text())
+    zero = fill_ds_config(template, TrainConfig(), 1, hidden_size=576)["zero_optimization"]
+    assert zero["reduce_bucket_size"] == 576 * 576
+    assert zero["stage3_prefetch_bucket_size"] == int(0.9 * 576 * 576)
+    assert zero["stage3_param_persistence_threshold"] == 5760
+    template["zero_optimization"]["reduce_bucket_size"] = 1000  # a written value stays
+    assert fill_ds_config(template, TrainConfig(), 1, hidden_size=576)["zero_optimization"]["reduce_bucket_size"] == 1000
 
 
 def test_unknown_auto_field_is_refused():
-    template = {"zero_optimization": {"stage": 3, "reduce_bucket_size": "auto"}}
+    template = {"zero_optimization": {"stage": 3, "reduce_bucket_size": "auto"}}  # no model to size it from
     with pytest.raises(ConfigError, match="zero_optimization.reduce_bucket_size"):
         fill_ds_config(template, TrainConfig(), 1)
 

@@ -1,29 +1,72 @@
 import torch
 
 from plot_ds.data import IGNORE_INDEX
-from plot_ds.logprobs import PairLogps, sequence_logps
+from plot_ds.logprobs import PairLogps, ResponseTokens, forward_pairs, target_logps
 
 
-def test_sequence_logps_matches_a_direct_computation():
+def direct_row_logps(logits, labels):
+    sums, counts = [], []
+    for row in range(labels.shape[0]):
+        total, n = torch.zeros((), dtype=torch.double), 0
+        for t in range(labels.shape[1] - 1):
+            target = labels[row, t + 1]
+            if target != IGNORE_INDEX:
+                total = total + torch.log_softmax(logits[row, t].double(), -1)[target]
+                n += 1
+        sums.append(total)
+        counts.append(n)
+    return torch.stack(sums), counts
+
+
+def test_target_logps_value_and_gradient_match_log_softmax():
     torch.manual_seed(0)
     logits = torch.randn(4, 7, 11, dtype=torch.bfloat16)
     labels = torch.randint(0, 11, (4, 7))
     labels[:, :3] = IGNORE_INDEX  # prompt
     labels[1, 5:] = IGNORE_INDEX  # padding
-    sums, counts = sequence_logps(logits, labels, rows_per_chunk=3)
-    expected_sums, expected_counts = [], []
-    for row in range(4):
-        total, n = 0.0, 0
-        for t in range(6):
-            target = labels[row, t + 1]
-            if target != IGNORE_INDEX:
-                total += torch.log_softmax(logits[row, t].double(), -1)[target].item()
-                n += 1
-        expected_sums.append(total)
-        expected_counts.append(n)
+    tokens = ResponseTokens.of(labels)
+    ours = tokens.select(logits).float().requires_grad_()
+    sums = tokens.row_sums(target_logps(ours.to(torch.bfloat16), tokens.targets, chunk=3))
+    expected_logits = logits.float().requires_grad_()
+    expected, counts = direct_row_logps(expected_logits, labels)
     assert sums.dtype == torch.float32
-    torch.testing.assert_close(sums.double(), torch.tensor(expected_sums, dtype=torch.double), rtol=1e-5, atol=1e-5)
-    assert counts.tolist() == expected_counts
+    torch.testing.assert_close(sums.double(), expected, rtol=1e-5, atol=1e-5)
+    assert tokens.row_counts().tolist() == counts
+    weights = torch.tensor([0.5, -1.0, 2.0, 0.25])
+    (sums * weights).sum().backward()
+    (expected * weights.double()).sum().backward()
+    torch.testing.assert_close(ours.grad, tokens.select(expected_logits.grad), rtol=0, atol=1e-2)  # bf16 logits
+    exact = tokens.select(logits).float().requires_grad_()
+    (tokens.row_sums(target_logps(exact, tokens.targets, chunk=2)) * weights).sum().backward()
+    reference = tokens.select(logits).float().requires_grad_()
+    (tokens.row_sums(torch.log_softmax(reference, -1).gather(-1, tokens.targets[:, None]).squeeze(-1))
+     * weights).sum().backward()
+    torch.testing.assert_close(exact.grad, reference.grad, rtol=0, atol=1e-6)
+
+
+def test_forward_pairs_projects_only_response_positions_and_matches_full_logits():
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1))
+    input_ids = torch.randint(0, 50, (4, 9))
+    labels = input_ids.clone()
+    labels[:, :4] = IGNORE_INDEX
+    labels[3, 7:] = IGNORE_INDEX
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[3, 7:] = 0
+    seen = []
+    model.lm_head.register_forward_hook(lambda module, args, out: seen.append(args[0].shape))
+    out = forward_pairs(model, {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels},
+                        keep_logits=True)
+    n_response = int((labels[:, 1:] != IGNORE_INDEX).sum())
+    assert seen == [torch.Size([n_response, 16])]  # the head saw only the response positions
+    full = model(input_ids=input_ids, attention_mask=attention_mask).logits
+    expected, counts = direct_row_logps(full.detach(), labels)
+    torch.testing.assert_close(torch.cat([out.logps.chosen, out.logps.rejected]).double(), expected,
+                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.logits, out.tokens.select(full), rtol=1e-5, atol=1e-5)
+    assert torch.cat([out.logps.chosen_tokens, out.logps.rejected_tokens]).tolist() == counts
 
 
 def test_pair_rows_are_chosen_then_rejected():

@@ -10,6 +10,7 @@ from plot_ds.config import ConfigError, PlotConfig
 from plot_ds.data import IGNORE_INDEX
 from plot_ds.embedding_slice import EmbeddingRows
 from plot_ds.objectives import GlobalTotals
+from plot_ds.logprobs import ResponseTokens
 from plot_ds.plot_loss import PLOTLoss, restricted_supports
 
 VOCAB, DIM = 40, 6
@@ -92,7 +93,8 @@ def compare(config, seed=0, value_tol=3e-6, grad_tol=3e-6, mutate=None):
     ref_logits = torch.randn_like(logits)
     ours_logits = logits.clone().requires_grad_()
     loss = PLOTLoss(config, EmbeddingRows(E))
-    value, metrics = loss(ours_logits, labels, ref_logits, totals_of(labels))
+    tokens = ResponseTokens.of(labels)
+    value, metrics = loss(tokens.select(ours_logits), tokens, tokens.select(ref_logits), totals_of(labels))
     value.backward()
     theirs_logits = logits.clone().requires_grad_()
     expected, w_chosen, w_rejected = reference_loss(theirs_logits, labels, E, config, ref_logits)
@@ -151,7 +153,7 @@ def test_sequence_granularity(solver, value_tol, grad_tol):
 
 def test_support_has_fixed_width_and_masks_the_duplicate_target():
     logits = torch.tensor([[5.0, 4.0, 0.0, -1.0], [5.0, 4.0, 0.0, -1.0]])
-    support = restricted_supports(logits, torch.tensor([0, 1]), torch.tensor([1, 3]), top_k=2)
+    support = restricted_supports(logits, torch.tensor([1, 3]), top_k=2)
     assert support.ids.tolist() == [[0, 1, 1], [0, 1, 3]]
     assert support.valid.tolist() == [[True, True, False], [True, True, True]]
     assert support.target_slot.tolist() == [1, 2]
