@@ -90,7 +90,7 @@ def main():
         "micro_batch_size": config.train.micro_batch_size,
         "gradient_accumulation_steps": config.train.gradient_accumulation_steps,
         "max_length": config.data.max_length, "top_k": config.plot.top_k,
-        "target": config.plot.target, "solver": config.plot.resolved_solver(),
+        "target": config.plot.target, "solver": config.plot.resolved_solver(get_accelerator().device_name()),
         "measured_steps": args.steps,
         "step_seconds_vanilla_median": median["vanilla"], "step_seconds_plot_median": median["plot"],
         "overhead_ratio": median["plot"] / median["vanilla"],

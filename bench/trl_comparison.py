@@ -9,8 +9,8 @@ plot_ds / TRL (pairs/s above 1: plot_ds is faster; memory above 1: plot_ds needs
 
 "Same work" means: SmolLM2-135M-Instruct in fp32 with sdpa attention and no gradient checkpointing;
 the first (warmup + steps) x micro-batch built-in CHAMP pairs (the ones trained on), written once to a JSONL file of prompt/chosen/rejected strings that both
-sides read; no chat template on either side (plot_ds would template explicit prompts, so it gets a
-pass-through template); EOS appended to each response; --micro-batch pairs per step, no
+sides read; no chat template on either side (plot_ds would template explicit prompts:
+data.chat_template none); EOS appended to each response; --micro-batch pairs per step, no
 accumulation; sigmoid DPO with plot_ds's beta; with --reference live (default) a reference model
 forwarded every step (plot_ds: a ZeRO-3 reference engine, ds_configs/zero3.json unless
 --plot-ds-args says otherwise; TRL: a plain copy), with --reference precomputed the reference
@@ -49,9 +49,6 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 MODEL = "builtin:smollm2-135m-instruct"
-# plot_ds applies the tokenizer's chat template to explicit string prompts; this one renders the
-# prompt as it is, which is what TRL does with string data.
-RAW_TEMPLATE = "{% for message in messages %}{{ message['content'] }}{% endfor %}"
 
 
 def parse_args():
@@ -86,13 +83,10 @@ def run_plot_ds(args, data_file, workdir):
     from plot_ds.cli import train_main
 
     output_dir = os.path.join(workdir, "plot_ds_run")
-    template_file = os.path.join(workdir, "raw_prompt.jinja")
-    with open(template_file, "w") as handle:
-        handle.write(RAW_TEMPLATE)
     argv = ["--objective.name", "dpo", "--plot.enabled", "false",
             "--reference.mode", "engine" if args.reference == "live" else "cache",
             "--reference.cache_path", os.path.join(workdir, "reference_logps.safetensors"),
-            "--data.source", data_file, "--data.eval_size", "0", "--data.chat_template", template_file,
+            "--data.source", data_file, "--data.eval_size", "0", "--data.chat_template", "none",
             "--data.max_length", str(args.max_length), "--data.max_prompt_length", str(args.max_prompt_length),
             "--data.cache", "false",
             "--train.micro_batch_size", str(args.micro_batch), "--train.gradient_accumulation_steps", "1",

@@ -134,10 +134,15 @@ class PlotConfig:
     # How E[U] is fetched under ZeRO-3: only the needed rows, or the whole matrix (reference).
     embedding_gather: Literal["slice", "full"] = "slice"
 
-    def resolved_solver(self) -> str:
+    def resolved_solver(self, device_type: str = "cuda") -> str:
+        """``auto``: the closed form where it is exact; otherwise batched Sinkhorn on accelerators,
+        and POT's exact EMD on CPUs, where its network simplex beats a batched Sinkhorn on
+        PLOT-sized supports (bench/sinkhorn_vs_pot.py, docs/benchmarks.md)."""
         if self.solver != "auto":
             return self.solver
-        return "closed_form" if self.target == "onehot" and self.granularity == "token" else "sinkhorn"
+        if self.target == "onehot" and self.granularity == "token":
+            return "closed_form"
+        return "emd" if device_type == "cpu" else "sinkhorn"
 
     def validate(self) -> None:
         if self.alpha < 0:

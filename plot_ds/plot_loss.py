@@ -77,15 +77,16 @@ class PLOTLoss(nn.Module):
         self.top_k, self.cost, self.target = config.top_k, config.cost, config.target
         self.rho, self.granularity = config.rho, config.granularity
         self.rejected_weight = config.rejected_weight
-        self.solver_name = config.resolved_solver()
+        self.config = config
         self.sinkhorn_eps, self.sinkhorn_iters = config.sinkhorn_eps, config.sinkhorn_iters
         self.embedding_rows = embedding_rows
         self.needs_reference = config.target == "ref_mix"
 
     def solve(self, a, b, M):
-        if self.solver_name == "sinkhorn":
+        solver = self.config.resolved_solver(a.device.type)
+        if solver == "sinkhorn":
             return SOLVERS["sinkhorn"](a, b, M, eps=self.sinkhorn_eps, n_iters=self.sinkhorn_iters)
-        return SOLVERS[self.solver_name](a, b, M)
+        return SOLVERS[solver](a, b, M)
 
     def forward(self, policy_logits, tokens, reference_logits, totals):
         """``policy_logits`` (and ``reference_logits`` for ref_mix): [N, V] at the response positions
@@ -103,7 +104,7 @@ class PLOTLoss(nn.Module):
             w_chosen = w_rows[:n_pairs].sum() / totals.pairs
             w_rejected = w_rows[n_pairs:].sum() / totals.pairs
         else:
-            if self.target == "onehot" and self.solver_name == "closed_form":
+            if self.config.resolved_solver() == "closed_form":
                 # All mass goes to y_t: W = sum_i p~(i) c(i, y_t) exactly, which needs only the
                 # cosines to y_t (no K x K matrix, far fewer bytes than the rows under ZeRO-3).
                 cosine, moved = self.embedding_rows.target_cosines(support.ids, targets, policy_logits.device)

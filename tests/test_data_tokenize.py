@@ -47,6 +47,15 @@ def test_tokenize_uses_chat_template_truncates_and_ends_with_eos(tokenizer):
     assert tokenizer.decode(short.prompt_ids).startswith("<|im_start|>system")
 
 
+def test_chat_template_none_keeps_explicit_prompts_raw(tokenizer):
+    ex, _ = tokenize_pair(tokenizer, Renderer(tokenizer, "none"), explicit("What is 2+2?", " 4", " 5"), 128, 64)
+    assert tokenizer.decode(ex.prompt_ids) == "What is 2+2?"
+    conversational = Pair("c", "test:c", "conversational", [{"role": "user", "content": "hi"}],
+                          [{"role": "assistant", "content": "a"}], [{"role": "assistant", "content": "b"}])
+    with pytest.raises(Exception, match="needs a chat template"):
+        tokenize_pair(tokenizer, Renderer(tokenizer, "none"), conversational, 128, 64)
+
+
 def test_implicit_prompts_are_not_templated(tokenizer):
     pair = Pair("h", "test:h", "implicit", "\n\nHuman: hi\n\nAssistant:", " hello", " go away")
     ex, _ = tokenize_pair(tokenizer, Renderer(tokenizer), pair, 128, 64)

@@ -179,6 +179,8 @@ def test_auto_solver():
     assert PlotConfig().resolved_solver() == "closed_form"
     assert PlotConfig(target="ref_mix").resolved_solver() == "sinkhorn"
     assert PlotConfig(granularity="sequence").resolved_solver() == "sinkhorn"
+    assert PlotConfig(target="ref_mix").resolved_solver("cpu") == "emd"  # faster there (docs/benchmarks.md)
+    assert PlotConfig(target="ref_mix", solver="sinkhorn").resolved_solver("cpu") == "sinkhorn"
 
 
 def test_embedding_option_picks_input_or_lm_head_rows():

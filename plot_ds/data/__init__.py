@@ -100,8 +100,13 @@ def split_pairs(pairs: list, eval_size: int, seed: int) -> tuple[list, list]:
             [p for i, p in enumerate(pairs) if i in held_out])
 
 
+NO_TEMPLATE = "none"  # data.chat_template: none renders explicit prompts as raw text
+
+
 def _chat_template(data_config) -> str | None:
     template = data_config.chat_template
+    if template == NO_TEMPLATE:
+        return template
     if template and "{" not in template:
         path = Path(template)
         if not path.is_file():

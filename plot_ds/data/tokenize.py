@@ -56,7 +56,8 @@ class Renderer:
 
     def __init__(self, tokenizer, chat_template: str | None = None):
         self.tokenizer = tokenizer
-        self.template = chat_template or getattr(tokenizer, "chat_template", None)
+        # "none": no template at all, not even the tokenizer's (raw-text prompts, base models).
+        self.template = None if chat_template == "none" else (chat_template or getattr(tokenizer, "chat_template", None))
 
     def _template(self, messages, generation_prompt: bool) -> str:
         return self.tokenizer.apply_chat_template(messages, chat_template=self.template, tokenize=False,
