@@ -29,6 +29,9 @@ class ModelConfig:
     trust_remote_code: bool = False
     attn_implementation: Optional[str] = "sdpa"
     gradient_checkpointing: bool = False
+    # Each pair's prompt is computed once; chosen and rejected continue from its key/value cache.
+    # Off for models whose prompt attention is not causal, and with gradient checkpointing.
+    share_prompt: bool = True
 
     def validate(self) -> None:
         if not self.name_or_path.strip():

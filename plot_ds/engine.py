@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from .assets import resolve_model_path
+from .logprobs import enable_prompt_sharing
 from .config import Config, ConfigError, TrainConfig
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -214,6 +215,7 @@ def build_policy_engine(config: Config, ds_config: dict):
         model=model, config=ds_config,
         model_parameters=param_groups(model, config.train.weight_decay),
         lr_scheduler=lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, schedule))
+    enable_prompt_sharing(engine, config.model.share_prompt and not config.model.gradient_checkpointing)
     return engine
 
 
@@ -228,6 +230,7 @@ def build_frozen_engine(config: Config, ds_config: dict, name_or_path: str | Non
     model.requires_grad_(False)
     engine, *_ = deepspeed.initialize(model=model, config=frozen_config)
     engine.eval()
+    enable_prompt_sharing(engine, config.model.share_prompt)
     return engine
 
 

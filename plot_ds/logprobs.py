@@ -8,6 +8,7 @@ the [N, V] logits for its backward (no float32 copy, no saved softmax).
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -111,21 +112,97 @@ class PairOutputs:
 def response_logits(model, input_ids, attention_mask, tokens: ResponseTokens) -> torch.Tensor:
     """[N, V] logits at the response positions. The model's own forward runs (ZeRO-3's hooks and
     all); a pre-hook on the output embedding hands the LM head only the N hidden states."""
+    return _with_head_input(model, tokens.select, input_ids=input_ids, attention_mask=attention_mask,
+                            use_cache=False).logits
+
+
+SHARE_PROMPT = "plot_ds_share_prompt"
+
+
+def enable_prompt_sharing(model, enabled: bool) -> None:
+    """Mark a model (or DeepSpeed engine) for ``shared_prompt_logits``. Needs a decoder whose
+    forward takes a key/value cache; gradient checkpointing drops the cache, so it must be off."""
     module = getattr(model, "module", model)
-    head = module.get_output_embeddings()
-    hook = head.register_forward_pre_hook(lambda _, args: (tokens.select(args[0]), *args[1:]))
+    accepts_cache = "past_key_values" in inspect.signature(module.forward).parameters
+    setattr(model, SHARE_PROMPT, bool(enabled and accepts_cache and not module.config.is_encoder_decoder))
+
+
+def _with_head_input(model, select, **inputs):
+    module = getattr(model, "module", model)
+    hook = module.get_output_embeddings().register_forward_pre_hook(lambda _, args: (select(args[0]), *args[1:]))
     try:
-        return model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+        return model(**inputs)
     finally:
         hook.remove()
 
 
+def shared_prompt_logits(model, batch: dict, tokens: ResponseTokens, device) -> torch.Tensor | None:
+    """[N, V] logits at the response positions, computing each pair's prompt once.
+
+    Pass 1 runs the prompts (left-padded so that all end in the last column) and keeps their
+    key/value cache; its last position predicts the first response token. The cache is repeated
+    for the chosen and the rejected rows, and pass 2 runs only the response tokens on top of it.
+    Both passes are the model's own forward (ZeRO-3 hooks and all) and the LM head sees only the
+    positions that predict a response token. ``tokens``: the CPU positions. None when the rows are
+    not prompt-sharing pairs (chosen row i and rejected row n + i with the same prompt).
+    """
+    ids, labels = batch["input_ids"], batch["labels"]
+    rows, pairs = ids.shape[0], ids.shape[0] // 2
+    is_response = labels != IGNORE_INDEX
+    starts = is_response.int().argmax(1)             # prompt length of each row
+    lengths = is_response.sum(1)
+    if rows % 2 or not bool(lengths.gt(0).all()) or not torch.equal(starts[:pairs], starts[pairs:]):
+        return None
+    prompt_lengths = starts[:pairs]
+    if not all(torch.equal(ids[i, :p], ids[pairs + i, :p]) for i, p in enumerate(prompt_lengths.tolist())):
+        return None
+    pad = int(ids[0, -1]) if ids.shape[1] else 0  # any id: padded positions are masked out
+    width, span = int(prompt_lengths.max()), int(lengths.max())
+    prompt_ids = torch.full((pairs, width), pad, dtype=ids.dtype)
+    prompt_mask = torch.zeros(pairs, width, dtype=torch.long)
+    response_ids = torch.full((rows, span), pad, dtype=ids.dtype)
+    response_mask = torch.zeros(rows, span, dtype=torch.long)
+    for i, p in enumerate(prompt_lengths.tolist()):
+        prompt_ids[i, width - p:], prompt_mask[i, width - p:] = ids[i, :p], 1
+    for r in range(rows):
+        p, n = int(starts[r]), int(lengths[r])
+        response_ids[r, :n], response_mask[r, :n] = ids[r, p:p + n], 1
+    prompt_positions = (prompt_mask.cumsum(1) - 1).clamp_min(0)
+    response_positions = starts[:, None] + torch.arange(span)
+    # Pass 2's head input: response token j of row r (j < length - 1) predicts token j + 1.
+    predicting = response_mask.clone()
+    predicting[torch.arange(rows), lengths - 1] = 0
+    head_rows, head_cols = predicting.nonzero(as_tuple=True)
+    # Row-major order of ``tokens``: per row, first the prompt's last position, then pass 2's.
+    slot = torch.full((rows, span), -1, dtype=torch.long)
+    slot[head_rows, head_cols] = pairs + torch.arange(head_rows.numel())
+    step = tokens.cols - (starts[tokens.rows] - 1)   # 0: predicted by the prompt's last position
+    source = torch.where(step == 0, tokens.rows % pairs, slot[tokens.rows, (step - 1).clamp_min(0)])
+
+    to = lambda t: t.to(device, non_blocking=True)  # noqa: E731
+    first = _with_head_input(model, lambda hidden: hidden[:, -1], input_ids=to(prompt_ids),
+                             attention_mask=to(prompt_mask), position_ids=to(prompt_positions), use_cache=True)
+    cache = first.past_key_values
+    cache.batch_select_indices(to(torch.cat([torch.arange(pairs), torch.arange(pairs)])))
+    head_rows, head_cols = to(head_rows), to(head_cols)
+    rest = _with_head_input(model, lambda hidden: hidden[head_rows, head_cols], input_ids=to(response_ids),
+                            attention_mask=to(torch.cat([prompt_mask.repeat(2, 1), response_mask], 1)),
+                            position_ids=to(response_positions), past_key_values=cache, use_cache=True)
+    return torch.cat([first.logits, rest.logits]).index_select(0, to(source))
+
+
 def forward_pairs(model, batch: dict, keep_logits: bool) -> PairOutputs:
-    """One forward over the chosen and rejected rows of a collated batch together."""
+    """One forward over the chosen and rejected rows of a collated batch together (two passes
+    sharing the prompts when the model allows it, see ``shared_prompt_logits``)."""
     device = model.device
-    tokens = ResponseTokens.of(batch["labels"]).to(device)
-    logits = response_logits(model, batch["input_ids"].to(device, non_blocking=True),
-                             batch["attention_mask"].to(device, non_blocking=True), tokens)
+    cpu_tokens = ResponseTokens.of(batch["labels"])
+    tokens = cpu_tokens.to(device)
+    logits = None
+    if getattr(model, SHARE_PROMPT, False):
+        logits = shared_prompt_logits(model, batch, cpu_tokens, device)
+    if logits is None:
+        logits = response_logits(model, batch["input_ids"].to(device, non_blocking=True),
+                                 batch["attention_mask"].to(device, non_blocking=True), tokens)
     logps = PairLogps.from_rows(tokens.row_sums(target_logps(logits, tokens.targets)), tokens.row_counts())
     return PairOutputs(logps, logits if keep_logits else None, tokens)
 

@@ -73,3 +73,34 @@ def test_pair_rows_are_chosen_then_rejected():
     pair = PairLogps.from_rows(torch.tensor([1.0, 2.0, 3.0, 4.0]), torch.tensor([5, 6, 7, 8]))
     assert pair.chosen.tolist() == [1.0, 2.0] and pair.rejected.tolist() == [3.0, 4.0]
     assert pair.chosen_tokens.tolist() == [5, 6] and pair.rejected_tokens.tolist() == [7, 8]
+
+
+def test_shared_prompt_forward_equals_the_full_rows(tiny_model_dir):
+    """Prompts of different lengths (left-padded in the prompt pass), responses of different
+    lengths (one of a single token), padding: log-probs, logits and gradients as the plain forward."""
+    from transformers import AutoModelForCausalLM
+    from plot_ds.data import collate
+    from plot_ds.data.tokenize import TokenizedPair
+    from plot_ds.logprobs import enable_prompt_sharing
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32, attn_implementation="sdpa")
+    pairs = [TokenizedPair("a", [5, 6, 7, 8, 9], [10, 11, 12, 2], [13, 2]),
+             TokenizedPair("b", [20, 21], [22, 2], [23, 24, 25, 26, 27, 2]),
+             TokenizedPair("c", [30, 31, 32], [2], [33, 34, 2])]
+    batch = collate(pairs, pad_id=2)
+    results = {}
+    for shared in (False, True):
+        model.zero_grad()
+        enable_prompt_sharing(model, shared)
+        out = forward_pairs(model, batch, keep_logits=True)
+        (out.logps.chosen.sum() - 0.5 * out.logps.rejected.sum()).backward()
+        grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+        results[shared] = (out, grads)
+    (plain, plain_grads), (shared, shared_grads) = results[False], results[True]
+    assert torch.isfinite(shared.logits).all()
+    torch.testing.assert_close(shared.logits, plain.logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(shared.logps.chosen, plain.logps.chosen, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(shared.logps.rejected, plain.logps.rejected, rtol=1e-5, atol=1e-5)
+    assert plain_grads.keys() == shared_grads.keys()
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(shared_grads[name], grad, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
