@@ -36,3 +36,21 @@ def test_sinkhorn_vs_pot_benchmark_reports_speed_ratio_and_error(real_model_dir)
     assert result["speedup_sinkhorn_over_pot_loop"] > 0 and result["device"] == "cpu"
     assert 0.0 < result["mean_W"] < 2.0
     assert result["abs_error_max"] < 0.02  # eps = 0.01 entropic bias at most
+
+
+def test_gpu_check_script_runs_end_to_end_on_cpu(tmp_path):
+    """bench/gpu_check.sh as a smoke test on this CPU machine: the assets packed as for a GPU
+    machine, a SmolLM2-shaped model rebuilt from them, training, the overhead and OT benchmarks."""
+    assets = tmp_path / "assets"
+    run_command([sys.executable, str(REPO / "bench" / "gpu_assets.py"), "pack", str(assets)])
+    out = tmp_path / "out"
+    proc = run_command(["bash", str(REPO / "bench" / "gpu_check.sh")], timeout=1200, PYTHON=sys.executable,
+                       OUT=str(out), GPU_CHECK_ASSETS=str(assets), GPU_CHECK_MODEL=str(tmp_path / "model"),
+                       GPU_CHECK_RUN_DIR=str(tmp_path / "run"), GPU_CHECK_STEPS="1", GPU_CHECK_BENCH_STEPS="1",
+                       GPU_CHECK_PRECISION="fp32", GPU_CHECK_PROBLEMS="8",
+                       GPU_CHECK_ARGS="--data.max_length 48 --data.max_prompt_length 24 --data.eval_size 0")
+    assert "== done" in proc.stdout, proc.stdout[-3000:]
+    step = json.loads((out / "train_last_step.json").read_text())
+    assert step["step"] == 1 and step["loss/total"] > 0 and "plot/w_chosen" in step
+    assert json.loads((out / "plot_overhead.json").read_text())["overhead_ratio"] > 0
+    assert json.loads((out / "sinkhorn_vs_pot.json").read_text())["problems"] == 8
