@@ -6,6 +6,7 @@ Metric names follow ``shared/PLOT_METHOD.md`` (TRL-compatible: ``rewards/margins
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -40,7 +41,11 @@ class RunMonitor:
             from torch.utils.tensorboard import SummaryWriter
             self.writer = SummaryWriter(log_dir=str(log_dir))
         from tqdm.auto import tqdm
-        self.bar = tqdm(total=total_steps, desc="train", unit="step", dynamic_ncols=True)
+        # A log file (Slurm, nohup) gets an ASCII bar: block characters split across the buffered
+        # writes of several ranks sharing one file come out as invalid UTF-8.
+        interactive = sys.stderr.isatty()
+        self.bar = tqdm(total=total_steps, desc="train", unit="step", dynamic_ncols=True,
+                        ascii=not interactive, mininterval=0.1 if interactive else 5.0)
         self._tokens, self._pairs, self._since = 0.0, 0.0, time.perf_counter()
 
     def count(self, tokens: float, pairs: float) -> None:

@@ -43,6 +43,11 @@ def tiny_config(path: Path, model_dir: str, ds_config: str, output_dir: Path, **
     return path
 
 
+def _read_log(log: Path) -> str:
+    """A job log is written by several processes at once; a write may split a multi-byte character."""
+    return log.read_text(errors="replace")
+
+
 def read_history(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "train_history.jsonl").read_text().splitlines()]
 
@@ -84,7 +89,7 @@ def test_slurm_template_checkpoints_on_warning_requeues_and_resumes(slurm, tiny_
     deadline = time.time() + 600
     while not (run_dir / "train_history.jsonl").exists() or not read_history(run_dir):
         state = slurm.job(job).get("JobState")
-        assert state in ("PENDING", "RUNNING", "CONFIGURING"), f"job {state}:\n{log.read_text() if log.exists() else ''}"
+        assert state in ("PENDING", "RUNNING", "CONFIGURING"), f"job {state}:\n{_read_log(log) if log.exists() else ''}"
         assert time.time() < deadline, "no training step within 600 s"
         time.sleep(0.5)
     slurm.signal_batch(job, "USR1")
@@ -92,7 +97,7 @@ def test_slurm_template_checkpoints_on_warning_requeues_and_resumes(slurm, tiny_
     # The job requeues itself; Slurm holds a requeued job ~2 min before it is eligible again.
     deadline = time.time() + 300
     while slurm.job(job).get("Restarts", "0") == "0":
-        assert time.time() < deadline, f"job never requeued:\n{log.read_text()}"
+        assert time.time() < deadline, f"job never requeued:\n{_read_log(log)}"
         time.sleep(0.5)
     stopped_at = int((run_dir / "checkpoints" / "latest_complete").read_text().strip().split("_")[1])
     assert 1 <= stopped_at < steps, "the warning should have stopped the run part-way"
@@ -105,7 +110,7 @@ def test_slurm_template_checkpoints_on_warning_requeues_and_resumes(slurm, tiny_
     slurm.control("update", f"jobid={job}", "StartTime=now")
     final = slurm.wait(job, timeout=600)
 
-    text = log.read_text()
+    text = _read_log(log)
     assert final["JobState"] == "COMPLETED", text[-5000:]
     assert "USR1 received" in text and "requeueing job" in text and "restart 1" in text, text[-5000:]
     assert f"resumed from {run_dir / 'checkpoints' / f'step_{stopped_at:08d}'}" in text, text[-5000:]
