@@ -4,6 +4,7 @@ and frozen reference engines. The training loop sees only the engines this modul
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import math
 from pathlib import Path
@@ -63,6 +64,10 @@ def fill_ds_config(template: dict, train: TrainConfig, world_size: int, hidden_s
     for key, size in MODEL_SIZED_ZERO.items():
         if zero.get(key) == "auto" and hidden_size is not None:
             zero[key] = size(hidden_size)
+    if zero.get("stage3_max_reuse_distance") == "auto":
+        # One rank gathers a layer by copying its own partition: keeping gathered layers alive from
+        # the forward to the backward saves no communication and costs a second copy of the model.
+        zero["stage3_max_reuse_distance"] = 0 if world_size == 1 else int(1e9)
     precision = resolve_precision(train.precision)
     _fill(ds, "train_micro_batch_size_per_gpu", train.micro_batch_size, "ds")
     _fill(ds, "gradient_accumulation_steps", train.gradient_accumulation_steps, "ds")
@@ -204,9 +209,38 @@ def warmup_cosine(train: TrainConfig):
     return factor
 
 
+def keep_one_fp32_copy() -> None:
+    """Make DeepSpeed's ZeRO-3 reuse an fp32 partition as its fp32 master weights.
+
+    DeepSpeed 0.19 means to (stage3.py, ``_create_fp32_partitions``) but compares the partition's
+    ``torch.device`` with the accelerator's device-name string, which is never equal, so fp32
+    training keeps a second full copy of every partition. Comparing devices as devices removes it;
+    bf16/fp16 partitions and offloaded optimizers take DeepSpeed's own branches unchanged.
+    """
+    from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3 as Stage3
+
+    original = Stage3._create_fp32_partitions
+    if getattr(original, "plot_ds_keeps_one_copy", False):
+        return
+
+    @functools.wraps(original)
+    def create_fp32_partitions(self):
+        name = self.device
+        if not self.offload_optimizer and isinstance(name, str):
+            self.device = torch.device(name)
+        try:
+            return original(self)
+        finally:
+            self.device = name
+
+    create_fp32_partitions.plot_ds_keeps_one_copy = True
+    Stage3._create_fp32_partitions = create_fp32_partitions
+
+
 def build_policy_engine(config: Config, ds_config: dict):
     import deepspeed
 
+    keep_one_fp32_copy()
     model = load_model(config, ds_config)
     if config.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -46,6 +46,27 @@ def test_parameters_are_partitioned_not_replicated(step_results):
         assert all(r[name][2] == 0 for r in ranks), f"{name}: left gathered outside forward"
 
 
+def adamw_first_step(before: torch.Tensor, grad: torch.Tensor, decay: float) -> torch.Tensor:
+    """torch's AdamW from fresh state with the worker's settings (lr 1e-3, betas (0.9, 0.95))."""
+    param = before.clone().requires_grad_(True)
+    param.grad = grad.clone()
+    torch.optim.AdamW([param], lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=decay).step()
+    return param.detach()
+
+
+@pytest.mark.parametrize("objective", ["sft", "dpo"])
+def test_update_is_adamw_on_the_step_gradient(step_results, objective):
+    """The parameters the model runs with move by exactly AdamW's first step; fp32 training keeps
+    one copy of the weights (the optimizer's master partition is the parameter partition)."""
+    for results in [step_results["one"][f"{objective}:8x1"]] + [r[f"{objective}:2x2"] for r in step_results["two"]]:
+        assert results["master_is_partition"]
+        for name, grad in results["grads"].items():
+            before, after = results["before"][name], results["after"][name]
+            expected = adamw_first_step(before, grad, decay=0.1 if before.dim() >= 2 else 0.0)
+            assert (after - before).abs().max() > 1e-4, f"{name} did not move"
+            torch.testing.assert_close(after, expected, rtol=1e-5, atol=1e-6, msg=lambda m: f"{objective} {name}: {m}")
+
+
 PLOT_VARIANTS = ("dpo+plot", "dpo+plot_full", "none+plot_ref_mix")
 
 

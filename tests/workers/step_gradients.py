@@ -1,6 +1,8 @@
 """Run by real ranks (torchrun): one optimizer step through plot_ds.training.train_step for each
 objective and micro-batch split, recording the full gradient the optimizer is about to use, and
-how each parameter is partitioned.
+how each parameter is partitioned; for SFT and DPO also the parameters before and after the
+update (lr 1e-3, weight decay 0.1) and whether ZeRO-3's fp32 master weights are the parameter
+partitions themselves.
 
 usage: step_gradients.py MODEL_DIR DS_CONFIG OUT_FILE SPLITS
   SPLITS: comma-separated MICROxACCUM, e.g. 1x4,2x2,4x1 (per-rank micro-batch x accumulation)
@@ -10,6 +12,7 @@ sliced and the full-gather path, to compare with the unpartitioned matrix.
 """
 import sys
 
+import deepspeed
 import torch
 from deepspeed.utils import safe_get_full_grad
 
@@ -54,6 +57,13 @@ def slice_rows(policy, rank: int) -> dict:
             "cosines_full": cosines_full.cpu(), "cosine_bytes": cosine_bytes}
 
 
+def full_parameters(policy) -> dict:
+    """The module's own parameters (not the optimizer's copy), gathered."""
+    params = dict(policy.module.named_parameters())
+    with deepspeed.zero.GatheredParameters(list(params.values())):
+        return {name: param.detach().clone().cpu() for name, param in params.items()}
+
+
 def main(model_dir: str, ds_config_path: str, out_file: str, splits: str) -> None:
     dist = init_distributed()
     results = {}
@@ -66,7 +76,7 @@ def main(model_dir: str, ds_config_path: str, out_file: str, splits: str) -> Non
                 "data.max_prompt_length": 48, "data.eval_size": 0,
                 "train.micro_batch_size": micro, "train.gradient_accumulation_steps": accum,
                 "train.max_grad_norm": 0.0, "train.precision": "fp32", "train.max_steps": 2,
-                "train.warmup_steps": 0})
+                "train.warmup_steps": 0, "train.lr": 1e-3, "train.weight_decay": 0.1})
             torch.manual_seed(0)
             ds_config = load_ds_config(config, dist.world_size)
             tokenizer = load_tokenizer(config)
@@ -86,6 +96,8 @@ def main(model_dir: str, ds_config_path: str, out_file: str, splits: str) -> Non
                 for name, param in policy.module.named_parameters():
                     grads[name] = safe_get_full_grad(param).detach().clone().cpu()
 
+            tracks_update = variant in ("sft", "dpo")
+            before = full_parameters(policy) if tracks_update else None
             sums, totals = train_step(policy, reference, objective, batches, dist.world_size,
                                       before_update=capture)
             from plot_ds.monitoring import reduce_metrics
@@ -95,6 +107,11 @@ def main(model_dir: str, ds_config_path: str, out_file: str, splits: str) -> Non
             results[key] = {"grads": grads, "metrics": reduce_metrics(sums),
                             "pairs": float(totals.pairs), "partition": partition,
                             "global_batch": sampler.global_batch(0)}
+            if tracks_update:
+                optimizer = policy.optimizer
+                results[key].update(before=before, after=full_parameters(policy), master_is_partition=all(
+                    master.data_ptr() == partition.data_ptr() for master, partition in
+                    zip(optimizer.fp32_partitioned_groups_flat, optimizer.fp16_partitioned_groups_flat)))
             policy.destroy()
             if reference is not None:
                 reference.destroy()
