@@ -64,10 +64,6 @@ def fill_ds_config(template: dict, train: TrainConfig, world_size: int, hidden_s
     for key, size in MODEL_SIZED_ZERO.items():
         if zero.get(key) == "auto" and hidden_size is not None:
             zero[key] = size(hidden_size)
-    if zero.get("stage3_max_reuse_distance") == "auto":
-        # One rank gathers a layer by copying its own partition: keeping gathered layers alive from
-        # the forward to the backward saves no communication and costs a second copy of the model.
-        zero["stage3_max_reuse_distance"] = 0 if world_size == 1 else int(1e9)
     precision = resolve_precision(train.precision)
     _fill(ds, "train_micro_batch_size_per_gpu", train.micro_batch_size, "ds")
     _fill(ds, "gradient_accumulation_steps", train.gradient_accumulation_steps, "ds")
