@@ -29,6 +29,10 @@ differently. How each side computes the same thing is its own and is what is mea
 log-probs come from a chunked ("fused") LM head that never holds the full logits, plot_ds's from the
 full logits.
 
+Peak RSS counts what glibc's heap keeps after tensors are freed, which depends on each side's order
+of allocations as much as on its live tensors; --malloc-mmap-threshold 131072 (on both sides) makes
+the peak that of the live tensors, at some cost in speed (fresh pages for every large tensor).
+
 Each side's pairs/s is pairs per step over the wall time between consecutive step ends (data,
 forward, backward, optimizer, logging: everything a training step costs), median over the steps after
 the warmup. Peak memory is the child process's ru_maxrss, read inside it as it finishes.
@@ -62,6 +66,10 @@ def parse_args():
     parser.add_argument("--reference", choices=["live", "precomputed"], default="live",
                         help="live: a reference forward every step on both sides; precomputed: plot_ds's "
                              "reference cache vs TRL's precompute_ref_log_probs (one pass before training)")
+    parser.add_argument("--malloc-mmap-threshold", type=int, default=None, metavar="BYTES",
+                        help="glibc's MALLOC_MMAP_THRESHOLD_ for both children (default: glibc's own, "
+                             "dynamic). 131072 makes freed tensors go back to the OS at once, so that the "
+                             "peak RSS is the peak of live tensors rather than of the heap's high-water mark")
     parser.add_argument("--plot-ds-args", default="", help="extra plot_ds overrides, e.g. \"--deepspeed.config "
                         "ds_configs/zero2.json\" (applied last; TRL does not see them)")
     parser.add_argument("--child", choices=["plot_ds", "trl"], help=argparse.SUPPRESS)
@@ -203,6 +211,8 @@ def write_pairs(path, count):
 def run_child(side, args, workdir):
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
                OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
+    if args.malloc_mmap_threshold is not None:
+        env["MALLOC_MMAP_THRESHOLD_"] = str(args.malloc_mmap_threshold)
     forwarded = ["--steps", args.steps, "--warmup", args.warmup, "--micro-batch", args.micro_batch,
                  "--max-length", args.max_length, "--max-prompt-length", args.max_prompt_length,
                  "--threads", args.threads, "--reference", args.reference, "--plot-ds-args", args.plot_ds_args]
@@ -249,6 +259,8 @@ def main():
     }
     if args.plot_ds_args:
         result["plot_ds_args"] = args.plot_ds_args
+    if args.malloc_mmap_threshold is not None:
+        result["malloc_mmap_threshold"] = args.malloc_mmap_threshold
     print(json.dumps(result), flush=True)
 
 
