@@ -119,12 +119,20 @@ def response_logits(model, input_ids, attention_mask, tokens: ResponseTokens) ->
 SHARE_PROMPT = "plot_ds_share_prompt"
 
 
+def _cache_argument(module) -> str | None:
+    """The forward's key/value-cache keyword: ``cache`` from transformers 5.2x on, ``past_key_values``
+    before (the output field has the same name)."""
+    parameters = inspect.signature(module.forward).parameters
+    return next((name for name in ("cache", "past_key_values") if name in parameters), None)
+
+
 def enable_prompt_sharing(model, enabled: bool) -> None:
     """Mark a model (or DeepSpeed engine) for ``shared_prompt_logits``. Needs a decoder whose
     forward takes a key/value cache; gradient checkpointing drops the cache, so it must be off."""
     module = getattr(model, "module", model)
-    accepts_cache = "past_key_values" in inspect.signature(module.forward).parameters
-    setattr(model, SHARE_PROMPT, bool(enabled and accepts_cache and not module.config.is_encoder_decoder))
+    argument = _cache_argument(module)
+    sharing = enabled and argument is not None and not module.config.is_encoder_decoder
+    setattr(model, SHARE_PROMPT, argument if sharing else None)
 
 
 def _with_head_input(model, select, **inputs):
@@ -136,15 +144,26 @@ def _with_head_input(model, select, **inputs):
         hook.remove()
 
 
+def _croppable(cache) -> bool:
+    """Whether ``cache.crop`` puts every layer back as it was (full-attention layers; a sliding
+    window or a recurrent state may have dropped what a crop would need)."""
+    from transformers.cache_utils import DynamicLayer
+
+    return all(type(layer) is DynamicLayer for layer in getattr(cache, "layers", [None]))
+
+
 def shared_prompt_logits(model, batch: dict, tokens: ResponseTokens, device) -> torch.Tensor | None:
     """[N, V] logits at the response positions, computing each pair's prompt once.
 
     Pass 1 runs the prompts (left-padded so that all end in the last column) and keeps their
-    key/value cache; its last position predicts the first response token. The cache is repeated
-    for the chosen and the rejected rows, and pass 2 runs only the response tokens on top of it.
-    Both passes are the model's own forward (ZeRO-3 hooks and all) and the LM head sees only the
-    positions that predict a response token. ``tokens``: the CPU positions. None when the rows are
-    not prompt-sharing pairs (chosen row i and rejected row n + i with the same prompt).
+    key/value cache; its last position predicts the first response token. The chosen responses
+    then run on top of that cache, the cache is cropped back to the prompts, and the rejected
+    responses run on it, each side padded only to its own longest response. (Where the cache
+    cannot be cropped, one pass runs all responses over a cache repeated for both sides.) The
+    passes are the model's own forward (ZeRO-3 hooks and all); the LM head runs once, in the last
+    pass, on the hidden states of all passes, and only at the positions that predict a response
+    token. ``tokens``: the CPU positions. None when the rows are not prompt-sharing pairs (chosen
+    row i and rejected row n + i with the same prompt).
     """
     ids, labels = batch["input_ids"], batch["labels"]
     rows, pairs = ids.shape[0], ids.shape[0] // 2
@@ -157,38 +176,66 @@ def shared_prompt_logits(model, batch: dict, tokens: ResponseTokens, device) -> 
     if not all(torch.equal(ids[i, :p], ids[pairs + i, :p]) for i, p in enumerate(prompt_lengths.tolist())):
         return None
     pad = int(ids[0, -1]) if ids.shape[1] else 0  # any id: padded positions are masked out
-    width, span = int(prompt_lengths.max()), int(lengths.max())
+    width = int(prompt_lengths.max())
     prompt_ids = torch.full((pairs, width), pad, dtype=ids.dtype)
     prompt_mask = torch.zeros(pairs, width, dtype=torch.long)
-    response_ids = torch.full((rows, span), pad, dtype=ids.dtype)
-    response_mask = torch.zeros(rows, span, dtype=torch.long)
     for i, p in enumerate(prompt_lengths.tolist()):
         prompt_ids[i, width - p:], prompt_mask[i, width - p:] = ids[i, :p], 1
-    for r in range(rows):
-        p, n = int(starts[r]), int(lengths[r])
-        response_ids[r, :n], response_mask[r, :n] = ids[r, p:p + n], 1
     prompt_positions = (prompt_mask.cumsum(1) - 1).clamp_min(0)
-    response_positions = starts[:, None] + torch.arange(span)
-    # Pass 2's head input: response token j of row r (j < length - 1) predicts token j + 1.
-    predicting = response_mask.clone()
-    predicting[torch.arange(rows), lengths - 1] = 0
-    head_rows, head_cols = predicting.nonzero(as_tuple=True)
-    # Row-major order of ``tokens``: per row, first the prompt's last position, then pass 2's.
-    slot = torch.full((rows, span), -1, dtype=torch.long)
-    slot[head_rows, head_cols] = pairs + torch.arange(head_rows.numel())
-    step = tokens.cols - (starts[tokens.rows] - 1)   # 0: predicted by the prompt's last position
-    source = torch.where(step == 0, tokens.rows % pairs, slot[tokens.rows, (step - 1).clamp_min(0)])
 
     to = lambda t: t.to(device, non_blocking=True)  # noqa: E731
-    first = _with_head_input(model, lambda hidden: hidden[:, -1], input_ids=to(prompt_ids),
+    hidden = []  # hidden states that predict response tokens, in the order of the passes
+
+    def keep_prompt_last(states):
+        hidden.append(states[:, -1])
+        return states[:0, -1]
+
+    argument = getattr(model, SHARE_PROMPT)
+    first = _with_head_input(model, keep_prompt_last, input_ids=to(prompt_ids),
                              attention_mask=to(prompt_mask), position_ids=to(prompt_positions), use_cache=True)
-    cache = first.past_key_values
-    cache.batch_select_indices(to(torch.cat([torch.arange(pairs), torch.arange(pairs)])))
-    head_rows, head_cols = to(head_rows), to(head_cols)
-    rest = _with_head_input(model, lambda hidden: hidden[head_rows, head_cols], input_ids=to(response_ids),
-                            attention_mask=to(torch.cat([prompt_mask.repeat(2, 1), response_mask], 1)),
-                            position_ids=to(response_positions), past_key_values=cache, use_cache=True)
-    return torch.cat([first.logits, rest.logits]).index_select(0, to(source))
+    cache = getattr(first, argument)
+    if _croppable(cache):
+        groups = [torch.arange(pairs), torch.arange(pairs, rows)]
+    else:
+        groups = [torch.arange(rows)]
+        cache.batch_select_indices(to(torch.arange(rows) % pairs))
+
+    # slot[r, j]: index in ``hidden`` (concatenated) of the state that predicts response token
+    # j + 1 of row r; token 0 is predicted by the prompt's last position, hidden index r % pairs.
+    slot = torch.full((rows, int(lengths.max())), -1, dtype=torch.long)
+    passes, filled = [], pairs
+    for group in groups:
+        group_lengths = lengths[group]
+        span = int(group_lengths.max())
+        response_ids = torch.full((len(group), span), pad, dtype=ids.dtype)
+        response_mask = torch.zeros(len(group), span, dtype=torch.long)
+        for k, (r, n) in enumerate(zip(group.tolist(), group_lengths.tolist())):
+            p = int(starts[r])
+            response_ids[k, :n], response_mask[k, :n] = ids[r, p:p + n], 1
+        predicting = response_mask.clone()
+        predicting[torch.arange(len(group)), group_lengths - 1] = 0
+        head_rows, head_cols = predicting.nonzero(as_tuple=True)
+        slot[group[head_rows], head_cols] = filled + torch.arange(head_rows.numel())
+        filled += head_rows.numel()
+        passes.append(dict(input_ids=to(response_ids), position_ids=to(starts[group, None] + torch.arange(span)),
+                           attention_mask=to(torch.cat([prompt_mask[group % pairs], response_mask], 1)),
+                           head_rows=to(head_rows), head_cols=to(head_cols), span=span))
+    step = tokens.cols - (starts[tokens.rows] - 1)
+    source = to(torch.where(step == 0, tokens.rows % pairs, slot[tokens.rows, (step - 1).clamp_min(0)]))
+
+    for index, inputs in enumerate(passes):
+        head_rows, head_cols, span = inputs.pop("head_rows"), inputs.pop("head_cols"), inputs.pop("span")
+        last = index == len(passes) - 1
+
+        def head_input(states, head_rows=head_rows, head_cols=head_cols, last=last):
+            hidden.append(states[head_rows, head_cols])
+            # Reordering [N, d] hidden states, not [N, V] logits: no logits-sized copies.
+            return torch.cat(hidden).index_select(0, source) if last else states[:0, 0]
+
+        out = _with_head_input(model, head_input, use_cache=True, **{argument: cache}, **inputs)
+        if not last:
+            cache.crop(-span)
+    return out.logits
 
 
 def forward_pairs(model, batch: dict, keep_logits: bool) -> PairOutputs:
@@ -198,7 +245,7 @@ def forward_pairs(model, batch: dict, keep_logits: bool) -> PairOutputs:
     cpu_tokens = ResponseTokens.of(batch["labels"])
     tokens = cpu_tokens.to(device)
     logits = None
-    if getattr(model, SHARE_PROMPT, False):
+    if getattr(model, SHARE_PROMPT, None):
         logits = shared_prompt_logits(model, batch, cpu_tokens, device)
     if logits is None:
         logits = response_logits(model, batch["input_ids"].to(device, non_blocking=True),

@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from plot_ds.data import IGNORE_INDEX
@@ -75,13 +76,24 @@ def test_pair_rows_are_chosen_then_rejected():
     assert pair.chosen_tokens.tolist() == [5, 6] and pair.rejected_tokens.tolist() == [7, 8]
 
 
-def test_shared_prompt_forward_equals_the_full_rows(tiny_model_dir):
+@pytest.mark.parametrize("per_side", [True, False], ids=["chosen-then-rejected", "one-pass-repeated-cache"])
+def test_shared_prompt_forward_equals_the_full_rows(tiny_model_dir, monkeypatch, per_side):
     """Prompts of different lengths (left-padded in the prompt pass), responses of different
-    lengths (one of a single token), padding: log-probs, logits and gradients as the plain forward."""
+    lengths (one of a single token), padding: log-probs, logits and gradients as the plain forward,
+    both with chosen and rejected responses in passes of their own over a cropped cache, and in
+    one pass over a repeated cache (caches that cannot be cropped)."""
     from transformers import AutoModelForCausalLM
+    from plot_ds import logprobs
     from plot_ds.data import collate
     from plot_ds.data.tokenize import TokenizedPair
     from plot_ds.logprobs import enable_prompt_sharing
+
+    passes = []
+    real_with_head_input = logprobs._with_head_input
+    monkeypatch.setattr(logprobs, "_with_head_input",
+                        lambda *a, **k: passes.append(k["input_ids"].shape) or real_with_head_input(*a, **k))
+    if not per_side:
+        monkeypatch.setattr(logprobs, "_croppable", lambda cache: False)
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32, attn_implementation="sdpa")
     pairs = [TokenizedPair("a", [5, 6, 7, 8, 9], [10, 11, 12, 2], [13, 2]),
@@ -92,11 +104,16 @@ def test_shared_prompt_forward_equals_the_full_rows(tiny_model_dir):
     for shared in (False, True):
         model.zero_grad()
         enable_prompt_sharing(model, shared)
+        passes.clear()
         out = forward_pairs(model, batch, keep_logits=True)
         (out.logps.chosen.sum() - 0.5 * out.logps.rejected.sum()).backward()
         grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
         results[shared] = (out, grads)
     (plain, plain_grads), (shared, shared_grads) = results[False], results[True]
+    # Prompts (3 x 5); then chosen (3 x 4) and rejected (3 x 6) each padded to their own longest,
+    # or all six responses padded to 6 over a cache repeated for both sides.
+    expected = [(3, 5), (3, 4), (3, 6)] if per_side else [(3, 5), (6, 6)]
+    assert passes == [torch.Size(shape) for shape in expected]
     assert torch.isfinite(shared.logits).all()
     torch.testing.assert_close(shared.logits, plain.logits, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(shared.logps.chosen, plain.logps.chosen, rtol=1e-5, atol=1e-5)
