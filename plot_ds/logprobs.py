@@ -9,6 +9,7 @@ the [N, V] logits for its backward (no float32 copy, no saved softmax).
 from __future__ import annotations
 
 import inspect
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -132,6 +133,9 @@ def enable_prompt_sharing(model, enabled: bool) -> None:
     module = getattr(model, "module", model)
     argument = _cache_argument(module)
     sharing = enabled and argument is not None and not module.config.is_encoder_decoder
+    if enabled and not sharing:
+        warnings.warn(f"model.share_prompt: {type(module).__name__} takes no key/value cache in its forward "
+                      f"(or is an encoder-decoder); chosen and rejected rows each compute their prompt")
     setattr(model, SHARE_PROMPT, argument if sharing else None)
 
 

@@ -121,3 +121,24 @@ def test_shared_prompt_forward_equals_the_full_rows(tiny_model_dir, monkeypatch,
     assert plain_grads.keys() == shared_grads.keys()
     for name, grad in plain_grads.items():
         torch.testing.assert_close(shared_grads[name], grad, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
+
+
+def test_prompt_sharing_is_refused_aloud_without_a_cache_argument(tiny_model_dir):
+    from types import SimpleNamespace
+
+    from transformers import AutoModelForCausalLM
+    from plot_ds.logprobs import SHARE_PROMPT, enable_prompt_sharing
+
+    class NoCache(torch.nn.Module):
+        config = SimpleNamespace(is_encoder_decoder=False)
+
+        def forward(self, input_ids, attention_mask=None):
+            return input_ids
+
+    model = NoCache()
+    with pytest.warns(UserWarning, match="NoCache takes no key/value cache"):
+        enable_prompt_sharing(model, True)
+    assert getattr(model, SHARE_PROMPT) is None
+    llama = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    enable_prompt_sharing(llama, True)  # transformers >= 5.2x names it "cache", earlier "past_key_values"
+    assert getattr(llama, SHARE_PROMPT) in ("cache", "past_key_values")
