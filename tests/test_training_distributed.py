@@ -19,7 +19,7 @@ def step_results(tiny_model_dir, zero3_test_config, tmp_path_factory):
             "two": [load(out / "two.rank0"), load(out / "two.rank1")]}
 
 
-@pytest.mark.parametrize("objective", ["sft", "dpo"])
+@pytest.mark.parametrize("objective", ["sft", "dpo", "dpo_shared_prompt"])
 @pytest.mark.parametrize("split", SPLITS)
 def test_step_gradient_equals_one_process_run(step_results, objective, split):
     single = step_results["one"][f"{objective}:8x1"]
@@ -44,6 +44,17 @@ def test_parameters_are_partitioned_not_replicated(step_results):
         assert all(n < full for n in local), f"{name}: a rank holds the whole tensor {local} of {full}"
         assert sum(local) >= full, f"{name}: partitions {local} do not cover {full} elements"
         assert all(r[name][2] == 0 for r in ranks), f"{name}: left gathered outside forward"
+
+
+def test_shared_prompt_passes_give_the_full_rows_gradient(step_results):
+    """Prompt pass + chosen pass + rejected pass over the cropped cache, under ZeRO-3 on 2 ranks."""
+    for split in SPLITS:
+        for rank_results in step_results["two"]:
+            full, shared = rank_results[f"dpo:{split}"], rank_results[f"dpo_shared_prompt:{split}"]
+            for name, grad in full["grads"].items():
+                torch.testing.assert_close(shared["grads"][name], grad, rtol=1e-4, atol=1e-5 * grad.abs().max().item(),
+                                           msg=lambda m: f"{split} {name}: {m}")
+            assert shared["metrics"]["loss/total"] == pytest.approx(full["metrics"]["loss/total"], rel=1e-5)
 
 
 def adamw_first_step(before: torch.Tensor, grad: torch.Tensor, decay: float) -> torch.Tensor:

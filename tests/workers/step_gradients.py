@@ -27,6 +27,7 @@ from plot_ds.training import train_step
 VARIANTS = {
     "sft": {"objective.name": "sft", "plot.enabled": False},
     "dpo": {"objective.name": "dpo", "plot.enabled": False},
+    "dpo_shared_prompt": {"objective.name": "dpo", "plot.enabled": False, "model.share_prompt": True},
     # PLOT with both terms, so that chosen and rejected positions both carry gradient.
     "dpo+plot": {"objective.name": "dpo", "plot.rejected_weight": 0.5, "plot.top_k": 16},
     "dpo+plot_full": {"objective.name": "dpo", "plot.rejected_weight": 0.5, "plot.top_k": 16,
@@ -96,7 +97,7 @@ def main(model_dir: str, ds_config_path: str, out_file: str, splits: str) -> Non
                 for name, param in policy.module.named_parameters():
                     grads[name] = safe_get_full_grad(param).detach().clone().cpu()
 
-            tracks_update = variant in ("sft", "dpo")
+            tracks_update = variant in ("sft", "dpo", "dpo_shared_prompt")
             before = full_parameters(policy) if tracks_update else None
             sums, totals = train_step(policy, reference, objective, batches, dist.world_size,
                                       before_update=capture)
