@@ -15,7 +15,8 @@ accumulation; sigmoid DPO with plot_ds's beta; with --reference live (default) a
 forwarded every step (plot_ds: a ZeRO-3 reference engine, ds_configs/zero3.json unless
 --plot-ds-args says otherwise; TRL: a plain copy), with --reference precomputed the reference
 log-probs made in one pass before training on both sides (plot_ds's reference cache, TRL's
-precompute_ref_log_probs), outside the measured steps; torch AdamW (not fused) with plot_ds's lr, betas, eps, weight decay
+precompute_ref_log_probs), outside the measured steps; torch's fused AdamW on both sides (plot_ds's
+ds_configs and transformers' default with torch >= 2.8) with plot_ds's lr, betas, eps, weight decay
 and clipping, no warmup, cosine to the same floor. TRL reads the pairs in the order plot_ds's sampler
 deals them, so step k trains on the same pairs on both sides. The JSON line reports the mean tokens
 per pair as each side tokenised them and each side's loss at every step, so that the equal work can
@@ -157,7 +158,7 @@ def run_trl(args, data_file, workdir):
         per_device_train_batch_size=args.micro_batch, gradient_accumulation_steps=1, max_steps=total_steps,
         learning_rate=train.lr, lr_scheduler_type="cosine_with_min_lr",
         lr_scheduler_kwargs={"min_lr_rate": train.min_lr_ratio}, warmup_steps=0,
-        optim="adamw_torch", adam_beta1=train.adam_betas[0], adam_beta2=train.adam_betas[1],
+        optim="adamw_torch_fused", adam_beta1=train.adam_betas[0], adam_beta2=train.adam_betas[1],
         adam_epsilon=train.adam_eps, weight_decay=train.weight_decay, max_grad_norm=train.max_grad_norm,
         beta=ObjectiveConfig().beta, loss_type=["sigmoid"], max_length=args.max_length,
         precompute_ref_log_probs=args.reference == "precomputed",
