@@ -31,7 +31,7 @@ class ModelConfig:
     gradient_checkpointing: bool = False
     # Each pair's prompt computed once; chosen and rejected continue from its key/value cache. Pays
     # with long prompts (0.80x the forward+backward time at 128-token prompts, bench/prompt_sharing.py),
-    # not with short ones (1.02x at CHAMP's 62), hence off by default. Ignored with gradient checkpointing.
+    # not with short ones (1.03x at CHAMP's 62), hence off by default. Ignored with gradient checkpointing.
     share_prompt: bool = False
 
     def validate(self) -> None:
