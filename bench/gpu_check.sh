@@ -1,50 +1,103 @@
 #!/usr/bin/env bash
 # The CUDA path end to end and the benchmarks, in one run of under ten minutes on one lent GPU.
 # Prepare here first: bash bench/gpu_prepare.sh; then run there with .gpu carried:
-#     bash bench/gpu_check.sh            (results: JSON lines in $OUT, or bench/out/ without $OUT)
+#     bash bench/gpu_check.sh            (results: $OUT or bench/out/: results.jsonl, one JSON line per
+#                                         benchmark; train.log, bench.log, device.txt, train_last_step.json)
 # GPU_CHECK_STEPS (training steps, default 20), GPU_CHECK_BENCH_STEPS (measured overhead steps, 6),
 # GPU_CHECK_PRECISION (bf16): small values and fp32 make it a smoke test on a CPU machine
-# (tests/test_bench.py runs it so, with GPU_CHECK_ARGS for shorter sequences and GPU_CHECK_PROBLEMS
-# for fewer OT problems). GPU_CHECK_ASSETS, GPU_CHECK_MODEL, GPU_CHECK_RUN_DIR: where things are.
-set -euo pipefail
-cd "$(dirname "$0")/.."
+# (tests/test_bench.py runs it so, with GPU_CHECK_ARGS for shorter sequences, GPU_CHECK_PROBLEMS
+# for fewer OT problems, GPU_CHECK_TRL_STEPS and GPU_CHECK_TRL_ARGS for a shorter TRL comparison).
+# GPU_CHECK_ASSETS, GPU_CHECK_MODEL, GPU_CHECK_RUN_DIR, GPU_CHECK_WHEELS: where things are.
+# Each section has its own time limit and a failed one does not stop the next: one lease, all results.
+set -uo pipefail
+cd "$(dirname "$0")/.." || exit 1
 RESULTS="${OUT:-bench/out}"
 mkdir -p "$RESULTS"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 STEPS="${GPU_CHECK_STEPS:-20}"
 BENCH_STEPS="${GPU_CHECK_BENCH_STEPS:-6}"
 PRECISION="${GPU_CHECK_PRECISION:-bf16}"
+TRL_STEPS="${GPU_CHECK_TRL_STEPS:-20}"
 PYTHON="${PYTHON:-python3}"
+WHEELS="${GPU_CHECK_WHEELS:-.gpu/wheels}"
+JSONL="$RESULTS/results.jsonl"
+BENCH_LOG="$RESULTS/bench.log"
+: > "$JSONL"
+: > "$BENCH_LOG"
 
-if ! "$PYTHON" -c 'import deepspeed, ot, datasets' 2>/dev/null; then
-    "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .gpu/wheels/*.whl
+# The wheels shadow the image's packages (its transformers is older than the one tested here).
+if compgen -G "$WHEELS/*.whl" > /dev/null; then
+    "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "$WHEELS"/*.whl || exit 1
     export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 ASSETS="${GPU_CHECK_ASSETS:-.gpu/assets}"
 MODEL="${GPU_CHECK_MODEL:-/tmp/smollm2-shaped}"
 RUN_DIR="${GPU_CHECK_RUN_DIR:-/tmp/gpu_run}"
-"$PYTHON" bench/gpu_assets.py unpack "$ASSETS" "$MODEL"
+"$PYTHON" bench/gpu_assets.py unpack "$ASSETS" "$MODEL" || exit 1
 DATA="$ASSETS/champ.jsonl"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$RESULTS/device.txt" || true
-"$PYTHON" -c 'import torch, deepspeed, transformers; print("torch", torch.__version__, "deepspeed", deepspeed.__version__, "transformers", transformers.__version__)' | tee -a "$RESULTS/device.txt"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$RESULTS/device.txt"
+"$PYTHON" -c 'import torch, deepspeed, transformers; print("torch", torch.__version__, "deepspeed", deepspeed.__version__, "transformers", transformers.__version__, "cuda", torch.cuda.is_available())' | tee -a "$RESULTS/device.txt"
+DEVICE="$("$PYTHON" -c 'import torch; print("cuda" if torch.cuda.is_available() else "cpu")')"
 
 read -r -a EXTRA <<< "${GPU_CHECK_ARGS:-}"   # more overrides, e.g. shorter sequences for a CPU smoke test
 COMMON=(--model.name_or_path "$MODEL" --data.source "$DATA" --data.eval_size 8 --train.precision "$PRECISION"
         "${EXTRA[@]}")
+FAILED=()
 
-echo "== 1. training end to end: ZeRO-3, ${PRECISION}, DPO + PLOT, ${STEPS} steps"
-timeout 240 "$PYTHON" -m deepspeed.launcher.runner --num_gpus 1 launch/train.py "${COMMON[@]}" \
-    --train.max_steps "$STEPS" --train.eval_every 0 --train.output_dir "$RUN_DIR" --train.resume none 2>&1 \
-    | tee "$RESULTS/train.log" | grep -E "^\[plot_ds\]|Error|error" || true
-tail -n 1 "$RUN_DIR/train_history.jsonl" | tee "$RESULTS/train_last_step.json"
+# bench NAME LIMIT_S COMMAND...: the command's last stdout line (its JSON) goes to results.jsonl.
+bench() {
+    local name="$1" limit="$2"
+    shift 2
+    echo "== $name"
+    echo "== $name" >> "$BENCH_LOG"
+    local line
+    line="$(timeout "$limit" "$@" 2>>"$BENCH_LOG" | tail -n 1)"
+    if [[ "$line" == "{"* ]]; then
+        echo "$line" | tee -a "$JSONL"
+    else
+        echo "FAILED (see bench.log): $line"
+        FAILED+=("$name")
+    fi
+}
 
-echo "== 2. PLOT overhead (one GPU: the slice bytes need two ranks, see docs/benchmarks.md)"
-timeout 150 "$PYTHON" bench/plot_overhead.py --steps "$BENCH_STEPS" --warmup 1 "${COMMON[@]}" 2>/dev/null \
-    | tail -n 1 | tee "$RESULTS/plot_overhead.json"
+echo "== training end to end: ZeRO-3, ${PRECISION}, DPO + PLOT, ${STEPS} steps"
+if timeout 240 "$PYTHON" -m deepspeed.launcher.runner --num_gpus 1 launch/train.py "${COMMON[@]}" \
+        --train.max_steps "$STEPS" --train.eval_every 0 --train.output_dir "$RUN_DIR" --train.resume none \
+        > "$RESULTS/train.log" 2>&1; then
+    grep -E "^\[plot_ds\]" "$RESULTS/train.log" | tail -n 5
+    tail -n 1 "$RUN_DIR/train_history.jsonl" | tee "$RESULTS/train_last_step.json"
+else
+    echo "FAILED (see train.log):"
+    tail -n 30 "$RESULTS/train.log"
+    FAILED+=("training")
+fi
 
-echo "== 3. batched Sinkhorn on the GPU vs a loop over POT's ot.emd2"
-timeout 120 "$PYTHON" bench/sinkhorn_vs_pot.py --model "$MODEL" --problems "${GPU_CHECK_PROBLEMS:-1024}" --repeats 3 2>/dev/null \
-    | tail -n 1 | tee "$RESULTS/sinkhorn_vs_pot.json"
+read -r -a TRL_EXTRA <<< "${GPU_CHECK_TRL_ARGS:-}"   # e.g. "--max-length 48 --warmup 0"
+TRL=(--model "$MODEL" --pairs "$DATA" --device "$DEVICE" --steps "$TRL_STEPS" --warmup 3)
+if "$PYTHON" -c 'import trl' 2>/dev/null; then
+    bench "plot_ds vs TRL, ${PRECISION}, micro-batch 2" 150 \
+        "$PYTHON" bench/trl_comparison.py "${TRL[@]}" --precision "$PRECISION" --micro-batch 2 "${TRL_EXTRA[@]}"
+fi
 
+bench "PLOT overhead (one GPU: the slice bytes need two ranks, see docs/benchmarks.md)" 120 \
+    "$PYTHON" bench/plot_overhead.py --steps "$BENCH_STEPS" --warmup 1 "${COMMON[@]}"
+
+bench "batched Sinkhorn vs a loop over POT's ot.emd2" 90 \
+    "$PYTHON" bench/sinkhorn_vs_pot.py --model "$MODEL" --problems "${GPU_CHECK_PROBLEMS:-1024}" --repeats 3
+
+if "$PYTHON" -c 'import trl' 2>/dev/null; then
+    # GPU-sized batches, then fp32 on both sides (the losses must then agree step by step).
+    bench "plot_ds vs TRL, ${PRECISION}, micro-batch 8" 130 \
+        "$PYTHON" bench/trl_comparison.py "${TRL[@]}" --precision "$PRECISION" --micro-batch 8 "${TRL_EXTRA[@]}"
+    bench "plot_ds vs TRL, fp32, micro-batch 2" 130 \
+        "$PYTHON" bench/trl_comparison.py "${TRL[@]}" --precision fp32 --micro-batch 2 "${TRL_EXTRA[@]}"
+else
+    echo "== TRL is not installed: the TRL comparison did not run"
+fi
+
+if (( ${#FAILED[@]} )); then
+    echo "== failed: ${FAILED[*]}; results so far in $RESULTS"
+    exit 1
+fi
 echo "== done; results in $RESULTS"

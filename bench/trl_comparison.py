@@ -1,13 +1,18 @@
 """plot_ds DPO against TRL's DPOTrainer, side by side in one run: the same model, pairs, batches,
-sequence length, precision, optimizer settings and number of steps, one CPU process each, one after
-the other. Prints one JSON line with the pairs-per-second ratio and the peak-memory ratio, both
-plot_ds / TRL (pairs/s above 1: plot_ds is faster; memory above 1: plot_ds needs more).
+sequence length, precision, optimizer settings and number of steps, one process each (CPU, or one
+GPU with --device cuda), one after the other. Prints one JSON line with the pairs-per-second ratio
+and the peak-memory ratio, both plot_ds / TRL (pairs/s above 1: plot_ds is faster; memory above 1:
+plot_ds needs more).
 
     pip install trl                                   # benchmark-only dependency
     python bench/trl_comparison.py [--steps 8] [--warmup 2] [--micro-batch 2] [--max-length 256]
                                    [--max-prompt-length 128] [--threads 1] [--plot-ds-args "..."]
+                                   [--device cuda --precision bf16 --model DIR --pairs FILE.jsonl]
 
-"Same work" means: SmolLM2-135M-Instruct in fp32 with sdpa attention and no gradient checkpointing;
+"Same work" means: SmolLM2-135M-Instruct (or --model) with sdpa attention and no gradient
+checkpointing, in fp32, or with --precision bf16 in each side's bf16 mixed precision with fp32 master
+weights (plot_ds: DeepSpeed's bf16 weights and an fp32 optimizer copy; TRL: fp32 weights under
+autocast, its bf16=True);
 the first (warmup + steps) x micro-batch built-in CHAMP pairs (the ones trained on), written once to a JSONL file of prompt/chosen/rejected strings that both
 sides read; no chat template on either side (plot_ds would template explicit prompts:
 data.chat_template none); EOS appended to each response; --micro-batch pairs per step, no
@@ -30,9 +35,13 @@ differently. How each side computes the same thing is its own and is what is mea
 log-probs come from a chunked ("fused") LM head that never holds the full logits, plot_ds's from the
 full logits.
 
-Peak RSS counts what glibc's heap keeps after tensors are freed, which depends on each side's order
+On CPU the peak memory is the peak RSS. Peak RSS counts what glibc's heap keeps after tensors are freed, which depends on each side's order
 of allocations as much as on its live tensors; --malloc-mmap-threshold 131072 (on both sides) makes
 the peak that of the live tensors, at some cost in speed (fresh pages for every large tensor).
+
+On a GPU it is torch.cuda.max_memory_allocated
+(live tensors; the ratio reported) and max_memory_reserved (what the caching allocator held), over
+the whole run: DeepSpeed resets CUDA's peak counters in places, so the children disable those resets.
 
 Each side's pairs/s is pairs per step over the wall time between consecutive step ends (data,
 forward, backward, optimizer, logging: everything a training step costs), median over the steps after
@@ -71,6 +80,13 @@ def parse_args():
                         help="glibc's MALLOC_MMAP_THRESHOLD_ for both children (default: glibc's own, "
                              "dynamic). 131072 makes freed tensors go back to the OS at once, so that the "
                              "peak RSS is the peak of live tensors rather than of the heap's high-water mark")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                        help="cuda: one GPU per side (DeepSpeed's accelerator must be cuda)")
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                        help="bf16: each side's mixed precision with fp32 master weights")
+    parser.add_argument("--model", default=MODEL, help="model path or hub id, the same on both sides")
+    parser.add_argument("--pairs", help="JSONL of prompt/chosen/rejected records (default: the built-in "
+                        "CHAMP pairs); the first (warmup + steps) x micro-batch are used")
     parser.add_argument("--plot-ds-args", default="", help="extra plot_ds overrides, e.g. \"--deepspeed.config "
                         "ds_configs/zero2.json\" (applied last; TRL does not see them)")
     parser.add_argument("--child", choices=["plot_ds", "trl"], help=argparse.SUPPRESS)
@@ -92,7 +108,7 @@ def run_plot_ds(args, data_file, workdir):
     from plot_ds.cli import train_main
 
     output_dir = os.path.join(workdir, "plot_ds_run")
-    argv = ["--objective.name", "dpo", "--plot.enabled", "false",
+    argv = ["--model.name_or_path", args.model, "--objective.name", "dpo", "--plot.enabled", "false",
             "--reference.mode", "engine" if args.reference == "live" else "cache",
             "--reference.cache_path", os.path.join(workdir, "reference_logps.safetensors"),
             "--data.source", data_file, "--data.eval_size", "0", "--data.chat_template", "none",
@@ -100,7 +116,7 @@ def run_plot_ds(args, data_file, workdir):
             "--data.cache", "false",
             "--train.micro_batch_size", str(args.micro_batch), "--train.gradient_accumulation_steps", "1",
             "--train.max_steps", str(args.warmup + args.steps), "--train.warmup_steps", "0",
-            "--train.precision", "fp32", "--train.eval_every", "0", "--train.save_checkpoint", "false",
+            "--train.precision", args.precision, "--train.eval_every", "0", "--train.save_checkpoint", "false",
             "--train.export_final", "false", "--train.resume", "none", "--train.output_dir", output_dir,
             # TRL runs with report_to none: no TensorBoard writer on this side either.
             "--train.tensorboard", "false",
@@ -164,12 +180,13 @@ def run_trl(args, data_file, workdir):
         precompute_ref_log_probs=args.reference == "precomputed",
         # DPOConfig defaults to bf16 and gradient checkpointing; plot_ds runs fp32 without checkpointing.
         # (activation_checkpointing is transformers 5's name; it wins over TRL's gradient_checkpointing.)
-        bf16=False, fp16=False, activation_checkpointing=False,
+        # bf16 is TRL's mixed precision: fp32 weights (and optimizer) under bf16 autocast.
+        bf16=args.precision == "bf16", fp16=False, activation_checkpointing=False,
         model_init_kwargs={"dtype": "float32", "attn_implementation": "sdpa"},
-        use_cpu=True, dataloader_num_workers=0, train_sampling_strategy="sequential", seed=train.seed,
+        use_cpu=args.device == "cpu", dataloader_num_workers=0, train_sampling_strategy="sequential", seed=train.seed,
         eval_strategy="no", save_strategy="no", report_to="none", logging_steps=1, disable_tqdm=True,
     )
-    model_path = resolve_model_path(MODEL)
+    model_path = resolve_model_path(args.model)
     timer = StepTimer()
     trainer = DPOTrainer(model=model_path, args=config, train_dataset=dataset,
                          processing_class=AutoTokenizer.from_pretrained(model_path), callbacks=[timer])
@@ -186,26 +203,58 @@ def run_trl(args, data_file, workdir):
             "losses": [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]}
 
 
+def keep_cuda_peaks():
+    """DeepSpeed resets CUDA's peak-memory counters in places (runtime.utils.empty_cache,
+    see_memory_usage); a peak over the whole run needs those resets off, on both sides alike."""
+    import torch
+    from deepspeed.accelerator import get_accelerator
+
+    accelerator = get_accelerator()
+    if accelerator.device_name() != "cuda":
+        raise SystemExit(f"--device cuda, but DeepSpeed's accelerator is {accelerator.device_name()!r}")
+    for owner in (torch.cuda, torch.cuda.memory, type(accelerator)):
+        for name in ("reset_peak_memory_stats", "reset_max_memory_allocated", "reset_max_memory_cached"):
+            if hasattr(owner, name):
+                setattr(owner, name, lambda *_, **__: None)
+
+
 def child_main(args):
     import torch
 
     torch.set_num_threads(args.threads)
+    if args.device == "cuda":
+        keep_cuda_peaks()
     data_file = os.path.join(args.workdir, "pairs.jsonl")
     result = (run_plot_ds if args.child == "plot_ds" else run_trl)(args, data_file, args.workdir)
     result.setdefault("torch_threads", torch.get_num_threads())  # DeepSpeed must not have changed it
     result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    if args.device == "cuda":
+        result["peak_gpu_allocated_mib"] = torch.cuda.max_memory_allocated() / 2**20
+        result["peak_gpu_reserved_mib"] = torch.cuda.max_memory_reserved() / 2**20
+        result["gpu"] = torch.cuda.get_device_name()
     with open(os.path.join(args.workdir, f"result_{args.child}.json"), "w") as handle:
         json.dump(result, handle)
 
 
 # ------------------------------------------------------------------------------------------ parent
-def write_pairs(path, count):
+def write_pairs(path, count, source=None):
     # Only string fields: both sides then see the same explicit prompt/chosen/rejected records. Only
     # the pairs the run trains on, so that a precomputed reference covers exactly those.
-    from plot_ds.assets import champ_pairs
+    if source is None:
+        from plot_ds.assets import champ_pairs
 
+        pairs = champ_pairs()[:count]
+    else:
+        with open(source) as handle:
+            pairs = [json.loads(line) for line in handle if line.strip()][:count]
+    if len(pairs) < count:
+        raise SystemExit(f"{source or 'the built-in CHAMP pairs'}: {len(pairs)} pairs, the run needs {count} "
+                         f"((warmup + steps) x micro-batch); lower --steps or --micro-batch")
     with open(path, "w") as handle:
-        for pair in champ_pairs()[:count]:
+        for number, pair in enumerate(pairs, 1):
+            missing = [k for k in ("prompt", "chosen", "rejected") if not isinstance(pair.get(k), str)]
+            if missing:
+                raise SystemExit(f"{source}: record {number} has no string field(s) {missing}")
             handle.write(json.dumps({k: pair[k] for k in ("prompt", "chosen", "rejected")}) + "\n")
 
 
@@ -216,7 +265,8 @@ def run_child(side, args, workdir):
         env["MALLOC_MMAP_THRESHOLD_"] = str(args.malloc_mmap_threshold)
     forwarded = ["--steps", args.steps, "--warmup", args.warmup, "--micro-batch", args.micro_batch,
                  "--max-length", args.max_length, "--max-prompt-length", args.max_prompt_length,
-                 "--threads", args.threads, "--reference", args.reference, "--plot-ds-args", args.plot_ds_args]
+                 "--threads", args.threads, "--reference", args.reference, "--plot-ds-args", args.plot_ds_args,
+                 "--device", args.device, "--precision", args.precision, "--model", args.model]
     command = [sys.executable, os.path.abspath(__file__), "--child", side, "--workdir", workdir,
                *map(str, forwarded)]
     log(f"running {side} ({args.warmup} + {args.steps} steps, {args.threads} thread(s))")
@@ -238,11 +288,12 @@ def main():
 
     # The parent stays small (no torch): a child's ru_maxrss can start from its parent's size.
     with tempfile.TemporaryDirectory(prefix="trl_comparison.") as workdir:
-        write_pairs(os.path.join(workdir, "pairs.jsonl"), (args.warmup + args.steps) * args.micro_batch)
+        write_pairs(os.path.join(workdir, "pairs.jsonl"), (args.warmup + args.steps) * args.micro_batch, args.pairs)
         ours = run_child("plot_ds", args, workdir)
         theirs = run_child("trl", args, workdir)
     result = {
-        "benchmark": "trl_comparison", "device": "cpu", "model": MODEL, "precision": "fp32",
+        "benchmark": "trl_comparison", "device": ours.get("gpu", "cpu"), "model": args.model,
+        "precision": args.precision,
         "pairs_per_step": args.micro_batch, "max_length": args.max_length,
         "max_prompt_length_plot_ds": args.max_prompt_length, "warmup_steps": args.warmup,
         "measured_steps": args.steps, "threads": args.threads, "reference": args.reference,
@@ -256,6 +307,13 @@ def main():
         "pairs_per_s_ratio": ours["pairs_per_s"] / theirs["pairs_per_s"],
         "peak_rss_mib_plot_ds": ours["peak_rss_mib"], "peak_rss_mib_trl": theirs["peak_rss_mib"],
         "peak_rss_ratio": ours["peak_rss_mib"] / theirs["peak_rss_mib"],
+        **({"peak_gpu_allocated_mib_plot_ds": ours["peak_gpu_allocated_mib"],
+            "peak_gpu_allocated_mib_trl": theirs["peak_gpu_allocated_mib"],
+            "peak_gpu_allocated_ratio": ours["peak_gpu_allocated_mib"] / theirs["peak_gpu_allocated_mib"],
+            "peak_gpu_reserved_mib_plot_ds": ours["peak_gpu_reserved_mib"],
+            "peak_gpu_reserved_mib_trl": theirs["peak_gpu_reserved_mib"],
+            "peak_gpu_reserved_ratio": ours["peak_gpu_reserved_mib"] / theirs["peak_gpu_reserved_mib"]}
+           if args.device == "cuda" else {}),
         "versions": {name: version(name) for name in ("torch", "transformers", "deepspeed", "trl")},
     }
     if args.plot_ds_args:

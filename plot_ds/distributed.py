@@ -52,6 +52,7 @@ def _set_env_from_mpi() -> None:
     os.environ["MASTER_PORT"] = str(port)
     os.environ["RANK"], os.environ["WORLD_SIZE"] = str(rank), str(size)
     os.environ["LOCAL_RANK"] = str(hosts[:rank].count(hostname))
+    os.environ["LOCAL_WORLD_SIZE"] = str(hosts.count(hostname))
 
 
 def _launched_by_mpi() -> bool:
@@ -81,6 +82,12 @@ def init_distributed() -> DistInfo:
         # its inference all-reduce uses; training never calls it.
         # (importlib: `import deepspeed.comm.torch as m` would bind the torch package instead.)
         importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+        # Its CPU accelerator counts "devices" by running lscpu/numactl in a subprocess unless
+        # LOCAL_SIZE says how many ranks share the host; ZeRO-3 asks at every gradient bucket
+        # (hundreds of forks per step, ~5% of a step here). torchrun and our MPI path know it.
+        local_size = os.environ.get("LOCAL_WORLD_SIZE") or ("1" if os.environ["WORLD_SIZE"] == "1" else None)
+        if local_size and "LOCAL_SIZE" not in os.environ:
+            os.environ["LOCAL_SIZE"] = local_size
     else:
         accelerator.set_device(local_rank)
     deepspeed.init_distributed(dist_backend=accelerator.communication_backend_name(),

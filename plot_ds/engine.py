@@ -7,6 +7,7 @@ import copy
 import functools
 import json
 import math
+import warnings
 from pathlib import Path
 
 import torch
@@ -177,7 +178,37 @@ def load_model(config: Config, ds_config: dict, name_or_path: str | None = None)
     )
     model._plot_ds_hf_ds_config = hf_ds_config
     model.config.use_cache = False
+    if hf_ds_config is not None:
+        mark_zero3_leaf_modules(model, config.deepspeed)
     return model
+
+
+def mark_zero3_leaf_modules(model, settings) -> list[str]:
+    """Flag whole decoder layers as ZeRO-3 leaf modules (deepspeed.zero3_leaf_modules).
+
+    DeepSpeed hooks every submodule to gather its parameters before it runs and release them after;
+    on a Llama layer that is ~13 modules per layer and pass, and on a GPU a step of a small model
+    is then bound by those hooks' host time, not by the kernels (docs/benchmarks.md). A leaf module
+    gathers all its parameters at once, as FSDP does per wrapped layer: one layer's weights live at a
+    time instead of one linear's. Returns the marked class names.
+    """
+    from deepspeed.utils import set_z3_leaf_modules
+
+    classes = settings.leaf_module_classes(model)
+    if not classes:
+        if settings.zero3_leaf_modules == "auto":
+            warnings.warn(f"deepspeed.zero3_leaf_modules auto: {type(model).__name__} names no decoder layer "
+                          "class (_no_split_modules); ZeRO-3 hooks every submodule. Name the layer class to "
+                          "gather a layer at a time.", stacklevel=2)
+        return []
+    present = {type(module).__name__ for module in model.modules()}
+    missing = [name for name in classes if name not in present]
+    if missing:
+        raise ConfigError(f"deepspeed.zero3_leaf_modules: no module of class {', '.join(missing)} in "
+                          f"{type(model).__name__}; its module classes are {', '.join(sorted(present))}. "
+                          "Use auto, none or names from that list.")
+    set_z3_leaf_modules(model, classes)
+    return classes
 
 
 # ------------------------------------------------------------------------------------ engines

@@ -1,4 +1,5 @@
 """The benchmark scripts run (tiny model, one step): they must not rot between measurements."""
+import importlib.util
 import json
 import sys
 
@@ -50,17 +51,32 @@ def test_prompt_sharing_benchmark_reports_the_ratio(real_model_dir):
 
 def test_gpu_check_script_runs_end_to_end_on_cpu(tmp_path):
     """bench/gpu_check.sh as a smoke test on this CPU machine: the assets packed as for a GPU
-    machine, a SmolLM2-shaped model rebuilt from them, training, the overhead and OT benchmarks."""
+    machine, a SmolLM2-shaped model rebuilt from them, training, the overhead and OT benchmarks, and
+    the TRL comparisons where TRL is installed (a benchmark-only dependency)."""
     assets = tmp_path / "assets"
     run_command([sys.executable, str(REPO / "bench" / "gpu_assets.py"), "pack", str(assets)])
     out = tmp_path / "out"
     proc = run_command(["bash", str(REPO / "bench" / "gpu_check.sh")], timeout=1200, PYTHON=sys.executable,
                        OUT=str(out), GPU_CHECK_ASSETS=str(assets), GPU_CHECK_MODEL=str(tmp_path / "model"),
                        GPU_CHECK_RUN_DIR=str(tmp_path / "run"), GPU_CHECK_STEPS="1", GPU_CHECK_BENCH_STEPS="1",
-                       GPU_CHECK_PRECISION="fp32", GPU_CHECK_PROBLEMS="8",
-                       GPU_CHECK_ARGS="--data.max_length 48 --data.max_prompt_length 24 --data.eval_size 0")
+                       GPU_CHECK_PRECISION="fp32", GPU_CHECK_PROBLEMS="8", GPU_CHECK_TRL_STEPS="1",
+                       GPU_CHECK_WHEELS=str(tmp_path / "no_wheels"),  # the packages of this machine
+                       GPU_CHECK_ARGS="--data.max_length 48 --data.max_prompt_length 24 --data.eval_size 0",
+                       GPU_CHECK_TRL_ARGS="--max-length 48 --max-prompt-length 24 --warmup 0")
     assert "== done" in proc.stdout, proc.stdout[-3000:]
     step = json.loads((out / "train_last_step.json").read_text())
     assert step["step"] == 1 and step["loss/total"] > 0 and "plot/w_chosen" in step
-    assert json.loads((out / "plot_overhead.json").read_text())["overhead_ratio"] > 0
-    assert json.loads((out / "sinkhorn_vs_pot.json").read_text())["problems"] == 8
+    results = {}
+    for line in (out / "results.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        results.setdefault(record["benchmark"], []).append(record)
+    assert results["plot_overhead"][0]["overhead_ratio"] > 0
+    assert results["sinkhorn_vs_pot"][0]["problems"] == 8
+    if importlib.util.find_spec("trl") is None:
+        assert "TRL is not installed" in proc.stdout and "trl_comparison" not in results
+    else:
+        runs = results["trl_comparison"]
+        assert [(r["pairs_per_step"], r["precision"]) for r in runs] == [(2, "fp32"), (8, "fp32"), (2, "fp32")]
+        for run in runs:  # the same pairs and model on both sides: the same first loss
+            assert run["pairs_per_s_ratio"] > 0 and run["peak_rss_ratio"] > 0
+            assert abs(run["losses_plot_ds"][0] - run["losses_trl"][0]) < 1e-3

@@ -37,6 +37,8 @@ def test_yaml_then_overrides(tmp_path):
     (["--data.max_prompt_length", "400"], "data.max_prompt_length (400) must be smaller"),
     (["--train.lr"], "train.lr: missing value"),
     (["train.lr", "1"], "unexpected argument 'train.lr'"),
+    (["--deepspeed.zero3_leaf_modules", "LlamaDecoderLayer;rm -rf"], "deepspeed.zero3_leaf_modules: "
+     "'LlamaDecoderLayer;rm -rf' is not auto, none or a comma-separated list of module class names"),
 ])
 def test_bad_values_name_the_key(args, message):
     with pytest.raises(ConfigError) as err:

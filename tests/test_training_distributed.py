@@ -57,6 +57,24 @@ def test_shared_prompt_passes_give_the_full_rows_gradient(step_results):
             assert shared["metrics"]["loss/total"] == pytest.approx(full["metrics"]["loss/total"], rel=1e-5)
 
 
+def test_decoder_layers_are_gathered_whole_and_give_the_same_gradients(step_results, tiny_model_dir):
+    """deepspeed.zero3_leaf_modules auto makes each decoder layer one ZeRO-3 gather (policy and
+    reference); the step's gradients equal those of DeepSpeed's per-submodule gathering."""
+    import json
+    from pathlib import Path
+
+    layers = json.loads((Path(tiny_model_dir) / "config.json").read_text())["num_hidden_layers"]
+    for split in SPLITS:
+        for rank_results in step_results["two"]:
+            leaves, per_submodule = rank_results[f"dpo:{split}"], rank_results[f"dpo_per_submodule:{split}"]
+            assert leaves["leaf_modules"] == leaves["reference_leaf_modules"] == {"LlamaDecoderLayer": layers}
+            assert per_submodule["leaf_modules"] == per_submodule["reference_leaf_modules"] == {}
+            for name, grad in per_submodule["grads"].items():
+                torch.testing.assert_close(leaves["grads"][name], grad, rtol=1e-5, atol=1e-6 * grad.abs().max().item(),
+                                           msg=lambda m: f"{split} {name}: {m}")
+            assert leaves["metrics"]["loss/total"] == pytest.approx(per_submodule["metrics"]["loss/total"], rel=1e-6)
+
+
 def adamw_first_step(before: torch.Tensor, grad: torch.Tensor, decay: float) -> torch.Tensor:
     """torch's AdamW from fresh state with the worker's settings (lr 1e-3, betas (0.9, 0.95))."""
     param = before.clone().requires_grad_(True)

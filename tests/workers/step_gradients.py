@@ -14,7 +14,7 @@ import sys
 
 import deepspeed
 import torch
-from deepspeed.utils import safe_get_full_grad
+from deepspeed.utils import safe_get_full_grad, z3_leaf_module
 
 from plot_ds.config import load_config
 from plot_ds.data import GlobalBatchSampler, collate, prepare_datasets
@@ -28,6 +28,8 @@ VARIANTS = {
     "sft": {"objective.name": "sft", "plot.enabled": False},
     "dpo": {"objective.name": "dpo", "plot.enabled": False},
     "dpo_shared_prompt": {"objective.name": "dpo", "plot.enabled": False, "model.share_prompt": True},
+    # DeepSpeed's own per-submodule gathering, against the decoder-layer leaves every other variant uses.
+    "dpo_per_submodule": {"objective.name": "dpo", "plot.enabled": False, "deepspeed.zero3_leaf_modules": "none"},
     # PLOT with both terms, so that chosen and rejected positions both carry gradient.
     "dpo+plot": {"objective.name": "dpo", "plot.rejected_weight": 0.5, "plot.top_k": 16},
     "dpo+plot_full": {"objective.name": "dpo", "plot.rejected_weight": 0.5, "plot.top_k": 16,
@@ -56,6 +58,15 @@ def slice_rows(policy, rank: int) -> dict:
     return {"ids": ids, "sliced": sliced.cpu(), "full": full.cpu(), "sliced_bytes": sliced_bytes,
             "full_bytes": full_bytes, "support": support, "targets": targets, "cosines": cosines.cpu(),
             "cosines_full": cosines_full.cpu(), "cosine_bytes": cosine_bytes}
+
+
+def leaf_modules(engine) -> dict:
+    """Class name -> how many modules of it ZeRO-3 gathers as one leaf."""
+    counts = {}
+    for module in engine.module.modules():
+        if z3_leaf_module(module):
+            counts[type(module).__name__] = counts.get(type(module).__name__, 0) + 1
+    return counts
 
 
 def full_parameters(policy) -> dict:
@@ -106,6 +117,8 @@ def main(model_dir: str, ds_config_path: str, out_file: str, splits: str) -> Non
                          for name, p in policy.module.named_parameters()}
             key = f"{variant}:{split}"
             results[key] = {"grads": grads, "metrics": reduce_metrics(sums),
+                            "leaf_modules": leaf_modules(policy),
+                            "reference_leaf_modules": leaf_modules(reference) if reference else None,
                             "pairs": float(totals.pairs), "partition": partition,
                             "global_batch": sampler.global_batch(0)}
             if tracks_update:
