@@ -2,8 +2,9 @@
 # The CUDA path end to end and the benchmarks, in one run of under ten minutes on one lent GPU.
 # Prepare here first: bash bench/gpu_prepare.sh; then run there with .gpu carried:
 #     bash bench/gpu_check.sh            (results: $OUT or bench/out/: results.jsonl, one JSON line per
-#                                         benchmark; train.log, bench.log, device.txt, train_last_step.json)
-# GPU_CHECK_STEPS (training steps, default 20), GPU_CHECK_BENCH_STEPS (measured overhead steps, 6),
+#                                         benchmark; train.log, bench.log, device.txt, train_last_step.json,
+#                                         profile.txt)
+# GPU_CHECK_STEPS (training steps, default 10), GPU_CHECK_BENCH_STEPS (measured overhead steps, 6),
 # GPU_CHECK_PRECISION (bf16): small values and fp32 make it a smoke test on a CPU machine
 # (tests/test_bench.py runs it so, with GPU_CHECK_ARGS for shorter sequences, GPU_CHECK_PROBLEMS
 # for fewer OT problems, GPU_CHECK_TRL_STEPS and GPU_CHECK_TRL_ARGS for a shorter TRL comparison).
@@ -14,10 +15,10 @@ cd "$(dirname "$0")/.." || exit 1
 RESULTS="${OUT:-bench/out}"
 mkdir -p "$RESULTS"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
-STEPS="${GPU_CHECK_STEPS:-20}"
+STEPS="${GPU_CHECK_STEPS:-10}"
 BENCH_STEPS="${GPU_CHECK_BENCH_STEPS:-6}"
 PRECISION="${GPU_CHECK_PRECISION:-bf16}"
-TRL_STEPS="${GPU_CHECK_TRL_STEPS:-20}"
+TRL_STEPS="${GPU_CHECK_TRL_STEPS:-10}"
 PYTHON="${PYTHON:-python3}"
 WHEELS="${GPU_CHECK_WHEELS:-.gpu/wheels}"
 JSONL="$RESULTS/results.jsonl"
@@ -74,10 +75,17 @@ else
 fi
 
 read -r -a TRL_EXTRA <<< "${GPU_CHECK_TRL_ARGS:-}"   # e.g. "--max-length 48 --warmup 0"
-TRL=(--model "$MODEL" --pairs "$DATA" --device "$DEVICE" --steps "$TRL_STEPS" --warmup 3)
-if "$PYTHON" -c 'import trl' 2>/dev/null; then
+TRL=(--model "$MODEL" --pairs "$DATA" --device "$DEVICE" --steps "$TRL_STEPS" --warmup 3 --threads 0)
+HAS_TRL="$("$PYTHON" -c 'import trl' 2>/dev/null && echo yes)"
+if [[ -n "$HAS_TRL" ]]; then
     bench "plot_ds vs TRL, ${PRECISION}, micro-batch 2" 150 \
         "$PYTHON" bench/trl_comparison.py "${TRL[@]}" --precision "$PRECISION" --micro-batch 2 "${TRL_EXTRA[@]}"
+    # One GPU has nothing to shard: what ZeRO-3's gather/release hooks cost against ZeRO-2.
+    bench "plot_ds (ZeRO-2) vs TRL, ${PRECISION}, micro-batch 2" 150 \
+        "$PYTHON" bench/trl_comparison.py "${TRL[@]}" --precision "$PRECISION" --micro-batch 2 "${TRL_EXTRA[@]}" \
+        --plot-ds-args "--deepspeed.config ds_configs/zero2.json"
+else
+    echo "== TRL is not installed: the TRL comparison did not run"
 fi
 
 bench "PLOT overhead (one GPU: the slice bytes need two ranks, see docs/benchmarks.md)" 120 \
@@ -86,14 +94,14 @@ bench "PLOT overhead (one GPU: the slice bytes need two ranks, see docs/benchmar
 bench "batched Sinkhorn vs a loop over POT's ot.emd2" 90 \
     "$PYTHON" bench/sinkhorn_vs_pot.py --model "$MODEL" --problems "${GPU_CHECK_PROBLEMS:-1024}" --repeats 3
 
-if "$PYTHON" -c 'import trl' 2>/dev/null; then
-    # GPU-sized batches, then fp32 on both sides (the losses must then agree step by step).
+echo "== where a ZeRO-3 step's time goes (host vs kernels): profile.txt"
+timeout 120 "$PYTHON" bench/profile_step.py --steps "$BENCH_STEPS" --warmup 3 --top 40 "${COMMON[@]}" \
+    --plot.enabled false > "$RESULTS/profile.txt" 2>>"$BENCH_LOG" || FAILED+=("profile")
+grep -E "^(device|step seconds)" "$RESULTS/profile.txt"
+
+if [[ -n "$HAS_TRL" ]]; then
     bench "plot_ds vs TRL, ${PRECISION}, micro-batch 8" 130 \
         "$PYTHON" bench/trl_comparison.py "${TRL[@]}" --precision "$PRECISION" --micro-batch 8 "${TRL_EXTRA[@]}"
-    bench "plot_ds vs TRL, fp32, micro-batch 2" 130 \
-        "$PYTHON" bench/trl_comparison.py "${TRL[@]}" --precision fp32 --micro-batch 2 "${TRL_EXTRA[@]}"
-else
-    echo "== TRL is not installed: the TRL comparison did not run"
 fi
 
 if (( ${#FAILED[@]} )); then

@@ -72,7 +72,8 @@ def parse_args():
     parser.add_argument("--micro-batch", type=int, default=2, help="pairs per step")
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--max-prompt-length", type=int, default=128, help="plot_ds only: TRL 1.16 has none")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads, the same on both sides")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads, the same on both sides (0: "
+                        "torch's own default on both, e.g. on a GPU machine whose host work should not be pinned)")
     parser.add_argument("--reference", choices=["live", "precomputed"], default="live",
                         help="live: a reference forward every step on both sides; precomputed: plot_ds's "
                              "reference cache vs TRL's precompute_ref_log_probs (one pass before training)")
@@ -221,7 +222,8 @@ def keep_cuda_peaks():
 def child_main(args):
     import torch
 
-    torch.set_num_threads(args.threads)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.device == "cuda":
         keep_cuda_peaks()
     data_file = os.path.join(args.workdir, "pairs.jsonl")
@@ -259,8 +261,12 @@ def write_pairs(path, count, source=None):
 
 
 def run_child(side, args, workdir):
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-               OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    if args.threads:
+        env.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
+    else:
+        for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+            env.pop(name, None)
     if args.malloc_mmap_threshold is not None:
         env["MALLOC_MMAP_THRESHOLD_"] = str(args.malloc_mmap_threshold)
     forwarded = ["--steps", args.steps, "--warmup", args.warmup, "--micro-batch", args.micro_batch,
@@ -269,7 +275,7 @@ def run_child(side, args, workdir):
                  "--device", args.device, "--precision", args.precision, "--model", args.model]
     command = [sys.executable, os.path.abspath(__file__), "--child", side, "--workdir", workdir,
                *map(str, forwarded)]
-    log(f"running {side} ({args.warmup} + {args.steps} steps, {args.threads} thread(s))")
+    log(f"running {side} ({args.warmup} + {args.steps} steps, {args.threads or 'default'} thread(s))")
     started = time.perf_counter()
     # The children's stdout goes to stderr: this process's stdout is the one JSON line.
     subprocess.run(command, env=env, stdout=sys.stderr, check=True, cwd=REPO)

@@ -72,11 +72,14 @@ def test_gpu_check_script_runs_end_to_end_on_cpu(tmp_path):
         results.setdefault(record["benchmark"], []).append(record)
     assert results["plot_overhead"][0]["overhead_ratio"] > 0
     assert results["sinkhorn_vs_pot"][0]["problems"] == 8
+    profile = (out / "profile.txt").read_text()
+    assert "step seconds" in profile and "== host, by own time" in profile and "train_step" in profile
     if importlib.util.find_spec("trl") is None:
         assert "TRL is not installed" in proc.stdout and "trl_comparison" not in results
     else:
         runs = results["trl_comparison"]
-        assert [(r["pairs_per_step"], r["precision"]) for r in runs] == [(2, "fp32"), (8, "fp32"), (2, "fp32")]
+        assert [(r["pairs_per_step"], r.get("plot_ds_args")) for r in runs] == [
+            (2, None), (2, "--deepspeed.config ds_configs/zero2.json"), (8, None)]
         for run in runs:  # the same pairs and model on both sides: the same first loss
             assert run["pairs_per_s_ratio"] > 0 and run["peak_rss_ratio"] > 0
             assert abs(run["losses_plot_ds"][0] - run["losses_trl"][0]) < 1e-3
