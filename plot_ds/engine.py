@@ -295,5 +295,24 @@ def build_frozen_engine(config: Config, ds_config: dict, name_or_path: str | Non
     return engine
 
 
+def release_freed_memory() -> None:
+    """After an engine is done and dropped (the reference model after the cache pass): its device
+    memory back from the caching allocator, and on glibc its host memory back to the OS. Without
+    the trim glibc keeps the freed heap resident, and the training's own allocations, fragmented
+    around it, raise the peak RSS as if the model were still held."""
+    import ctypes
+    import ctypes.util
+    import gc
+
+    from deepspeed.accelerator import get_accelerator
+
+    gc.collect()
+    get_accelerator().empty_cache()
+    libc = ctypes.util.find_library("c")
+    trim = getattr(ctypes.CDLL(libc), "malloc_trim", None) if libc else None  # glibc only
+    if trim is not None:
+        trim(0)
+
+
 def build_reference_engine(config: Config, ds_config: dict):
     return build_frozen_engine(config, ds_config, config.reference.name_or_path, config.reference.offload)

@@ -7,7 +7,6 @@ precision. A file whose fingerprints differ from this run's is refused, naming w
 """
 from __future__ import annotations
 
-import gc
 import hashlib
 import json
 import os
@@ -20,6 +19,7 @@ from .assets import cache_dir, resolve_model_path
 from .data import DataError, collate
 from .data.tokenize import tokenizer_fingerprint
 from .distributed import all_reduce_sum, barrier
+from .engine import release_freed_memory
 from .evaluation import eval_shards
 from .logprobs import forward_pairs
 
@@ -121,6 +121,16 @@ def load_checked(path: Path, expected: dict[str, str]) -> dict[str, torch.Tensor
     return tensors
 
 
+def reference_pass(build_engine, splits: dict, batch_size: int, pad_id: int, dist) -> dict[str, torch.Tensor]:
+    """Log-probs of every non-empty split with an engine that lives only for this pass."""
+    engine = build_engine()
+    try:
+        return {name: compute_logps(engine, examples, batch_size, pad_id, dist.rank, dist.world_size)
+                for name, examples in splits.items() if examples}
+    finally:
+        engine.destroy()
+
+
 def attach_reference_logps(config, ds_config, tokenizer, train_examples, eval_examples, reports, dist,
                            build_engine, log=print) -> Path:
     """Load (or compute once, then load) the cache and attach it to every example."""
@@ -128,13 +138,9 @@ def attach_reference_logps(config, ds_config, tokenizer, train_examples, eval_ex
     path = cache_file(config, expected)
     if not path.is_file():
         log(f"[plot_ds] computing reference log-probs once into {path}")
-        engine = build_engine()
-        splits = {name: compute_logps(engine, examples, config.train.eval_batch_size, tokenizer.pad_token_id,
-                                      dist.rank, dist.world_size)
-                  for name, examples in (("train", train_examples), ("eval", eval_examples)) if examples}
-        engine.destroy()
-        del engine
-        gc.collect()
+        splits = reference_pass(build_engine, {"train": train_examples, "eval": eval_examples},
+                                config.train.eval_batch_size, tokenizer.pad_token_id, dist)
+        release_freed_memory()  # the reference engine is unreachable now
         if dist.is_main:
             _save(path, splits, expected)
         barrier()
