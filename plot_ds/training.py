@@ -14,7 +14,7 @@ from .checkpointing import export_hf_model, find_checkpoint, load_checkpoint, sa
 from .config import Config
 from .data import GlobalBatchSampler, collate, prepare_datasets
 from .distributed import DistInfo, all_reduce_sum, barrier, init_distributed
-from .engine import build_policy_engine, load_ds_config, load_tokenizer
+from .engine import build_policy_engine, load_ds_config, load_tokenizer, trim_host_heap
 from .evaluation import evaluate, generation_report, generations_markdown
 from .embedding_slice import embedding_rows_for
 from .logprobs import forward_pairs, reference_pairs
@@ -54,6 +54,10 @@ def train_step(policy, reference, objective, micro_batches: list[dict], world_si
         # The loss is this micro-batch's share of the global mean; DeepSpeed would divide it by the
         # accumulation steps (scale_wrt_gas) and average gradients over ranks, so scale by the
         # rank count and skip the former: the step's gradient is then the global-mean gradient.
+        if policy.device.type == "cpu":
+            # The backward is the step's peak; the forward's freed blocks, resident in glibc's heap,
+            # would otherwise add to it (8% of the peak RSS here, at no measurable cost in time).
+            trim_host_heap()
         policy.backward(loss * world_size, scale_wrt_gas=False)
         if before_update is not None and index == len(micro_batches) - 1:
             before_update()
