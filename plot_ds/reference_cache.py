@@ -19,7 +19,7 @@ from .assets import cache_dir, resolve_model_path
 from .data import DataError, collate
 from .data.tokenize import tokenizer_fingerprint
 from .distributed import all_reduce_sum, barrier
-from .engine import release_freed_memory
+from .engine import destroy_engine, release_freed_memory
 from .evaluation import eval_shards
 from .logprobs import forward_pairs
 
@@ -128,7 +128,7 @@ def reference_pass(build_engine, splits: dict, batch_size: int, pad_id: int, dis
         return {name: compute_logps(engine, examples, batch_size, pad_id, dist.rank, dist.world_size)
                 for name, examples in splits.items() if examples}
     finally:
-        engine.destroy()
+        destroy_engine(engine)
 
 
 def attach_reference_logps(config, ds_config, tokenizer, train_examples, eval_examples, reports, dist,

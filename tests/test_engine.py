@@ -141,3 +141,39 @@ def test_trim_host_heap_returns_freed_fragmented_blocks_to_the_os():
     held = resident()
     trim_host_heap()
     assert held - resident() > 100 * 2**20  # most of the 200 MB freed
+
+
+DESTROY_AND_CHECK = """
+import gc, sys, weakref
+from plot_ds.config import load_config
+from plot_ds.distributed import init_distributed
+from plot_ds.engine import build_reference_engine, destroy_engine, load_ds_config, release_freed_memory
+config = load_config(None, {"model.name_or_path": sys.argv[1], "deepspeed.config": sys.argv[2]})
+init_distributed()
+ds_config = load_ds_config(config, 1)
+
+def pass_with_engine(destroy):
+    engine = build_reference_engine(config, ds_config)
+    model = weakref.ref(engine.module)
+    destroy(engine)
+    return model
+
+plain = pass_with_engine(lambda engine: engine.destroy())
+release_freed_memory()
+ours = pass_with_engine(destroy_engine)
+release_freed_memory()
+print("ALIVE", plain() is not None, ours() is not None)
+"""
+
+
+def test_destroyed_zero3_engine_lets_its_model_go(tiny_model_dir, zero3_test_config):
+    """DeepSpeed 0.19's engine.destroy() leaves the model on ZeRO-3's module stack (alive for the
+    whole run); destroy_engine frees it, as the reference cache pass needs."""
+    import sys
+
+    from conftest import run_command
+
+    proc = run_command([sys.executable, "-c", DESTROY_AND_CHECK, tiny_model_dir, zero3_test_config],
+                       timeout=300, MASTER_ADDR="127.0.0.1")
+    alive = proc.stdout.split("ALIVE")[-1].split()
+    assert alive[1] == "False", f"the model outlived destroy_engine (after engine.destroy() alone: {alive[0]})"
