@@ -84,7 +84,8 @@ def init_distributed() -> DistInfo:
         importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
         # Its CPU accelerator counts "devices" by running lscpu/numactl in a subprocess unless
         # LOCAL_SIZE says how many ranks share the host; ZeRO-3 asks at every gradient bucket
-        # (hundreds of forks per step, ~5% of a step here). torchrun and our MPI path know it.
+        # (hundreds of forks per step: 0.70 -> 0.45 s per step of a small, host-bound model here).
+        # torchrun and our MPI path know it; DeepSpeed's launcher sets it itself.
         local_size = os.environ.get("LOCAL_WORLD_SIZE") or ("1" if os.environ["WORLD_SIZE"] == "1" else None)
         if local_size and "LOCAL_SIZE" not in os.environ:
             os.environ["LOCAL_SIZE"] = local_size

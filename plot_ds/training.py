@@ -51,13 +51,13 @@ def train_step(policy, reference, objective, micro_batches: list[dict], world_si
         if batch["weight"] != 1.0:  # a filler batch: every rank must run it, nothing may count
             loss = loss * batch["weight"]
             metrics = {name: value * batch["weight"] for name, value in metrics.items()}
-        # The loss is this micro-batch's share of the global mean; DeepSpeed would divide it by the
-        # accumulation steps (scale_wrt_gas) and average gradients over ranks, so scale by the
-        # rank count and skip the former: the step's gradient is then the global-mean gradient.
         if policy.device.type == "cpu":
             # The backward is the step's peak; the forward's freed blocks, resident in glibc's heap,
             # would otherwise add to it (8% of the peak RSS here, at no measurable cost in time).
             trim_host_heap()
+        # The loss is this micro-batch's share of the global mean; DeepSpeed would divide it by the
+        # accumulation steps (scale_wrt_gas) and average gradients over ranks, so scale by the
+        # rank count and skip the former: the step's gradient is then the global-mean gradient.
         policy.backward(loss * world_size, scale_wrt_gas=False)
         if before_update is not None and index == len(micro_batches) - 1:
             before_update()
