@@ -64,7 +64,7 @@ bench() {
 
 echo "== training end to end: ZeRO-3, ${PRECISION}, DPO + PLOT, ${STEPS} steps"
 if timeout 240 "$PYTHON" -m deepspeed.launcher.runner --num_gpus 1 launch/train.py "${COMMON[@]}" \
-        --train.max_steps "$STEPS" --train.eval_every 0 --train.output_dir "$RUN_DIR" --train.resume none \
+        --deepspeed.config ds_configs/zero3.json --train.max_steps "$STEPS" --train.eval_every 0 --train.output_dir "$RUN_DIR" --train.resume none \
         > "$RESULTS/train.log" 2>&1; then
     grep -E "^\[plot_ds\]" "$RESULTS/train.log" | tail -n 5
     tail -n 1 "$RUN_DIR/train_history.jsonl" | tee "$RESULTS/train_last_step.json"
@@ -78,12 +78,12 @@ read -r -a TRL_EXTRA <<< "${GPU_CHECK_TRL_ARGS:-}"   # e.g. "--max-length 48 --w
 TRL=(--model "$MODEL" --pairs "$DATA" --device "$DEVICE" --steps "$TRL_STEPS" --warmup 3 --threads 0)
 HAS_TRL="$("$PYTHON" -c 'import trl' 2>/dev/null && echo yes)"
 if [[ -n "$HAS_TRL" ]]; then
-    bench "plot_ds vs TRL, ${PRECISION}, micro-batch 2" 150 \
+    bench "plot_ds (default: ZeRO-2 on one rank) vs TRL, ${PRECISION}, micro-batch 2" 150 \
         "$PYTHON" bench/trl_comparison.py "${TRL[@]}" --precision "$PRECISION" --micro-batch 2 "${TRL_EXTRA[@]}"
-    # One GPU has nothing to shard: what ZeRO-3's gather/release hooks cost against ZeRO-2.
-    bench "plot_ds (ZeRO-2) vs TRL, ${PRECISION}, micro-batch 2" 150 \
+    # One GPU has nothing to shard: what ZeRO-3's gather/release hooks (a layer at a time) still cost.
+    bench "plot_ds (ZeRO-3) vs TRL, ${PRECISION}, micro-batch 2" 150 \
         "$PYTHON" bench/trl_comparison.py "${TRL[@]}" --precision "$PRECISION" --micro-batch 2 "${TRL_EXTRA[@]}" \
-        --plot-ds-args "--deepspeed.config ds_configs/zero2.json"
+        --plot-ds-args "--deepspeed.config ds_configs/zero3.json"
 else
     echo "== TRL is not installed: the TRL comparison did not run"
 fi
@@ -94,7 +94,7 @@ bench "PLOT overhead (one GPU: the slice bytes need two ranks, see docs/benchmar
 bench "batched Sinkhorn vs a loop over POT's ot.emd2" 90 \
     "$PYTHON" bench/sinkhorn_vs_pot.py --model "$MODEL" --problems "${GPU_CHECK_PROBLEMS:-1024}" --repeats 3
 
-echo "== where a ZeRO-3 step's time goes (host vs kernels): profile.txt"
+echo "== where a step's time goes (host vs kernels), default config: profile.txt"
 timeout 120 "$PYTHON" bench/profile_step.py --steps "$BENCH_STEPS" --warmup 3 --top 40 "${COMMON[@]}" \
     --plot.enabled false > "$RESULTS/profile.txt" 2>>"$BENCH_LOG" || FAILED+=("profile")
 grep -E "^(device|step seconds)" "$RESULTS/profile.txt"

@@ -17,8 +17,9 @@ the first (warmup + steps) x micro-batch built-in CHAMP pairs (the ones trained 
 sides read; no chat template on either side (plot_ds would template explicit prompts:
 data.chat_template none); EOS appended to each response; --micro-batch pairs per step, no
 accumulation; sigmoid DPO with plot_ds's beta; with --reference live (default) a reference model
-forwarded every step (plot_ds: a ZeRO-3 reference engine, ds_configs/zero3.json unless
---plot-ds-args says otherwise; TRL: a plain copy), with --reference precomputed the reference
+forwarded every step (plot_ds: its default deepspeed.config auto, i.e. ZeRO-3 in fp32 and ZeRO-2
+with a plain frozen reference in bf16 on this one process, unless --plot-ds-args names another;
+TRL: a plain copy), with --reference precomputed the reference
 log-probs made in one pass before training on both sides (plot_ds's reference cache, TRL's
 precompute_ref_log_probs), outside the measured steps; torch's fused AdamW on both sides (plot_ds's
 ds_configs and transformers' default with torch >= 2.8) with plot_ds's lr, betas, eps, weight decay
@@ -132,8 +133,10 @@ def run_plot_ds(args, data_file, workdir):
         log(f"plot_ds step {record['step']}: {args.micro_batch / record['throughput/pairs_per_s']:.2f} s")
     # tokens/s over pairs/s of the same step: the trainer's own count of input tokens per pair.
     tokens_per_pair = [r["throughput/tokens_per_s"] / r["throughput/pairs_per_s"] for r in history]
+    with open(os.path.join(output_dir, "ds_config.json")) as handle:
+        stage = json.load(handle)["zero_optimization"]["stage"]
     return {"pairs_per_s": statistics.median(measured(pairs_per_s, args)),
-            "mean_tokens_per_pair": statistics.mean(tokens_per_pair),
+            "mean_tokens_per_pair": statistics.mean(tokens_per_pair), "zero_stage": stage,
             "losses": [record["loss/total"] for record in history]}
 
 
@@ -303,6 +306,7 @@ def main():
         "pairs_per_step": args.micro_batch, "max_length": args.max_length,
         "max_prompt_length_plot_ds": args.max_prompt_length, "warmup_steps": args.warmup,
         "measured_steps": args.steps, "threads": args.threads, "reference": args.reference,
+        "zero_stage_plot_ds": ours["zero_stage"],
         "torch_threads_plot_ds": ours["torch_threads"], "torch_threads_trl": theirs["torch_threads"],
         "mean_tokens_per_pair_plot_ds": ours["mean_tokens_per_pair"],
         "mean_tokens_per_pair_trl": theirs["mean_tokens_per_pair"],

@@ -21,6 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+import yaml
 
 from .distributed import barrier
 
@@ -165,8 +166,9 @@ def _deepspeed_state_classes() -> list:
     """The only non-builtin types in DeepSpeed's files: plain state holders, safe to allow."""
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address  # ZeRO-1/2 with 16-bit weights: two ints
 
-    return [ZeroStageEnum, LossScaler, DynamicLossScaler]
+    return [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]
 
 
 def load_as_data(path, map_location=None, **kwargs):
@@ -180,6 +182,16 @@ def load_as_data(path, map_location=None, **kwargs):
 
 
 _TORCH_LOAD = torch.load
+
+
+def checkpoint_ds_config(directory: Path) -> str | None:
+    """The DeepSpeed JSON a checkpoint was written with (its config.yaml), which fixes the layout of
+    its optimizer state; None where the checkpoint does not say."""
+    saved = directory / "config.yaml"
+    if not saved.is_file():
+        return None
+    written = (yaml.safe_load(saved.read_text()) or {}).get("deepspeed", {}).get("config")
+    return written if written and written != "auto" else None
 
 
 def _safe_deepspeed_load(checkpoint_engine) -> None:

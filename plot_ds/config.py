@@ -238,7 +238,11 @@ class EvalConfig:
 @dataclass
 class DeepSpeedConfig:
     # A JSON file; relative paths are looked up in the working directory, then in the repository.
-    config: str = "ds_configs/zero3.json"
+    # auto: ds_configs/zero3.json, except on a single rank with 16-bit weights (bf16 on GPUs), where
+    # ZeRO-3 has nothing to shard and its gather hooks cost host time per layer: ds_configs/zero2.json,
+    # whose fp32 master copy such weights need anyway (with fp32 weights it would be a second copy).
+    # A resumed run keeps the config its checkpoint was written with. See docs/benchmarks.md.
+    config: str = "auto"
     # ZeRO-3 gathers and releases the parameters of each "leaf" module in one go, through hooks that
     # cost host time per module. auto: the model's decoder layers (its _no_split_modules, FSDP's unit),
     # ~13 hooked modules fewer per layer; none: DeepSpeed's default, every submodule; or class
@@ -250,6 +254,13 @@ class DeepSpeedConfig:
                                                       for name in self.zero3_leaf_modules.split(",")):
             raise ConfigError(f"deepspeed.zero3_leaf_modules: {self.zero3_leaf_modules!r} is not auto, none "
                               "or a comma-separated list of module class names")
+
+    def config_for(self, world_size: int, precision: str) -> str:
+        """The DeepSpeed JSON this run uses; ``precision`` as resolved (bf16, fp16 or fp32)."""
+        if self.config != "auto":
+            return self.config
+        single_rank_16_bit = world_size == 1 and precision in ("bf16", "fp16")
+        return "ds_configs/zero2.json" if single_rank_16_bit else "ds_configs/zero3.json"
 
     def leaf_module_classes(self, model) -> list[str]:
         """The class names to mark for this model ([] keeps DeepSpeed's per-submodule hooks)."""

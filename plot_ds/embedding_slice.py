@@ -92,16 +92,25 @@ def _requested_rows(weight: torch.Tensor, ids: torch.Tensor, device) -> tuple[to
     return block, [r.numel() for r in requests], moved + block.numel() * block.element_size()
 
 
-def _sliced_rows(weight: torch.Tensor, ids: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, int]:
+def _whole_matrix_here(weight: torch.Tensor) -> torch.Tensor | None:
+    """The V x d matrix, detached, when this rank holds all of it: unpartitioned (below ZeRO-3), or
+    ZeRO-3's one partition on a single rank. None when it is spread over ranks."""
     if not is_partitioned(weight):
-        return weight.detach()[ids.to(weight.device)].to(device), 0
+        return weight.detach()
+    import deepspeed.comm as dist
+
+    if dist.get_world_size(group=weight.ds_process_group) > 1:
+        return None
+    return weight.ds_tensor.narrow(0, 0, weight.ds_numel).view(weight.ds_shape)
+
+
+def _sliced_rows(weight: torch.Tensor, ids: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, int]:
+    matrix = _whole_matrix_here(weight)
+    if matrix is not None:
+        return matrix[ids.to(matrix.device)].to(device), 0
     import deepspeed.comm as dist
 
     ids = ids.to(device=device, dtype=torch.long)
-    if dist.get_world_size(group=weight.ds_process_group) == 1:  # the one partition is the whole matrix
-        partition = weight.ds_tensor
-        matrix = partition.narrow(0, 0, weight.ds_numel).view(weight.ds_shape)
-        return matrix[ids.to(partition.device)].to(device), 0
     rows, counts, moved = _requested_rows(weight, ids, device)
     start = sum(counts[:dist.get_rank(group=weight.ds_process_group)])
     return rows[start:start + ids.numel()], moved
@@ -117,6 +126,19 @@ def _cosines_from_rows(rows_of, ids: torch.Tensor, targets: torch.Tensor, device
     cosine = torch.cat([torch.einsum("nkd,nd->nk", unit[slots[i:i + chunk]], unit[target_slots[i:i + chunk]])
                         for i in range(0, ids.shape[0], chunk)]) if ids.shape[0] else ids.new_zeros(ids.shape, dtype=torch.float32)
     return cosine, moved
+
+
+def _cosines_in_place(matrix: torch.Tensor, ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """cos(E_i, E_{y_n}) for i in ids[n], read straight from a matrix on the compute device.
+
+    No torch.unique (whose output size the host must wait for): rows are gathered per position, a
+    bounded chunk of positions at a time, duplicates and all."""
+    n, k = ids.shape
+    chunk = max(1, (1 << 23) // max(1, k * matrix.shape[-1]))  # ~8M elements of [chunk, K, d] at a time
+    parts = [torch.einsum("nkd,nd->nk", F.normalize(matrix[ids[i:i + chunk]].float(), dim=-1),
+                          F.normalize(matrix[targets[i:i + chunk]].float(), dim=-1))
+             for i in range(0, n, chunk)]
+    return torch.cat(parts) if parts else ids.new_zeros(ids.shape, dtype=torch.float32)
 
 
 def _sliced_cosines(weight: torch.Tensor, ids: torch.Tensor, targets: torch.Tensor, device) -> tuple[torch.Tensor, int]:
@@ -195,15 +217,34 @@ class EmbeddingRows:
             return rows.to(device), moved
         return _sliced_rows(self.weight, ids, device)
 
+    def _matrix_on(self, device: torch.device) -> torch.Tensor | None:
+        """The whole matrix when this rank holds it on ``device`` and the slice path may read it in
+        place (an offloaded partition stays on the host: fetch its distinct rows instead)."""
+        if self.path == "full" and is_partitioned(self.weight):
+            return None
+        matrix = _whole_matrix_here(self.weight)
+        return matrix if matrix is not None and matrix.device == torch.device(device) else None
+
+    @torch.no_grad()
+    def unit_rows_at(self, ids: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, int]:
+        """L2-normalised float32 rows E[ids] for ids of any shape ([..., d]); bytes moved. Read in
+        place where the matrix is here (no host sync); else its distinct rows are fetched once."""
+        matrix = self._matrix_on(device)
+        if matrix is not None:
+            return F.normalize(matrix[ids].float(), dim=-1), 0
+        unique, inverse = torch.unique(ids, return_inverse=True)
+        rows, moved = self(unique, device)
+        return F.normalize(rows.float(), dim=-1)[inverse], moved
+
     @torch.no_grad()
     def target_cosines(self, ids: torch.Tensor, targets: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, int]:
         """cos(E_i, E_{targets[n]}) for every i in ids[n] ([N, K] -> [N, K] float32), all a point-mass
         target needs. Returns (cosines, bytes this rank's collectives moved)."""
-        if self.path == "slice" and is_partitioned(self.weight):
-            import deepspeed.comm as dist
-
-            if dist.get_world_size(group=self.weight.ds_process_group) > 1:
-                return _sliced_cosines(self.weight, ids, targets, device)
+        matrix = self._matrix_on(device)
+        if matrix is not None:
+            return _cosines_in_place(matrix, ids.to(device), targets.to(device)), 0
+        if self.path == "slice" and _whole_matrix_here(self.weight) is None:  # spread over ranks
+            return _sliced_cosines(self.weight, ids, targets, device)
         return _cosines_from_rows(lambda unique: self(unique, device), ids, targets, device)
 
 

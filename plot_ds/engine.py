@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from .assets import resolve_model_path
+from .checkpointing import checkpoint_ds_config
 from .logprobs import enable_prompt_sharing
 from .config import Config, ConfigError, TrainConfig
 
@@ -96,7 +97,7 @@ def _walk(tree: dict, prefix: str = ""):
 
 
 def load_ds_config(config: Config, world_size: int) -> dict:
-    path = find_ds_config(config.deepspeed.config)
+    path = find_ds_config(config.deepspeed.config_for(world_size, resolve_precision(config.train.precision)))
     try:
         template = json.loads(path.read_text())
     except json.JSONDecodeError as err:
@@ -108,6 +109,16 @@ def load_ds_config(config: Config, world_size: int) -> dict:
                                                   trust_remote_code=config.model.trust_remote_code)
         hidden_size = getattr(model_config.get_text_config(), "hidden_size", None)
     return fill_ds_config(template, config.train, world_size, hidden_size)
+
+
+def choose_ds_config(config: Config, world_size: int, resume_from: Path | None) -> str:
+    """deepspeed.config as this run uses it: auto follows the checkpoint being resumed (its ZeRO
+    stage fixes how its optimizer state is laid out), else ranks and precision (config_for)."""
+    if config.deepspeed.config == "auto" and resume_from is not None:
+        written = checkpoint_ds_config(resume_from)
+        if written is not None:
+            return written
+    return config.deepspeed.config_for(world_size, resolve_precision(config.train.precision))
 
 
 def zero_stage(ds_config: dict) -> int:

@@ -57,6 +57,13 @@ def restricted_supports(logits: torch.Tensor, targets: torch.Tensor, top_k: int,
     return Supports(ids, valid, target_slot, probs)
 
 
+def distinct_count(ids: torch.Tensor) -> torch.Tensor:
+    """How many different ids, as a float32 tensor on their device (torch.unique would make the
+    host wait for its output size)."""
+    flat = ids.flatten().sort().values
+    return (flat[1:] != flat[:-1]).sum(dtype=torch.float32) + float(flat.numel() > 0)
+
+
 def cost_from_cosine(cosine: torch.Tensor, cost: str) -> torch.Tensor:
     if cost == "cosine":
         return 1.0 - cosine
@@ -97,9 +104,13 @@ class PLOTLoss(nn.Module):
         chosen = rows < n_pairs
         if self.rejected_weight == 0:  # the rejected term is only a metric: no backward through it
             support.probs = torch.where(chosen.unsqueeze(-1), support.probs, support.probs.detach())
-        unique_ids, slot_rows = torch.unique(support.ids, return_inverse=True)
+        device = policy_logits.device
+        # Token granularity never waits on the device: no torch.unique, no boolean-mask indexing,
+        # no .item() (the sequence granularity's per-response supports have data-dependent sizes).
         if self.granularity == "sequence":
-            unit_rows, moved = self._unit_rows(unique_ids, policy_logits.device)
+            unique_ids, slot_rows = torch.unique(support.ids, return_inverse=True)
+            raw_rows, moved = self.embedding_rows(unique_ids, device)
+            unit_rows = F.normalize(raw_rows.float(), dim=-1)
             w_rows = self._sequence_costs(support, slot_rows, unit_rows, rows, tokens.n_rows)
             w_chosen = w_rows[:n_pairs].sum() / totals.pairs
             w_rejected = w_rows[n_pairs:].sum() / totals.pairs
@@ -107,27 +118,24 @@ class PLOTLoss(nn.Module):
             if self.config.resolved_solver() == "closed_form":
                 # All mass goes to y_t: W = sum_i p~(i) c(i, y_t) exactly, which needs only the
                 # cosines to y_t (no K x K matrix, far fewer bytes than the rows under ZeRO-3).
-                cosine, moved = self.embedding_rows.target_cosines(support.ids, targets, policy_logits.device)
+                cosine, moved = self.embedding_rows.target_cosines(support.ids, targets, device)
                 w = (support.probs * cost_from_cosine(cosine, self.cost)).sum(-1)
             else:
-                unit_rows, moved = self._unit_rows(unique_ids, policy_logits.device)
+                embedded, moved = self.embedding_rows.unit_rows_at(support.ids, device)   # [N, K, d]
                 reference = reference_logits.gather(-1, support.ids) if self.target == "ref_mix" else None
-                w = self._token_costs(support, slot_rows, unit_rows, reference, chosen)
-            w_chosen = w[chosen].sum() / totals.chosen_tokens
-            w_rejected = w[~chosen].sum() / totals.rejected_tokens
+                w = self._token_costs(support, embedded, reference, chosen)
+            w_chosen = torch.where(chosen, w, 0.0).sum() / totals.chosen_tokens
+            w_rejected = torch.where(chosen, 0.0, w).sum() / totals.rejected_tokens
         loss = w_chosen - self.rejected_weight * w_rejected
         metrics = {"plot/w_chosen": w_chosen.detach(), "plot/w_rejected": w_rejected.detach(),
-                   "plot/slice_rows": unique_ids.new_tensor(unique_ids.numel(), dtype=torch.float32) / totals.micro_batches,
-                   "plot/slice_bytes": torch.tensor(float(moved), device=policy_logits.device) / totals.micro_batches}
+                   "plot/slice_rows": distinct_count(support.ids) / totals.micro_batches,
+                   # A fill, not a copy from the host: no wait on the device.
+                   "plot/slice_bytes": torch.full((), float(moved), device=device) / totals.micro_batches}
         return loss, metrics
 
-    def _unit_rows(self, unique_ids, device):
-        raw_rows, moved = self.embedding_rows(unique_ids, device)
-        return F.normalize(raw_rows.float(), dim=-1), moved
-
-    def _token_costs(self, support, slot_rows, unit_rows, reference, chosen):
-        embedded = unit_rows[slot_rows]                      # [N, K, d]
-        onehot = F.one_hot(support.target_slot, support.ids.shape[-1]).to(support.probs.dtype)
+    def _token_costs(self, support, embedded, reference, chosen):
+        # scatter, not F.one_hot: one_hot reads its input's range back to the host to check it.
+        onehot = torch.zeros_like(support.probs).scatter_(-1, support.target_slot.unsqueeze(-1), 1.0)
         target = onehot
         if self.target == "ref_mix":
             with torch.no_grad():

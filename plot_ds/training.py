@@ -14,7 +14,7 @@ from .checkpointing import export_hf_model, find_checkpoint, load_checkpoint, sa
 from .config import Config
 from .data import GlobalBatchSampler, collate, prepare_datasets
 from .distributed import DistInfo, all_reduce_sum, barrier, init_distributed
-from .engine import build_policy_engine, load_ds_config, load_tokenizer, trim_host_heap
+from .engine import build_policy_engine, choose_ds_config, load_ds_config, load_tokenizer, trim_host_heap
 from .evaluation import evaluate, generation_report, generations_markdown
 from .embedding_slice import embedding_rows_for
 from .logprobs import forward_pairs, reference_pairs
@@ -77,6 +77,8 @@ def train(config: Config, dist: Optional[DistInfo] = None) -> dict:
     train_cfg = config.train
     seed_everything(train_cfg.seed)
     output_dir = Path(train_cfg.output_dir)
+    resume_from = find_checkpoint(train_cfg.resume, output_dir)
+    config.deepspeed.config = choose_ds_config(config, dist.world_size, resume_from)
     ds_config = load_ds_config(config, dist.world_size)
     output_dir.mkdir(parents=True, exist_ok=True)
     if dist.is_main:
@@ -110,7 +112,6 @@ def train(config: Config, dist: Optional[DistInfo] = None) -> dict:
     pad_id, filler = tokenizer.pad_token_id, train_examples[0]
 
     start_step = 0
-    resume_from = find_checkpoint(train_cfg.resume, output_dir)
     if resume_from is not None:
         info = load_checkpoint(policy, resume_from, dist.rank)
         start_step = sampler.load_state_dict(info["data"])

@@ -64,6 +64,7 @@ def test_gpu_check_script_runs_end_to_end_on_cpu(tmp_path):
                        GPU_CHECK_ARGS="--data.max_length 48 --data.max_prompt_length 24 --data.eval_size 0",
                        GPU_CHECK_TRL_ARGS="--max-length 48 --max-prompt-length 24 --warmup 0")
     assert "== done" in proc.stdout, proc.stdout[-3000:]
+    assert json.loads((tmp_path / "run" / "ds_config.json").read_text())["zero_optimization"]["stage"] == 3
     step = json.loads((out / "train_last_step.json").read_text())
     assert step["step"] == 1 and step["loss/total"] > 0 and "plot/w_chosen" in step
     results = {}
@@ -79,8 +80,8 @@ def test_gpu_check_script_runs_end_to_end_on_cpu(tmp_path):
         assert "TRL is not installed" in proc.stdout and "trl_comparison" not in results
     else:
         runs = results["trl_comparison"]
-        assert [(r["pairs_per_step"], r.get("plot_ds_args")) for r in runs] == [
-            (2, None), (2, "--deepspeed.config ds_configs/zero2.json"), (8, None)]
+        assert [(r["pairs_per_step"], r.get("plot_ds_args"), r["zero_stage_plot_ds"]) for r in runs] == [
+            (2, None, 3), (2, "--deepspeed.config ds_configs/zero3.json", 3), (8, None, 3)]  # fp32: auto is ZeRO-3
         for run in runs:  # the same pairs and model on both sides: the same first loss
             assert run["pairs_per_s_ratio"] > 0 and run["peak_rss_ratio"] > 0
             assert abs(run["losses_plot_ds"][0] - run["losses_trl"][0]) < 1e-3

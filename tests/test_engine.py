@@ -4,8 +4,8 @@ import pytest
 
 from conftest import REPO
 from plot_ds.config import ConfigError, TrainConfig, load_config, parse_overrides
-from plot_ds.engine import (fill_ds_config, find_ds_config, load_ds_config, mark_zero3_leaf_modules,
-                            reference_ds_config, warmup_cosine)
+from plot_ds.engine import (choose_ds_config, fill_ds_config, find_ds_config, load_ds_config,
+                            mark_zero3_leaf_modules, reference_ds_config, warmup_cosine)
 
 
 def tiny_llama(layers=3):
@@ -95,6 +95,31 @@ def test_unknown_auto_field_is_refused():
 def test_missing_ds_config_names_the_file():
     with pytest.raises(ConfigError, match="deepspeed.config: nope.json not found"):
         find_ds_config("nope.json")
+
+
+@pytest.mark.parametrize("precision, ranks, stage", [("bf16", 1, 2), ("fp16", 1, 2), ("fp32", 1, 3),
+                                                     ("bf16", 2, 3), ("fp32", 2, 3)])
+def test_auto_config_is_zero2_only_on_one_rank_with_16_bit_weights(precision, ranks, stage):
+    config = load_config(None, {"train.precision": precision})
+    assert config.deepspeed.config == "auto"
+    assert load_ds_config(config, world_size=ranks)["zero_optimization"]["stage"] == stage
+    assert choose_ds_config(config, ranks, None) == f"ds_configs/zero{stage}.json"
+    named = load_config(None, {"train.precision": precision, "deepspeed.config": "ds_configs/zero3.json"})
+    assert choose_ds_config(named, ranks, None) == "ds_configs/zero3.json"
+    assert load_ds_config(named, world_size=ranks)["zero_optimization"]["stage"] == 3
+
+
+def test_auto_config_resumes_with_the_checkpoints_own(tmp_path):
+    """A ZeRO-3 checkpoint of a 2-rank run resumed on one rank stays ZeRO-3: its optimizer state is
+    laid out per ZeRO-3 partition (and the universal conversion reshards it)."""
+    checkpoint = tmp_path / "step_00000004"
+    checkpoint.mkdir()
+    bf16 = load_config(None, {"train.precision": "bf16"})
+    assert choose_ds_config(bf16, 1, checkpoint) == "ds_configs/zero2.json"  # the checkpoint does not say
+    load_config(None, {"deepspeed.config": "ds_configs/zero3.json"}).save(checkpoint / "config.yaml")
+    assert choose_ds_config(bf16, 1, checkpoint) == "ds_configs/zero3.json"
+    named = load_config(None, {"train.precision": "bf16", "deepspeed.config": "ds_configs/zero3_offload.json"})
+    assert choose_ds_config(named, 1, checkpoint) == "ds_configs/zero3_offload.json"  # the user's word wins
 
 
 def test_reference_config_shards_like_the_policy_without_optimizer():

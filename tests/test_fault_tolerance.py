@@ -228,3 +228,34 @@ def test_resume_with_another_number_of_ranks_through_a_universal_checkpoint(unin
     for a, b in zip(got[6:], want[6:]):
         assert a["loss/total"] == pytest.approx(b["loss/total"], rel=1e-4), a["step"]
         assert a["lr"] == pytest.approx(b["lr"], rel=1e-9)
+
+
+def test_one_rank_bf16_default_is_zero2_and_resumes_exactly(tiny_model_dir, data_file, tmp_path):
+    """deepspeed.config auto on one rank with bf16 weights: ZeRO-2, recorded in the run's config;
+    PLOT trains, a resumed run keeps ZeRO-2 and continues exactly, and the checkpoint exports."""
+    import yaml
+
+    # A constant lr, so that a run cut short at step 4 and one of 6 steps share their schedule.
+    args = ["--model.name_or_path", tiny_model_dir, "--data.source", data_file, "--objective.name", "dpo",
+            "--data.max_length", "96", "--data.max_prompt_length", "48", "--data.eval_size", "0",
+            "--train.precision", "bf16", "--train.micro_batch_size", "2", "--train.lr", "1e-3",
+            "--train.warmup_steps", "0", "--train.min_lr_ratio", "1.0", "--train.save_every", "2",
+            "--train.export_final", "false", "--eval.generations", "0", "--eval.answer_samples", "0"]
+    straight, cut = tmp_path / "straight", tmp_path / "cut"
+    run_command([sys.executable, TRAIN, *args, "--train.max_steps", "6", "--train.output_dir", str(straight)])
+    run_command([sys.executable, TRAIN, *args, "--train.max_steps", "4", "--train.output_dir", str(cut)])
+    assert yaml.safe_load((cut / "config.yaml").read_text())["deepspeed"]["config"] == "ds_configs/zero2.json"
+    ds = json.loads((cut / "ds_config.json").read_text())
+    assert ds["zero_optimization"]["stage"] == 2 and ds["bf16"]["enabled"]
+    resumed = run_command([sys.executable, TRAIN, *args, "--train.max_steps", "6", "--train.output_dir", str(cut)])
+    assert "step_00000004 at step 4" in resumed.stdout
+    assert json.loads((cut / "ds_config.json").read_text())["zero_optimization"]["stage"] == 2
+    got, want = history(cut), history(straight)
+    assert [h["step"] for h in got] == list(range(1, 7))
+    for a, b in zip(got, want):
+        for name in ("loss/total", "loss/plot", "plot/w_chosen", "grad_norm"):
+            assert a[name] == pytest.approx(b[name], rel=1e-5, abs=1e-9), (a["step"], name)
+    assert got[-1]["loss/plot"] > 0 and got[-1]["plot/slice_bytes"] == 0  # the whole matrix is here
+    exported = run_command([sys.executable, "-c", "import sys; from plot_ds.cli import export_main; "
+                            "sys.exit(export_main())", str(cut), "--output", str(tmp_path / "exported")])
+    assert exported.returncode == 0 and (tmp_path / "exported" / "model.safetensors").is_file()

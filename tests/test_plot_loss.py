@@ -5,6 +5,7 @@ import ot
 import pytest
 import torch
 import torch.nn.functional as F
+import torch.utils._python_dispatch
 
 from plot_ds.config import ConfigError, PlotConfig
 from plot_ds.data import IGNORE_INDEX
@@ -163,8 +164,50 @@ def test_support_has_fixed_width_and_masks_the_duplicate_target():
 
 def test_metrics_report_the_slice():
     metrics = compare(PlotConfig(top_k=5, rejected_weight=0.0))
-    assert 5 < metrics["plot/slice_rows"] <= VOCAB
+    logits, labels, _ = make_batch(0)
+    tokens = ResponseTokens.of(labels)
+    support = restricted_supports(tokens.select(logits), tokens.targets, 5)
+    assert metrics["plot/slice_rows"] == torch.unique(support.ids).numel()  # |U|, micro-batches = 1
     assert metrics["plot/slice_bytes"] == 0  # an unpartitioned matrix moves nothing
+
+
+class DeviceWaits(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the ops that make the host wait for a GPU: a result size that depends on values
+    (unique, nonzero, boolean-mask indexing) or a value read back (item, int(), bool())."""
+    WAITING = {"nonzero", "_unique2", "unique_dim", "unique_consecutive", "masked_select", "_local_scalar_dense"}
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func._schema.name.split("::")[-1]
+        boolean_index = name in ("index", "index_put", "index_put_") and any(
+            isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (args[1] or []))
+        if name in self.WAITING or boolean_index:
+            self.seen.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("solver, target", [("closed_form", "onehot"), ("sinkhorn", "onehot"),
+                                            ("sinkhorn", "ref_mix")])
+def test_token_loss_never_waits_for_the_device(solver, target):
+    """What the issue asks of the loss path: forward and backward run without a host sync, so a GPU
+    step is never stalled by PLOT (checked here on CPU by the ops that would sync on a GPU)."""
+    logits, labels, E = make_batch(2)
+    tokens = ResponseTokens.of(labels)  # from the labels on the host, before the step
+    config = PlotConfig(top_k=5, solver=solver, target=target, rejected_weight=0.3, sinkhorn_iters=10)
+    policy = tokens.select(logits).float().requires_grad_()
+    reference = tokens.select(torch.randn_like(logits)).float()
+    loss = PLOTLoss(config, EmbeddingRows(E.float()))
+    with DeviceWaits() as waits:
+        value, metrics = loss(policy, tokens, reference, totals_of(labels))
+        value.backward()
+    assert waits.seen == [] and policy.grad.abs().sum() > 0
+    assert metrics["plot/slice_rows"] > 0
+    with DeviceWaits() as waits:  # and the probe sees them where they are
+        torch.unique(tokens.targets), tokens.targets[tokens.targets > 3], tokens.targets.sum().item()
+    assert waits.seen == ["_unique2", "index", "_local_scalar_dense"]
 
 
 @pytest.mark.parametrize("bad", [{"solver": "closed_form", "target": "ref_mix"},
