@@ -17,6 +17,17 @@ import torch
 from .data import IGNORE_INDEX
 
 
+def to_device(tensor: torch.Tensor, device) -> torch.Tensor:
+    """A host tensor onto ``device`` without making the host wait: a copy from pageable memory
+    synchronises the stream first, one from pinned memory is only queued."""
+    device = torch.device(device)
+    if tensor.device == device or device.type == "cpu":
+        return tensor.to(device)
+    from deepspeed.accelerator import get_accelerator
+
+    return get_accelerator().pin_memory(tensor).to(device, non_blocking=True)
+
+
 @dataclass
 class ResponseTokens:
     """The N response positions of a batch: ``logits[rows, cols]`` predicts ``targets``."""
@@ -34,8 +45,8 @@ class ResponseTokens:
         return cls(rows, cols, shifted[rows, cols], labels.shape[0])
 
     def to(self, device) -> "ResponseTokens":
-        return ResponseTokens(self.rows.to(device, non_blocking=True), self.cols.to(device, non_blocking=True),
-                              self.targets.to(device, non_blocking=True), self.n_rows)
+        return ResponseTokens(to_device(self.rows, device), to_device(self.cols, device),
+                              to_device(self.targets, device), self.n_rows)
 
     def select(self, per_position: torch.Tensor) -> torch.Tensor:
         """[rows, length, ...] -> [N, ...]: the entries at the response positions."""
@@ -187,7 +198,7 @@ def shared_prompt_logits(model, batch: dict, tokens: ResponseTokens, device) -> 
         prompt_ids[i, width - p:], prompt_mask[i, width - p:] = ids[i, :p], 1
     prompt_positions = (prompt_mask.cumsum(1) - 1).clamp_min(0)
 
-    to = lambda t: t.to(device, non_blocking=True)  # noqa: E731
+    to = lambda t: to_device(t, device)  # noqa: E731
     hidden = []  # hidden states that predict response tokens, in the order of the passes
 
     def keep_prompt_last(states):
@@ -252,8 +263,8 @@ def forward_pairs(model, batch: dict, keep_logits: bool) -> PairOutputs:
     if getattr(model, SHARE_PROMPT, None):
         logits = shared_prompt_logits(model, batch, cpu_tokens, device)
     if logits is None:
-        logits = response_logits(model, batch["input_ids"].to(device, non_blocking=True),
-                                 batch["attention_mask"].to(device, non_blocking=True), tokens)
+        logits = response_logits(model, to_device(batch["input_ids"], device),
+                                 to_device(batch["attention_mask"], device), tokens)
     logps = PairLogps.from_rows(tokens.row_sums(target_logps(logits, tokens.targets)), tokens.row_counts())
     return PairOutputs(logps, logits if keep_logits else None, tokens)
 
@@ -264,7 +275,7 @@ def reference_pairs(engine, batch: dict, keep_logits: bool, device) -> PairOutpu
     needs no reference)."""
     if "reference_logps" in batch:
         tokens = ResponseTokens.of(batch["labels"]).to(device)
-        chosen, rejected = batch["reference_logps"].to(device)
+        chosen, rejected = to_device(batch["reference_logps"], device)
         counts = tokens.row_counts()
         n = chosen.shape[0]
         return PairOutputs(PairLogps(chosen, rejected, counts[:n], counts[n:]), None, tokens)

@@ -17,7 +17,7 @@ from .distributed import DistInfo, all_reduce_sum, barrier, init_distributed
 from .engine import build_policy_engine, choose_ds_config, load_ds_config, load_tokenizer, trim_host_heap
 from .evaluation import evaluate, generation_report, generations_markdown
 from .embedding_slice import embedding_rows_for
-from .logprobs import forward_pairs, reference_pairs
+from .logprobs import forward_pairs, reference_pairs, to_device
 from .monitoring import RunMonitor, StepLog, reduce_metrics
 from .preemption import EXIT_PREEMPTED, StopRequest
 from .objectives import GlobalTotals, build_objective
@@ -41,7 +41,7 @@ def train_step(policy, reference, objective, micro_batches: list[dict], world_si
     Returns this rank's metric shares (sum over ranks = global means) and the global totals.
     ``before_update`` runs once the step's gradients are complete, before the optimizer uses them.
     """
-    counts = torch.stack([batch["counts"] for batch in micro_batches]).sum(0).to(policy.device)
+    counts = to_device(torch.stack([batch["counts"] for batch in micro_batches]).sum(0), policy.device)
     totals = GlobalTotals.from_counts(all_reduce_sum(counts))
     sums: dict[str, torch.Tensor] = {}
     for index, batch in enumerate(micro_batches):
