@@ -64,10 +64,13 @@ class TargetLogProb(torch.autograd.Function):
     """log softmax(logits)[target] per row of [N, V] logits, float32, in chunks of rows.
 
     Saves the logits (in their own dtype) and one float per row; the backward recomputes each
-    chunk's softmax, so no [N, V] float32 tensor outlives a chunk."""
+    chunk's softmax, so no [N, V] float32 tensor outlives a chunk. With ``in_place_grad`` the
+    backward writes the gradient over the saved logits instead of allocating a second [N, V]
+    tensor (the step's peak is the head's backward): for logits nothing reads after the backward."""
 
     @staticmethod
-    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, chunk: int,
+                in_place_grad: bool = False) -> torch.Tensor:
         n = logits.shape[0]
         logsumexp = torch.empty(n, device=logits.device, dtype=torch.float32)
         picked = torch.empty(n, device=logits.device, dtype=torch.float32)
@@ -76,13 +79,14 @@ class TargetLogProb(torch.autograd.Function):
             logsumexp[start:start + chunk] = part.logsumexp(-1)
             picked[start:start + chunk] = part.gather(-1, targets[start:start + chunk, None]).squeeze(-1)
         ctx.save_for_backward(logits, targets, logsumexp)
-        ctx.chunk = chunk
+        ctx.chunk, ctx.in_place_grad = chunk, in_place_grad
         return picked - logsumexp
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
         logits, targets, logsumexp = ctx.saved_tensors
-        grad = torch.empty_like(logits)
+        # Each chunk is read (into a float32 temporary) before its rows are overwritten.
+        grad = logits if ctx.in_place_grad else torch.empty_like(logits)
         grad_output = grad_output.float()
         for start in range(0, logits.shape[0], ctx.chunk):
             rows = slice(start, start + ctx.chunk)
@@ -90,11 +94,26 @@ class TargetLogProb(torch.autograd.Function):
             part = (logits[rows].float() - logsumexp[rows, None]).exp_().mul_(-grad_output[rows, None])
             part.scatter_add_(-1, targets[rows, None], grad_output[rows, None])
             grad[rows] = part
-        return grad, None, None
+        return grad, None, None, None
 
 
-def target_logps(logits: torch.Tensor, targets: torch.Tensor, chunk: int = 256) -> torch.Tensor:
-    return TargetLogProb.apply(logits, targets, chunk)
+def saved_by_its_own_node(tensor: torch.Tensor) -> bool:
+    """Whether the autograd node that made ``tensor`` saved it for its backward (tanh, exp, ...
+    keep their result): then it must not be overwritten before that backward runs."""
+    node = tensor.grad_fn
+    if node is None:
+        return False
+    for name in dir(node):
+        if name.startswith("_saved_"):
+            value = getattr(node, name)
+            if isinstance(value, torch.Tensor) and value.data_ptr() == tensor.data_ptr():
+                return True
+    return False
+
+
+def target_logps(logits: torch.Tensor, targets: torch.Tensor, chunk: int = 256,
+                 in_place_grad: bool = False) -> torch.Tensor:
+    return TargetLogProb.apply(logits, targets, chunk, in_place_grad)
 
 
 @dataclass
@@ -265,7 +284,11 @@ def forward_pairs(model, batch: dict, keep_logits: bool) -> PairOutputs:
     if logits is None:
         logits = response_logits(model, to_device(batch["input_ids"], device),
                                  to_device(batch["attention_mask"], device), tokens)
-    logps = PairLogps.from_rows(tokens.row_sums(target_logps(logits, tokens.targets)), tokens.row_counts())
+    # The head's output is read by nothing after the backward (PLOT uses it in the forward only), so
+    # its gradient may take its place, unless the op that made it needs it back (a softcap's tanh).
+    in_place = not saved_by_its_own_node(logits)
+    logps = PairLogps.from_rows(tokens.row_sums(target_logps(logits, tokens.targets, in_place_grad=in_place)),
+                                tokens.row_counts())
     return PairOutputs(logps, logits if keep_logits else None, tokens)
 
 

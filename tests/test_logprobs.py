@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from plot_ds.data import IGNORE_INDEX
-from plot_ds.logprobs import PairLogps, ResponseTokens, forward_pairs, target_logps
+from plot_ds.logprobs import PairLogps, ResponseTokens, forward_pairs, saved_by_its_own_node, target_logps
 
 
 def direct_row_logps(logits, labels):
@@ -45,6 +45,28 @@ def test_target_logps_value_and_gradient_match_log_softmax():
     torch.testing.assert_close(exact.grad, reference.grad, rtol=0, atol=1e-6)
 
 
+def test_in_place_gradient_equals_the_allocated_one_and_takes_the_logits_place():
+    torch.manual_seed(1)
+    targets = torch.randint(0, 300, (40,))
+    weights = torch.randn(40)
+    grads = []
+    for in_place in (False, True):
+        x = torch.randn(40, 300, generator=torch.Generator().manual_seed(2)).requires_grad_()
+        logits = x * 1.0  # a head's output: not a leaf
+        (target_logps(logits, targets, chunk=16, in_place_grad=in_place) * weights).sum().backward()
+        grads.append(x.grad)
+        assert torch.equal(logits.detach(), x.detach()) != in_place  # overwritten by its gradient
+    torch.testing.assert_close(grads[1], grads[0], rtol=0, atol=0)
+
+
+def test_in_place_gradient_is_refused_where_the_logits_are_saved_by_their_own_op():
+    x = torch.randn(5, 7, requires_grad=True)
+    assert not saved_by_its_own_node(x @ torch.randn(7, 9))  # a linear head saves its inputs
+    assert saved_by_its_own_node(torch.tanh(x) * 1.0) is False  # the product is not what tanh saved
+    assert saved_by_its_own_node(torch.tanh(x))                 # tanh keeps its result
+    assert not saved_by_its_own_node(x.detach())
+
+
 def test_forward_pairs_projects_only_response_positions_and_matches_full_logits():
     from transformers import LlamaConfig, LlamaForCausalLM
     torch.manual_seed(0)
@@ -68,6 +90,37 @@ def test_forward_pairs_projects_only_response_positions_and_matches_full_logits(
                                rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(out.logits, out.tokens.select(full), rtol=1e-5, atol=1e-5)
     assert torch.cat([out.logps.chosen_tokens, out.logps.rejected_tokens]).tolist() == counts
+
+
+def test_forward_pairs_in_place_head_gradient_with_plot_equals_the_allocated_one(monkeypatch):
+    """DPO-style log-probs and PLOT read the same logits; the gradient written over them must
+    give the model exactly the gradient of a separately allocated one."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import plot_ds.logprobs as logprobs
+    from plot_ds.config import PlotConfig
+    from plot_ds.embedding_slice import EmbeddingRows
+    from plot_ds.objectives import GlobalTotals
+    from plot_ds.plot_loss import PLOTLoss
+
+    input_ids = torch.randint(0, 50, (4, 9), generator=torch.Generator().manual_seed(3))
+    labels = input_ids.clone()
+    labels[:, :4] = IGNORE_INDEX
+    batch = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": labels}
+    totals = GlobalTotals(*torch.tensor([2.0, 10.0, 10.0, 36.0, 1.0]).unbind())
+    grads = []
+    for in_place in (True, False):
+        monkeypatch.setattr(logprobs, "saved_by_its_own_node", lambda tensor: not in_place)
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                             num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True))
+        out = forward_pairs(model, batch, keep_logits=True)
+        plot, _ = PLOTLoss(PlotConfig(top_k=5, rejected_weight=0.3), EmbeddingRows(model.get_input_embeddings().weight))(
+            out.logits, out.tokens, None, totals)
+        (plot + out.logps.chosen.sum() - 0.5 * out.logps.rejected.sum()).backward()
+        grads.append({name: param.grad.clone() for name, param in model.named_parameters()})
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=0, atol=0, msg=name)
 
 
 def test_pair_rows_are_chosen_then_rejected():
