@@ -94,10 +94,10 @@ bench "PLOT overhead (one GPU: the slice bytes need two ranks, see docs/benchmar
 bench "batched Sinkhorn vs a loop over POT's ot.emd2" 90 \
     "$PYTHON" bench/sinkhorn_vs_pot.py --model "$MODEL" --problems "${GPU_CHECK_PROBLEMS:-1024}" --repeats 3
 
-echo "== where a step's time goes (host vs kernels), default config: profile.txt"
+echo "== where a step's time goes (host vs kernels) and what the host waits for, DPO + PLOT: profile.txt"
 timeout 120 "$PYTHON" bench/profile_step.py --steps "$BENCH_STEPS" --warmup 3 --top 40 "${COMMON[@]}" \
-    --plot.enabled false > "$RESULTS/profile.txt" 2>>"$BENCH_LOG" || FAILED+=("profile")
-grep -E "^(device|step seconds)" "$RESULTS/profile.txt"
+    > "$RESULTS/profile.txt" 2>>"$BENCH_LOG" || FAILED+=("profile")
+grep -E "^(device|step seconds|== host waits)" "$RESULTS/profile.txt"
 
 if [[ -n "$HAS_TRL" ]]; then
     bench "plot_ds vs TRL, ${PRECISION}, micro-batch 8" 130 \

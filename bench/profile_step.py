@@ -9,6 +9,7 @@ Not a ratio benchmark: a tool for finding what to make faster, on CPU or on a le
 import argparse
 import cProfile
 import io
+import json
 import pstats
 import statistics
 import os
@@ -24,10 +25,18 @@ from plot_ds.config import load_config, parse_overrides  # noqa: E402
 from plot_ds.data import GlobalBatchSampler, collate, prepare_datasets  # noqa: E402
 from plot_ds.distributed import barrier, init_distributed  # noqa: E402
 from plot_ds.embedding_slice import embedding_rows_for  # noqa: E402
-from plot_ds.engine import build_policy_engine, build_reference_engine, load_ds_config, load_tokenizer  # noqa: E402
+from plot_ds.engine import (build_policy_engine, build_reference_engine, load_ds_config, load_tokenizer,  # noqa: E402
+                            zero_stage)
 from plot_ds.monitoring import reduce_metrics  # noqa: E402
 from plot_ds.objectives import build_objective  # noqa: E402
 from plot_ds.training import train_step  # noqa: E402
+
+
+# Ops whose result the host must wait for on a GPU (a value read back, or an output size that
+# depends on values), and the CUDA runtime's own waits.
+HOST_WAITS = {"aten::_local_scalar_dense", "aten::nonzero", "aten::_unique2", "aten::unique_dim",
+              "aten::unique_consecutive", "aten::masked_select", "cudaStreamSynchronize",
+              "cudaDeviceSynchronize", "cudaEventSynchronize"}
 
 
 def main():
@@ -75,7 +84,8 @@ def main():
         return
     print(f"device {accelerator.device_name()}, ranks {dist.world_size}, precision {config.train.precision}, "
           f"micro-batch {config.train.micro_batch_size}, max_length {config.data.max_length}, "
-          f"objective {config.objective.name}, plot {config.plot.enabled}, deepspeed {config.deepspeed.config}")
+          f"objective {config.objective.name}, plot {config.plot.enabled}, deepspeed {config.deepspeed.config} "
+          f"(ZeRO-{zero_stage(ds_config)})")
     print(f"step seconds: warmup {[round(t, 3) for t in warm]}; median unprofiled "
           f"{statistics.median(plain):.3f}, under cProfile {statistics.median(profiled):.3f}, under "
           f"torch.profiler {statistics.median(kernels):.3f}")
@@ -84,7 +94,11 @@ def main():
     print("== host, by own time, over", args.steps, "steps\n" + text.getvalue().split("\n\n", 1)[-1].strip())
     sort = "self_cuda_time_total" if accelerator.device_name() == "cuda" else "self_cpu_time_total"
     print(f"== ops by {sort}, over {args.steps} steps")
-    print(device_profile.key_averages().table(sort_by=sort, row_limit=args.top, max_name_column_width=60))
+    averages = device_profile.key_averages()
+    print(averages.table(sort_by=sort, row_limit=args.top, max_name_column_width=60))
+    # The timer itself adds two device syncs per step (cudaDeviceSynchronize).
+    waits = {event.key: event.count / args.steps for event in averages if event.key in HOST_WAITS}
+    print(f"== host waits per step (on a GPU): {json.dumps(dict(sorted(waits.items())))}")
 
 
 if __name__ == "__main__":

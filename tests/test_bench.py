@@ -76,6 +76,8 @@ def test_gpu_check_script_runs_end_to_end_on_cpu(tmp_path):
     profile = (out / "profile.txt").read_text()
     assert "step seconds" in profile and "== host, by own time" in profile and "tottime" in profile
     assert "== ops by self_cpu_time_total" in profile and "aten::mm" in profile
+    waits = json.loads(profile.split("== host waits per step (on a GPU): ", 1)[1].splitlines()[0])
+    assert isinstance(waits, dict) and all(count > 0 for count in waits.values())
     if importlib.util.find_spec("trl") is None:
         assert "TRL is not installed" in proc.stdout and "trl_comparison" not in results
     else:

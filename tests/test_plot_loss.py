@@ -191,20 +191,31 @@ class DeviceWaits(torch.utils._python_dispatch.TorchDispatchMode):
 
 @pytest.mark.parametrize("solver, target", [("closed_form", "onehot"), ("sinkhorn", "onehot"),
                                             ("sinkhorn", "ref_mix")])
-def test_token_loss_never_waits_for_the_device(solver, target):
-    """What the issue asks of the loss path: forward and backward run without a host sync, so a GPU
-    step is never stalled by PLOT (checked here on CPU by the ops that would sync on a GPU)."""
+def test_loss_path_never_waits_for_the_device(solver, target):
+    """What the issue asks of the loss path: from the head's logits to their gradient (log-probs,
+    DPO, PLOT) nothing makes the host wait, so a GPU step is never stalled by the loss (checked on
+    CPU by the ops that would sync on a GPU). The response positions come from the labels on the
+    host, before the step."""
+    from plot_ds.logprobs import PairLogps, PairOutputs, target_logps
+    from plot_ds.objectives import DPOLoss, Objective
+
     logits, labels, E = make_batch(2)
-    tokens = ResponseTokens.of(labels)  # from the labels on the host, before the step
+    tokens = ResponseTokens.of(labels)
     config = PlotConfig(top_k=5, solver=solver, target=target, rejected_weight=0.3, sinkhorn_iters=10)
     policy = tokens.select(logits).float().requires_grad_()
     reference = tokens.select(torch.randn_like(logits)).float()
-    loss = PLOTLoss(config, EmbeddingRows(E.float()))
+    objective = Objective(DPOLoss(0.1), PLOTLoss(config, EmbeddingRows(E.float())))
+
+    def outputs(head_logits):
+        logps = tokens.row_sums(target_logps(head_logits, tokens.targets, in_place_grad=head_logits.requires_grad))
+        return PairOutputs(PairLogps.from_rows(logps, tokens.row_counts()), head_logits, tokens)
+
     with DeviceWaits() as waits:
-        value, metrics = loss(policy, tokens, reference, totals_of(labels))
+        head = policy * 1.0
+        value, metrics = objective(outputs(head), outputs(reference), totals_of(labels))
         value.backward()
     assert waits.seen == [] and policy.grad.abs().sum() > 0
-    assert metrics["plot/slice_rows"] > 0
+    assert metrics["plot/slice_rows"] > 0 and metrics["loss/vanilla"] > 0
     with DeviceWaits() as waits:  # and the probe sees them where they are
         torch.unique(tokens.targets), tokens.targets[tokens.targets > 3], tokens.targets.sum().item()
     assert waits.seen == ["_unique2", "index", "_local_scalar_dense"]
