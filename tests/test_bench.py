@@ -2,6 +2,7 @@
 import importlib.util
 import json
 import sys
+from pathlib import Path
 
 from conftest import REPO, run_command
 
@@ -87,3 +88,14 @@ def test_gpu_check_script_runs_end_to_end_on_cpu(tmp_path):
         for run in runs:  # the same pairs and model on both sides: the same first loss
             assert run["pairs_per_s_ratio"] > 0 and run["peak_rss_ratio"] > 0
             assert abs(run["losses_plot_ds"][0] - run["losses_trl"][0]) < 1e-3
+
+
+def test_host_bound_standin_is_built_with_the_real_vocabulary_and_short_pairs(real_model_dir, tmp_path):
+    run_command([sys.executable, str(REPO / "bench" / "host_bound_standin.py"), str(tmp_path), "--pairs", "6"])
+    config = json.loads((tmp_path / "model" / "config.json").read_text())
+    real = json.loads((Path(real_model_dir) / "config.json").read_text())
+    assert (config["hidden_size"], config["num_hidden_layers"], config["vocab_size"]) == (
+        64, real["num_hidden_layers"], real["vocab_size"])
+    assert (tmp_path / "model" / "tokenizer.json").is_file()
+    pairs = [json.loads(line) for line in (tmp_path / "pairs.jsonl").read_text().splitlines()]
+    assert len(pairs) == 6 and all(0 < len(p["chosen"].split()) <= 15 and p["prompt"] for p in pairs)
