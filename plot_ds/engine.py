@@ -275,10 +275,55 @@ def keep_one_fp32_copy() -> None:
     Stage3._create_fp32_partitions = create_fp32_partitions
 
 
+def contiguous_span(tensors: list[torch.Tensor]) -> torch.Tensor | None:
+    """One flat view over tensors that lie back to back in one storage, in order; else None."""
+    if not tensors:
+        return None
+    first = tensors[0]
+    storage, end = first.untyped_storage().data_ptr(), first.data_ptr()
+    for tensor in tensors:
+        if (tensor.dtype != first.dtype or not tensor.is_contiguous() or tensor.data_ptr() != end
+                or tensor.untyped_storage().data_ptr() != storage):
+            return None
+        end += tensor.numel() * tensor.element_size()
+    return first.as_strided((sum(t.numel() for t in tensors),), (1,))
+
+
+def hand_over_gradients_as_views() -> None:
+    """Give ZeRO-3's optimizer its gradient partition as a view of DeepSpeed's gradient buffer.
+
+    DeepSpeed 0.19 (stage3.py, ``_prepare_fp32_grad_for_sub_group``) flattens the per-parameter
+    gradient partitions into a new tensor before the optimizer step, although they already lie back
+    to back in one flat buffer: a transient copy of every gradient at the step, which was the peak of
+    a training step with a precomputed reference (docs/benchmarks.md). Where the partitions are one
+    contiguous run of the optimizer's dtype and device, the view is handed over instead; the buffer is
+    overwritten by the next backward, as the copy would have been dropped. Otherwise DeepSpeed's own
+    code runs.
+    """
+    from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3 as Stage3
+
+    original = Stage3._prepare_fp32_grad_for_sub_group
+    if getattr(original, "plot_ds_hands_over_views", False):
+        return
+
+    @functools.wraps(original)
+    def prepare_fp32_grad(self, sub_group_id):
+        master = self.fp32_partitioned_groups_flat[sub_group_id]
+        view = contiguous_span(self.averaged_gradients[sub_group_id])
+        if view is None or (view.dtype, view.device, view.numel()) != (master.dtype, master.device, master.numel()):
+            return original(self, sub_group_id)
+        master.grad = view
+        self.averaged_gradients[sub_group_id] = None
+
+    prepare_fp32_grad.plot_ds_hands_over_views = True
+    Stage3._prepare_fp32_grad_for_sub_group = prepare_fp32_grad
+
+
 def build_policy_engine(config: Config, ds_config: dict):
     import deepspeed
 
     keep_one_fp32_copy()
+    hand_over_gradients_as_views()
     model = load_model(config, ds_config)
     if config.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -307,12 +352,12 @@ def build_frozen_engine(config: Config, ds_config: dict, name_or_path: str | Non
 
 
 def destroy_engine(engine) -> None:
-    """``engine.destroy()``, and let its model go.
+    """``engine.destroy()``, and let its model and weights go.
 
-    DeepSpeed 0.19's ZeRO-3 pushes each engine's top module on a module-global stack
-    (``parameter_offload.FWD_MODULE_STACK``) and never pops it, so a destroyed engine's model stays
-    alive: the reference model of the cache pass (538 MB for SmolLM2-135M in fp32) would be held
-    through the whole training that follows.
+    DeepSpeed 0.19's ZeRO-3 keeps a destroyed engine reachable in two places: its top module on a
+    module-global stack (``parameter_offload.FWD_MODULE_STACK``, never popped) and its parameter
+    coordinator in a method cache (``_clear_release_plan_cache``). Either way the reference model of
+    the cache pass (538 MB for SmolLM2-135M in fp32) would be held through the whole training.
     """
     from deepspeed.runtime.zero import parameter_offload
 
@@ -320,6 +365,30 @@ def destroy_engine(engine) -> None:
     engine.destroy()
     stack = getattr(parameter_offload, "FWD_MODULE_STACK", [])
     stack[:] = [entry for entry in stack if entry is not module]
+    _clear_release_plan_cache()
+
+
+def _clear_release_plan_cache() -> None:
+    """DeepSpeed 0.19 memoises ``PartitionedParameterCoordinator.__params_to_release`` with an
+    unbounded ``functools.lru_cache`` on the method, keyed by the coordinator itself: every ZeRO-3
+    engine that ran two forwards stays reachable from the cache, and through its parameter trace
+    keeps all its weights (538 MB for the reference model of the cache pass, measured). Clearing
+    it costs the live engines one recomputation of their release plans."""
+    from deepspeed.runtime.zero.partitioned_param_coordinator import PartitionedParameterCoordinator
+
+    method = PartitionedParameterCoordinator.__dict__.get("_PartitionedParameterCoordinator__params_to_release")
+    cells = getattr(method, "__closure__", None) or ()  # under DeepSpeed's nvtx wrapper
+    for candidate in (method, *(cell.cell_contents for cell in cells if _cell_is_set(cell))):
+        if hasattr(candidate, "cache_clear"):
+            candidate.cache_clear()
+
+
+def _cell_is_set(cell) -> bool:
+    try:
+        cell.cell_contents
+    except ValueError:
+        return False
+    return True
 
 
 def trim_host_heap() -> None:

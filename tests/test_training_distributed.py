@@ -86,9 +86,10 @@ def adamw_first_step(before: torch.Tensor, grad: torch.Tensor, decay: float) -> 
 @pytest.mark.parametrize("objective", ["sft", "dpo"])
 def test_update_is_adamw_on_the_step_gradient(step_results, objective):
     """The parameters the model runs with move by exactly AdamW's first step; fp32 training keeps
-    one copy of the weights (the optimizer's master partition is the parameter partition)."""
+    one copy of the weights (the optimizer's master partition is the parameter partition) and one of
+    the gradients (the optimizer steps on views of DeepSpeed's gradient buffer, not a flattened copy)."""
     for results in [step_results["one"][f"{objective}:8x1"]] + [r[f"{objective}:2x2"] for r in step_results["two"]]:
-        assert results["master_is_partition"]
+        assert results["master_is_partition"] and results["grads_are_buffer_views"]
         for name, grad in results["grads"].items():
             before, after = results["before"][name], results["after"][name]
             expected = adamw_first_step(before, grad, decay=0.1 if before.dim() >= 2 else 0.0)

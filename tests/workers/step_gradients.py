@@ -110,6 +110,9 @@ def main(model_dir: str, ds_config_path: str, out_file: str, splits: str) -> Non
 
             tracks_update = variant in ("sft", "dpo", "dpo_shared_prompt")
             before = full_parameters(policy) if tracks_update else None
+            grad_storages = []  # what the optimizer steps with: views of DeepSpeed's buffer, or copies
+            policy.optimizer.optimizer.register_step_pre_hook(lambda optimizer, *_: grad_storages.extend(
+                p.grad.untyped_storage().data_ptr() for group in optimizer.param_groups for p in group["params"]))
             sums, totals = train_step(policy, reference, objective, batches, dist.world_size,
                                       before_update=capture)
             from plot_ds.monitoring import reduce_metrics
@@ -123,9 +126,11 @@ def main(model_dir: str, ds_config_path: str, out_file: str, splits: str) -> Non
                             "global_batch": sampler.global_batch(0)}
             if tracks_update:
                 optimizer = policy.optimizer
+                buffer = optimizer.grad_partitions_flat_buffer.untyped_storage().data_ptr()
                 results[key].update(before=before, after=full_parameters(policy), master_is_partition=all(
                     master.data_ptr() == partition.data_ptr() for master, partition in
-                    zip(optimizer.fp32_partitioned_groups_flat, optimizer.fp16_partitioned_groups_flat)))
+                    zip(optimizer.fp32_partitioned_groups_flat, optimizer.fp16_partitioned_groups_flat)),
+                    grads_are_buffer_views=bool(grad_storages) and set(grad_storages) == {buffer})
             policy.destroy()
             if reference is not None:
                 reference.destroy()
