@@ -46,7 +46,10 @@ the whole run: DeepSpeed resets CUDA's peak counters in places, so the children 
 
 Each side's pairs/s is pairs per step over the wall time between consecutive step ends (data,
 forward, backward, optimizer, logging: everything a training step costs), median over the steps after
-the warmup. Peak memory is the child process's ru_maxrss, read inside it as it finishes.
+the warmup. With --rounds R each side runs R times, in the order plot_ds, TRL, TRL, plot_ds, ...
+(a slow drift of a shared machine then weighs on both sides alike); the ratio is that of the medians
+over all rounds' measured steps, and each round's own ratio is reported beside it. Peak memory is the child process's ru_maxrss, read
+inside it as it finishes (with rounds, the highest of a side's runs).
 """
 import argparse
 import importlib.util
@@ -71,6 +74,8 @@ def parse_args():
     parser.add_argument("--steps", type=int, default=8, help="measured steps per side")
     parser.add_argument("--warmup", type=int, default=2, help="unmeasured steps first, per side")
     parser.add_argument("--micro-batch", type=int, default=2, help="pairs per step")
+    parser.add_argument("--rounds", type=int, default=1, help="runs of each side, alternating (plot_ds, TRL, "
+                        "TRL, plot_ds, ...) so that a machine's drift over minutes falls on both sides alike")
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--max-prompt-length", type=int, default=128, help="plot_ds only: TRL 1.16 has none")
     parser.add_argument("--threads", type=int, default=1, help="torch threads, the same on both sides (0: "
@@ -93,7 +98,11 @@ def parse_args():
                         "ds_configs/zero2.json\" (applied last; TRL does not see them)")
     parser.add_argument("--child", choices=["plot_ds", "trl"], help=argparse.SUPPRESS)
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
-    return parser.parse_args()
+    args = parser.parse_args()
+    for name in ("rounds", "steps", "micro_batch"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    return args
 
 
 def log(message):
@@ -136,6 +145,7 @@ def run_plot_ds(args, data_file, workdir):
     with open(os.path.join(output_dir, "ds_config.json")) as handle:
         stage = json.load(handle)["zero_optimization"]["stage"]
     return {"pairs_per_s": statistics.median(measured(pairs_per_s, args)),
+            "measured_pairs_per_s": measured(pairs_per_s, args),
             "mean_tokens_per_pair": statistics.mean(tokens_per_pair), "zero_stage": stage,
             "losses": [record["loss/total"] for record in history]}
 
@@ -203,6 +213,7 @@ def run_trl(args, data_file, workdir):
     if len(timer.seconds) != total_steps:
         raise SystemExit(f"TRL ran {len(timer.seconds)} steps, expected {total_steps}")
     return {"pairs_per_s": args.micro_batch / statistics.median(measured(timer.seconds, args)),
+            "measured_pairs_per_s": [args.micro_batch / seconds for seconds in measured(timer.seconds, args)],
             "mean_tokens_per_pair": tokens / len(examples), "torch_threads": torch.get_num_threads(),
             "losses": [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]}
 
@@ -287,6 +298,27 @@ def run_child(side, args, workdir):
         return json.load(handle)
 
 
+def alternating_runs(rounds, run):
+    """``run(side)`` for each side ``rounds`` times, in the order plot_ds, TRL, TRL, plot_ds, ...:
+    a linear drift of the machine's speed then costs both sides the same."""
+    runs = {"plot_ds": [], "trl": []}
+    for round_ in range(rounds):
+        for side in ("plot_ds", "trl") if round_ % 2 == 0 else ("trl", "plot_ds"):
+            runs[side].append(run(side))
+    return runs
+
+
+def pooled(runs):
+    """One side's runs as one: pairs/s the median over all their measured steps, each peak the
+    highest of the runs (the rest, e.g. the losses, is the same in every run: the first's)."""
+    result = dict(runs[0])
+    result["pairs_per_s"] = statistics.median(x for run in runs for x in run["measured_pairs_per_s"])
+    for key in ("peak_rss_mib", "peak_gpu_allocated_mib", "peak_gpu_reserved_mib"):
+        if key in result:
+            result[key] = max(run[key] for run in runs)
+    return result
+
+
 def main():
     args = parse_args()
     if args.child:
@@ -298,8 +330,8 @@ def main():
     # The parent stays small (no torch): a child's ru_maxrss can start from its parent's size.
     with tempfile.TemporaryDirectory(prefix="trl_comparison.") as workdir:
         write_pairs(os.path.join(workdir, "pairs.jsonl"), (args.warmup + args.steps) * args.micro_batch, args.pairs)
-        ours = run_child("plot_ds", args, workdir)
-        theirs = run_child("trl", args, workdir)
+        runs = alternating_runs(args.rounds, lambda side: run_child(side, args, workdir))
+    ours, theirs = pooled(runs["plot_ds"]), pooled(runs["trl"])
     result = {
         "benchmark": "trl_comparison", "device": ours.get("gpu", "cpu"), "model": args.model,
         "precision": args.precision,
@@ -315,6 +347,8 @@ def main():
         "losses_trl": [round(x, 5) for x in theirs["losses"]],
         "pairs_per_s_plot_ds": ours["pairs_per_s"], "pairs_per_s_trl": theirs["pairs_per_s"],
         "pairs_per_s_ratio": ours["pairs_per_s"] / theirs["pairs_per_s"],
+        "rounds": args.rounds,
+        "pairs_per_s_ratio_by_round": [o["pairs_per_s"] / t["pairs_per_s"] for o, t in zip(runs["plot_ds"], runs["trl"])],
         "peak_rss_mib_plot_ds": ours["peak_rss_mib"], "peak_rss_mib_trl": theirs["peak_rss_mib"],
         "peak_rss_ratio": ours["peak_rss_mib"] / theirs["peak_rss_mib"],
         **({"peak_gpu_allocated_mib_plot_ds": ours["peak_gpu_allocated_mib"],

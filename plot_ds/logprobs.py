@@ -8,6 +8,7 @@ the [N, V] logits for its backward (no float32 copy, no saved softmax).
 """
 from __future__ import annotations
 
+import copy
 import inspect
 import warnings
 from dataclasses import dataclass
@@ -178,22 +179,51 @@ def _with_head_input(model, select, **inputs):
         hook.remove()
 
 
-def _croppable(cache) -> bool:
-    """Whether ``cache.crop`` puts every layer back as it was (full-attention layers; a sliding
-    window or a recurrent state may have dropped what a crop would need)."""
-    from transformers.cache_utils import DynamicLayer
+def _copyable(cache) -> bool:
+    """Whether a copy of ``cache`` with rows selected leaves the cache itself as it was: layers that
+    rebind, never write into, their tensors when rows are selected or states appended (full,
+    sliding-window and indexed attention; a recurrent state may be updated in place)."""
+    from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
-    return all(type(layer) is DynamicLayer for layer in getattr(cache, "layers", [None]))
+    kinds = {DynamicLayer, DynamicSlidingWindowLayer}
+    try:
+        from transformers.cache_utils import DynamicIndexedLayer
+        kinds.add(DynamicIndexedLayer)
+    except ImportError:
+        pass
+    return all(type(layer) in kinds for layer in getattr(cache, "layers", [None]))
+
+
+def _cache_rows(cache, rows: torch.Tensor, copied: bool):
+    """The prompt cache with batch rows ``rows`` (repeats allowed): a copy that leaves ``cache`` as it
+    was (``copied``, see ``_copyable``), else ``cache`` itself, changed."""
+    if copied:
+        cache = copy.copy(cache)
+        cache.layers = [copy.copy(layer) for layer in cache.layers]
+    cache.batch_select_indices(rows)
+    return cache
+
+
+def response_groups(lengths: torch.Tensor) -> list[torch.Tensor]:
+    """Response rows in at most two passes, each padded to its own longest, where the padded
+    tokens are fewest: the rows sorted by length, split where the sum of group size x longest is
+    smallest (the best two-way split is always one of a sorted order); one pass where that pads no
+    more. Chosen-vs-rejected would pad every row to the longest of its side."""
+    order = lengths.argsort(stable=True)
+    ordered = lengths[order].tolist()
+    rows = len(ordered)
+    split = min(range(1, rows + 1), key=lambda k: (k * ordered[k - 1] + (rows - k) * ordered[-1], -k))
+    return [group for group in (order[:split], order[split:]) if len(group)]
 
 
 def shared_prompt_logits(model, batch: dict, tokens: ResponseTokens, device) -> torch.Tensor | None:
     """[N, V] logits at the response positions, computing each pair's prompt once.
 
     Pass 1 runs the prompts (left-padded so that all end in the last column) and keeps their
-    key/value cache; its last position predicts the first response token. The chosen responses
-    then run on top of that cache, the cache is cropped back to the prompts, and the rejected
-    responses run on it, each side padded only to its own longest response. (Where the cache
-    cannot be cropped, one pass runs all responses over a cache repeated for both sides.) The
+    key/value cache; its last position predicts the first response token. The responses then run
+    on top of that cache in at most two passes of rows of similar lengths (``response_groups``),
+    each over its own copy of the prompt rows it needs, padded only to its own longest response.
+    (Where a copy could change the cache, see ``_copyable``, one pass runs all responses.) The
     passes are the model's own forward (ZeRO-3 hooks and all); the LM head runs once, in the last
     pass, on the hidden states of all passes, and only at the positions that predict a response
     token. ``tokens``: the CPU positions. None when the rows are not prompt-sharing pairs (chosen
@@ -228,11 +258,8 @@ def shared_prompt_logits(model, batch: dict, tokens: ResponseTokens, device) -> 
     first = _with_head_input(model, keep_prompt_last, input_ids=to(prompt_ids),
                              attention_mask=to(prompt_mask), position_ids=to(prompt_positions), use_cache=True)
     cache = getattr(first, argument)
-    if _croppable(cache):
-        groups = [torch.arange(pairs), torch.arange(pairs, rows)]
-    else:
-        groups = [torch.arange(rows)]
-        cache.batch_select_indices(to(torch.arange(rows) % pairs))
+    copyable = _copyable(cache)
+    groups = response_groups(lengths) if copyable else [torch.arange(rows)]
 
     # slot[r, j]: index in ``hidden`` (concatenated) of the state that predicts response token
     # j + 1 of row r; token 0 is predicted by the prompt's last position, hidden index r % pairs.
@@ -253,22 +280,22 @@ def shared_prompt_logits(model, batch: dict, tokens: ResponseTokens, device) -> 
         filled += head_rows.numel()
         passes.append(dict(input_ids=to(response_ids), position_ids=to(starts[group, None] + torch.arange(span)),
                            attention_mask=to(torch.cat([prompt_mask[group % pairs], response_mask], 1)),
-                           head_rows=to(head_rows), head_cols=to(head_cols), span=span))
+                           head_rows=to(head_rows), head_cols=to(head_cols), prompt_rows=to(group % pairs)))
     step = tokens.cols - (starts[tokens.rows] - 1)
     source = to(torch.where(step == 0, tokens.rows % pairs, slot[tokens.rows, (step - 1).clamp_min(0)]))
 
     for index, inputs in enumerate(passes):
-        head_rows, head_cols, span = inputs.pop("head_rows"), inputs.pop("head_cols"), inputs.pop("span")
+        head_rows, head_cols = inputs.pop("head_rows"), inputs.pop("head_cols")
         last = index == len(passes) - 1
+        # The last pass may take the cache itself: nothing reads it after.
+        pass_cache = _cache_rows(cache, inputs.pop("prompt_rows"), copied=copyable and not last)
 
         def head_input(states, head_rows=head_rows, head_cols=head_cols, last=last):
             hidden.append(states[head_rows, head_cols])
             # Reordering [N, d] hidden states, not [N, V] logits: no logits-sized copies.
             return torch.cat(hidden).index_select(0, source) if last else states[:0, 0]
 
-        out = _with_head_input(model, head_input, use_cache=True, **{argument: cache}, **inputs)
-        if not last:
-            cache.crop(-span)
+        out = _with_head_input(model, head_input, use_cache=True, **{argument: pass_cache}, **inputs)
     return out.logits
 
 

@@ -1,6 +1,7 @@
 """The benchmark scripts run (tiny model, one step): they must not rot between measurements."""
 import importlib.util
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -99,3 +100,23 @@ def test_host_bound_standin_is_built_with_the_real_vocabulary_and_short_pairs(re
     assert (tmp_path / "model" / "tokenizer.json").is_file()
     pairs = [json.loads(line) for line in (tmp_path / "pairs.jsonl").read_text().splitlines()]
     assert len(pairs) == 6 and all(0 < len(p["chosen"].split()) <= 15 and p["prompt"] for p in pairs)
+
+
+def test_trl_comparison_alternates_the_sides_and_pools_their_rounds():
+    spec = importlib.util.spec_from_file_location("trl_comparison", REPO / "bench" / "trl_comparison.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    order = []
+
+    def run(side):
+        order.append(side)
+        fast = [4.0, 5.0] if side == "plot_ds" else [3.0, 2.0]
+        return {"pairs_per_s": sum(fast) / 2, "measured_pairs_per_s": [x + len(order) for x in fast],
+                "peak_rss_mib": 100.0 * len(order), "losses": [0.69], "zero_stage": 3}
+
+    runs = bench.alternating_runs(3, run)
+    assert order == ["plot_ds", "trl", "trl", "plot_ds", "plot_ds", "trl"]
+    ours = bench.pooled(runs["plot_ds"])
+    # Steps 5, 6 (run 1), 8, 9 (run 4), 9, 10 (run 5): the median of all six, the highest peak.
+    assert ours["pairs_per_s"] == 8.5 and ours["peak_rss_mib"] == 500.0 and ours["losses"] == [0.69]
+    assert bench.pooled(runs["trl"])["pairs_per_s"] == statistics.median([5, 4, 5, 6, 9, 8])

@@ -129,12 +129,12 @@ def test_pair_rows_are_chosen_then_rejected():
     assert pair.chosen_tokens.tolist() == [5, 6] and pair.rejected_tokens.tolist() == [7, 8]
 
 
-@pytest.mark.parametrize("per_side", [True, False], ids=["chosen-then-rejected", "one-pass-repeated-cache"])
-def test_shared_prompt_forward_equals_the_full_rows(tiny_model_dir, monkeypatch, per_side):
+@pytest.mark.parametrize("grouped", [True, False], ids=["length-groups-over-cache-copies", "one-pass-repeated-cache"])
+def test_shared_prompt_forward_equals_the_full_rows(tiny_model_dir, monkeypatch, grouped):
     """Prompts of different lengths (left-padded in the prompt pass), responses of different
     lengths (one of a single token), padding: log-probs, logits and gradients as the plain forward,
-    both with chosen and rejected responses in passes of their own over a cropped cache, and in
-    one pass over a repeated cache (caches that cannot be cropped)."""
+    both with the responses in two passes of similar lengths over copies of the prompt cache, and
+    in one pass over the cache repeated in place (caches a copy could change)."""
     from transformers import AutoModelForCausalLM
     from plot_ds import logprobs
     from plot_ds.data import collate
@@ -145,8 +145,8 @@ def test_shared_prompt_forward_equals_the_full_rows(tiny_model_dir, monkeypatch,
     real_with_head_input = logprobs._with_head_input
     monkeypatch.setattr(logprobs, "_with_head_input",
                         lambda *a, **k: passes.append(k["input_ids"].shape) or real_with_head_input(*a, **k))
-    if not per_side:
-        monkeypatch.setattr(logprobs, "_croppable", lambda cache: False)
+    if not grouped:
+        monkeypatch.setattr(logprobs, "_copyable", lambda cache: False)
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32, attn_implementation="sdpa")
     pairs = [TokenizedPair("a", [5, 6, 7, 8, 9], [10, 11, 12, 2], [13, 2]),
@@ -163,9 +163,9 @@ def test_shared_prompt_forward_equals_the_full_rows(tiny_model_dir, monkeypatch,
         grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
         results[shared] = (out, grads)
     (plain, plain_grads), (shared, shared_grads) = results[False], results[True]
-    # Prompts (3 x 5); then chosen (3 x 4) and rejected (3 x 6) each padded to their own longest,
-    # or all six responses padded to 6 over a cache repeated for both sides.
-    expected = [(3, 5), (3, 4), (3, 6)] if per_side else [(3, 5), (6, 6)]
+    # Prompts (3 x 5); then the responses of lengths 1, 2, 2, 3 (4 x 3) and 4, 6 (2 x 6): 24 tokens,
+    # where chosen-then-rejected would pad to 3 x 4 + 3 x 6 = 30; or all six padded to 6 in one pass.
+    expected = [(3, 5), (4, 3), (2, 6)] if grouped else [(3, 5), (6, 6)]
     assert passes == [torch.Size(shape) for shape in expected]
     assert torch.isfinite(shared.logits).all()
     torch.testing.assert_close(shared.logits, plain.logits, rtol=1e-5, atol=1e-5)
@@ -174,6 +174,46 @@ def test_shared_prompt_forward_equals_the_full_rows(tiny_model_dir, monkeypatch,
     assert plain_grads.keys() == shared_grads.keys()
     for name, grad in plain_grads.items():
         torch.testing.assert_close(shared_grads[name], grad, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
+
+
+def test_response_groups_split_rows_sorted_by_length_where_padding_is_least():
+    from plot_ds.logprobs import response_groups
+
+    def padded(groups, lengths):
+        return sum(len(g) * int(lengths[g].max()) for g in groups)
+
+    lengths = torch.tensor([4, 2, 1, 2, 6, 3])
+    groups = response_groups(lengths)
+    assert [sorted(g.tolist()) for g in groups] == [[1, 2, 3, 5], [0, 4]] and padded(groups, lengths) == 24
+    assert [g.tolist() for g in response_groups(torch.tensor([5, 5, 5, 5]))] == [[0, 1, 2, 3]]  # no pass for nothing
+    assert [g.tolist() for g in response_groups(torch.tensor([1, 10, 1, 1]))] == [[0, 2, 3], [1]]
+    assert [g.tolist() for g in response_groups(torch.tensor([7]))] == [[0]]
+    # Never more padding than chosen-then-rejected, nor than one pass: random lengths.
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        lengths = torch.randint(1, 300, (2 * int(torch.randint(1, 9, (1,), generator=generator)),), generator=generator)
+        groups = response_groups(lengths)
+        half = len(lengths) // 2
+        assert sorted(torch.cat(groups).tolist()) == list(range(len(lengths)))
+        assert padded(groups, lengths) <= min(padded([torch.arange(half), torch.arange(half, 2 * half)], lengths),
+                                              padded([torch.arange(len(lengths))], lengths))
+
+
+def test_a_copy_of_the_prompt_cache_leaves_it_as_it_was(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+    from plot_ds.logprobs import _cache_argument, _cache_rows, _copyable
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    argument = _cache_argument(model)
+    cache = getattr(model(input_ids=torch.tensor([[5, 6, 7], [8, 9, 10]]), use_cache=True), argument)
+    assert _copyable(cache)
+    before = [(layer.keys.clone(), layer.values.clone()) for layer in cache.layers]
+    rows = _cache_rows(cache, torch.tensor([1, 1, 0]), copied=True)
+    model(input_ids=torch.tensor([[1], [2], [3]]), use_cache=True, **{argument: rows})
+    assert rows.get_seq_length() == 4 and rows.layers[0].keys.shape[0] == 3
+    for layer, (keys, values) in zip(cache.layers, before):
+        assert torch.equal(layer.keys, keys) and torch.equal(layer.values, values)
+    torch.testing.assert_close(rows.layers[0].keys[:2, :, :3], before[0][0][[1, 1]])
 
 
 def test_prompt_sharing_is_refused_aloud_without_a_cache_argument(tiny_model_dir):

@@ -47,7 +47,7 @@ def test_parameters_are_partitioned_not_replicated(step_results):
 
 
 def test_shared_prompt_passes_give_the_full_rows_gradient(step_results):
-    """Prompt pass + chosen pass + rejected pass over the cropped cache, under ZeRO-3 on 2 ranks."""
+    """Prompt pass + response passes over copies of the prompt cache, under ZeRO-3 on 2 ranks."""
     for split in SPLITS:
         for rank_results in step_results["two"]:
             full, shared = rank_results[f"dpo:{split}"], rank_results[f"dpo_shared_prompt:{split}"]
