@@ -12,7 +12,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import yaml
 
@@ -29,10 +29,12 @@ class ModelConfig:
     trust_remote_code: bool = False
     attn_implementation: Optional[str] = "sdpa"
     gradient_checkpointing: bool = False
-    # Each pair's prompt computed once; chosen and rejected continue from its key/value cache. Pays
-    # with long prompts (0.80x the forward+backward time at 128-token prompts, bench/prompt_sharing.py),
-    # not with short ones (1.03x at CHAMP's 62), hence off by default. Ignored with gradient checkpointing.
-    share_prompt: bool = False
+    # Each pair's prompt computed once; the responses continue from its key/value cache in two
+    # passes (bench/prompt_sharing.py: 0.95x the forward+backward time of full rows at CHAMP's
+    # 62-token prompts, 0.80x at 128). auto: on, except where ZeRO-3 fetches the parameters from
+    # other ranks or host memory, which every extra pass would do again (engine.shares_prompt).
+    # Ignored with gradient checkpointing.
+    share_prompt: Union[bool, Literal["auto"]] = "auto"
 
     def validate(self) -> None:
         if not self.name_or_path.strip():
@@ -328,7 +330,9 @@ def _coerce(key: str, value: Any, expected: Any) -> Any:
                 return _coerce(key, value, option)
             except ConfigError as err:
                 errors.append(str(err))
-        raise ConfigError(errors[0] if errors else f"{key}: bad value {value!r}")
+        if not errors:
+            raise ConfigError(f"{key}: bad value {value!r}")
+        raise ConfigError("; or ".join([errors[0]] + [e.split(": ", 1)[-1] for e in errors[1:]]))
     if origin is Literal:
         if value not in args:
             raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(repr, args))}")

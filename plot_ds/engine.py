@@ -125,6 +125,23 @@ def zero_stage(ds_config: dict) -> int:
     return int(ds_config.get("zero_optimization", {}).get("stage", 0))
 
 
+def shares_prompt(config: Config, ds_config: dict) -> bool:
+    """``model.share_prompt`` for an engine of ``ds_config``. ``auto`` shares the prompt unless
+    ZeRO-3 fetches the parameters from other ranks or from host memory: each of the three passes
+    would fetch them again, and its backward reduce-scatter the gradients again (2 ranks: 3.2x the
+    all-gathers and 3.0x the reduce-scatters per step, docs/benchmarks.md). On one rank without
+    offload those are local copies, and sharing saves compute."""
+    if config.model.share_prompt != "auto":
+        return config.model.share_prompt
+    if zero_stage(ds_config) != 3:
+        return True
+    import deepspeed.comm as dist
+
+    offload = ds_config["zero_optimization"].get("offload_param") or {}
+    ranks = dist.get_world_size() if dist.is_initialized() else 1
+    return ranks == 1 and offload.get("device", "none") in ("none", None)
+
+
 def reference_ds_config(policy_ds: dict, offload: bool) -> dict:
     """Same sharding and precision as the policy, no optimizer; stage 0 unless ZeRO-3, since
     ZeRO-1/2 only shard optimizer state, which a frozen model does not have."""
@@ -332,7 +349,7 @@ def build_policy_engine(config: Config, ds_config: dict):
         model=model, config=ds_config,
         model_parameters=param_groups(model, config.train.weight_decay),
         lr_scheduler=lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, schedule))
-    enable_prompt_sharing(engine, config.model.share_prompt and not config.model.gradient_checkpointing)
+    enable_prompt_sharing(engine, shares_prompt(config, ds_config) and not config.model.gradient_checkpointing)
     return engine
 
 
@@ -347,7 +364,7 @@ def build_frozen_engine(config: Config, ds_config: dict, name_or_path: str | Non
     model.requires_grad_(False)
     engine, *_ = deepspeed.initialize(model=model, config=frozen_config)
     engine.eval()
-    enable_prompt_sharing(engine, config.model.share_prompt)
+    enable_prompt_sharing(engine, shares_prompt(config, frozen_config))
     return engine
 
 

@@ -205,15 +205,18 @@ def _cache_rows(cache, rows: torch.Tensor, copied: bool):
 
 
 def response_groups(lengths: torch.Tensor) -> list[torch.Tensor]:
-    """Response rows in at most two passes, each padded to its own longest, where the padded
-    tokens are fewest: the rows sorted by length, split where the sum of group size x longest is
-    smallest (the best two-way split is always one of a sorted order); one pass where that pads no
-    more. Chosen-vs-rejected would pad every row to the longest of its side."""
+    """Response rows in two passes, each padded to its own longest, where the padded tokens are
+    fewest: the rows sorted by length, split where the sum of group size x longest is smallest (the
+    best two-way split is always one of a sorted order; chosen-vs-rejected is one of the two-way
+    splits, so never better). Always two passes, even where one would pad no more: under ZeRO-3
+    each pass gathers the parameters with collectives, so every rank must run as many passes."""
     order = lengths.argsort(stable=True)
     ordered = lengths[order].tolist()
     rows = len(ordered)
-    split = min(range(1, rows + 1), key=lambda k: (k * ordered[k - 1] + (rows - k) * ordered[-1], -k))
-    return [group for group in (order[:split], order[split:]) if len(group)]
+    if rows < 2:
+        return [order]
+    split = min(range(1, rows), key=lambda k: (k * ordered[k - 1] + (rows - k) * ordered[-1], abs(2 * k - rows)))
+    return [order[:split], order[split:]]
 
 
 def shared_prompt_logits(model, batch: dict, tokens: ResponseTokens, device) -> torch.Tensor | None:
@@ -221,7 +224,7 @@ def shared_prompt_logits(model, batch: dict, tokens: ResponseTokens, device) -> 
 
     Pass 1 runs the prompts (left-padded so that all end in the last column) and keeps their
     key/value cache; its last position predicts the first response token. The responses then run
-    on top of that cache in at most two passes of rows of similar lengths (``response_groups``),
+    on top of that cache in two passes of rows of similar lengths (``response_groups``),
     each over its own copy of the prompt rows it needs, padded only to its own longest response.
     (Where a copy could change the cache, see ``_copyable``, one pass runs all responses.) The
     passes are the model's own forward (ZeRO-3 hooks and all); the LM head runs once, in the last

@@ -33,6 +33,8 @@ def test_yaml_then_overrides(tmp_path):
     (["--train.max_steps", "1.5"], "train.max_steps: expected an integer, got 1.5"),
     (["--objective.name", "ppo"], "objective.name: 'ppo' is not one of 'sft', 'dpo'"),
     (["--model.trust_remote_code", "maybe"], "model.trust_remote_code: expected true or false"),
+    (["--model.share_prompt", "maybe"], "model.share_prompt: expected true or false, got 'maybe'; "
+                                        "or 'maybe' is not one of 'auto'"),
     (["--train.micro_batch_size", "0"], "train.micro_batch_size: must be >= 1"),
     (["--data.max_prompt_length", "400"], "data.max_prompt_length (400) must be smaller"),
     (["--train.lr"], "train.lr: missing value"),

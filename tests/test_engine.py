@@ -5,7 +5,7 @@ import pytest
 from conftest import REPO
 from plot_ds.config import ConfigError, TrainConfig, load_config, parse_overrides
 from plot_ds.engine import (choose_ds_config, fill_ds_config, find_ds_config, load_ds_config,
-                            mark_zero3_leaf_modules, reference_ds_config, warmup_cosine)
+                            mark_zero3_leaf_modules, reference_ds_config, shares_prompt, warmup_cosine)
 
 
 def tiny_llama(layers=3):
@@ -120,6 +120,25 @@ def test_auto_config_resumes_with_the_checkpoints_own(tmp_path):
     assert choose_ds_config(bf16, 1, checkpoint) == "ds_configs/zero3.json"
     named = load_config(None, {"train.precision": "bf16", "deepspeed.config": "ds_configs/zero3_offload.json"})
     assert choose_ds_config(named, 1, checkpoint) == "ds_configs/zero3_offload.json"  # the user's word wins
+
+
+@pytest.mark.parametrize("setting, ds_file, ranks, shared", [
+    ("auto", "zero2.json", 1, True), ("auto", "zero2.json", 4, True),
+    ("auto", "zero3.json", 1, True),   # one rank: ZeRO-3's gathers are local copies
+    ("auto", "zero3.json", 2, False),  # each pass would all-gather and reduce-scatter again
+    (True, "zero3.json", 2, True), (False, "zero2.json", 1, False)])
+def test_prompt_sharing_auto_is_off_where_zero3_fetches_the_weights_per_pass(monkeypatch, setting, ds_file,
+                                                                            ranks, shared):
+    import deepspeed.comm
+
+    monkeypatch.setattr(deepspeed.comm, "is_initialized", lambda: True)
+    monkeypatch.setattr(deepspeed.comm, "get_world_size", lambda *_, **__: ranks)
+    config = load_config(None, {"model.share_prompt": setting, "deepspeed.config": f"ds_configs/{ds_file}"})
+    ds = load_ds_config(config, world_size=ranks)
+    assert shares_prompt(config, ds) is shared
+    assert shares_prompt(config, reference_ds_config(ds, offload=False)) is shared
+    if ds_file == "zero3.json":  # a reference offloaded to host memory: each pass would fetch it again
+        assert shares_prompt(config, reference_ds_config(ds, offload=True)) is (setting is True)
 
 
 def test_reference_config_shards_like_the_policy_without_optimizer():
