@@ -31,7 +31,7 @@ class ModelConfig:
     gradient_checkpointing: bool = False
     # Each pair's prompt computed once; the responses continue from its key/value cache in two
     # passes (bench/prompt_sharing.py: 0.95x the forward+backward time of full rows at CHAMP's
-    # 62-token prompts, 0.80x at 128). auto: on, except where ZeRO-3 fetches the parameters from
+    # 62-token prompts, 0.77x at 128). auto: on, except where ZeRO-3 fetches the parameters from
     # other ranks or host memory, which every extra pass would do again (engine.shares_prompt).
     # Ignored with gradient checkpointing.
     share_prompt: Union[bool, Literal["auto"]] = "auto"
