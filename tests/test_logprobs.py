@@ -176,6 +176,39 @@ def test_shared_prompt_forward_equals_the_full_rows(tiny_model_dir, monkeypatch,
         torch.testing.assert_close(shared_grads[name], grad, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
 
 
+@pytest.mark.parametrize("window", [3, 6])
+def test_shared_prompt_over_a_sliding_window_cache_equals_the_full_rows(window):
+    """Sliding-window layers keep only the last window of the prompt: the copies of the prompt
+    rows still give each response what full rows give it (windows shorter than the prompts)."""
+    from transformers import MistralConfig, MistralForCausalLM
+    from plot_ds.data import collate
+    from plot_ds.data.tokenize import TokenizedPair
+    from plot_ds.logprobs import SHARE_PROMPT, _cache_argument, _copyable, enable_prompt_sharing
+
+    torch.manual_seed(0)
+    config = MistralConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, sliding_window=window,
+                           max_position_embeddings=128, pad_token_id=2, eos_token_id=2)
+    model = MistralForCausalLM(config)
+    model.config._attn_implementation = "sdpa"
+    cache = getattr(model(input_ids=torch.tensor([[5, 6, 7, 8, 9]]), use_cache=True), _cache_argument(model))
+    assert {type(layer).__name__ for layer in cache.layers} == {"DynamicSlidingWindowLayer"} and _copyable(cache)
+    batch = collate([TokenizedPair("a", [5, 6, 7, 8, 9], [10, 11, 12, 2], [13, 2]),
+                     TokenizedPair("b", [20, 21], [22, 2], [23, 24, 25, 26, 27, 2]),
+                     TokenizedPair("c", [30, 31, 32], [2], [33, 34, 2])], pad_id=2)
+    results = {}
+    for shared in (False, True):
+        model.zero_grad()
+        enable_prompt_sharing(model, shared)
+        assert bool(getattr(model, SHARE_PROMPT)) is shared
+        out = forward_pairs(model, batch, keep_logits=True)
+        out.logps.chosen.sum().backward()
+        results[shared] = (out.logits, {n: p.grad.clone() for n, p in model.named_parameters()})
+    torch.testing.assert_close(results[True][0], results[False][0], rtol=1e-5, atol=1e-5)
+    for name, grad in results[False][1].items():
+        torch.testing.assert_close(results[True][1][name], grad, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
+
+
 def test_response_groups_split_rows_sorted_by_length_where_padding_is_least():
     from plot_ds.logprobs import response_groups
 
