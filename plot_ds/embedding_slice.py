@@ -67,16 +67,38 @@ def _owned_block(weight: torch.Tensor, row_ids: torch.Tensor, device) -> tuple[t
     """Rows ``row_ids`` with only this rank's elements filled (zeros elsewhere), and which of them
     have any element here. Every element of the matrix has exactly one owner."""
     partition, low, size = _partition(weight)
-    dim = weight.ds_shape[-1]
-    block = torch.zeros(row_ids.numel(), dim, device=device, dtype=weight.dtype)
-    touching = ((row_ids + 1) * dim > low) & (row_ids * dim < low + size)
-    slots = touching.nonzero().squeeze(-1)
-    if slots.numel():
-        flat = row_ids[slots].unsqueeze(-1) * dim + torch.arange(dim, device=device)
-        owned = (flat >= low) & (flat < low + size)
-        part = torch.zeros(slots.numel(), dim, device=device, dtype=weight.dtype)
-        part[owned] = partition[(flat[owned] - low).to(partition.device)].to(device)
-        block[slots] = part
+    return owned_rows(partition, low, size, tuple(weight.ds_shape), row_ids, device)
+
+
+def owned_rows(partition: torch.Tensor, low: int, size: int, shape: tuple[int, int], row_ids: torch.Tensor,
+               device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``_owned_block`` for a partition holding the flat elements [low, low + size) of a row-major
+    [vocab, dim] matrix (the tail past vocab x dim is ZeRO-3's padding).
+
+    A partition is one contiguous range: the rows it holds whole are a view of it, and at most two
+    rows (its first and last) are cut by its ends. So the block is one row gather from that view plus
+    two edge rows, never a mask over every element."""
+    vocab, dim = shape
+    end = min(low + size, vocab * dim)
+    row_ids = row_ids.to(device)
+    block = torch.zeros(row_ids.numel(), dim, device=device, dtype=partition.dtype)
+    touching = torch.zeros(row_ids.numel(), dtype=torch.bool, device=device)
+    if end <= low:
+        return block, touching
+    whole_first, whole_end = -(-low // dim), end // dim  # rows [whole_first, whole_end) lie here whole
+    if whole_end > whole_first:
+        whole = partition.narrow(0, whole_first * dim - low, (whole_end - whole_first) * dim).view(-1, dim)
+        inside = (row_ids >= whole_first) & (row_ids < whole_end)
+        local = (row_ids - whole_first).clamp(0, whole_end - whole_first - 1)
+        block = torch.where(inside.unsqueeze(-1), whole[local.to(whole.device)].to(device), block)
+        touching |= inside
+    for row in sorted({low // dim, (end - 1) // dim} - set(range(whole_first, whole_end))):
+        first, last = max(row * dim, low), min((row + 1) * dim, end)  # this row's elements held here
+        edge = torch.zeros(dim, device=device, dtype=partition.dtype)
+        edge[first - row * dim:last - row * dim] = partition[first - low:last - low].to(device)
+        at = row_ids == row
+        block = torch.where(at.unsqueeze(-1), edge, block)
+        touching |= at
     return block, touching
 
 

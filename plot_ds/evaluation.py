@@ -36,7 +36,7 @@ def evaluate(policy, reference, objective, examples: list[TokenizedPair], batch_
     for indices in shards:
         batch = collate([examples[i] for i in indices], pad_id, filler=examples[0])
         reference_out = reference_pairs(reference, batch, objective.needs_reference_logits, policy.device)
-        _, metrics = objective(forward_pairs(policy, batch, objective.needs_policy_logits),
+        _, metrics = objective(forward_pairs(policy, batch, objective.needs_policy_logits, objective.policy_top_k),
                                reference_out, totals)
         for name, value in metrics.items():
             sums[name] = sums.get(name, 0.0) + batch["weight"] * value

@@ -61,41 +61,65 @@ class ResponseTokens:
             0, self.rows, torch.ones_like(self.rows))
 
 
+@dataclass
+class SupportLogits:
+    """Per response position: the ids of its ``k`` most likely tokens, then its target token, and
+    their logits (float32, carrying gradient to the head): all PLOT reads of a top-k support."""
+    ids: torch.Tensor     # [N, k + 1]
+    logits: torch.Tensor  # [N, k + 1] float32
+
+
 class TargetLogProb(torch.autograd.Function):
-    """log softmax(logits)[target] per row of [N, V] logits, float32, in chunks of rows.
+    """log softmax(logits)[target] per row of [N, V] logits, float32, in chunks of rows; with
+    ``top_k`` > 0 also each row's ``SupportLogits``, read from the same float32 chunk.
 
     Saves the logits (in their own dtype) and one float per row; the backward recomputes each
-    chunk's softmax, so no [N, V] float32 tensor outlives a chunk. With ``in_place_grad`` the
-    backward writes the gradient over the saved logits instead of allocating a second [N, V]
-    tensor (the step's peak is the head's backward): for logits nothing reads after the backward."""
+    chunk's softmax, so no [N, V] float32 tensor outlives a chunk. The support logits' gradient is
+    added into the same chunk (a separate gather would have autograd zero-fill an [N, V] gradient and
+    add it to this one). With ``in_place_grad`` the backward writes the gradient over the saved
+    logits instead of allocating a second [N, V] tensor (the step's peak is the head's backward):
+    for logits nothing reads after the backward."""
 
     @staticmethod
-    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, chunk: int,
-                in_place_grad: bool = False) -> torch.Tensor:
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, chunk: int, in_place_grad: bool = False,
+                top_k: int = 0):
         n = logits.shape[0]
         logsumexp = torch.empty(n, device=logits.device, dtype=torch.float32)
         picked = torch.empty(n, device=logits.device, dtype=torch.float32)
+        support_ids = targets.new_empty(n, top_k + 1 if top_k else 0)
+        support_logits = torch.empty(support_ids.shape, device=logits.device, dtype=torch.float32)
         for start in range(0, n, chunk):
-            part = logits[start:start + chunk].float()
-            logsumexp[start:start + chunk] = part.logsumexp(-1)
-            picked[start:start + chunk] = part.gather(-1, targets[start:start + chunk, None]).squeeze(-1)
-        ctx.save_for_backward(logits, targets, logsumexp)
+            rows = slice(start, start + chunk)
+            part = logits[rows].float()
+            logsumexp[rows] = part.logsumexp(-1)
+            picked[rows] = part.gather(-1, targets[rows, None]).squeeze(-1)
+            if top_k:
+                support_ids[rows] = torch.cat([part.topk(top_k, dim=-1).indices, targets[rows, None]], -1)
+                support_logits[rows] = part.gather(-1, support_ids[rows])
+        ctx.save_for_backward(logits, targets, logsumexp, support_ids)
         ctx.chunk, ctx.in_place_grad = chunk, in_place_grad
-        return picked - logsumexp
+        ctx.mark_non_differentiable(support_ids)
+        ctx.set_materialize_grads(False)
+        return picked - logsumexp, support_logits, support_ids
 
     @staticmethod
-    def backward(ctx, grad_output: torch.Tensor):
-        logits, targets, logsumexp = ctx.saved_tensors
+    def backward(ctx, grad_logps: torch.Tensor | None, grad_support: torch.Tensor | None, _):
+        logits, targets, logsumexp, support_ids = ctx.saved_tensors
         # Each chunk is read (into a float32 temporary) before its rows are overwritten.
         grad = logits if ctx.in_place_grad else torch.empty_like(logits)
-        grad_output = grad_output.float()
         for start in range(0, logits.shape[0], ctx.chunk):
             rows = slice(start, start + ctx.chunk)
-            # d/dz [z_y - logsumexp(z)] = onehot(y) - softmax(z)
-            part = (logits[rows].float() - logsumexp[rows, None]).exp_().mul_(-grad_output[rows, None])
-            part.scatter_add_(-1, targets[rows, None], grad_output[rows, None])
+            if grad_logps is None:
+                part = torch.zeros(logits[rows].shape, device=logits.device, dtype=torch.float32)
+            else:
+                # d/dz [z_y - logsumexp(z)] = onehot(y) - softmax(z)
+                scale = grad_logps[rows, None].float()
+                part = (logits[rows].float() - logsumexp[rows, None]).exp_().mul_(-scale)
+                part.scatter_add_(-1, targets[rows, None], scale)
+            if grad_support is not None:
+                part.scatter_add_(-1, support_ids[rows], grad_support[rows].float())
             grad[rows] = part
-        return grad, None, None, None
+        return grad, None, None, None, None
 
 
 def saved_by_its_own_node(tensor: torch.Tensor) -> bool:
@@ -114,7 +138,25 @@ def saved_by_its_own_node(tensor: torch.Tensor) -> bool:
 
 def target_logps(logits: torch.Tensor, targets: torch.Tensor, chunk: int = 256,
                  in_place_grad: bool = False) -> torch.Tensor:
-    return TargetLogProb.apply(logits, targets, chunk, in_place_grad)
+    return TargetLogProb.apply(logits, targets, chunk, in_place_grad)[0]
+
+
+def target_logps_and_support(logits: torch.Tensor, targets: torch.Tensor, top_k: int, chunk: int = 256,
+                             in_place_grad: bool = False) -> tuple[torch.Tensor, SupportLogits]:
+    """``target_logps`` and the rows' top-``top_k`` ``SupportLogits`` in one pass over the logits."""
+    logps, support_logits, support_ids = TargetLogProb.apply(logits, targets, chunk, in_place_grad, top_k)
+    return logps, SupportLogits(support_ids, support_logits)
+
+
+def top_k_support(logits: torch.Tensor, targets: torch.Tensor, top_k: int, chunk: int = 512) -> SupportLogits:
+    """The ``SupportLogits`` of [N, V] logits read on their own (autograd gathers the gradient);
+    ``target_logps_and_support`` reads them in its log-prob pass instead. The top-k runs on bounded
+    chunks without autograd."""
+    with torch.no_grad():
+        top = torch.cat([logits[i:i + chunk].topk(top_k, dim=-1).indices
+                         for i in range(0, logits.shape[0], chunk)]) if logits.shape[0] else targets.new_zeros(0, top_k)
+    ids = torch.cat([top, targets.unsqueeze(-1)], dim=-1)
+    return SupportLogits(ids, logits.gather(-1, ids).float())
 
 
 @dataclass
@@ -134,11 +176,12 @@ class PairLogps:
 
 @dataclass
 class PairOutputs:
-    """A model's outputs on a collated batch: log-probs, and the [N, V] logits at the response
-    positions when a loss needs them."""
+    """A model's outputs on a collated batch: log-probs, and where a loss needs them the [N, V]
+    logits at the response positions or each position's top-k ``SupportLogits``."""
     logps: PairLogps
     logits: torch.Tensor | None
     tokens: ResponseTokens
+    support: SupportLogits | None = None
 
 
 def response_logits(model, input_ids, attention_mask, tokens: ResponseTokens) -> torch.Tensor:
@@ -302,9 +345,11 @@ def shared_prompt_logits(model, batch: dict, tokens: ResponseTokens, device) -> 
     return out.logits
 
 
-def forward_pairs(model, batch: dict, keep_logits: bool) -> PairOutputs:
+def forward_pairs(model, batch: dict, keep_logits: bool, top_k: int = 0) -> PairOutputs:
     """One forward over the chosen and rejected rows of a collated batch together (two passes
-    sharing the prompts when the model allows it, see ``shared_prompt_logits``)."""
+    sharing the prompts when the model allows it, see ``shared_prompt_logits``). ``keep_logits``
+    keeps the [N, V] logits; ``top_k`` > 0 reads each position's top-k ``SupportLogits`` in the
+    log-prob pass."""
     device = model.device
     cpu_tokens = ResponseTokens.of(batch["labels"])
     tokens = cpu_tokens.to(device)
@@ -314,12 +359,13 @@ def forward_pairs(model, batch: dict, keep_logits: bool) -> PairOutputs:
     if logits is None:
         logits = response_logits(model, to_device(batch["input_ids"], device),
                                  to_device(batch["attention_mask"], device), tokens)
-    # The head's output is read by nothing after the backward (PLOT uses it in the forward only), so
-    # its gradient may take its place, unless the op that made it needs it back (a softcap's tanh).
+    # The head's output is read by nothing after the backward (PLOT reads it, or copies of it, in the
+    # forward only), so its gradient may take its place, unless the op that made it needs it back
+    # (a softcap's tanh).
     in_place = not saved_by_its_own_node(logits)
-    logps = PairLogps.from_rows(tokens.row_sums(target_logps(logits, tokens.targets, in_place_grad=in_place)),
-                                tokens.row_counts())
-    return PairOutputs(logps, logits if keep_logits else None, tokens)
+    logps, support = target_logps_and_support(logits, tokens.targets, top_k, in_place_grad=in_place)
+    logps = PairLogps.from_rows(tokens.row_sums(logps), tokens.row_counts())
+    return PairOutputs(logps, logits if keep_logits else None, tokens, support if top_k else None)
 
 
 def reference_pairs(engine, batch: dict, keep_logits: bool, device) -> PairOutputs | None:

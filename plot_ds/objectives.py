@@ -128,16 +128,17 @@ class Objective(nn.Module):
         super().__init__()
         self.vanilla, self.plot, self.alpha = vanilla, plot, alpha
         self.needs_reference = vanilla.needs_reference or bool(plot is not None and plot.needs_reference)
-        # Only PLOT looks at logits beyond the log-probs.
-        self.needs_policy_logits = plot is not None
+        # Only PLOT looks at logits beyond the log-probs: its top-k supports, read in the log-prob
+        # pass, or the [N, V] logits for the whole vocabulary (and the reference's for ref_mix).
+        self.policy_top_k = plot.support_top_k if plot is not None else 0
+        self.needs_policy_logits = plot is not None and self.policy_top_k == 0
         self.needs_reference_logits = bool(plot is not None and plot.needs_reference)
 
     def forward(self, policy: PairOutputs, reference: PairOutputs | None, totals: GlobalTotals):
         loss, metrics = self.vanilla(policy.logps, reference.logps if reference is not None else None, totals)
         metrics["loss/vanilla"] = loss.detach()
         if self.plot is not None:
-            plot_loss, plot_metrics = self.plot(policy.logits, policy.tokens,
-                                                reference.logits if reference is not None else None, totals)
+            plot_loss, plot_metrics = self.plot(policy, reference, totals)
             loss = loss + self.alpha * plot_loss
             metrics.update(plot_metrics)
             metrics["loss/plot"] = plot_loss.detach()

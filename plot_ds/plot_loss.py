@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .logprobs import PairOutputs, SupportLogits, top_k_support
 from .ot_solvers import SOLVERS
 
 
@@ -32,29 +33,24 @@ class Supports:
     probs: torch.Tensor      # [N, K] float32, zero on invalid slots
 
 
-def restricted_supports(logits: torch.Tensor, targets: torch.Tensor, top_k: int, chunk: int = 512) -> Supports:
-    """S_t = TopK(p_t, k) U {y_t} with a fixed width k + 1 (a duplicate slot is masked), or the
-    whole vocabulary when ``top_k == 0``. ``logits`` is [N, V] at the response positions.
-    Gradients flow through the logits in S_t only, and only [N, k + 1] logits are copied: the
-    top-k runs on bounded chunks without autograd."""
+def restricted_supports(top: SupportLogits, targets: torch.Tensor) -> Supports:
+    """S_t = TopK(p_t, k) U {y_t} with a fixed width k + 1: ``top`` holds the top-k ids then the
+    target; where the target is among the top k, its second slot is masked."""
+    k = top.ids.shape[-1] - 1
+    in_top = top.ids[:, :k] == targets.unsqueeze(-1)
+    has_target = in_top.any(-1)
+    valid = torch.cat([torch.ones_like(in_top), (~has_target).unsqueeze(-1)], -1)
+    target_slot = torch.where(has_target, in_top.float().argmax(-1), torch.full_like(targets, k))
+    probs = top.logits.float().masked_fill(~valid, -torch.inf).softmax(-1)
+    return Supports(top.ids, valid, target_slot, probs)
+
+
+def whole_vocabulary_supports(logits: torch.Tensor, targets: torch.Tensor) -> Supports:
+    """S_t = the whole vocabulary (``top_k`` 0): p~_t = p_t."""
     n, vocab = logits.shape
-    if top_k == 0 or top_k >= vocab:
-        ids = torch.arange(vocab, device=logits.device).expand(n, vocab)
-        valid = torch.ones(n, vocab, dtype=torch.bool, device=logits.device)
-        target_slot = targets
-        restricted = logits.float()
-    else:
-        with torch.no_grad():
-            top = torch.cat([logits[i:i + chunk].topk(top_k, dim=-1).indices
-                             for i in range(0, n, chunk)]) if n else targets.new_zeros(0, top_k)
-        ids = torch.cat([top, targets.unsqueeze(-1)], dim=-1)
-        in_top = (top == targets.unsqueeze(-1))
-        has_target = in_top.any(-1)
-        valid = torch.cat([torch.ones_like(top, dtype=torch.bool), (~has_target).unsqueeze(-1)], -1)
-        target_slot = torch.where(has_target, in_top.float().argmax(-1), torch.full_like(targets, top_k))
-        restricted = logits.gather(-1, ids).float()
-    probs = restricted.masked_fill(~valid, -torch.inf).softmax(-1)
-    return Supports(ids, valid, target_slot, probs)
+    ids = torch.arange(vocab, device=logits.device).expand(n, vocab)
+    valid = torch.ones(n, vocab, dtype=torch.bool, device=logits.device)
+    return Supports(ids, valid, targets, logits.float().softmax(-1))
 
 
 def distinct_count(ids: torch.Tensor) -> torch.Tensor:
@@ -88,6 +84,16 @@ class PLOTLoss(nn.Module):
         self.sinkhorn_eps, self.sinkhorn_iters = config.sinkhorn_eps, config.sinkhorn_iters
         self.embedding_rows = embedding_rows
         self.needs_reference = config.target == "ref_mix"
+        # The k of the top-k supports (read in the log-prob pass, see logprobs.SupportLogits); 0 for
+        # the whole vocabulary, which needs the [N, V] logits themselves.
+        self.support_top_k = config.top_k if config.top_k < embedding_rows.vocab_size else 0
+
+    def supports(self, policy: PairOutputs) -> Supports:
+        targets = policy.tokens.targets
+        if self.support_top_k == 0:
+            return whole_vocabulary_supports(policy.logits, targets)
+        top = policy.support if policy.support is not None else top_k_support(policy.logits, targets, self.top_k)
+        return restricted_supports(top, targets)
 
     def solve(self, a, b, M):
         solver = self.config.resolved_solver(a.device.type)
@@ -95,16 +101,17 @@ class PLOTLoss(nn.Module):
             return SOLVERS["sinkhorn"](a, b, M, eps=self.sinkhorn_eps, n_iters=self.sinkhorn_iters)
         return SOLVERS[solver](a, b, M)
 
-    def forward(self, policy_logits, tokens, reference_logits, totals):
-        """``policy_logits`` (and ``reference_logits`` for ref_mix): [N, V] at the response positions
-        ``tokens`` (a ``logprobs.ResponseTokens``)."""
+    def forward(self, policy: PairOutputs, reference: PairOutputs | None, totals):
+        """The policy's top-k ``support`` (or its [N, V] ``logits``: for the whole vocabulary, or
+        read here when no support came with them); the reference's ``logits`` for ref_mix."""
+        tokens = policy.tokens
         rows, targets = tokens.rows, tokens.targets
-        support = restricted_supports(policy_logits, targets, self.top_k)
+        support = self.supports(policy)
         n_pairs = tokens.n_rows // 2
         chosen = rows < n_pairs
         if self.rejected_weight == 0:  # the rejected term is only a metric: no backward through it
             support.probs = torch.where(chosen.unsqueeze(-1), support.probs, support.probs.detach())
-        device = policy_logits.device
+        device = targets.device
         # Token granularity never waits on the device: no torch.unique, no boolean-mask indexing,
         # no .item() (the sequence granularity's per-response supports have data-dependent sizes).
         if self.granularity == "sequence":
@@ -122,8 +129,8 @@ class PLOTLoss(nn.Module):
                 w = (support.probs * cost_from_cosine(cosine, self.cost)).sum(-1)
             else:
                 embedded, moved = self.embedding_rows.unit_rows_at(support.ids, device)   # [N, K, d]
-                reference = reference_logits.gather(-1, support.ids) if self.target == "ref_mix" else None
-                w = self._token_costs(support, embedded, reference, chosen)
+                reference_logits = reference.logits.gather(-1, support.ids) if self.target == "ref_mix" else None
+                w = self._token_costs(support, embedded, reference_logits, chosen)
             w_chosen = torch.where(chosen, w, 0.0).sum() / totals.chosen_tokens
             w_rejected = torch.where(chosen, 0.0, w).sum() / totals.rejected_tokens
         loss = w_chosen - self.rejected_weight * w_rejected

@@ -46,7 +46,7 @@ def train_step(policy, reference, objective, micro_batches: list[dict], world_si
     sums: dict[str, torch.Tensor] = {}
     for index, batch in enumerate(micro_batches):
         reference_out = reference_pairs(reference, batch, objective.needs_reference_logits, policy.device)
-        policy_out = forward_pairs(policy, batch, objective.needs_policy_logits)
+        policy_out = forward_pairs(policy, batch, objective.needs_policy_logits, objective.policy_top_k)
         loss, metrics = objective(policy_out, reference_out, totals)
         if batch["weight"] != 1.0:  # a filler batch: every rank must run it, nothing may count
             loss = loss * batch["weight"]

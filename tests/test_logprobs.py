@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from plot_ds.data import IGNORE_INDEX
-from plot_ds.logprobs import PairLogps, ResponseTokens, forward_pairs, saved_by_its_own_node, target_logps
+from plot_ds.logprobs import (PairLogps, ResponseTokens, forward_pairs, saved_by_its_own_node, target_logps,
+                              target_logps_and_support, top_k_support)
 
 
 def direct_row_logps(logits, labels):
@@ -59,6 +60,32 @@ def test_in_place_gradient_equals_the_allocated_one_and_takes_the_logits_place()
     torch.testing.assert_close(grads[1], grads[0], rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("read", ["both", "logps", "support"])
+def test_support_logits_read_in_the_log_prob_pass_equal_reading_them_apart(read):
+    """The support logits come out of the log-prob pass and their gradient goes into its backward:
+    the same values and gradients as autograd's gather beside ``target_logps``, whichever output a
+    loss reads."""
+    generator = torch.Generator().manual_seed(4)
+    logits = torch.randn(9, 13, generator=generator)
+    targets = torch.randint(0, 13, (9,), generator=generator)
+    targets[0] = logits[0].argmax()  # a target among the top k: its slot after the top k repeats it
+    weights = torch.randn(9, 5, generator=generator)
+    fused, apart = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+    logps, support = target_logps_and_support(fused * 1.0, targets, top_k=4, chunk=4, in_place_grad=True)
+    separate = top_k_support(apart, targets, top_k=4)
+    assert torch.equal(support.ids, separate.ids) and support.ids[0, 0] == support.ids[0, -1] == targets[0]
+    assert torch.equal(support.logits, separate.logits)
+    torch.testing.assert_close(logps, target_logps(logits, targets), rtol=0, atol=0)
+    # An output no loss reads gets no gradient at all (None), not zeros.
+    def loss(logps, support_logits):
+        return ((logps.sum() if read != "support" else 0.0)
+                + ((support_logits * weights).sum() if read != "logps" else 0.0))
+
+    loss(logps, support.logits).backward()
+    loss(target_logps(apart, targets), separate.logits).backward()
+    torch.testing.assert_close(fused.grad, apart.grad, rtol=0, atol=1e-6)
+
+
 def test_in_place_gradient_is_refused_where_the_logits_are_saved_by_their_own_op():
     x = torch.randn(5, 7, requires_grad=True)
     assert not saved_by_its_own_node(x @ torch.randn(7, 9))  # a linear head saves its inputs
@@ -92,7 +119,7 @@ def test_forward_pairs_projects_only_response_positions_and_matches_full_logits(
     assert torch.cat([out.logps.chosen_tokens, out.logps.rejected_tokens]).tolist() == counts
 
 
-def test_forward_pairs_in_place_head_gradient_with_plot_equals_the_allocated_one(monkeypatch):
+def test_forward_pairs_head_gradient_with_plot_is_the_same_in_place_allocated_or_fused(monkeypatch):
     """DPO-style log-probs and PLOT read the same logits; the gradient written over them must
     give the model exactly the gradient of a separately allocated one."""
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -109,18 +136,22 @@ def test_forward_pairs_in_place_head_gradient_with_plot_equals_the_allocated_one
     batch = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": labels}
     totals = GlobalTotals(*torch.tensor([2.0, 10.0, 10.0, 36.0, 1.0]).unbind())
     grads = []
-    for in_place in (True, False):
+    # PLOT reading the kept logits, over them and allocated; then its supports read in the log-prob
+    # pass (the training path), whose gradient is added there.
+    for in_place, top_k in ((True, 0), (False, 0), (True, 5)):
         monkeypatch.setattr(logprobs, "saved_by_its_own_node", lambda tensor: not in_place)
         torch.manual_seed(0)
         model = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                                              num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True))
-        out = forward_pairs(model, batch, keep_logits=True)
+        out = forward_pairs(model, batch, keep_logits=not top_k, top_k=top_k)
+        assert (out.logits is None) == bool(top_k) and (out.support is None) != bool(top_k)
         plot, _ = PLOTLoss(PlotConfig(top_k=5, rejected_weight=0.3), EmbeddingRows(model.get_input_embeddings().weight))(
-            out.logits, out.tokens, None, totals)
+            out, None, totals)
         (plot + out.logps.chosen.sum() - 0.5 * out.logps.rejected.sum()).backward()
         grads.append({name: param.grad.clone() for name, param in model.named_parameters()})
     for name in grads[0]:
         torch.testing.assert_close(grads[0][name], grads[1][name], rtol=0, atol=0, msg=name)
+        torch.testing.assert_close(grads[2][name], grads[1][name], rtol=1e-5, atol=1e-7, msg=name)
 
 
 def test_pair_rows_are_chosen_then_rejected():

@@ -11,7 +11,7 @@ from plot_ds.config import ConfigError, PlotConfig
 from plot_ds.data import IGNORE_INDEX
 from plot_ds.embedding_slice import EmbeddingRows
 from plot_ds.objectives import GlobalTotals
-from plot_ds.logprobs import ResponseTokens
+from plot_ds.logprobs import PairOutputs, ResponseTokens, target_logps_and_support, top_k_support
 from plot_ds.plot_loss import PLOTLoss, restricted_supports
 
 VOCAB, DIM = 40, 6
@@ -87,24 +87,37 @@ def reference_loss(logits, labels, E, config, ref_logits=None):
     return w_chosen - config.rejected_weight * w_rejected, w_chosen, w_rejected
 
 
+def head_outputs(logits, tokens, top_k=0):
+    """What ``logprobs.forward_pairs`` hands PLOT: the [N, V] logits, and with ``top_k`` the
+    support logits read in the log-prob pass (the training path) instead."""
+    if not top_k:
+        return PairOutputs(None, logits, tokens)
+    _, support = target_logps_and_support(logits, tokens.targets, top_k)
+    return PairOutputs(None, None, tokens, support)
+
+
 def compare(config, seed=0, value_tol=3e-6, grad_tol=3e-6, mutate=None):
+    """Both ways PLOT gets its supports (from the log-prob pass, or read from the logits) against the
+    reference implementation."""
     logits, labels, E = make_batch(seed)
     if mutate is not None:
         mutate(logits, labels)
     ref_logits = torch.randn_like(logits)
-    ours_logits = logits.clone().requires_grad_()
-    loss = PLOTLoss(config, EmbeddingRows(E))
-    tokens = ResponseTokens.of(labels)
-    value, metrics = loss(tokens.select(ours_logits), tokens, tokens.select(ref_logits), totals_of(labels))
-    value.backward()
     theirs_logits = logits.clone().requires_grad_()
     expected, w_chosen, w_rejected = reference_loss(theirs_logits, labels, E, config, ref_logits)
     expected.backward()
     as64 = lambda x: x.detach().double()
-    torch.testing.assert_close(as64(value), as64(expected), atol=value_tol, rtol=0)
-    torch.testing.assert_close(as64(metrics["plot/w_chosen"]), as64(w_chosen), atol=value_tol, rtol=0)
-    torch.testing.assert_close(as64(metrics["plot/w_rejected"]), as64(w_rejected), atol=value_tol, rtol=0)
-    torch.testing.assert_close(ours_logits.grad, theirs_logits.grad, atol=grad_tol, rtol=0)
+    loss = PLOTLoss(config, EmbeddingRows(E))
+    tokens = ResponseTokens.of(labels)
+    for top_k in {0, loss.support_top_k}:
+        ours_logits = logits.clone().requires_grad_()
+        value, metrics = loss(head_outputs(tokens.select(ours_logits), tokens, top_k),
+                              PairOutputs(None, tokens.select(ref_logits), tokens), totals_of(labels))
+        value.backward()
+        torch.testing.assert_close(as64(value), as64(expected), atol=value_tol, rtol=0)
+        torch.testing.assert_close(as64(metrics["plot/w_chosen"]), as64(w_chosen), atol=value_tol, rtol=0)
+        torch.testing.assert_close(as64(metrics["plot/w_rejected"]), as64(w_rejected), atol=value_tol, rtol=0)
+        torch.testing.assert_close(ours_logits.grad, theirs_logits.grad, atol=grad_tol, rtol=0)
     assert E.grad is None  # the geometry is a constant
     return metrics
 
@@ -154,7 +167,11 @@ def test_sequence_granularity(solver, value_tol, grad_tol):
 
 def test_support_has_fixed_width_and_masks_the_duplicate_target():
     logits = torch.tensor([[5.0, 4.0, 0.0, -1.0], [5.0, 4.0, 0.0, -1.0]])
-    support = restricted_supports(logits, torch.tensor([1, 3]), top_k=2)
+    targets = torch.tensor([1, 3])
+    support = restricted_supports(top_k_support(logits, targets, top_k=2), targets)
+    fused = restricted_supports(target_logps_and_support(logits, targets, top_k=2)[1], targets)
+    for name in ("ids", "valid", "target_slot", "probs"):
+        assert torch.equal(getattr(fused, name), getattr(support, name)), name
     assert support.ids.tolist() == [[0, 1, 1], [0, 1, 3]]
     assert support.valid.tolist() == [[True, True, False], [True, True, True]]
     assert support.target_slot.tolist() == [1, 2]
@@ -166,7 +183,7 @@ def test_metrics_report_the_slice():
     metrics = compare(PlotConfig(top_k=5, rejected_weight=0.0))
     logits, labels, _ = make_batch(0)
     tokens = ResponseTokens.of(labels)
-    support = restricted_supports(tokens.select(logits), tokens.targets, 5)
+    support = top_k_support(tokens.select(logits), tokens.targets, 5)
     assert metrics["plot/slice_rows"] == torch.unique(support.ids).numel()  # |U|, micro-batches = 1
     assert metrics["plot/slice_bytes"] == 0  # an unpartitioned matrix moves nothing
 
@@ -196,7 +213,7 @@ def test_loss_path_never_waits_for_the_device(solver, target):
     DPO, PLOT) nothing makes the host wait, so a GPU step is never stalled by the loss (checked on
     CPU by the ops that would sync on a GPU). The response positions come from the labels on the
     host, before the step."""
-    from plot_ds.logprobs import PairLogps, PairOutputs, target_logps
+    from plot_ds.logprobs import PairLogps
     from plot_ds.objectives import DPOLoss, Objective
 
     logits, labels, E = make_batch(2)
@@ -206,13 +223,15 @@ def test_loss_path_never_waits_for_the_device(solver, target):
     reference = tokens.select(torch.randn_like(logits)).float()
     objective = Objective(DPOLoss(0.1), PLOTLoss(config, EmbeddingRows(E.float())))
 
-    def outputs(head_logits):
-        logps = tokens.row_sums(target_logps(head_logits, tokens.targets, in_place_grad=head_logits.requires_grad))
-        return PairOutputs(PairLogps.from_rows(logps, tokens.row_counts()), head_logits, tokens)
+    def outputs(head_logits, top_k=0):  # as logprobs.forward_pairs makes them
+        logps, support = target_logps_and_support(head_logits, tokens.targets, top_k,
+                                                  in_place_grad=head_logits.requires_grad)
+        logps = PairLogps.from_rows(tokens.row_sums(logps), tokens.row_counts())
+        return PairOutputs(logps, None if top_k else head_logits, tokens, support if top_k else None)
 
     with DeviceWaits() as waits:
         head = policy * 1.0
-        value, metrics = objective(outputs(head), outputs(reference), totals_of(labels))
+        value, metrics = objective(outputs(head, objective.policy_top_k), outputs(reference), totals_of(labels))
         value.backward()
     assert waits.seen == [] and policy.grad.abs().sum() > 0
     assert metrics["plot/slice_rows"] > 0 and metrics["loss/vanilla"] > 0

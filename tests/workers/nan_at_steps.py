@@ -19,6 +19,7 @@ def train_step(policy, reference, objective, micro_batches, world_size, before_u
         class Poisoned:
             needs_reference_logits = wrapped.needs_reference_logits
             needs_policy_logits = wrapped.needs_policy_logits
+            policy_top_k = wrapped.policy_top_k
 
             def __call__(self, *args):
                 loss, metrics = wrapped(*args)
