@@ -5,6 +5,8 @@ import statistics
 import sys
 from pathlib import Path
 
+import pytest
+
 from conftest import REPO, run_command
 
 
@@ -15,6 +17,8 @@ def test_plot_overhead_benchmark_runs_and_reports_ratios(tiny_model_dir, zero3_t
                         "--data.max_prompt_length", "32"])
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["overhead_ratio"] > 0 and result["ranks"] == 1
+    assert len(result["overhead_ratio_by_step"]) == 1
+    assert result["overhead_ratio_paired_median"] == pytest.approx(result["overhead_ratio_by_step"][0], rel=1e-3)
     assert result["step_seconds_vanilla_median"] > 0 and result["step_seconds_plot_median"] > 0
     assert result["full_gather_bytes"] == 49152 * 32 * 4
     assert result["slice_rows_per_micro_batch"] > 64
