@@ -2,6 +2,11 @@
 (alpha = 0 vs on), alternating on the same engines and batches, plus the embedding-slice bytes
 against a full gather of the embedding matrix.
 
+A step's time moves by several percent from one step to the next on a shared machine, which hides
+an overhead of 1-3%. So the loss path alone (from the head's logits to their gradient: log-probs,
+the vanilla loss, PLOT) is also timed with and without PLOT, alternating many times on the same
+logits; its extra time over the step's median gives the overhead with far less noise.
+
     python bench/plot_overhead.py [--steps 4] [--section.key value ...]        # one process
     deepspeed --num_gpus 2 bench/plot_overhead.py [...]                        # slice bytes need >= 2 ranks
 
@@ -27,6 +32,8 @@ from plot_ds.embedding_slice import EmbeddingRows, embedding_rows_for  # noqa: E
 from plot_ds.engine import build_policy_engine, build_reference_engine, load_ds_config, load_tokenizer  # noqa: E402
 from plot_ds.monitoring import reduce_metrics  # noqa: E402
 from plot_ds.objectives import Objective, build_objective  # noqa: E402
+from plot_ds.logprobs import head_logits, pair_outputs, reference_pairs  # noqa: E402
+from plot_ds.objectives import GlobalTotals  # noqa: E402
 from plot_ds.training import train_step  # noqa: E402
 
 
@@ -39,10 +46,34 @@ def timed_step(policy, reference, objective, batches, world_size):
     return time.perf_counter() - start, metrics
 
 
+def loss_path_seconds(policy, reference, objectives: dict, batch, repeats: int) -> dict[str, float]:
+    """Median seconds of the loss path's forward and backward per objective, alternating, on one
+    batch's head logits (a fresh copy each time: the backward overwrites them)."""
+    with torch.no_grad():
+        logits, tokens = head_logits(policy, batch)
+        needs_reference_logits = any(o.needs_reference_logits for o in objectives.values())
+        reference_out = reference_pairs(reference, batch, needs_reference_logits, policy.device)
+    totals = GlobalTotals.from_counts(batch["counts"].to(policy.device))
+    times = {name: [] for name in objectives}
+    for _ in range(repeats):
+        for name, objective in objectives.items():
+            head = logits.detach().clone().requires_grad_()
+            get_accelerator().synchronize()
+            start = time.perf_counter()
+            loss, _ = objective(pair_outputs(head * 1.0, tokens, objective.needs_policy_logits, objective.policy_top_k),
+                                reference_out, totals)
+            loss.backward()
+            get_accelerator().synchronize()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=4, help="measured steps per variant")
     parser.add_argument("--warmup", type=int, default=1, help="unmeasured steps per variant")
+    parser.add_argument("--loss-path-repeats", type=int, default=20,
+                        help="timings per variant of the loss path alone (0: skip)")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     args, rest = parser.parse_known_args()
     config = load_config(None, {"train.save_checkpoint": False, "data.eval_size": 0,
@@ -80,6 +111,13 @@ def main():
         if dist.is_main:
             print(f"[bench] step {step + 1}/{args.warmup + args.steps} done", file=sys.stderr, flush=True)
 
+    loss_path = {}
+    if args.loss_path_repeats > 0:
+        objectives = {"vanilla": without_plot, "plot": with_plot}
+        batch = collate([examples[i] for i in sampler.micro_batches(0)[0]], tokenizer.pad_token_id, examples[0])
+        loss_path_seconds(policy, reference, objectives, batch, 2)  # warm-up
+        loss_path = loss_path_seconds(policy, reference, objectives, batch, args.loss_path_repeats)
+
     embedding = policy.module.get_input_embeddings().weight
     full_bytes = EmbeddingRows(embedding).full_matrix_bytes
     median = {name: statistics.median(values) for name, values in times.items()}
@@ -98,6 +136,10 @@ def main():
         # batches are, which the ratio of medians does not.
         "overhead_ratio_by_step": [round(p / v, 4) for p, v in zip(times["plot"], times["vanilla"])],
         "overhead_ratio_paired_median": statistics.median(p / v for p, v in zip(times["plot"], times["vanilla"])),
+        **({"loss_path_seconds_vanilla": loss_path["vanilla"], "loss_path_seconds_plot": loss_path["plot"],
+            # PLOT's extra time per micro-batch, on the step: the overhead without the step's noise.
+            "overhead_ratio_from_loss_path": 1 + (loss_path["plot"] - loss_path["vanilla"])
+            * len(sampler.micro_batches(0)) / median["vanilla"]} if loss_path else {}),
         "slice_rows_per_micro_batch": statistics.mean(slice_rows),
         "slice_bytes_per_micro_batch": statistics.mean(slice_bytes),
         "full_gather_bytes": full_bytes,

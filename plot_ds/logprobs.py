@@ -350,15 +350,26 @@ def forward_pairs(model, batch: dict, keep_logits: bool, top_k: int = 0) -> Pair
     sharing the prompts when the model allows it, see ``shared_prompt_logits``). ``keep_logits``
     keeps the [N, V] logits; ``top_k`` > 0 reads each position's top-k ``SupportLogits`` in the
     log-prob pass."""
+    return pair_outputs(*head_logits(model, batch), keep_logits, top_k)
+
+
+def head_logits(model, batch: dict) -> tuple[torch.Tensor, ResponseTokens]:
+    """The [N, V] logits at the response positions of a collated batch, and those positions."""
     device = model.device
     cpu_tokens = ResponseTokens.of(batch["labels"])
-    tokens = cpu_tokens.to(device)
     logits = None
     if getattr(model, SHARE_PROMPT, None):
         logits = shared_prompt_logits(model, batch, cpu_tokens, device)
+    tokens = cpu_tokens.to(device)
     if logits is None:
         logits = response_logits(model, to_device(batch["input_ids"], device),
                                  to_device(batch["attention_mask"], device), tokens)
+    return logits, tokens
+
+
+def pair_outputs(logits: torch.Tensor, tokens: ResponseTokens, keep_logits: bool, top_k: int = 0) -> PairOutputs:
+    """The loss path's start: per-pair log-probs (and ``forward_pairs``'s other outputs) of the head's
+    [N, V] logits."""
     # The head's output is read by nothing after the backward (PLOT reads it, or copies of it, in the
     # forward only), so its gradient may take its place, unless the op that made it needs it back
     # (a softcap's tanh).
