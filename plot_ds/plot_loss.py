@@ -9,7 +9,9 @@ p~_t is the policy distribution restricted to S_t = TopK(p_t, k) U {y_t} and ren
 cost between tokens i, j is ``1 - cos(E_i, E_j)`` (or the L2 distance of normalised rows), with E
 detached. Only what the cost needs of E is fetched (see ``embedding_slice``): the cosines to the
 target tokens for a one-hot target, else the rows E[U], U = union of all S_t of the micro-batch.
-Logits arrive as [N, V] at the N response positions only (``logprobs.response_logits``).
+For a top-k support PLOT never reads the [N, V] logits at the N response positions: the log-prob
+pass hands it each position's k + 1 support ids and logits, and takes their gradient back into its
+own backward (``logprobs.SupportLogits``). The whole vocabulary (``top_k`` 0) reads the logits.
 """
 from __future__ import annotations
 
