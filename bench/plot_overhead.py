@@ -14,6 +14,7 @@ Defaults are the default run's shapes (SmolLM2-135M-Instruct, DPO, CHAMP, micro-
 Prints one JSON line with the ratios; each timing is the median over the measured steps.
 """
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -26,33 +27,33 @@ import torch  # noqa: E402
 from deepspeed.accelerator import get_accelerator  # noqa: E402
 
 from plot_ds.config import load_config, parse_overrides  # noqa: E402
-from plot_ds.data import GlobalBatchSampler, collate, prepare_datasets  # noqa: E402
-from plot_ds.distributed import barrier, init_distributed  # noqa: E402
-from plot_ds.embedding_slice import EmbeddingRows, embedding_rows_for  # noqa: E402
-from plot_ds.engine import build_policy_engine, build_reference_engine, load_ds_config, load_tokenizer  # noqa: E402
+from plot_ds.embedding_slice import EmbeddingRows  # noqa: E402
+from plot_ds.logprobs import pair_outputs  # noqa: E402
 from plot_ds.monitoring import reduce_metrics  # noqa: E402
-from plot_ds.objectives import Objective, build_objective  # noqa: E402
-from plot_ds.logprobs import head_logits, pair_outputs, reference_pairs  # noqa: E402
-from plot_ds.objectives import GlobalTotals  # noqa: E402
+from plot_ds.objectives import GlobalTotals, Objective  # noqa: E402
+from plot_ds.pair_forward import head_logits, reference_pairs  # noqa: E402
+from plot_ds.run import setup_run  # noqa: E402
 from plot_ds.training import train_step  # noqa: E402
 
 
-def timed_step(policy, reference, objective, batches, world_size):
+def timed_step(run, batches):
     get_accelerator().synchronize()
     start = time.perf_counter()
-    sums, _ = train_step(policy, reference, objective, batches, world_size)
+    sums, _ = train_step(run, batches)
     metrics = reduce_metrics(sums)  # includes the step's last collective: all ranks are done
     get_accelerator().synchronize()
     return time.perf_counter() - start, metrics
 
 
-def loss_path_seconds(policy, reference, objectives: dict, batch, repeats: int) -> dict[str, float]:
+def loss_path_seconds(run, objectives: dict, batch, repeats: int) -> dict[str, float]:
     """Median seconds of the loss path's forward and backward per objective, alternating, on one
     batch's head logits (a fresh copy each time: the backward overwrites them)."""
+    policy = run.policy
     with torch.no_grad():
-        logits, tokens = head_logits(policy, batch)
+        logits, tokens = head_logits(policy, batch, run.policy_sharing)
         needs_reference_logits = any(o.needs_reference_logits for o in objectives.values())
-        reference_out = reference_pairs(reference, batch, needs_reference_logits, policy.device)
+        reference_out = reference_pairs(run.reference, batch, needs_reference_logits, policy.device,
+                                        run.reference_sharing)
     totals = GlobalTotals.from_counts(batch["counts"].to(policy.device))
     times = {name: [] for name in objectives}
     for _ in range(repeats):
@@ -76,33 +77,24 @@ def main():
                         help="timings per variant of the loss path alone (0: skip)")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     args, rest = parser.parse_known_args()
-    config = load_config(None, {"train.save_checkpoint": False, "data.eval_size": 0,
+    config = load_config(None, {"train.save_checkpoint": False, "train.resume": "none", "data.eval_size": 0,
                                 **parse_overrides(rest)})
-    dist = init_distributed()
-    ds_config = load_ds_config(config, dist.world_size)
-    tokenizer = load_tokenizer(config)
-    examples, _, _ = prepare_datasets(config.data, tokenizer, preparer=dist.local_rank == 0,
-                                      sync=barrier)
-    sampler = GlobalBatchSampler(len(examples), config.train.micro_batch_size,
-                                 config.train.gradient_accumulation_steps, dist.rank, dist.world_size,
-                                 config.train.seed)
-    policy = build_policy_engine(config, ds_config)
-    with_plot = build_objective(config, embedding_rows_for(policy.module, config.plot))
-    if with_plot.plot is None:
+    if not config.plot.active:
         raise SystemExit("plot.enabled must be true and plot.alpha > 0 for this benchmark")
+    with_plot_run = setup_run(config)
+    dist, policy, sampler, with_plot = with_plot_run.dist, with_plot_run.policy, with_plot_run.sampler, with_plot_run.objective
     without_plot = Objective(with_plot.vanilla, None)
-    reference = (build_reference_engine(config, ds_config)
-                 if with_plot.needs_reference or without_plot.needs_reference else None)
+    # The same engines, batches and reference, with the vanilla objective only.
+    runs = {"plot": with_plot_run, "vanilla": dataclasses.replace(with_plot_run, objective=without_plot)}
 
     times = {"plot": [], "vanilla": []}
     slice_bytes, slice_rows = [], []
     for step in range(args.warmup + args.steps):
-        batches = [collate([examples[i] for i in idx], tokenizer.pad_token_id, examples[0])
-                   for idx in sampler.micro_batches(step)]
+        batches = with_plot_run.micro_batches(step)
         # Alternate the order so that neither variant always runs on a warmer cache.
-        order = [("vanilla", without_plot), ("plot", with_plot)]
-        for name, objective in (order if step % 2 == 0 else order[::-1]):
-            seconds, metrics = timed_step(policy, reference, objective, batches, dist.world_size)
+        order = ["vanilla", "plot"]
+        for name in (order if step % 2 == 0 else order[::-1]):
+            seconds, metrics = timed_step(runs[name], batches)
             if step >= args.warmup:
                 times[name].append(seconds)
                 if name == "plot":
@@ -114,9 +106,9 @@ def main():
     loss_path = {}
     if args.loss_path_repeats > 0:
         objectives = {"vanilla": without_plot, "plot": with_plot}
-        batch = collate([examples[i] for i in sampler.micro_batches(0)[0]], tokenizer.pad_token_id, examples[0])
-        loss_path_seconds(policy, reference, objectives, batch, 2)  # warm-up
-        loss_path = loss_path_seconds(policy, reference, objectives, batch, args.loss_path_repeats)
+        batch = with_plot_run.micro_batches(0)[0]
+        loss_path_seconds(with_plot_run, objectives, batch, 2)  # warm-up
+        loss_path = loss_path_seconds(with_plot_run, objectives, batch, args.loss_path_repeats)
 
     embedding = policy.module.get_input_embeddings().weight
     full_bytes = EmbeddingRows(embedding).full_matrix_bytes

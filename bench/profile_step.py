@@ -22,13 +22,9 @@ import torch  # noqa: E402
 from deepspeed.accelerator import get_accelerator  # noqa: E402
 
 from plot_ds.config import load_config, parse_overrides  # noqa: E402
-from plot_ds.data import GlobalBatchSampler, collate, prepare_datasets  # noqa: E402
-from plot_ds.distributed import barrier, init_distributed  # noqa: E402
-from plot_ds.embedding_slice import embedding_rows_for  # noqa: E402
-from plot_ds.engine import (build_policy_engine, build_reference_engine, load_ds_config, load_tokenizer,  # noqa: E402
-                            zero_stage)
+from plot_ds.ds_config import zero_stage  # noqa: E402
 from plot_ds.monitoring import reduce_metrics  # noqa: E402
-from plot_ds.objectives import build_objective  # noqa: E402
+from plot_ds.run import setup_run  # noqa: E402
 from plot_ds.training import train_step  # noqa: E402
 
 
@@ -46,25 +42,17 @@ def main():
     parser.add_argument("--top", type=int, default=25, help="rows per table")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     args, rest = parser.parse_known_args()
-    config = load_config(None, {"train.save_checkpoint": False, "data.eval_size": 0, **parse_overrides(rest)})
-    dist = init_distributed()
-    ds_config = load_ds_config(config, dist.world_size)
-    tokenizer = load_tokenizer(config)
-    examples, _, _ = prepare_datasets(config.data, tokenizer, preparer=dist.local_rank == 0, sync=barrier)
-    sampler = GlobalBatchSampler(len(examples), config.train.micro_batch_size,
-                                 config.train.gradient_accumulation_steps, dist.rank, dist.world_size,
-                                 config.train.seed)
-    policy = build_policy_engine(config, ds_config)
-    objective = build_objective(config, embedding_rows_for(policy.module, config.plot))
-    reference = build_reference_engine(config, ds_config) if objective.needs_reference else None
+    config = load_config(None, {"train.save_checkpoint": False, "train.resume": "none", "data.eval_size": 0,
+                                **parse_overrides(rest)})
+    run = setup_run(config)
+    dist, ds_config = run.dist, run.ds_config
     accelerator = get_accelerator()
 
     def step(number):
-        batches = [collate([examples[i] for i in idx], tokenizer.pad_token_id, examples[0])
-                   for idx in sampler.micro_batches(number)]
+        batches = run.micro_batches(number)
         accelerator.synchronize()
         started = time.perf_counter()
-        sums, _ = train_step(policy, reference, objective, batches, dist.world_size)
+        sums, _ = train_step(run, batches)
         reduce_metrics(sums)
         accelerator.synchronize()
         return time.perf_counter() - started

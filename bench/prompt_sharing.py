@@ -39,11 +39,12 @@ def batches_for(tokenizer, pairs, prompt_length, micro_batch):
 
 
 def timed_step(model, batch, share):
-    from plot_ds.logprobs import enable_prompt_sharing, forward_pairs
+    from plot_ds.pair_forward import forward_pairs
+    from plot_ds.prompt_sharing import prompt_sharing
 
-    enable_prompt_sharing(model, share)
+    sharing = prompt_sharing(model, share)
     started = time.process_time()
-    out = forward_pairs(model, batch, keep_logits=False)
+    out = forward_pairs(model, batch, keep_logits=False, sharing=sharing)
     (out.logps.chosen.sum() - out.logps.rejected.sum()).backward()
     model.zero_grad(set_to_none=True)
     return time.process_time() - started

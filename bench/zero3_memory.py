@@ -3,7 +3,7 @@
     python bench/zero3_memory.py [--ranks 1,2] [--section.key value ...]
 
 For each rank count the script starts itself under torchrun, builds the policy engine exactly as
-training does (plot_ds.engine, ds_configs/zero3.json by default), runs one optimizer step so that
+training does (plot_ds.run.setup_run, ds_configs/zero3.json by default), runs one optimizer step so that
 gradients and Adam state exist, and counts the bytes of the tensors each rank holds, by storage
 (views and aliases counted once):
 
@@ -62,26 +62,17 @@ def model_state_bytes(engine) -> dict:
 
 def child(rest: list[str], out_file: str) -> None:
     from plot_ds.config import load_config, parse_overrides
-    from plot_ds.data import GlobalBatchSampler, collate, prepare_datasets
-    from plot_ds.distributed import barrier, init_distributed
-    from plot_ds.engine import build_policy_engine, load_ds_config, load_tokenizer
-    from plot_ds.objectives import build_objective
+    from plot_ds.run import setup_run
     from plot_ds.training import train_step
 
     # Model state does not depend on the batch: one short SFT step creates the gradients and Adam state.
     config = load_config(None, {"train.save_checkpoint": False, "data.eval_size": 0, "objective.name": "sft",
                                 "plot.enabled": False, "data.max_length": 64, "data.max_prompt_length": 32,
-                                "train.micro_batch_size": 1, "train.precision": "fp32", **parse_overrides(rest)})
-    dist = init_distributed()
-    ds_config = load_ds_config(config, dist.world_size)
-    tokenizer = load_tokenizer(config)
-    examples, _, _ = prepare_datasets(config.data, tokenizer, preparer=dist.local_rank == 0, sync=barrier)
-    sampler = GlobalBatchSampler(len(examples), config.train.micro_batch_size,
-                                 config.train.gradient_accumulation_steps, dist.rank, dist.world_size, 0)
-    policy = build_policy_engine(config, ds_config)
-    batches = [collate([examples[i] for i in idx], tokenizer.pad_token_id, examples[0])
-               for idx in sampler.micro_batches(0)]
-    train_step(policy, None, build_objective(config), batches, dist.world_size)
+                                "train.micro_batch_size": 1, "train.precision": "fp32", "train.seed": 0,
+                                "train.resume": "none", **parse_overrides(rest)})
+    run = setup_run(config)
+    dist, policy = run.dist, run.policy
+    train_step(run, run.micro_batches(0))
     measured = {**model_state_bytes(policy), "rank": dist.rank, "world_size": dist.world_size,
                 "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
                 "model": config.model.name_or_path, "ds_config": config.deepspeed.config,

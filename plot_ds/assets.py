@@ -9,9 +9,9 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
+
+from .atomic import atomic_folder
 
 BUILTIN_PREFIX = "builtin:"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -81,18 +81,9 @@ def convert_gguf(gguf_file: Path, target: Path) -> None:
     if missing or unexpected:
         raise AssetError(f"converting {gguf_file}: missing {missing}, unexpected {unexpected}")
     model.tie_weights()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
+    with atomic_folder(target, keep_existing=True) as staging:  # concurrent ranks: the first one wins
         model.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
-        try:
-            staging.rename(target)
-        except OSError:
-            if not (target / "model.safetensors").is_file():  # lost no race: a real failure
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
 
 
 def champ_pairs() -> list[dict]:

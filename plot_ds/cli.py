@@ -55,7 +55,7 @@ def data_main(argv: list[str] | None = None) -> int:
         print(f"plot-data: config error: {err}", file=sys.stderr)
         return 2
     from .data import DataError, prepare_datasets
-    from .engine import load_tokenizer
+    from .models import load_tokenizer
 
     try:
         tokenizer = load_tokenizer(config)
@@ -130,7 +130,8 @@ def export_main(argv: list[str] | None = None) -> int:
     import argparse
     from pathlib import Path
 
-    from .checkpointing import CheckpointError, export_checkpoint, find_checkpoint
+    from .checkpointing import CheckpointError, find_checkpoint
+    from .hf_export import export_checkpoint
 
     parser = argparse.ArgumentParser(prog="plot-export", usage=EXPORT_USAGE)
     parser.add_argument("source")

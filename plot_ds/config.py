@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,9 +15,7 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A configuration key or value is wrong; the message names the key."""
+from .config_values import ConfigError, coerce
 
 
 @dataclass
@@ -30,10 +27,9 @@ class ModelConfig:
     attn_implementation: Optional[str] = "sdpa"
     gradient_checkpointing: bool = False
     # Each pair's prompt computed once; the responses continue from its key/value cache in two
-    # passes (bench/prompt_sharing.py: 0.95x the forward+backward time of full rows at CHAMP's
-    # 62-token prompts, 0.77x at 128). auto: on, except where ZeRO-3 fetches the parameters from
-    # other ranks or host memory, which every extra pass would do again (engine.shares_prompt).
-    # Ignored with gradient checkpointing.
+    # passes (plot_ds/prompt_sharing.py; timings in docs/benchmarks.md). auto: on, except where
+    # ZeRO-3 fetches the parameters from other ranks or host memory, which every extra pass would
+    # do again (prompt_sharing.shares_prompt). Ignored with gradient checkpointing.
     share_prompt: Union[bool, Literal["auto"]] = "auto"
 
     def validate(self) -> None:
@@ -140,6 +136,11 @@ class PlotConfig:
     # How E[U] is fetched under ZeRO-3: only the needed rows, or the whole matrix (reference).
     embedding_gather: Literal["slice", "full"] = "slice"
 
+    @property
+    def active(self) -> bool:
+        """Whether the PLOT term is part of the loss: the one place this is decided."""
+        return self.enabled and self.alpha > 0
+
     def resolved_solver(self, device_type: str = "cuda") -> str:
         """``auto``: the closed form where it is exact; otherwise batched Sinkhorn on accelerators,
         and POT's exact EMD on CPUs, where its network simplex beats a batched Sinkhorn on
@@ -239,7 +240,8 @@ class EvalConfig:
 
 @dataclass
 class DeepSpeedConfig:
-    # A JSON file; relative paths are looked up in the working directory, then in the repository.
+    # A JSON file; relative paths are looked up in the working directory, then (ds_configs/<name>)
+    # among the copies shipped inside the package.
     # auto: ds_configs/zero3.json, except on a single rank with 16-bit weights (bf16 on GPUs), where
     # ZeRO-3 has nothing to shard and its gather hooks cost host time per layer: ds_configs/zero2.json,
     # whose fp32 master copy such weights need anyway (with fp32 weights it would be a second copy).
@@ -289,11 +291,10 @@ class Config:
             validate = getattr(getattr(self, section.name), "validate", None)
             if validate is not None:
                 validate()
-        if (self.reference.mode == "cache" and self.plot.enabled and self.plot.alpha > 0
-                and self.plot.target == "ref_mix"):
+        if self.reference.mode == "cache" and self.plot.active and self.plot.target == "ref_mix":
             raise ConfigError("reference.mode: cache stores log-probs, but plot.target ref_mix needs the "
                               "reference model's full distributions: use reference.mode engine")
-        if self.objective.name == "none" and not (self.plot.enabled and self.plot.alpha > 0):
+        if self.objective.name == "none" and not self.plot.active:
             raise ConfigError("objective.name: none leaves nothing to train unless plot.enabled is true "
                               "and plot.alpha > 0")
         return self
@@ -311,59 +312,6 @@ class Config:
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(self.to_yaml())
-
-
-def _field_types(cls) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
-def _coerce(key: str, value: Any, expected: Any) -> Any:
-    """Check one value against its annotated type; convert only where it is lossless."""
-    origin = typing.get_origin(expected)
-    args = typing.get_args(expected)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for option in (a for a in args if a is not type(None)):
-            try:
-                return _coerce(key, value, option)
-            except ConfigError as err:
-                errors.append(str(err))
-        if not errors:
-            raise ConfigError(f"{key}: bad value {value!r}")
-        raise ConfigError("; or ".join([errors[0]] + [e.split(": ", 1)[-1] for e in errors[1:]]))
-    if origin is Literal:
-        if value not in args:
-            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(repr, args))}")
-        return value
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)) or len(value) != len(args):
-            raise ConfigError(f"{key}: expected a list of {len(args)} values, got {value!r}")
-        return tuple(_coerce(f"{key}[{i}]", v, t) for i, (v, t) in enumerate(zip(value, args)))
-    if expected is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{key}: expected true or false, got {value!r}")
-        return value
-    if expected is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
-        return value
-    if expected is float:
-        if isinstance(value, str):
-            # YAML 1.1 reads "1e-6" (no dot) as a string; float() is a parser, not an eval.
-            try:
-                value = float(value)
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key}: expected a number, got {value!r}")
-        return float(value)
-    if expected is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{key}: expected a string, got {value!r}")
-        return value
-    raise ConfigError(f"{key}: unsupported type {expected}")  # pragma: no cover - schema bug
 
 
 def _unknown_key(key: str, known: list[str]) -> ConfigError:
@@ -387,10 +335,10 @@ def _apply(config: Config, key: str, value: Any) -> None:
         close = difflib.get_close_matches(section_name, [f.name for f in dataclasses.fields(Config)], n=1)
         hint = f" (did you mean '{close[0]}.{name}'?)" if close else ""
         raise ConfigError(f"unknown config key '{key}'{hint}")
-    types_ = _field_types(type(section))
+    types_ = typing.get_type_hints(type(section))
     if name not in types_:
         raise _unknown_key(key, list(types_))
-    setattr(section, name, _coerce(key, value, types_[name]))
+    setattr(section, name, coerce(key, value, types_[name]))
 
 
 def _flatten(tree: dict, source: str) -> dict[str, Any]:

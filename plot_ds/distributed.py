@@ -4,13 +4,14 @@ Devices and backends come from DeepSpeed's accelerator, so the same code runs on
 """
 from __future__ import annotations
 
-import importlib
 import os
 import socket
 import warnings
 from dataclasses import dataclass
 
 import torch
+
+from .deepspeed_patches import skip_shm_op_build, tell_cpu_accelerator_local_size
 
 LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
@@ -78,17 +79,8 @@ def init_distributed() -> DistInfo:
     accelerator = get_accelerator()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if accelerator.device_name() == "cpu":
-        # DeepSpeed builds a C++ shared-memory all-reduce here (minutes of compiling) that only
-        # its inference all-reduce uses; training never calls it.
-        # (importlib: `import deepspeed.comm.torch as m` would bind the torch package instead.)
-        importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
-        # Its CPU accelerator counts "devices" by running lscpu/numactl in a subprocess unless
-        # LOCAL_SIZE says how many ranks share the host; ZeRO-3 asks at every gradient bucket
-        # (hundreds of forks per step: 0.70 -> 0.45 s per step of a small, host-bound model here).
-        # torchrun and our MPI path know it; DeepSpeed's launcher sets it itself.
-        local_size = os.environ.get("LOCAL_WORLD_SIZE") or ("1" if os.environ["WORLD_SIZE"] == "1" else None)
-        if local_size and "LOCAL_SIZE" not in os.environ:
-            os.environ["LOCAL_SIZE"] = local_size
+        skip_shm_op_build()
+        tell_cpu_accelerator_local_size()
     else:
         accelerator.set_device(local_rank)
     deepspeed.init_distributed(dist_backend=accelerator.communication_backend_name(),
@@ -105,6 +97,12 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
+
+
+def world_size() -> int:
+    import deepspeed.comm as dist
+
+    return dist.get_world_size() if dist.is_initialized() else 1
 
 
 def barrier() -> None:

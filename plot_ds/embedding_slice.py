@@ -273,7 +273,7 @@ class EmbeddingRows:
 def embedding_rows_for(model, plot_config) -> EmbeddingRows | None:
     """The rows provider for PLOT's ground cost, or None when PLOT is off. ``plot_config`` is the
     ``plot`` config section; ``embedding: output`` uses the LM head (untied models)."""
-    if not (plot_config.enabled and plot_config.alpha > 0):
+    if not plot_config.active:
         return None
     layer = model.get_input_embeddings() if plot_config.embedding == "input" else model.get_output_embeddings()
     return EmbeddingRows(layer.weight, plot_config.embedding_gather)

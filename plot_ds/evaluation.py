@@ -2,42 +2,41 @@
 greedy generations with final-answer accuracy where the data has reference answers."""
 from __future__ import annotations
 
+import json
 import re
+from pathlib import Path
 
 import torch
 
-from .data import TokenizedPair, collate, example_counts
-from .logprobs import forward_pairs, reference_pairs
+from .atomic import write_text_atomically
+from .data import TokenizedPair, collate, eval_shards, example_counts
 from .monitoring import reduce_metrics
 from .objectives import GlobalTotals
-
-
-def eval_shards(num_pairs: int, batch_size: int, rank: int, world_size: int) -> list[list[int]]:
-    """This rank's eval batches. Every rank gets the same number of batches, since a ZeRO-3
-    forward is a collective; a rank with nothing left gets an empty batch (run as a weightless filler)."""
-    mine = list(range(rank, num_pairs, world_size))
-    per_rank = -(-num_pairs // world_size)
-    count = -(-per_rank // batch_size)
-    return [mine[i * batch_size:(i + 1) * batch_size] for i in range(count)]
+from .pair_forward import forward_pairs, reference_pairs
+from .run import setup_run
 
 
 @torch.no_grad()
-def evaluate(policy, reference, objective, examples: list[TokenizedPair], batch_size: int,
-             pad_id: int, rank: int, world_size: int) -> dict[str, float]:
+def evaluate(run, examples: list[TokenizedPair]) -> dict[str, float]:
+    """The objective's metrics over ``examples`` (the held-out pairs), as global means over all
+    ranks, named ``eval/<metric>``. ``run``: a ``run.Run``."""
     if not examples:
         return {}
+    policy, objective, dist = run.policy, run.objective, run.dist
     was_training = policy.training
     policy.eval()
-    shards = eval_shards(len(examples), batch_size, rank, world_size)
+    shards = eval_shards(len(examples), run.config.train.eval_batch_size, dist.rank, dist.world_size)
     counts = example_counts(examples)
-    counts[-1] = len(shards) * world_size  # batches: the per-batch metrics are means over these
+    counts[-1] = len(shards) * dist.world_size  # batches: the per-batch metrics are means over these
     totals = GlobalTotals.from_counts(counts.to(policy.device))
     sums: dict[str, torch.Tensor] = {}
     for indices in shards:
-        batch = collate([examples[i] for i in indices], pad_id, filler=examples[0])
-        reference_out = reference_pairs(reference, batch, objective.needs_reference_logits, policy.device)
-        _, metrics = objective(forward_pairs(policy, batch, objective.needs_policy_logits, objective.policy_top_k),
-                               reference_out, totals)
+        batch = collate([examples[i] for i in indices], run.pad_id, filler=examples[0])
+        reference_out = reference_pairs(run.reference, batch, objective.needs_reference_logits, policy.device,
+                                        run.reference_sharing)
+        policy_out = forward_pairs(policy, batch, objective.needs_policy_logits, objective.policy_top_k,
+                                   run.policy_sharing)
+        _, metrics = objective(policy_out, reference_out, totals)
         for name, value in metrics.items():
             sums[name] = sums.get(name, 0.0) + batch["weight"] * value
     policy.train(was_training)
@@ -147,38 +146,17 @@ def generations_markdown(records: list[dict]) -> str:
 
 
 # ------------------------------------------------------------------------------ plot-eval
-def evaluate_model(config, model_path: str, output: "Path") -> dict:
+def evaluate_model(config, model_path: str, output: Path) -> dict:
     """Evaluate a saved or exported model on the held-out pairs of ``config``: the objective's
     metrics against the configured reference, and generations with answer accuracy. Writes JSON."""
-    import json
-    from pathlib import Path
-
-    from .data import prepare_datasets
-    from .distributed import barrier, init_distributed
-    from .embedding_slice import embedding_rows_for
-    from .engine import build_frozen_engine, load_ds_config, load_tokenizer
-    from .objectives import build_objective
-    from .reference_cache import prepare_reference
-
-    dist = init_distributed()
-    ds_config = load_ds_config(config, dist.world_size)
-    tokenizer = load_tokenizer(config)
-    train_pairs, held_out, reports = prepare_datasets(config.data, tokenizer, preparer=dist.local_rank == 0,
-                                                      sync=barrier)
-    if not held_out:
-        raise ValueError("no held-out pairs: set data.eval_source, data.eval_split or data.eval_size")
-    policy = build_frozen_engine(config, ds_config, model_path)
-    objective = build_objective(config, embedding_rows_for(policy.module, config.plot))
-    # The cache, when used, covers both splits: the one file then also serves training runs.
-    reference = prepare_reference(config, ds_config, tokenizer, objective, train_pairs, held_out, reports, dist)
-    results = evaluate(policy, reference, objective, held_out, config.train.eval_batch_size,
-                       tokenizer.pad_token_id, dist.rank, dist.world_size)
-    answer_metrics, generations = generation_report(policy, tokenizer, held_out, config, dist.rank, dist.world_size)
+    run = setup_run(config, frozen_model=model_path)
+    results = evaluate(run, run.eval_examples)
+    answer_metrics, generations = generation_report(run.policy, run.tokenizer, run.eval_examples, config,
+                                                    run.dist.rank, run.dist.world_size)
     results.update(answer_metrics)
     report = {"model": str(model_path), "reference": config.reference.name_or_path or config.model.name_or_path,
-              "objective": config.objective.name, "held_out_pairs": len(held_out), "metrics": results,
+              "objective": config.objective.name, "held_out_pairs": len(run.eval_examples), "metrics": results,
               "generations": generations}
-    if dist.is_main:
-        Path(output).parent.mkdir(parents=True, exist_ok=True)
-        Path(output).write_text(json.dumps(report, indent=2))
+    if run.dist.is_main:
+        write_text_atomically(Path(output), json.dumps(report, indent=2))
     return report

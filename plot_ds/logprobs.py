@@ -1,16 +1,12 @@
-"""Response log-probabilities from one forward over chosen and rejected rows, without the full
-[batch, length, vocab] logits.
+"""Response log-probabilities from the head's [N, V] logits at the N response positions.
 
-The LM head runs only on the positions that predict a response token (a pre-hook hands it those
-hidden states): prompt and padding positions never reach the vocabulary projection. Log-probs of
-the targets come from ``TargetLogProb``, float32 a chunk of positions at a time, which keeps only
-the [N, V] logits for its backward (no float32 copy, no saved softmax).
+Log-probs of the targets come from ``TargetLogProb``, float32 a chunk of positions at a time, which
+keeps only the [N, V] logits for its backward (no float32 copy, no saved softmax), and reads PLOT's
+top-k supports in the same pass. How a model's forward produces those logits (the LM head only on
+response positions, prompt sharing) is ``pair_forward``'s concern.
 """
 from __future__ import annotations
 
-import copy
-import inspect
-import warnings
 from dataclasses import dataclass
 
 import torch
@@ -184,192 +180,9 @@ class PairOutputs:
     support: SupportLogits | None = None
 
 
-def response_logits(model, input_ids, attention_mask, tokens: ResponseTokens) -> torch.Tensor:
-    """[N, V] logits at the response positions. The model's own forward runs (ZeRO-3's hooks and
-    all); a pre-hook on the output embedding hands the LM head only the N hidden states."""
-    return _with_head_input(model, tokens.select, input_ids=input_ids, attention_mask=attention_mask,
-                            use_cache=False).logits
-
-
-SHARE_PROMPT = "plot_ds_share_prompt"
-
-
-def _cache_argument(module) -> str | None:
-    """The forward's key/value-cache keyword: ``cache`` from transformers 5.2x on, ``past_key_values``
-    before (the output field has the same name)."""
-    parameters = inspect.signature(module.forward).parameters
-    return next((name for name in ("cache", "past_key_values") if name in parameters), None)
-
-
-def enable_prompt_sharing(model, enabled: bool) -> None:
-    """Mark a model (or DeepSpeed engine) for ``shared_prompt_logits``. Needs a decoder whose
-    forward takes a key/value cache; gradient checkpointing drops the cache, so it must be off."""
-    module = getattr(model, "module", model)
-    argument = _cache_argument(module)
-    sharing = enabled and argument is not None and not module.config.is_encoder_decoder
-    if enabled and not sharing:
-        warnings.warn(f"model.share_prompt: {type(module).__name__} takes no key/value cache in its forward "
-                      f"(or is an encoder-decoder); chosen and rejected rows each compute their prompt")
-    setattr(model, SHARE_PROMPT, argument if sharing else None)
-
-
-def _with_head_input(model, select, **inputs):
-    module = getattr(model, "module", model)
-    hook = module.get_output_embeddings().register_forward_pre_hook(lambda _, args: (select(args[0]), *args[1:]))
-    try:
-        return model(**inputs)
-    finally:
-        hook.remove()
-
-
-def _copyable(cache) -> bool:
-    """Whether a copy of ``cache`` with rows selected leaves the cache itself as it was: layers that
-    rebind, never write into, their tensors when rows are selected or states appended (full,
-    sliding-window and indexed attention; a recurrent state may be updated in place)."""
-    from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
-
-    kinds = {DynamicLayer, DynamicSlidingWindowLayer}
-    try:
-        from transformers.cache_utils import DynamicIndexedLayer
-        kinds.add(DynamicIndexedLayer)
-    except ImportError:
-        pass
-    return all(type(layer) in kinds for layer in getattr(cache, "layers", [None]))
-
-
-def _cache_rows(cache, rows: torch.Tensor, copied: bool):
-    """The prompt cache with batch rows ``rows`` (repeats allowed): a copy that leaves ``cache`` as it
-    was (``copied``, see ``_copyable``), else ``cache`` itself, changed."""
-    if copied:
-        cache = copy.copy(cache)
-        cache.layers = [copy.copy(layer) for layer in cache.layers]
-    cache.batch_select_indices(rows)
-    return cache
-
-
-def response_groups(lengths: torch.Tensor) -> list[torch.Tensor]:
-    """Response rows in two passes, each padded to its own longest, where the padded tokens are
-    fewest: the rows sorted by length, split where the sum of group size x longest is smallest (the
-    best two-way split is always one of a sorted order; chosen-vs-rejected is one of the two-way
-    splits, so never better). Always two passes, even where one would pad no more: under ZeRO-3
-    each pass gathers the parameters with collectives, so every rank must run as many passes."""
-    order = lengths.argsort(stable=True)
-    ordered = lengths[order].tolist()
-    rows = len(ordered)
-    if rows < 2:
-        return [order]
-    split = min(range(1, rows), key=lambda k: (k * ordered[k - 1] + (rows - k) * ordered[-1], abs(2 * k - rows)))
-    return [order[:split], order[split:]]
-
-
-def shared_prompt_logits(model, batch: dict, tokens: ResponseTokens, device) -> torch.Tensor | None:
-    """[N, V] logits at the response positions, computing each pair's prompt once.
-
-    Pass 1 runs the prompts (left-padded so that all end in the last column) and keeps their
-    key/value cache; its last position predicts the first response token. The responses then run
-    on top of that cache in two passes of rows of similar lengths (``response_groups``),
-    each over its own copy of the prompt rows it needs, padded only to its own longest response.
-    (Where a copy could change the cache, see ``_copyable``, one pass runs all responses.) The
-    passes are the model's own forward (ZeRO-3 hooks and all); the LM head runs once, in the last
-    pass, on the hidden states of all passes, and only at the positions that predict a response
-    token. ``tokens``: the CPU positions. None when the rows are not prompt-sharing pairs (chosen
-    row i and rejected row n + i with the same prompt).
-    """
-    ids, labels = batch["input_ids"], batch["labels"]
-    rows, pairs = ids.shape[0], ids.shape[0] // 2
-    is_response = labels != IGNORE_INDEX
-    starts = is_response.int().argmax(1)             # prompt length of each row
-    lengths = is_response.sum(1)
-    if rows % 2 or not bool(lengths.gt(0).all()) or not torch.equal(starts[:pairs], starts[pairs:]):
-        return None
-    prompt_lengths = starts[:pairs]
-    if not all(torch.equal(ids[i, :p], ids[pairs + i, :p]) for i, p in enumerate(prompt_lengths.tolist())):
-        return None
-    pad = int(ids[0, -1]) if ids.shape[1] else 0  # any id: padded positions are masked out
-    width = int(prompt_lengths.max())
-    prompt_ids = torch.full((pairs, width), pad, dtype=ids.dtype)
-    prompt_mask = torch.zeros(pairs, width, dtype=torch.long)
-    for i, p in enumerate(prompt_lengths.tolist()):
-        prompt_ids[i, width - p:], prompt_mask[i, width - p:] = ids[i, :p], 1
-    prompt_positions = (prompt_mask.cumsum(1) - 1).clamp_min(0)
-
-    to = lambda t: to_device(t, device)  # noqa: E731
-    hidden = []  # hidden states that predict response tokens, in the order of the passes
-
-    def keep_prompt_last(states):
-        hidden.append(states[:, -1])
-        return states[:0, -1]
-
-    argument = getattr(model, SHARE_PROMPT)
-    first = _with_head_input(model, keep_prompt_last, input_ids=to(prompt_ids),
-                             attention_mask=to(prompt_mask), position_ids=to(prompt_positions), use_cache=True)
-    cache = getattr(first, argument)
-    copyable = _copyable(cache)
-    groups = response_groups(lengths) if copyable else [torch.arange(rows)]
-
-    # slot[r, j]: index in ``hidden`` (concatenated) of the state that predicts response token
-    # j + 1 of row r; token 0 is predicted by the prompt's last position, hidden index r % pairs.
-    slot = torch.full((rows, int(lengths.max())), -1, dtype=torch.long)
-    passes, filled = [], pairs
-    for group in groups:
-        group_lengths = lengths[group]
-        span = int(group_lengths.max())
-        response_ids = torch.full((len(group), span), pad, dtype=ids.dtype)
-        response_mask = torch.zeros(len(group), span, dtype=torch.long)
-        for k, (r, n) in enumerate(zip(group.tolist(), group_lengths.tolist())):
-            p = int(starts[r])
-            response_ids[k, :n], response_mask[k, :n] = ids[r, p:p + n], 1
-        predicting = response_mask.clone()
-        predicting[torch.arange(len(group)), group_lengths - 1] = 0
-        head_rows, head_cols = predicting.nonzero(as_tuple=True)
-        slot[group[head_rows], head_cols] = filled + torch.arange(head_rows.numel())
-        filled += head_rows.numel()
-        passes.append(dict(input_ids=to(response_ids), position_ids=to(starts[group, None] + torch.arange(span)),
-                           attention_mask=to(torch.cat([prompt_mask[group % pairs], response_mask], 1)),
-                           head_rows=to(head_rows), head_cols=to(head_cols), prompt_rows=to(group % pairs)))
-    step = tokens.cols - (starts[tokens.rows] - 1)
-    source = to(torch.where(step == 0, tokens.rows % pairs, slot[tokens.rows, (step - 1).clamp_min(0)]))
-
-    for index, inputs in enumerate(passes):
-        head_rows, head_cols = inputs.pop("head_rows"), inputs.pop("head_cols")
-        last = index == len(passes) - 1
-        # The last pass may take the cache itself: nothing reads it after.
-        pass_cache = _cache_rows(cache, inputs.pop("prompt_rows"), copied=copyable and not last)
-
-        def head_input(states, head_rows=head_rows, head_cols=head_cols, last=last):
-            hidden.append(states[head_rows, head_cols])
-            # Reordering [N, d] hidden states, not [N, V] logits: no logits-sized copies.
-            return torch.cat(hidden).index_select(0, source) if last else states[:0, 0]
-
-        out = _with_head_input(model, head_input, use_cache=True, **{argument: pass_cache}, **inputs)
-    return out.logits
-
-
-def forward_pairs(model, batch: dict, keep_logits: bool, top_k: int = 0) -> PairOutputs:
-    """One forward over the chosen and rejected rows of a collated batch together (two passes
-    sharing the prompts when the model allows it, see ``shared_prompt_logits``). ``keep_logits``
-    keeps the [N, V] logits; ``top_k`` > 0 reads each position's top-k ``SupportLogits`` in the
-    log-prob pass."""
-    return pair_outputs(*head_logits(model, batch), keep_logits, top_k)
-
-
-def head_logits(model, batch: dict) -> tuple[torch.Tensor, ResponseTokens]:
-    """The [N, V] logits at the response positions of a collated batch, and those positions."""
-    device = model.device
-    cpu_tokens = ResponseTokens.of(batch["labels"])
-    logits = None
-    if getattr(model, SHARE_PROMPT, None):
-        logits = shared_prompt_logits(model, batch, cpu_tokens, device)
-    tokens = cpu_tokens.to(device)
-    if logits is None:
-        logits = response_logits(model, to_device(batch["input_ids"], device),
-                                 to_device(batch["attention_mask"], device), tokens)
-    return logits, tokens
-
-
 def pair_outputs(logits: torch.Tensor, tokens: ResponseTokens, keep_logits: bool, top_k: int = 0) -> PairOutputs:
-    """The loss path's start: per-pair log-probs (and ``forward_pairs``'s other outputs) of the head's
-    [N, V] logits."""
+    """The loss path's start: per-pair log-probs (and, for PLOT, the logits or the top-k supports)
+    of the head's [N, V] logits."""
     # The head's output is read by nothing after the backward (PLOT reads it, or copies of it, in the
     # forward only), so its gradient may take its place, unless the op that made it needs it back
     # (a softcap's tanh).
@@ -379,17 +192,12 @@ def pair_outputs(logits: torch.Tensor, tokens: ResponseTokens, keep_logits: bool
     return PairOutputs(logps, logits if keep_logits else None, tokens, support if top_k else None)
 
 
-def reference_pairs(engine, batch: dict, keep_logits: bool, device) -> PairOutputs | None:
-    """The reference side of a batch, on ``device`` (the policy's): precomputed log-probs when the
-    batch carries them, else a no-grad forward of the reference engine (None when the objective
-    needs no reference)."""
-    if "reference_logps" in batch:
-        tokens = ResponseTokens.of(batch["labels"]).to(device)
-        chosen, rejected = to_device(batch["reference_logps"], device)
-        counts = tokens.row_counts()
-        n = chosen.shape[0]
-        return PairOutputs(PairLogps(chosen, rejected, counts[:n], counts[n:]), None, tokens)
-    if engine is None:
-        return None
-    with torch.no_grad():
-        return forward_pairs(engine, batch, keep_logits)
+def with_head_input(model, select, **inputs):
+    """The model's own forward (ZeRO-3's hooks and all), with a pre-hook on the output embedding
+    that hands the LM head ``select(hidden states)`` instead of every position's state."""
+    module = getattr(model, "module", model)
+    hook = module.get_output_embeddings().register_forward_pre_hook(lambda _, args: (select(args[0]), *args[1:]))
+    try:
+        return model(**inputs)
+    finally:
+        hook.remove()

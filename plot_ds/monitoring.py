@@ -1,6 +1,6 @@
 """What a person watching the run sees: a progress bar and TensorBoard scalars, on rank 0 only.
 
-Metric names follow ``shared/PLOT_METHOD.md`` (TRL-compatible: ``rewards/margins``,
+Metric names follow TRL (``docs/monitoring.md``: ``rewards/margins``,
 ``logps/chosen``...). Values arrive already reduced over ranks (see ``reduce_metrics``).
 """
 from __future__ import annotations

@@ -3,8 +3,8 @@
 Each vanilla objective is a small module with one signature,
 ``forward(policy, reference, totals) -> (loss, metrics)``, where ``policy`` and ``reference`` hold
 per-pair summed log-probs of one micro-batch and ``totals`` the counts of the whole global batch
-(all micro-batches, all ranks). ``Objective`` adds the PLOT term (``plot_loss``). Every loss and metric is a sum over this micro-batch divided by a
-global count, so summing them over micro-batches and ranks gives the exact global mean: the
+(all micro-batches, all ranks). ``Objective`` adds the PLOT term (``plot_loss``). Every loss and metric is a sum over this
+micro-batch divided by a global count, so summing them over micro-batches and ranks gives the exact global mean: the
 gradient of a step does not depend on how the global batch is split.
 """
 from __future__ import annotations
@@ -29,7 +29,8 @@ class GlobalTotals:
 
     @classmethod
     def from_counts(cls, counts: torch.Tensor) -> "GlobalTotals":
-        """``counts`` as made by ``data.batch_counts``, summed over the global batch."""
+        """``counts`` as made by ``data.example_counts`` (one per batch in ``data.collate``), summed
+        over the global batch."""
         return cls(*counts.to(torch.float32).unbind())
 
 
@@ -167,7 +168,7 @@ def build_objective(config, embedding_rows=None) -> Objective:
     from .plot_loss import PLOTLoss
 
     plot = None
-    if config.plot.enabled and config.plot.alpha > 0:
+    if config.plot.active:
         if embedding_rows is None:
             raise ValueError("PLOT needs the policy's embedding rows (embedding_rows)")
         plot = PLOTLoss(config.plot, embedding_rows)

@@ -1,7 +1,7 @@
 """The PLOT loss: token- (or sequence-) level optimal transport between the policy's next-token
 distribution and the preferred one, with a ground cost from the model's own token embeddings.
 
-Implements the project's formulation, ``docs/method.md`` (from ``shared/PLOT_METHOD.md``):
+Implements the project's formulation, ``docs/method.md``:
 
     L_PLOT = mean_{chosen tokens} W(p~_t, b_t) - lambda * mean_{rejected tokens} W(p~_t, delta(y-_t))
 

@@ -9,19 +9,19 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 
 from .assets import cache_dir, resolve_model_path
-from .data import DataError, collate
+from .atomic import atomic_file
+from .data import DataError, collate, eval_shards
 from .data.tokenize import tokenizer_fingerprint
 from .distributed import all_reduce_sum, barrier
-from .engine import destroy_engine, release_freed_memory
-from .evaluation import eval_shards
-from .logprobs import forward_pairs
+from .ds_config import precision_of
+from .engine import build_reference_engine, destroy_engine
+from .host_memory import release_freed_memory
+from .pair_forward import forward_pairs
 
 FULL_HASH_LIMIT = 1 << 30
 SAMPLE_BLOCK, SAMPLES = 1 << 20, 64
@@ -63,7 +63,7 @@ def model_fingerprint(name_or_path: str, revision: str | None = None) -> str:
 
 def expected_metadata(config, tokenizer, reports, ds_config) -> dict[str, str]:
     reference = config.reference.name_or_path or config.model.name_or_path
-    precision = "bf16" if ds_config["bf16"]["enabled"] else "fp16" if ds_config["fp16"]["enabled"] else "fp32"
+    precision = precision_of(ds_config)
     return {"data_train": reports[0].fingerprint, "data_eval": reports[1].fingerprint,
             "tokenizer": tokenizer_fingerprint(tokenizer)[:32],
             "reference_model": model_fingerprint(reference, config.model.revision), "precision": precision}
@@ -77,7 +77,7 @@ def cache_file(config, metadata: dict[str, str]) -> Path:
 
 
 @torch.no_grad()
-def compute_logps(engine, examples, batch_size: int, pad_id: int, rank: int, world_size: int) -> torch.Tensor:
+def compute_logps(engine, sharing, examples, batch_size: int, pad_id: int, rank: int, world_size: int) -> torch.Tensor:
     """[N, 2] summed log-probs of (chosen, rejected), each pair computed by one rank."""
     from tqdm.auto import tqdm
 
@@ -85,7 +85,7 @@ def compute_logps(engine, examples, batch_size: int, pad_id: int, rank: int, wor
     shards = eval_shards(len(examples), batch_size, rank, world_size)
     for indices in tqdm(shards, desc="reference log-probs", unit="batch", disable=rank != 0):
         batch = collate([examples[i] for i in indices], pad_id, filler=examples[0])
-        logps = forward_pairs(engine, batch, keep_logits=False).logps
+        logps = forward_pairs(engine, batch, keep_logits=False, sharing=sharing).logps
         if indices:
             rows = torch.tensor(indices, device=engine.device)
             values[rows, 0] = logps.chosen.double()
@@ -96,15 +96,8 @@ def compute_logps(engine, examples, batch_size: int, pad_id: int, rank: int, wor
 def _save(path: Path, tensors: dict, metadata: dict) -> None:
     from safetensors.torch import save_file
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, staging = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(handle)
-    try:
-        save_file(tensors, staging, metadata=metadata)
-        os.replace(staging, path)
-    finally:
-        if os.path.exists(staging):
-            os.remove(staging)
+    with atomic_file(path) as staging:
+        save_file(tensors, str(staging), metadata=metadata)
 
 
 def load_checked(path: Path, expected: dict[str, str]) -> dict[str, torch.Tensor]:
@@ -123,9 +116,9 @@ def load_checked(path: Path, expected: dict[str, str]) -> dict[str, torch.Tensor
 
 def reference_pass(build_engine, splits: dict, batch_size: int, pad_id: int, dist) -> dict[str, torch.Tensor]:
     """Log-probs of every non-empty split with an engine that lives only for this pass."""
-    engine = build_engine()
+    engine, sharing = build_engine()
     try:
-        return {name: compute_logps(engine, examples, batch_size, pad_id, dist.rank, dist.world_size)
+        return {name: compute_logps(engine, sharing, examples, batch_size, pad_id, dist.rank, dist.world_size)
                 for name, examples in splits.items() if examples}
     finally:
         destroy_engine(engine)
@@ -159,15 +152,14 @@ def attach_reference_logps(config, ds_config, tokenizer, train_examples, eval_ex
 
 
 def prepare_reference(config, ds_config, tokenizer, objective, train_examples, eval_examples, reports, dist):
-    """The reference side for ``objective``: None when it needs none; with ``reference.mode: cache``
-    None too, the log-probs being attached to the examples; else the frozen reference engine."""
-    from .engine import build_reference_engine
-
+    """The reference side for ``objective``, as (engine, its prompt sharing): (None, None) when it
+    needs none, and with ``reference.mode: cache``, the log-probs being attached to the examples;
+    else the frozen reference engine."""
     if not objective.needs_reference:
-        return None
+        return None, None
     if config.reference.mode == "engine":
         return build_reference_engine(config, ds_config)
     attach_reference_logps(config, ds_config, tokenizer, train_examples, eval_examples, reports, dist,
                            build_engine=lambda: build_reference_engine(config, ds_config),
                            log=lambda m: print(m, flush=True) if dist.is_main else None)
-    return None
+    return None, None

@@ -5,7 +5,8 @@ import sys
 import pytest
 
 from conftest import REPO, free_port, run_command
-from plot_ds.evaluation import answer_matches, eval_shards, extract_final_answer, normalise_answer
+from plot_ds.data import eval_shards
+from plot_ds.evaluation import answer_matches, extract_final_answer, normalise_answer
 
 
 @pytest.mark.parametrize("text, expected", [

@@ -13,11 +13,11 @@ from ..assets import cache_dir as default_cache_dir
 from .batching import IGNORE_INDEX, collate, example_counts
 from .formats import FORMATS, FieldNames, Pair, normalise, split_transcripts
 from .records import DataError, Defect, read_records
-from .sampler import GlobalBatchSampler
+from .sampler import GlobalBatchSampler, eval_shards
 from .tokenize import Renderer, TokenizedPair, cache_key, load_cache, save_cache, tokenize_pair
 
 __all__ = ["IGNORE_INDEX", "DataError", "DataReport", "Defect", "FieldNames", "GlobalBatchSampler", "Pair",
-           "TokenizedPair", "collate", "example_counts", "load_pairs", "normalise", "prepare_datasets",
+           "TokenizedPair", "collate", "eval_shards", "example_counts", "load_pairs", "normalise", "prepare_datasets",
            "split_pairs", "split_transcripts", "tokenize_pairs", "FORMATS"]
 
 

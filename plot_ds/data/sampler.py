@@ -62,3 +62,12 @@ class GlobalBatchSampler:
                 raise DataError(f"cannot resume the data position: {key} was {state.get(key)} and is now "
                                 f"{getattr(self, key)} (same data, seed and global batch needed)")
         return int(state["step"])
+
+
+def eval_shards(num_pairs: int, batch_size: int, rank: int, world_size: int) -> list[list[int]]:
+    """This rank's eval batches. Every rank gets the same number of batches, since a ZeRO-3
+    forward is a collective; a rank with nothing left gets an empty batch (run as a weightless filler)."""
+    mine = list(range(rank, num_pairs, world_size))
+    per_rank = -(-num_pairs // world_size)
+    count = -(-per_rank // batch_size)
+    return [mine[i * batch_size:(i + 1) * batch_size] for i in range(count)]

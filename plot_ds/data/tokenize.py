@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from ..atomic import atomic_file
 from .formats import Pair
 from .records import DataError, Defect
 
@@ -156,15 +155,8 @@ def save_cache(path: Path, examples: list[TokenizedPair], defects: list[Defect])
                                     dtype=torch.int8).reshape(-1, 2)
     metadata = {"ids": json.dumps([e.id for e in examples]), "answers": json.dumps([e.answer for e in examples]),
                 "defects": json.dumps([[d.location, d.field, d.problem] for d in defects])}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, staging = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(handle)
-    try:
-        save_file(tensors, staging, metadata=metadata)
-        os.replace(staging, path)  # readers never see a half-written cache
-    finally:
-        if os.path.exists(staging):
-            os.remove(staging)
+    with atomic_file(path) as staging:  # readers never see a half-written cache
+        save_file(tensors, str(staging), metadata=metadata)
 
 
 def load_cache(path: Path) -> tuple[list[TokenizedPair], list[Defect]]:

@@ -5,34 +5,25 @@ from pathlib import Path
 
 import torch
 
-from plot_ds.checkpointing import export_hf_model, save_checkpoint
+from plot_ds.checkpointing import save_checkpoint
 from plot_ds.config import load_config
-from plot_ds.data import GlobalBatchSampler, collate, prepare_datasets
-from plot_ds.distributed import barrier, init_distributed
-from plot_ds.embedding_slice import embedding_rows_for
-from plot_ds.engine import build_policy_engine, build_reference_engine, load_ds_config, load_tokenizer
-from plot_ds.objectives import build_objective
+from plot_ds.data import collate
+from plot_ds.hf_export import export_hf_model
+from plot_ds.run import setup_run
 from plot_ds.training import train_step
 
 
 def main(model_dir: str, ds_config_path: str, out: str) -> None:
     out = Path(out)
-    dist = init_distributed()
     config = load_config(None, {"model.name_or_path": model_dir, "deepspeed.config": ds_config_path,
                                 "data.max_length": 64, "data.max_prompt_length": 32, "data.eval_size": 2,
-                                "train.lr": 1e-2, "train.output_dir": str(out), "train.precision": "fp32"})
-    ds_config = load_ds_config(config, dist.world_size)
-    tokenizer = load_tokenizer(config)
-    examples, held_out, _ = prepare_datasets(config.data, tokenizer, preparer=dist.local_rank == 0, sync=barrier)
-    sampler = GlobalBatchSampler(len(examples), 2, 1, dist.rank, dist.world_size, seed=0)
-    policy = build_policy_engine(config, ds_config)
-    objective = build_objective(config, embedding_rows_for(policy.module, config.plot))
-    reference = build_reference_engine(config, ds_config)
+                                "train.lr": 1e-2, "train.output_dir": str(out), "train.precision": "fp32",
+                                "train.micro_batch_size": 2, "train.seed": 0, "train.resume": "none"})
+    run = setup_run(config)
+    dist, policy, tokenizer, sampler = run.dist, run.policy, run.tokenizer, run.sampler
     for step in range(2):
-        batches = [collate([examples[i] for i in idx], tokenizer.pad_token_id, examples[0])
-                   for idx in sampler.micro_batches(step)]
-        train_step(policy, reference, objective, batches, dist.world_size)
-    batch = collate(held_out, tokenizer.pad_token_id)
+        train_step(run, run.micro_batches(step))
+    batch = collate(run.eval_examples, tokenizer.pad_token_id)
     policy.eval()
     with torch.no_grad():
         logits = policy(input_ids=batch["input_ids"].to(policy.device),

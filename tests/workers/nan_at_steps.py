@@ -1,5 +1,6 @@
 """Run launch/train.py, but rank 1's loss is NaN at the given optimizer steps (1-based):
 usage: nan_at_steps.py 3,5 TRAIN_PY [args...]"""
+import dataclasses
 import os
 import runpy
 import sys
@@ -11,10 +12,10 @@ original = training.train_step
 calls = {"n": 0}
 
 
-def train_step(policy, reference, objective, micro_batches, world_size, before_update=None):
+def train_step(run, micro_batches, before_update=None):
     calls["n"] += 1
     if calls["n"] in steps and os.environ.get("RANK") == "1":
-        wrapped = objective
+        wrapped = run.objective
 
         class Poisoned:
             needs_reference_logits = wrapped.needs_reference_logits
@@ -24,8 +25,8 @@ def train_step(policy, reference, objective, micro_batches, world_size, before_u
             def __call__(self, *args):
                 loss, metrics = wrapped(*args)
                 return loss * float("nan"), metrics
-        return original(policy, reference, Poisoned(), micro_batches, world_size, before_update)
-    return original(policy, reference, objective, micro_batches, world_size, before_update)
+        return original(dataclasses.replace(run, objective=Poisoned()), micro_batches, before_update)
+    return original(run, micro_batches, before_update)
 
 
 training.train_step = train_step

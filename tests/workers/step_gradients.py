@@ -17,11 +17,10 @@ import torch
 from deepspeed.utils import safe_get_full_grad, z3_leaf_module
 
 from plot_ds.config import load_config
-from plot_ds.data import GlobalBatchSampler, collate, prepare_datasets
-from plot_ds.distributed import barrier, init_distributed
-from plot_ds.engine import build_policy_engine, build_reference_engine, load_ds_config, load_tokenizer
-from plot_ds.embedding_slice import EmbeddingRows, embedding_rows_for
-from plot_ds.objectives import build_objective
+from plot_ds.distributed import init_distributed
+from plot_ds.embedding_slice import EmbeddingRows
+from plot_ds.monitoring import reduce_metrics
+from plot_ds.run import setup_run
 from plot_ds.training import train_step
 
 VARIANTS = {
@@ -88,20 +87,13 @@ def main(model_dir: str, ds_config_path: str, out_file: str, splits: str) -> Non
                 "data.max_prompt_length": 48, "data.eval_size": 0,
                 "train.micro_batch_size": micro, "train.gradient_accumulation_steps": accum,
                 "train.max_grad_norm": 0.0, "train.precision": "fp32", "train.max_steps": 2,
-                "train.warmup_steps": 0, "train.lr": 1e-3, "train.weight_decay": 0.1})
-            torch.manual_seed(0)
-            ds_config = load_ds_config(config, dist.world_size)
-            tokenizer = load_tokenizer(config)
-            examples, _, _ = prepare_datasets(config.data, tokenizer, preparer=dist.local_rank == 0,
-                                              sync=barrier)
-            sampler = GlobalBatchSampler(len(examples), micro, accum, dist.rank, dist.world_size, seed=7)
-            policy = build_policy_engine(config, ds_config)
+                "train.warmup_steps": 0, "train.lr": 1e-3, "train.weight_decay": 0.1, "train.seed": 7,
+                "train.resume": "none"})
+            run = setup_run(config, dist)
+            policy, reference, sampler = run.policy, run.reference, run.sampler
             if "slice" not in results:
                 results["slice"] = slice_rows(policy, dist.rank)
-            objective = build_objective(config, embedding_rows_for(policy.module, config.plot))
-            reference = build_reference_engine(config, ds_config) if objective.needs_reference else None
-            batches = [collate([examples[i] for i in idx], tokenizer.pad_token_id)
-                       for idx in sampler.micro_batches(0)]
+            batches = run.micro_batches(0)
             grads = {}
 
             def capture():
@@ -113,9 +105,7 @@ def main(model_dir: str, ds_config_path: str, out_file: str, splits: str) -> Non
             grad_storages = []  # what the optimizer steps with: views of DeepSpeed's buffer, or copies
             policy.optimizer.optimizer.register_step_pre_hook(lambda optimizer, *_: grad_storages.extend(
                 p.grad.untyped_storage().data_ptr() for group in optimizer.param_groups for p in group["params"]))
-            sums, totals = train_step(policy, reference, objective, batches, dist.world_size,
-                                      before_update=capture)
-            from plot_ds.monitoring import reduce_metrics
+            sums, totals = train_step(run, batches, before_update=capture)
             partition = {name: (int(p.ds_tensor.numel()), int(p.ds_numel), int(p.numel()))
                          for name, p in policy.module.named_parameters()}
             key = f"{variant}:{split}"

@@ -1,0 +1,48 @@
+"""A non-editable install (what `pip install .` or a wheel gives a user) works outside the checkout."""
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO, TEST_ENV
+
+
+def run(cmd, cwd, env, timeout=900) -> str:
+    proc = subprocess.run([str(c) for c in cmd], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{cmd} exited {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    return proc.stdout
+
+
+@pytest.mark.slow
+def test_a_non_editable_install_trains_a_step_outside_the_checkout(tmp_path, tiny_model_dir):
+    """The package is built from a copy of the sources and installed (no -e) into a fresh virtual
+    environment that borrows the heavy dependencies (torch, deepspeed, transformers) from this
+    interpreter; then one training step runs from a folder that is not the checkout, with
+    `deepspeed.config: auto` and with `ds_configs/zero3.json`, neither of which exists there."""
+    source = tmp_path / "source"
+    shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(".git", "runs", "build", "dist", "*.egg-info",
+                                                               "__pycache__", ".pytest_cache", ".slurm", ".gpu"))
+    venv = tmp_path / "venv"
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    env.update(TEST_ENV, PIP_DISABLE_PIP_VERSION_CHECK="1")
+    run([sys.executable, "-m", "venv", "--system-site-packages", venv], tmp_path, env)
+    python = venv / "bin" / "python"
+    run([python, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--no-index", "--quiet", source],
+        tmp_path, env)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    where = run([python, "-c", "import plot_ds; print(plot_ds.__file__)"], elsewhere, env).strip()
+    assert where.startswith(str(venv)) and "editable" not in where, where  # the installed copy, not the checkout
+    for setting, expected_stage in (("auto", 3), ("ds_configs/zero3.json", 3), ("ds_configs/zero2.json", 2)):
+        out = elsewhere / f"run_{expected_stage}_{setting.replace('/', '_')}"
+        run([venv / "bin" / "plot-train", "--model.name_or_path", tiny_model_dir, "--deepspeed.config", setting,
+             "--train.max_steps", "1", "--train.warmup_steps", "0", "--train.output_dir", out,
+             "--data.max_length", "64", "--data.max_prompt_length", "32", "--data.eval_size", "2",
+             "--eval.generations", "0", "--eval.answer_samples", "0", "--train.export_final", "false",
+             "--train.save_checkpoint", "false", "--train.precision", "fp32"], elsewhere, env)
+        import json
+        history = json.loads((out / "train_history.json").read_text())
+        ds_config = json.loads((out / "ds_config.json").read_text())
+        assert len(history) == 1 and ds_config["zero_optimization"]["stage"] == expected_stage
