@@ -116,7 +116,7 @@ def main():
     result = {
         "benchmark": "plot_overhead",
         "device": get_accelerator().device_name(), "ranks": dist.world_size,
-        "model": config.model.name_or_path, "objective": config.objective.name,
+        "model": config.model.name_or_path, "objective": config.objective.label,
         "micro_batch_size": config.train.micro_batch_size,
         "gradient_accumulation_steps": config.train.gradient_accumulation_steps,
         "max_length": config.data.max_length, "top_k": config.plot.top_k,

@@ -72,7 +72,7 @@ def main():
         return
     print(f"device {accelerator.device_name()}, ranks {dist.world_size}, precision {config.train.precision}, "
           f"micro-batch {config.train.micro_batch_size}, max_length {config.data.max_length}, "
-          f"objective {config.objective.name}, plot {config.plot.enabled}, deepspeed {config.deepspeed.config} "
+          f"objective {config.objective.label}, plot {config.plot.enabled}, deepspeed {config.deepspeed.config} "
           f"(ZeRO-{zero_stage(ds_config)})")
     print(f"step seconds: warmup {[round(t, 3) for t in warm]}; median unprofiled "
           f"{statistics.median(plain):.3f}, under cProfile {statistics.median(profiled):.3f}, under "

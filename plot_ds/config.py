@@ -42,8 +42,9 @@ class ReferenceConfig:
     """Where the reference log-probs of DPO/IPO (and PLOT's ref_mix target) come from."""
     # engine: a frozen ZeRO-3 copy runs every step. cache: one pass before training writes them to
     # disk (keyed by data, tokenizer and reference fingerprints); no reference model is held
-    # during training, and later runs on the same data reuse the file.
-    mode: Literal["engine", "cache"] = "engine"
+    # during training, and later runs on the same data reuse the file. none: never; an objective
+    # that needs a reference is refused.
+    mode: Literal["engine", "cache", "none"] = "engine"
     # The reference model; default: the policy's starting point (model.name_or_path).
     name_or_path: Optional[str] = None
     # Keep the reference engine's parameter shards in CPU memory (ZeRO-3 only).
@@ -95,22 +96,70 @@ class DataConfig:
             raise ConfigError("data.assistant_marker: must not be empty")
 
 
+# The vanilla terms: whether each needs reference log-probs (docs/method.md has every formula).
+OBJECTIVE_TERMS = {"sft": False, "dpo": True, "ipo": True, "simpo": False, "pro": False, "aot": True,
+                   "aot_unpaired": True}
+
+
 @dataclass
 class ObjectiveConfig:
-    # The vanilla objective; the PLOT term (section `plot`) is added to it: L = L_vanilla + alpha * L_PLOT.
-    name: Literal["sft", "dpo", "ipo", "simpo", "none"] = "dpo"
-    # DPO/IPO: strength of the KL anchor to the reference; SimPO: reward scale (its papers use ~2).
+    # The vanilla objective, L_vanilla; the PLOT term (section `plot`) is added to it:
+    # L = L_vanilla + alpha * L_PLOT. One term (name; none = PLOT alone), or a weighted sum of terms
+    # (terms, e.g. {dpo: 1.0, sft: 0.2} for RPO); not both. Default: dpo.
+    name: Optional[Literal["sft", "dpo", "ipo", "simpo", "pro", "aot", "aot_unpaired", "none"]] = None
+    terms: Optional[dict[str, float]] = None
+    # DPO/IPO/AOT: strength of the KL anchor to the reference; SimPO: reward scale (its papers use ~2).
     beta: float = 0.1
-    # Conservative DPO: the probability that a preference label is flipped.
+    # DPO and AOT: the probability that a preference label is flipped (conservative DPO).
     label_smoothing: float = 0.0
     # SimPO's target reward margin.
     simpo_gamma: float = 0.5
+    # PRO: the temperature of its softmax over length-normalised log-probs, and the weight of its
+    # SFT term on the preferred response.
+    pro_temperature: float = 1.0
+    pro_sft_weight: float = 0.05
+
+    def term_weights(self) -> dict[str, float]:
+        """Each vanilla term and its weight, in order ({} for none)."""
+        if self.terms:
+            return dict(self.terms)
+        name = self.name or "dpo"
+        return {} if name == "none" else {name: 1.0}
+
+    @property
+    def label(self) -> str:
+        """How the objective reads in reports: dpo, or 1*dpo+0.2*sft."""
+        weights = self.term_weights()
+        if not weights:
+            return "none"
+        if len(weights) == 1 and next(iter(weights.values())) == 1.0:
+            return next(iter(weights))
+        return "+".join(f"{weight:g}*{term}" for term, weight in weights.items())
+
+    @property
+    def needs_reference(self) -> bool:
+        return any(OBJECTIVE_TERMS[term] for term in self.term_weights())
 
     def validate(self) -> None:
         if self.beta <= 0:
             raise ConfigError("objective.beta: must be > 0")
         if not 0.0 <= self.label_smoothing < 0.5:
             raise ConfigError("objective.label_smoothing: must be in [0, 0.5)")
+        if self.pro_temperature <= 0 or self.pro_sft_weight < 0:
+            raise ConfigError("objective.pro_temperature must be > 0 and objective.pro_sft_weight >= 0")
+        if self.terms is None:
+            return
+        if self.name is not None:
+            raise ConfigError(f"objective.name ({self.name}) and objective.terms are both set: use objective.terms "
+                              f"alone (e.g. {{{self.name}: 1.0, sft: 0.2}})")
+        if not self.terms:
+            raise ConfigError("objective.terms: empty; name at least one term, or use objective.name: none")
+        for term, weight in self.terms.items():
+            if term not in OBJECTIVE_TERMS:
+                raise ConfigError(f"objective.terms: unknown term '{term}' (known: {', '.join(OBJECTIVE_TERMS)})")
+            if weight <= 0:
+                raise ConfigError(f"objective.terms.{term}: the weight must be > 0 (got {weight}); leave the term out "
+                                  "to drop it")
 
 
 @dataclass
@@ -294,9 +343,16 @@ class Config:
         if self.reference.mode == "cache" and self.plot.active and self.plot.target == "ref_mix":
             raise ConfigError("reference.mode: cache stores log-probs, but plot.target ref_mix needs the "
                               "reference model's full distributions: use reference.mode engine")
-        if self.objective.name == "none" and not self.plot.active:
+        if not self.objective.term_weights() and not self.plot.active:
             raise ConfigError("objective.name: none leaves nothing to train unless plot.enabled is true "
                               "and plot.alpha > 0")
+        if self.reference.mode == "none" and self.objective.needs_reference:
+            needing = [t for t in self.objective.term_weights() if OBJECTIVE_TERMS[t]]
+            raise ConfigError(f"reference.mode: none, but the objective's {', '.join(needing)} term(s) need reference "
+                              "log-probs: use reference.mode engine or cache, or drop those terms")
+        if self.reference.mode == "none" and self.plot.active and self.plot.target == "ref_mix":
+            raise ConfigError("reference.mode: none, but plot.target ref_mix needs the reference model: use "
+                              "reference.mode engine")
         return self
 
     def to_dict(self) -> dict:

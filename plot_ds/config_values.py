@@ -30,6 +30,12 @@ def coerce(key: str, value: Any, expected: Any) -> Any:
         if value not in args:
             raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(repr, args))}")
         return value
+    if origin is dict:
+        key_type, value_type = args
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping (e.g. {{dpo: 1.0, sft: 0.2}}), got {value!r}")
+        return {coerce(f"{key} (a name)", name, key_type): coerce(f"{key}.{name}", item, value_type)
+                for name, item in value.items()}
     if origin is tuple:
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
             raise ConfigError(f"{key}: expected a list of {len(args)} values, got {value!r}")

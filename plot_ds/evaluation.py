@@ -9,34 +9,39 @@ from pathlib import Path
 import torch
 
 from .atomic import write_text_atomically
-from .data import TokenizedPair, collate, eval_shards, example_counts
+from .data import TokenizedPair, eval_shards, example_counts
+from .global_batch import pre_pass
 from .monitoring import reduce_metrics
 from .objectives import GlobalTotals
 from .pair_forward import forward_pairs, reference_pairs
-from .run import setup_run
+from .run import indexed_batch, setup_run
 
 
 @torch.no_grad()
 def evaluate(run, examples: list[TokenizedPair]) -> dict[str, float]:
     """The objective's metrics over ``examples`` (the held-out pairs), as global means over all
-    ranks, named ``eval/<metric>``. ``run``: a ``run.Run``."""
+    ranks, named ``eval/<metric>``. ``run``: a ``run.Run``. A term defined over the batch (AOT)
+    takes all held-out pairs as its batch."""
     if not examples:
         return {}
     policy, objective, dist = run.policy, run.objective, run.dist
     was_training = policy.training
     policy.eval()
-    shards = eval_shards(len(examples), run.config.train.eval_batch_size, dist.rank, dist.world_size)
+    size = run.config.train.eval_batch_size
+    shards = eval_shards(len(examples), size, dist.rank, dist.world_size)
     counts = example_counts(examples)
     counts[-1] = len(shards) * dist.world_size  # batches: the per-batch metrics are means over these
     totals = GlobalTotals.from_counts(counts.to(policy.device))
+    batches = [indexed_batch(examples, indices, run.pad_id) for indices in shards]
+    table = pre_pass(run, batches, size, keep_reference=False)[0] if objective.needs_global_batch else None
     sums: dict[str, torch.Tensor] = {}
-    for indices in shards:
-        batch = collate([examples[i] for i in indices], run.pad_id, filler=examples[0])
+    for index, batch in enumerate(batches):
         reference_out = reference_pairs(run.reference, batch, objective.needs_reference_logits, policy.device,
                                         run.reference_sharing)
         policy_out = forward_pairs(policy, batch, objective.needs_policy_logits, objective.policy_top_k,
                                    run.policy_sharing)
-        _, metrics = objective(policy_out, reference_out, totals)
+        batch_totals = totals.with_batch(table.for_micro_batch(index, batch)) if table is not None else totals
+        _, metrics = objective(policy_out, reference_out, batch_totals)
         for name, value in metrics.items():
             sums[name] = sums.get(name, 0.0) + batch["weight"] * value
     policy.train(was_training)
@@ -155,7 +160,7 @@ def evaluate_model(config, model_path: str, output: Path) -> dict:
                                                     run.dist.rank, run.dist.world_size)
     results.update(answer_metrics)
     report = {"model": str(model_path), "reference": config.reference.name_or_path or config.model.name_or_path,
-              "objective": config.objective.name, "held_out_pairs": len(run.eval_examples), "metrics": results,
+              "objective": config.objective.label, "held_out_pairs": len(run.eval_examples), "metrics": results,
               "generations": generations}
     if run.dist.is_main:
         write_text_atomically(Path(output), json.dumps(report, indent=2))

@@ -1,6 +1,6 @@
-"""Training objectives: L = L_vanilla + alpha * L_PLOT.
+"""Training objectives: L = L_vanilla + alpha * L_PLOT, L_vanilla a weighted sum of vanilla terms.
 
-Each vanilla objective is a small module with one signature,
+Each vanilla term is a small module with one signature,
 ``forward(policy, reference, totals) -> (loss, metrics)``, where ``policy`` and ``reference`` hold
 per-pair summed log-probs of one micro-batch and ``totals`` the counts of the whole global batch
 (all micro-batches, all ranks). ``Objective`` adds the PLOT term (``plot_loss``). Every loss and metric is a sum over this
@@ -9,12 +9,14 @@ gradient of a step does not depend on how the global batch is split.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .global_batch import GlobalPairs
 from .logprobs import PairLogps, PairOutputs
 
 
@@ -26,6 +28,12 @@ class GlobalTotals:
     rejected_tokens: torch.Tensor
     input_tokens: torch.Tensor
     micro_batches: torch.Tensor
+    # The whole global batch's per-pair log-probs, for terms defined over the batch (AOT); set per
+    # micro-batch (``with_batch``) when the objective asks for it (``needs_global_batch``).
+    batch: Optional[GlobalPairs] = None
+
+    def with_batch(self, batch: GlobalPairs | None) -> "GlobalTotals":
+        return replace(self, batch=batch)
 
     @classmethod
     def from_counts(cls, counts: torch.Tensor) -> "GlobalTotals":
@@ -114,12 +122,103 @@ class SimPOLoss(nn.Module):
         return losses.sum() / totals.pairs, _reward_metrics(chosen_rewards, rejected_rewards, policy, totals)
 
 
+class PROLoss(nn.Module):
+    """PRO (Song et al., AAAI 2024) for a ranking of two, as its paper (Eqs. 4-6) and official code
+    define it: -log softmax over the length-normalised log-probs (divided by a static temperature;
+    the paper's dynamic one needs reward-model scores) puts the preferred response first, plus
+    ``sft_weight`` times the preferred response's NLL, summed over its tokens (the official code's
+    sum, not a token mean) and averaged over pairs. No reference model. See docs/method.md."""
+    needs_reference = False
+
+    def __init__(self, temperature: float = 1.0, sft_weight: float = 0.05):
+        super().__init__()
+        self.temperature, self.sft_weight = temperature, sft_weight
+
+    def forward(self, policy: PairLogps, reference: PairLogps | None, totals: GlobalTotals):
+        chosen_scores = _mean_logps(policy.chosen, policy.chosen_tokens)
+        rejected_scores = _mean_logps(policy.rejected, policy.rejected_tokens)
+        # -log softmax([s+, s-] / T)[0] = -log sigmoid((s+ - s-) / T)
+        ranking = -F.logsigmoid((chosen_scores - rejected_scores) / self.temperature)
+        losses = ranking - self.sft_weight * policy.chosen
+        return losses.sum() / totals.pairs, _reward_metrics(chosen_scores, rejected_scores, policy, totals)
+
+
+def _smoothed_logsigmoid_loss(scaled: torch.Tensor, label_smoothing: float) -> torch.Tensor:
+    return -(1 - label_smoothing) * F.logsigmoid(scaled) - label_smoothing * F.logsigmoid(-scaled)
+
+
+class AOTLoss(nn.Module):
+    """AOT (Melnyk et al., NeurIPS 2024) as TRL's DPOTrainer computes it, over the global batch.
+
+    Paired: the batch's policy log-ratios log pi(y+) - log pi(y-), sorted, against the reference's,
+    sorted: delta_k = (k-th smallest policy log-ratio) - (k-th smallest reference log-ratio).
+    Unpaired: the chosen log-ratios log pi(y+)/ref(y+), sorted, against the rejected ones, sorted.
+    loss = mean_k -log sigmoid(beta delta_k), with label smoothing. The sorts run over the whole
+    global batch (``GlobalTotals.batch``): each pair meets its partner by rank there, so summing
+    micro-batches and ranks gives the global loss and gradient exactly."""
+    needs_reference = True
+    needs_global_batch = True
+
+    def __init__(self, beta: float, label_smoothing: float = 0.0, paired: bool = True):
+        super().__init__()
+        self.beta, self.label_smoothing, self.paired = beta, label_smoothing, paired
+
+    def forward(self, policy: PairLogps, reference: PairLogps, totals: GlobalTotals):
+        batch = totals.batch
+        if batch is None:
+            raise ValueError("AOT sorts over the global batch: GlobalTotals.batch must be set (train_step does)")
+        loss_of = lambda delta: _smoothed_logsigmoid_loss(self.beta * delta, self.label_smoothing)  # noqa: E731
+        partner = lambda values: batch.lookup(values).to(policy.chosen.dtype)  # noqa: E731
+        if self.paired:
+            _, ranks = batch.sorted_and_ranks(batch.column(0) - batch.column(1))
+            reference_sorted, _ = batch.sorted_and_ranks(batch.column(2) - batch.column(3))
+            losses = loss_of(policy.chosen - policy.rejected - partner(reference_sorted[ranks]))
+        else:
+            chosen_sorted, chosen_ranks = batch.sorted_and_ranks(batch.column(0) - batch.column(2))
+            rejected_sorted, rejected_ranks = batch.sorted_and_ranks(batch.column(1) - batch.column(3))
+            chosen_ratio, rejected_ratio = policy.chosen - reference.chosen, policy.rejected - reference.rejected
+            # Each sorted pair k is counted once, at its chosen member; its rejected member adds
+            # only its gradient (a zero-valued term).
+            with_chosen = loss_of(chosen_ratio - partner(rejected_sorted[chosen_ranks]))
+            with_rejected = loss_of(partner(chosen_sorted[rejected_ranks]) - rejected_ratio)
+            losses = with_chosen + with_rejected - with_rejected.detach()
+        losses = torch.where(batch.positions >= 0, losses, torch.zeros_like(losses))
+        return losses.sum() / totals.pairs, _reward_metrics(self.beta * (policy.chosen - reference.chosen),
+                                                            self.beta * (policy.rejected - reference.rejected),
+                                                            policy, totals)
+
+
 class NoVanillaLoss(nn.Module):
     """`none`: PLOT alone."""
     needs_reference = False
 
     def forward(self, policy: PairLogps, reference: PairLogps | None, totals: GlobalTotals):
         return policy.chosen.new_zeros(()), _logp_metrics(policy, totals)
+
+
+class WeightedTerms(nn.Module):
+    """L_vanilla = sum_t w_t L_t. Each term logs ``loss/<term>``; other metrics (rewards, log-probs)
+    are the first term's that has them."""
+
+    def __init__(self, terms: dict[str, tuple[float, nn.Module]]):
+        super().__init__()
+        self.names = list(terms)
+        self.weights = [weight for weight, _ in terms.values()]
+        self.terms = nn.ModuleList([module for _, module in terms.values()])
+        self.needs_reference = any(module.needs_reference for module in self.terms)
+        self.needs_global_batch = any(getattr(module, "needs_global_batch", False) for module in self.terms)
+
+    def forward(self, policy: PairLogps, reference: PairLogps | None, totals: GlobalTotals):
+        if not self.terms:
+            return NoVanillaLoss()(policy, reference, totals)
+        total, metrics = 0.0, {}
+        for name, weight, term in zip(self.names, self.weights, self.terms):
+            loss, term_metrics = term(policy, reference, totals)
+            total = total + weight * loss
+            for key, value in term_metrics.items():
+                metrics.setdefault(key, value)
+            metrics[f"loss/{name}"] = loss.detach()
+        return total, metrics
 
 
 class Objective(nn.Module):
@@ -129,6 +228,7 @@ class Objective(nn.Module):
         super().__init__()
         self.vanilla, self.plot, self.alpha = vanilla, plot, alpha
         self.needs_reference = vanilla.needs_reference or bool(plot is not None and plot.needs_reference)
+        self.needs_global_batch = getattr(vanilla, "needs_global_batch", False)
         # Only PLOT looks at logits beyond the log-probs: its top-k supports, read in the log-prob
         # pass, or the [N, V] logits for the whole vocabulary (and the reference's for ref_mix).
         self.policy_top_k = plot.support_top_k if plot is not None else 0
@@ -147,19 +247,25 @@ class Objective(nn.Module):
         return loss, metrics
 
 
-def build_vanilla(config) -> nn.Module:
-    """``config`` is the ``objective`` section of the run config."""
-    if config.name == "sft":
-        return SFTLoss()
-    if config.name == "dpo":
-        return DPOLoss(config.beta, config.label_smoothing)
-    if config.name == "ipo":
-        return IPOLoss(config.beta)
-    if config.name == "simpo":
-        return SimPOLoss(config.beta, config.simpo_gamma)
-    if config.name == "none":
-        return NoVanillaLoss()
-    raise ValueError(f"objective.name: unknown objective '{config.name}'")
+def build_term(name: str, config) -> nn.Module:
+    """One vanilla term; ``config`` is the ``objective`` section of the run config."""
+    builders = {
+        "sft": lambda: SFTLoss(),
+        "dpo": lambda: DPOLoss(config.beta, config.label_smoothing),
+        "ipo": lambda: IPOLoss(config.beta),
+        "simpo": lambda: SimPOLoss(config.beta, config.simpo_gamma),
+        "pro": lambda: PROLoss(config.pro_temperature, config.pro_sft_weight),
+        "aot": lambda: AOTLoss(config.beta, config.label_smoothing, paired=True),
+        "aot_unpaired": lambda: AOTLoss(config.beta, config.label_smoothing, paired=False),
+    }
+    if name not in builders:
+        raise ValueError(f"objective: unknown term '{name}'")
+    return builders[name]()
+
+
+def build_vanilla(config) -> WeightedTerms:
+    """L_vanilla of the ``objective`` config section: its terms with their weights."""
+    return WeightedTerms({name: (weight, build_term(name, config)) for name, weight in config.term_weights().items()})
 
 
 def build_objective(config, embedding_rows=None) -> Objective:

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from .checkpointing import find_checkpoint
 from .config import Config
 from .data import DataError, DataReport, GlobalBatchSampler, TokenizedPair, collate, prepare_datasets
@@ -45,8 +47,15 @@ class Run:
 
     def micro_batches(self, step: int) -> list[dict]:
         """This rank's collated micro-batches of optimizer step ``step`` (0-based)."""
-        return [collate([self.train_examples[i] for i in indices], self.pad_id, self.train_examples[0])
-                for indices in self.sampler.micro_batches(step)]
+        return [indexed_batch(self.train_examples, indices, self.pad_id) for indices in self.sampler.micro_batches(step)]
+
+
+def indexed_batch(examples: list[TokenizedPair], indices: list[int], pad_id: int) -> dict:
+    """The collated batch of ``examples[indices]`` (the first example as a weightless filler where
+    ``indices`` is empty), with each pair's index in ``examples`` (``example_index``)."""
+    batch = collate([examples[i] for i in indices], pad_id, examples[0])
+    batch["example_index"] = torch.tensor(indices or [0], dtype=torch.long)
+    return batch
 
 
 def setup_run(config: Config, dist: DistInfo | None = None, frozen_model: str | None = None) -> Run:

@@ -15,6 +15,7 @@ from .checkpointing import load_checkpoint, save_checkpoint
 from .config import Config
 from .distributed import DistInfo, all_reduce_sum, barrier
 from .evaluation import evaluate, generation_report, generations_markdown
+from .global_batch import gather_batch_table, pre_pass
 from .hf_export import export_hf_model
 from .host_memory import trim_host_heap
 from .logprobs import to_device
@@ -33,13 +34,23 @@ def train_step(run: Run, micro_batches: list[dict], before_update: Optional[Call
     policy, objective = run.policy, run.objective
     counts = to_device(torch.stack([batch["counts"] for batch in micro_batches]).sum(0), policy.device)
     totals = GlobalTotals.from_counts(all_reduce_sum(counts))
+    table, references = None, [None] * len(micro_batches)
+    if objective.needs_global_batch and len(micro_batches) > 1:
+        table, references = pre_pass(run, micro_batches, run.config.train.micro_batch_size,
+                                     keep_reference=not objective.needs_reference_logits)
     sums: dict[str, torch.Tensor] = {}
     for index, batch in enumerate(micro_batches):
-        reference_out = reference_pairs(run.reference, batch, objective.needs_reference_logits, policy.device,
-                                        run.reference_sharing)
+        reference_out = references[index] or reference_pairs(run.reference, batch, objective.needs_reference_logits,
+                                                             policy.device, run.reference_sharing)
         policy_out = forward_pairs(policy, batch, objective.needs_policy_logits, objective.policy_top_k,
                                    run.policy_sharing)
-        loss, metrics = objective(policy_out, reference_out, totals)
+        batch_totals = totals
+        if objective.needs_global_batch:
+            if table is None:  # this rank's whole share is this one forward: gather right after it
+                table = gather_batch_table([(policy_out.logps, reference_out.logps if reference_out else None, batch)],
+                                           run.config.train.micro_batch_size, run.dist.rank)
+            batch_totals = totals.with_batch(table.for_micro_batch(index, batch))
+        loss, metrics = objective(policy_out, reference_out, batch_totals)
         if batch["weight"] != 1.0:  # a filler batch: every rank must run it, nothing may count
             loss = loss * batch["weight"]
             metrics = {name: value * batch["weight"] for name, value in metrics.items()}

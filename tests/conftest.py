@@ -52,20 +52,23 @@ def real_model_dir() -> str:
     return resolve_model_path("builtin:smollm2-135m-instruct")
 
 
-@pytest.fixture(scope="session")
-def tiny_model_dir(real_model_dir, tmp_path_factory) -> str:
+def make_tiny_llama(target: Path, tokenizer_dir: str, seed: int) -> str:
     """A randomly initialised 2-layer Llama with the real SmolLM2 tokenizer (vocab 49152)."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    target = tmp_path_factory.mktemp("tiny_llama")
     config = LlamaConfig(vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                          tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2)
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     LlamaForCausalLM(config).save_pretrained(target, safe_serialization=True)
-    AutoTokenizer.from_pretrained(real_model_dir).save_pretrained(target)
+    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(target)
     return str(target)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(real_model_dir, tmp_path_factory) -> str:
+    return make_tiny_llama(tmp_path_factory.mktemp("tiny_llama"), real_model_dir, seed=0)
 
 
 @pytest.fixture(scope="session")

@@ -1,3 +1,4 @@
+import re
 import subprocess
 import sys
 
@@ -12,7 +13,7 @@ def test_defaults_are_valid_and_describe_the_default_run():
     config = load_config()
     assert config.model.name_or_path == "builtin:smollm2-135m-instruct"
     assert config.data.source == "builtin:champ"
-    assert config.objective.name == "dpo"
+    assert config.objective.term_weights() == {"dpo": 1.0} and config.objective.label == "dpo"
     assert config.model.trust_remote_code is False
 
 
@@ -80,3 +81,39 @@ def test_example_config_lists_every_key_with_its_default():
     assert load_config(path) == Config()
     listed = yaml.safe_load(path.read_text())
     assert {s: set(v) for s, v in listed.items()} == {s: set(v) for s, v in Config().to_dict().items()}
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--objective.terms", "{dpo: 1.0, ppo: 0.2}"], "objective.terms: unknown term 'ppo' (known: sft, dpo,"),
+    (["--objective.terms", "{dpo: 1.0, sft: -0.2}"], "objective.terms.sft: the weight must be > 0"),
+    (["--objective.terms", "{dpo: 1.0}", "--objective.name", "sft"], "objective.name (sft) and objective.terms are both set"),
+    (["--objective.terms", "dpo"], "objective.terms: expected a mapping"),
+    (["--objective.terms", "{}"], "objective.terms: empty"),
+    (["--objective.name", "aot", "--reference.mode", "none"], "reference.mode: none, but the objective's aot term"),
+    (["--objective.terms", "{simpo: 1, ipo: 0.5}", "--reference.mode", "none"], "objective's ipo term(s) need"),
+])
+def test_bad_objective_terms_are_one_line_errors_naming_the_key(args, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(None, parse_overrides(args))
+
+
+def test_weighted_terms_from_yaml_and_the_command_line(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("objective:\n  terms:\n    dpo: 1.0\n    sft: 0.2\n")
+    config = load_config(path)
+    assert config.objective.term_weights() == {"dpo": 1.0, "sft": 0.2} and config.objective.label == "1*dpo+0.2*sft"
+    assert config.objective.needs_reference
+    assert not load_config(None, parse_overrides(["--objective.terms", "{pro: 1, sft: 0.5}",
+                                                  "--reference.mode", "none"])).objective.needs_reference
+    saved = tmp_path / "saved.yaml"
+    config.save(saved)
+    assert load_config(saved).objective.term_weights() == {"dpo": 1.0, "sft": 0.2}  # a run's config reloads
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_loads(path):
+    config = load_config(path)
+    if path.stem != "example":
+        assert config.plot.active == path.stem.endswith("_plot")
+        assert config.objective.label == {"rpo": "1*dpo+0.2*sft", "sft_plot": "sft", "dpo_plot": "dpo"}.get(
+            path.stem, path.stem)

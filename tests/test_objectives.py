@@ -5,7 +5,9 @@ import torch
 
 from plot_ds.config import ObjectiveConfig
 from plot_ds.logprobs import PairLogps
-from plot_ds.objectives import DPOLoss, GlobalTotals, IPOLoss, NoVanillaLoss, SFTLoss, SimPOLoss, build_vanilla
+from plot_ds.global_batch import GlobalPairs, table_rows
+from plot_ds.objectives import (AOTLoss, DPOLoss, GlobalTotals, IPOLoss, PROLoss, SFTLoss, SimPOLoss, WeightedTerms,
+                                build_vanilla)
 
 
 def logps(chosen, rejected, chosen_tokens=(1.0,), rejected_tokens=(1.0,)):
@@ -83,13 +85,25 @@ def test_losses_are_shares_of_the_global_mean():
 
 
 def test_build_vanilla():
-    assert isinstance(build_vanilla(ObjectiveConfig(name="sft")), SFTLoss)
-    assert isinstance(build_vanilla(ObjectiveConfig(name="none")), NoVanillaLoss)
-    assert isinstance(build_vanilla(ObjectiveConfig(name="ipo")), IPOLoss)
-    simpo = build_vanilla(ObjectiveConfig(name="simpo", beta=2.0, simpo_gamma=0.3))
+    def only(config):
+        vanilla = build_vanilla(config)
+        assert len(vanilla.terms) == 1 and vanilla.weights == [1.0]
+        return vanilla.terms[0]
+
+    assert isinstance(only(ObjectiveConfig(name="sft")), SFTLoss)
+    assert isinstance(only(ObjectiveConfig()), DPOLoss)  # the default: dpo
+    assert build_vanilla(ObjectiveConfig(name="none")).terms.__len__() == 0
+    assert isinstance(only(ObjectiveConfig(name="ipo")), IPOLoss)
+    simpo = only(ObjectiveConfig(name="simpo", beta=2.0, simpo_gamma=0.3))
     assert isinstance(simpo, SimPOLoss) and simpo.gamma == 0.3
-    dpo = build_vanilla(ObjectiveConfig(name="dpo", beta=0.3, label_smoothing=0.1))
+    dpo = only(ObjectiveConfig(name="dpo", beta=0.3, label_smoothing=0.1))
     assert isinstance(dpo, DPOLoss) and dpo.beta == 0.3 and dpo.needs_reference
+    aot = only(ObjectiveConfig(name="aot_unpaired", label_smoothing=0.1))
+    assert isinstance(aot, AOTLoss) and not aot.paired and aot.label_smoothing == 0.1
+    pro = only(ObjectiveConfig(name="pro", pro_temperature=2.0, pro_sft_weight=0.1))
+    assert isinstance(pro, PROLoss) and (pro.temperature, pro.sft_weight) == (2.0, 0.1) and not pro.needs_reference
+    rpo = build_vanilla(ObjectiveConfig(terms={"dpo": 1.0, "sft": 0.2}))
+    assert rpo.names == ["dpo", "sft"] and rpo.weights == [1.0, 0.2] and rpo.needs_reference
 
 
 def test_ipo_matches_hand_computed_values():
@@ -133,3 +147,129 @@ def test_simpo_very_large_margins_stay_finite(margin):
     loss, _ = SimPOLoss(1.0, 0.5)(policy, None, totals(1))
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(policy.chosen.grad)
+
+
+def one_batch(policy: PairLogps, reference: PairLogps, pairs: int, chosen_tokens: float, rejected_tokens: float):
+    """Totals whose global batch is this one batch (one micro-batch, one rank)."""
+    rows = table_rows(policy, reference, torch.arange(pairs), 1.0, pairs)
+    return totals(pairs, chosen_tokens, rejected_tokens).with_batch(GlobalPairs(rows, torch.arange(pairs)))
+
+
+# Log-probs with ties (pairs 0 and 2 have equal policy log-ratios, pairs 1 and 3 equal reference
+# log-ratios) and margins of +-1e4 (pairs 4 and 5).
+CHOSEN = [-5.0, -3.0, -4.0, -3.5, -1.0, -1e4]
+REJECTED = [-6.0, -2.0, -5.0, -7.0, -1e4, -1.0]
+REF_CHOSEN = [-5.5, -3.0, -4.2, -3.0, -2.0, -3.0]
+REF_REJECTED = [-6.0, -2.5, -4.0, -2.5, -2.0, -2.0]
+CHOSEN_TOKENS, REJECTED_TOKENS = [3, 2, 4, 1, 2, 5], [2, 2, 3, 5, 4, 1]
+OURS_FOR_TRL = {"sigmoid": "dpo", "ipo": "ipo", "aot": "aot", "aot_unpaired": "aot_unpaired", "sft": "sft"}
+
+
+def tied_groups(values: torch.Tensor) -> list[list[int]]:
+    groups = {}
+    for index, value in enumerate(values.tolist()):
+        groups.setdefault(value, []).append(index)
+    return list(groups.values())
+
+
+@pytest.mark.parametrize("trl_types, weights, label_smoothing", [
+    # TRL 1.16's sigmoid takes no label smoothing (conservative DPO is checked by hand above).
+    (["sigmoid"], [1.0], 0.0), (["ipo"], [1.0], 0.0),
+    (["aot"], [1.0], 0.0), (["aot"], [1.0], 0.15), (["aot_unpaired"], [1.0], 0.0), (["aot_unpaired"], [1.0], 0.15),
+    (["sigmoid", "sft"], [1.0, 0.2], 0.0),  # RPO: DPO plus NLL on the chosen response
+    (["aot", "ipo"], [0.7, 0.3], 0.1), (["aot_unpaired", "sft"], [1.0, 0.5], 0.0),
+])
+def test_objectives_match_trls_loss_on_identical_log_probs(trl_types, weights, label_smoothing):
+    """TRL's DPOTrainer loss (trl_reference) against plot_ds's on the same batch: values, and the
+    gradients of every sequence log-prob (AOT's tied entries by their group sums: a sort may hand
+    tied entries' gradients to either of them)."""
+    from trl_reference import trl_loss
+
+    beta = 0.1
+    t = lambda v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
+    tokens = t(CHOSEN_TOKENS), t(REJECTED_TOKENS)
+    expected, trl_chosen_grad, trl_rejected_grad = trl_loss(trl_types, weights, t(CHOSEN), t(REJECTED), t(REF_CHOSEN),
+                                                            t(REF_REJECTED), *tokens, beta, label_smoothing)
+    chosen, rejected = t(CHOSEN).requires_grad_(), t(REJECTED).requires_grad_()
+    policy, reference = PairLogps(chosen, rejected, *tokens), PairLogps(t(REF_CHOSEN), t(REF_REJECTED), *tokens)
+    config = ObjectiveConfig(terms={OURS_FOR_TRL[name]: w for name, w in zip(trl_types, weights)}, beta=beta,
+                             label_smoothing=label_smoothing)
+    loss, metrics = build_vanilla(config)(policy, reference, one_batch(policy, reference, 6, sum(CHOSEN_TOKENS),
+                                                                        sum(REJECTED_TOKENS)))
+    loss.backward()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-12, abs=1e-12)
+    assert all(f"loss/{OURS_FOR_TRL[name]}" in metrics for name in trl_types)
+    ties = tied_groups(t(CHOSEN) - t(REJECTED)) + tied_groups(t(CHOSEN) - t(REF_CHOSEN)) + tied_groups(
+        t(REJECTED) - t(REF_REJECTED)) if any(name.startswith("aot") for name in trl_types) else []
+    assert any(len(group) > 1 for group in ties) or not ties  # the data has ties where AOT sorts
+    for ours, theirs in ((chosen.grad, trl_chosen_grad), (rejected.grad, trl_rejected_grad)):
+        untied = [i for i in range(6) if not any(i in g and len(g) > 1 for g in ties)]
+        torch.testing.assert_close(ours[untied], theirs[untied], rtol=1e-10, atol=1e-12)
+        for group in (g for g in ties if len(g) > 1):
+            torch.testing.assert_close(ours[group].sum(), theirs[group].sum(), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("paired", [True, False])
+def test_aot_over_micro_batches_of_one_global_table_equals_the_whole_batch(paired):
+    """Each micro-batch sees the whole batch's table and its own rows' positions: the sum of the
+    micro-batches' losses (and gradients) is the loss of the whole batch in one piece."""
+    generator = torch.Generator().manual_seed(0)
+    n = 9
+    chosen, rejected = -torch.rand(n, generator=generator) * 10, -torch.rand(n, generator=generator) * 10
+    reference = PairLogps(-torch.rand(n, generator=generator) * 10, -torch.rand(n, generator=generator) * 10,
+                          torch.ones(n), torch.ones(n))
+    aot = AOTLoss(0.5, 0.1, paired)
+    whole_policy = PairLogps(chosen.clone().requires_grad_(), rejected.clone().requires_grad_(), torch.ones(n),
+                             torch.ones(n))
+    whole, _ = aot(whole_policy, reference, one_batch(whole_policy, reference, n, n, n))
+    whole.backward()
+    table = table_rows(whole_policy, reference, torch.arange(n), 1.0, n)
+    parts, grads = 0.0, []
+    for piece in (slice(0, 2), slice(2, 7), slice(7, 9)):
+        policy = PairLogps(chosen[piece].clone().requires_grad_(), rejected[piece].clone().requires_grad_(),
+                           torch.ones(n)[piece], torch.ones(n)[piece])
+        ref = PairLogps(reference.chosen[piece], reference.rejected[piece], torch.ones(n)[piece], torch.ones(n)[piece])
+        part, _ = aot(policy, ref, totals(n, n, n).with_batch(GlobalPairs(table, torch.arange(n)[piece])))
+        part.backward()
+        parts += part.item()
+        grads.append((policy.chosen.grad, policy.rejected.grad))
+    assert parts == pytest.approx(whole.item(), rel=1e-6)
+    torch.testing.assert_close(torch.cat([g[0] for g in grads]), whole_policy.chosen.grad)
+    torch.testing.assert_close(torch.cat([g[1] for g in grads]), whole_policy.rejected.grad)
+
+
+def test_aot_ignores_filler_pairs_and_needs_the_global_batch():
+    policy, reference = logps([-1.0, -2.0], [-2.0, -1.0]), logps([-1.5, -1.5], [-1.5, -1.5])
+    rows = table_rows(policy, reference, torch.arange(2), 0.0, 2)  # a weightless filler micro-batch
+    loss, _ = AOTLoss(0.1)(policy, reference, totals(2).with_batch(GlobalPairs(rows, torch.tensor([-1, -1]))))
+    assert loss.item() == 0.0
+    with pytest.raises(ValueError, match="GlobalTotals.batch must be set"):
+        AOTLoss(0.1)(policy, reference, totals(2))
+
+
+def test_pro_for_two_responses_by_hand():
+    """-log softmax over (mean log-prob / T) puts the chosen first, plus the SFT term's weight times
+    the chosen responses' NLL (summed over tokens, as PRO's code does), both averaged over pairs."""
+    policy = logps([-6.0, -2.0], [-3.0, -8.0], [3, 2], [1, 4])
+    loss, metrics = PROLoss(temperature=0.5, sft_weight=0.1)(policy, None, totals(2, chosen_tokens=5.0))
+    scores = [(-2.0, -3.0), (-1.0, -2.0)]  # (chosen, rejected) mean log-probs
+    ranking = sum(-math.log(math.exp(c / 0.5) / (math.exp(c / 0.5) + math.exp(r / 0.5))) for c, r in scores) / 2
+    assert loss.item() == pytest.approx(ranking + 0.1 * (6.0 + 2.0) / 2, rel=1e-6)
+    # Split into two micro-batches of the same global batch: the parts add up.
+    halves = [PROLoss(0.5, 0.1)(PairLogps(policy.chosen[i:i + 1], policy.rejected[i:i + 1], policy.chosen_tokens[i:i + 1],
+                                          policy.rejected_tokens[i:i + 1]), None, totals(2, chosen_tokens=5.0))[0]
+              for i in range(2)]
+    assert sum(halves).item() == pytest.approx(loss.item(), rel=1e-6)
+    assert metrics["rewards/accuracies"].item() == 1.0
+
+
+def test_weighted_terms_sum_their_losses_and_log_each():
+    policy, reference = logps([-4.0, -2.0], [-5.0, -1.0], [2, 2], [1, 1]), logps([-4.5, -2.5], [-4.0, -1.5])
+    whole = totals(2, chosen_tokens=4.0, rejected_tokens=2.0)
+    terms = WeightedTerms({"dpo": (1.0, DPOLoss(0.1)), "sft": (0.2, SFTLoss())})
+    loss, metrics = terms(policy, reference, whole)
+    dpo, dpo_metrics = DPOLoss(0.1)(policy, reference, whole)
+    sft, _ = SFTLoss()(policy, reference, whole)
+    assert loss.item() == pytest.approx(dpo.item() + 0.2 * sft.item(), rel=1e-6)
+    assert metrics["loss/dpo"].item() == pytest.approx(dpo.item()) and metrics["loss/sft"].item() == pytest.approx(sft.item())
+    assert metrics["rewards/margins"].item() == pytest.approx(dpo_metrics["rewards/margins"].item())  # the first term's

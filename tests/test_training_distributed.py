@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from conftest import WORKERS, torchrun
+from conftest import WORKERS, make_tiny_llama, torchrun
 
 pytestmark = pytest.mark.distributed
 SPLITS = ("1x4", "2x2", "4x1")  # per-rank micro-batch x accumulation steps; 2 ranks, 8 pairs
@@ -11,17 +11,22 @@ SPLITS = ("1x4", "2x2", "4x1")  # per-rank micro-batch x accumulation steps; 2 r
 @pytest.fixture(scope="module")
 def step_results(tiny_model_dir, zero3_test_config, tmp_path_factory):
     out = tmp_path_factory.mktemp("grads")
+    # A reference other than the policy's start, for the AOT variants: with the policy as its own
+    # reference every AOT delta is 0 and its gradient is DPO's, which no broken sort would change.
+    reference = make_tiny_llama(tmp_path_factory.mktemp("reference_llama"), tiny_model_dir, seed=1)
     worker = WORKERS / "step_gradients.py"
-    torchrun(1, worker, tiny_model_dir, zero3_test_config, out / "one", "8x1")
-    torchrun(2, worker, tiny_model_dir, zero3_test_config, out / "two", ",".join(SPLITS))
+    torchrun(1, worker, tiny_model_dir, zero3_test_config, out / "one", "8x1", reference)
+    torchrun(2, worker, tiny_model_dir, zero3_test_config, out / "two", ",".join(SPLITS), reference)
     load = lambda p: torch.load(p, weights_only=True)
     return {"one": load(out / "one.rank0"),
             "two": [load(out / "two.rank0"), load(out / "two.rank1")]}
 
 
-@pytest.mark.parametrize("objective", ["sft", "dpo", "dpo_shared_prompt"])
+@pytest.mark.parametrize("objective", ["sft", "dpo", "dpo_shared_prompt", "aot", "aot_unpaired", "rpo"])
 @pytest.mark.parametrize("split", SPLITS)
 def test_step_gradient_equals_one_process_run(step_results, objective, split):
+    """1x4 and 2x2 accumulate (AOT's global table then comes from a forward before the first loss),
+    4x1 does not (its table is gathered right after the one forward)."""
     single = step_results["one"][f"{objective}:8x1"]
     for rank_results in step_results["two"]:
         two = rank_results[f"{objective}:{split}"]
@@ -33,6 +38,20 @@ def test_step_gradient_equals_one_process_run(step_results, objective, split):
             torch.testing.assert_close(two["grads"][name], grad, rtol=1e-4, atol=1e-5 * grad.abs().max().item(),
                                        msg=lambda m: f"{objective} {split} {name}: {m}")
         assert two["metrics"]["loss/total"] == pytest.approx(single["metrics"]["loss/total"], rel=1e-5)
+    if objective == "rpo":  # both terms logged, the vanilla loss their weighted sum
+        metrics = single["metrics"]
+        assert metrics["loss/vanilla"] == pytest.approx(metrics["loss/dpo"] + 0.2 * metrics["loss/sft"], rel=1e-6)
+
+
+def test_aot_sorts_over_the_whole_global_batch(step_results):
+    """The same pairs sorted within each micro-batch instead would give another loss: AOT's value
+    here is the one of the global sort, reached by every split."""
+    single = step_results["one"]["aot:8x1"]["metrics"]
+    dpo = step_results["one"]["dpo:8x1"]["metrics"]
+    assert single["loss/aot"] != pytest.approx(dpo["loss/dpo"], rel=1e-3)  # a different objective, really
+    for rank_results in step_results["two"]:
+        values = [rank_results[f"aot:{split}"]["metrics"]["loss/aot"] for split in SPLITS]
+        assert values == pytest.approx([single["loss/aot"]] * 3, rel=1e-6)
 
 
 def test_parameters_are_partitioned_not_replicated(step_results):

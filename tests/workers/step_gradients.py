@@ -4,8 +4,9 @@ how each parameter is partitioned; for SFT and DPO also the parameters before an
 update (lr 1e-3, weight decay 0.1) and whether ZeRO-3's fp32 master weights are the parameter
 partitions themselves.
 
-usage: step_gradients.py MODEL_DIR DS_CONFIG OUT_FILE SPLITS
+usage: step_gradients.py MODEL_DIR DS_CONFIG OUT_FILE SPLITS REFERENCE_DIR
   SPLITS: comma-separated MICROxACCUM, e.g. 1x4,2x2,4x1 (per-rank micro-batch x accumulation)
+  REFERENCE_DIR: the reference model of the AOT variants (another model than the policy's start)
 
 Also fetches embedding rows (different sets, of different sizes, on each rank) through both the
 sliced and the full-gather path, to compare with the unpartitioned matrix.
@@ -28,6 +29,11 @@ VARIANTS = {
     "dpo": {"objective.name": "dpo", "plot.enabled": False},
     "dpo_shared_prompt": {"objective.name": "dpo", "plot.enabled": False, "model.share_prompt": True},
     # DeepSpeed's own per-submodule gathering, against the decoder-layer leaves every other variant uses.
+    # Terms over the global batch (sorted across micro-batches and ranks) and a weighted sum (RPO).
+    "aot": {"objective.name": "aot", "plot.enabled": False, "objective.label_smoothing": 0.1,
+            "reference.name_or_path": "REFERENCE"},
+    "aot_unpaired": {"objective.name": "aot_unpaired", "plot.enabled": False, "reference.name_or_path": "REFERENCE"},
+    "rpo": {"objective.terms": {"dpo": 1.0, "sft": 0.2}, "plot.enabled": False},
     "dpo_per_submodule": {"objective.name": "dpo", "plot.enabled": False, "deepspeed.zero3_leaf_modules": "none"},
     # PLOT with both terms, so that chosen and rejected positions both carry gradient.
     "dpo+plot": {"objective.name": "dpo", "plot.rejected_weight": 0.5, "plot.top_k": 16},
@@ -75,12 +81,13 @@ def full_parameters(policy) -> dict:
         return {name: param.detach().clone().cpu() for name, param in params.items()}
 
 
-def main(model_dir: str, ds_config_path: str, out_file: str, splits: str) -> None:
+def main(model_dir: str, ds_config_path: str, out_file: str, splits: str, reference_dir: str) -> None:
     dist = init_distributed()
     results = {}
     for variant, overrides in VARIANTS.items():
         for split in splits.split(","):
             micro, accum = map(int, split.split("x"))
+            overrides = {k: reference_dir if v == "REFERENCE" else v for k, v in overrides.items()}
             config = load_config(None, {
                 **overrides, "model.name_or_path": model_dir, "deepspeed.config": ds_config_path,
                 "data.max_length": 96,
@@ -128,4 +135,4 @@ def main(model_dir: str, ds_config_path: str, out_file: str, splits: str) -> Non
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:5])
+    main(*sys.argv[1:6])
