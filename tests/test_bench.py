@@ -26,6 +26,19 @@ def test_plot_overhead_benchmark_runs_and_reports_ratios(tiny_model_dir, zero3_t
     assert result["slice_rows_per_micro_batch"] > 64
 
 
+def test_global_batch_cost_benchmark_compares_aot_with_dpo_per_split(tiny_model_dir, zero3_test_config):
+    proc = run_command([sys.executable, str(REPO / "bench" / "global_batch_cost.py"), "--steps", "1", "--warmup", "0",
+                        "--model.name_or_path", tiny_model_dir, "--deepspeed.config", zero3_test_config,
+                        "--data.max_length", "64", "--data.max_prompt_length", "32"])
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    one_forward, accumulating = result["splits"]
+    assert (one_forward["gradient_accumulation_steps"], accumulating["gradient_accumulation_steps"]) == (1, 2)
+    assert not one_forward["pre_pass"] and accumulating["pre_pass"]
+    for split in result["splits"]:
+        assert split["aot_over_dpo_paired_median"] > 0 and split["step_seconds_dpo_median"] > 0
+        assert split["table_bytes_received_per_rank"] == 2 * 6 * 8  # a global batch of 2 pairs
+
+
 def test_zero3_memory_benchmark_halves_model_state_at_two_ranks(tiny_model_dir, zero3_test_config):
     proc = run_command([sys.executable, str(REPO / "bench" / "zero3_memory.py"), "--ranks", "1,2",
                         "--model.name_or_path", tiny_model_dir, "--deepspeed.config", zero3_test_config])

@@ -18,12 +18,16 @@ def test_default_run_on_the_real_model(tmp_path, real_model_dir):
                         "--data.max_prompt_length", "96", "--eval.max_new_tokens", "24",
                         "--eval.answer_samples", "2", "--train.output_dir", str(out)],
                        timeout=1200, OMP_NUM_THREADS="2")
-    saved = (out / "config.yaml").read_text()
-    assert "builtin:smollm2-135m-instruct" in saved and "builtin:champ" in saved and "name: dpo" in saved
+    from plot_ds.config import load_config
+
+    saved = load_config(out / "config.yaml")
+    assert (saved.model.name_or_path, saved.data.source, saved.objective.label) == (
+        "builtin:smollm2-135m-instruct", "builtin:champ", "dpo")
     assert "440 training pairs" in proc.stdout + proc.stderr  # 444 real pairs, 4 held out
     history = json.loads((out / "train_history.json").read_text())
     assert history[0]["loss/vanilla"] == pytest.approx(math.log(2), abs=1e-4)  # policy == reference
-    assert history[0]["loss/total"] == pytest.approx(history[0]["loss/vanilla"] + history[0]["loss/plot"], rel=1e-5)
+    # With no rejected term, L_PLOT is the mean transport cost of the chosen tokens, in (0, 2).
+    assert history[0]["loss/plot"] == pytest.approx(history[0]["plot/w_chosen"], rel=1e-6)
     assert 0 < history[0]["plot/w_chosen"] < 2
     # Real solutions: a trained instruct model already finds human text less likely than its own kind.
     assert history[0]["logps/chosen"] < 0 and history[0]["logps/rejected"] < 0
@@ -42,9 +46,22 @@ def test_default_run_on_the_real_model(tmp_path, real_model_dir):
     report = json.loads((out / "eval" / "final_model.json").read_text())
     assert report["model"] == str(out / "final_model") and report["held_out_pairs"] == 4
     assert report["metrics"]["eval/loss/vanilla"] == pytest.approx(evaluated["eval/loss/vanilla"], rel=1e-4)
-    assert report["metrics"]["eval/answer_samples"] == 4 and 0 <= report["metrics"]["eval/answer_accuracy"] <= 1
+    assert_answer_accuracy_is_the_scored_generations(report["metrics"], report["generations"], 4)
     assert all(g["generation"].strip() for g in report["generations"])  # the real model writes text
     assert "evaluation written to" in proc.stdout
+
+
+def assert_answer_accuracy_is_the_scored_generations(metrics, generations, samples):
+    """The accuracy is the share of scored generations whose extracted answer matches the reference,
+    each judged as ``answer_matches`` judges it."""
+    from plot_ds.evaluation import answer_matches
+
+    scored = [g for g in generations if "reference_answer" in g]
+    assert metrics["eval/answer_samples"] == samples == len(scored)
+    assert all(g["correct"] == answer_matches(g["generation"], g["reference_answer"]) for g in scored)
+    assert metrics["eval/answer_accuracy"] == pytest.approx(sum(g["correct"] for g in scored) / samples)
+    assert metrics["eval/answer_extracted"] == pytest.approx(
+        sum(g["extracted_answer"] is not None for g in scored) / samples)
 
 
 def test_plot_run_on_the_real_model_lowers_the_transport_cost(tmp_path, real_model_dir):

@@ -55,7 +55,9 @@ def test_generations_export_and_plot_eval_agree(tiny_model_dir, zero3_test_confi
                                 "--eval.answer_samples", "5")])
     trained = json.loads((out / "eval_results.json").read_text())
     assert len(trained["generations"]) == 5  # 3 shown (all with CHAMP answers) + 2 more scored
-    assert trained["eval/answer_samples"] == 5 and 0 <= trained["eval/answer_accuracy"] <= 1
+    from test_default_run import assert_answer_accuracy_is_the_scored_generations
+
+    assert_answer_accuracy_is_the_scored_generations(trained, trained["generations"], 5)
     events = EventAccumulator(str(out / "tensorboard"), size_guidance={"tensors": 0})
     events.Reload()
     assert "eval/generations/text_summary" in events.Tags()["tensors"]

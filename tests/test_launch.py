@@ -37,7 +37,8 @@ def test_deepspeed_launcher_sft_run_learns_and_writes_everything(tiny_model_dir,
     assert len(losses) == 10
     assert losses[0] == pytest.approx(math.log(49152), abs=0.2)  # a random model starts near ln V
     assert sum(losses[-3:]) / 3 < losses[0] - 1.0, losses
-    assert all(h["loss/total"] == pytest.approx(h["loss/vanilla"] + h["loss/plot"], rel=1e-5) for h in history)
+    # PLOT on by default, no rejected term: L_PLOT is the chosen tokens' mean transport cost.
+    assert all(h["loss/plot"] == pytest.approx(h["plot/w_chosen"], rel=1e-6) and h["loss/plot"] > 0 for h in history)
     evaluated = json.loads((out / "eval_results.json").read_text())
     assert evaluated["eval/loss/vanilla"] < losses[0] - 1.0
 
@@ -76,6 +77,11 @@ def test_torchrun_dpo_run_with_reference_engine(tiny_model_dir, zero3_test_confi
     history = json.loads((out / "train_history.json").read_text())
     assert history[0]["loss/vanilla"] == pytest.approx(math.log(2), abs=1e-5)  # policy == reference
     assert history[0]["rewards/margins"] == pytest.approx(0.0, abs=1e-6)
+    # Later steps: the policy has moved and the frozen reference has not (a reference that were the
+    # policy itself would give log 2 and zero rewards at every step).
+    for later in history[1:]:
+        assert abs(later["loss/vanilla"] - math.log(2)) > 1e-4 and abs(later["rewards/chosen"]) > 1e-4, later
+    assert history[-1]["rewards/margins"] > history[0]["rewards/margins"]  # DPO widens the margin it trains on
     assert all(math.isfinite(v) for h in history for v in h.values())
     logged = scalars(out / "tensorboard")
     for name in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
@@ -83,7 +89,8 @@ def test_torchrun_dpo_run_with_reference_engine(tiny_model_dir, zero3_test_confi
         assert name in logged, f"{name} missing from TensorBoard: {sorted(logged)}"
     assert len(logged["eval/loss/total"]) == 2  # at step 2 and at the end
     evaluated = json.loads((out / "eval_results.json").read_text())
-    assert 0.0 <= evaluated["eval/rewards/accuracies"] <= 1.0
+    assert abs(evaluated["eval/rewards/chosen"]) > 1e-4  # the trained policy against the untouched reference
+    assert evaluated["eval/rewards/accuracies"] == pytest.approx(round(evaluated["eval/rewards/accuracies"] * 8) / 8)
 
 
 def test_two_ranks_see_every_pair_exactly_once_per_epoch(tiny_model_dir, zero3_test_config, tmp_path):

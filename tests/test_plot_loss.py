@@ -96,9 +96,10 @@ def head_outputs(logits, tokens, top_k=0):
     return PairOutputs(None, None, tokens, support)
 
 
-def compare(config, seed=0, value_tol=3e-6, grad_tol=3e-6, mutate=None):
+def compare(config, seed=0, value_tol=3e-6, grad_tol=3e-6, mutate=None, relative=False):
     """Both ways PLOT gets its supports (from the log-prob pass, or read from the logits) against the
-    reference implementation."""
+    reference implementation; tolerances absolute, or with ``relative`` relative to the reference's
+    value and gradient norm."""
     logits, labels, E = make_batch(seed)
     if mutate is not None:
         mutate(logits, labels)
@@ -114,10 +115,15 @@ def compare(config, seed=0, value_tol=3e-6, grad_tol=3e-6, mutate=None):
         value, metrics = loss(head_outputs(tokens.select(ours_logits), tokens, top_k),
                               PairOutputs(None, tokens.select(ref_logits), tokens), totals_of(labels))
         value.backward()
-        torch.testing.assert_close(as64(value), as64(expected), atol=value_tol, rtol=0)
-        torch.testing.assert_close(as64(metrics["plot/w_chosen"]), as64(w_chosen), atol=value_tol, rtol=0)
-        torch.testing.assert_close(as64(metrics["plot/w_rejected"]), as64(w_rejected), atol=value_tol, rtol=0)
-        torch.testing.assert_close(ours_logits.grad, theirs_logits.grad, atol=grad_tol, rtol=0)
+        tol = dict(rtol=value_tol, atol=0) if relative else dict(atol=value_tol, rtol=0)
+        torch.testing.assert_close(as64(value), as64(expected), **tol)
+        torch.testing.assert_close(as64(metrics["plot/w_chosen"]), as64(w_chosen), **tol)
+        torch.testing.assert_close(as64(metrics["plot/w_rejected"]), as64(w_rejected), **tol)
+        if relative:
+            error = (ours_logits.grad - theirs_logits.grad).norm() / theirs_logits.grad.norm()
+            assert error < grad_tol, f"gradient off by {error:.3%} of its norm"
+        else:
+            torch.testing.assert_close(ours_logits.grad, theirs_logits.grad, atol=grad_tol, rtol=0)
     assert E.grad is None  # the geometry is a constant
     return metrics
 
@@ -151,18 +157,25 @@ def test_degenerate_supports(solver, tol, degenerate):
     compare(config, seed=1, value_tol=tol, grad_tol=tol, mutate=mutate)
 
 
-@pytest.mark.parametrize("solver, value_tol, grad_tol", [("emd", 3e-6, 3e-6), ("sinkhorn", 3e-3, 3e-2)])
-def test_ref_mix_target(solver, value_tol, grad_tol):
-    config = PlotConfig(top_k=6, target="ref_mix", rho=0.4, solver=solver, sinkhorn_eps=1e-3,
-                        sinkhorn_iters=1000, rejected_weight=0.2)
-    compare(config, seed=2, value_tol=value_tol, grad_tol=grad_tol)
+# Sinkhorn (float32, as the loss runs) at eps = 1e-5 and 40000 iterations against the exact
+# reference: relative tolerances that a 10% error would break (test_ot_solvers shows what these
+# settings reach on single problems in float64).
+NON_POINT_MASS = [("emd", dict(value_tol=3e-6, grad_tol=3e-6)),
+                  ("sinkhorn", dict(value_tol=1e-2, grad_tol=0.05, relative=True))]
 
 
-@pytest.mark.parametrize("solver, value_tol, grad_tol", [("emd", 3e-6, 3e-6), ("sinkhorn", 3e-3, 3e-2)])
-def test_sequence_granularity(solver, value_tol, grad_tol):
-    config = PlotConfig(top_k=3, granularity="sequence", solver=solver, sinkhorn_eps=1e-3,
-                        sinkhorn_iters=1000, rejected_weight=0.5)
-    compare(config, seed=3, value_tol=value_tol, grad_tol=grad_tol)
+@pytest.mark.parametrize("solver, tolerances", NON_POINT_MASS)
+def test_ref_mix_target(solver, tolerances):
+    config = PlotConfig(top_k=6, target="ref_mix", rho=0.4, solver=solver, sinkhorn_eps=1e-5,
+                        sinkhorn_iters=40000, rejected_weight=0.2)
+    compare(config, seed=2, **tolerances)
+
+
+@pytest.mark.parametrize("solver, tolerances", NON_POINT_MASS)
+def test_sequence_granularity(solver, tolerances):
+    config = PlotConfig(top_k=3, granularity="sequence", solver=solver, sinkhorn_eps=1e-5,
+                        sinkhorn_iters=40000, rejected_weight=0.5)
+    compare(config, seed=3, **tolerances)
 
 
 def test_support_has_fixed_width_and_masks_the_duplicate_target():

@@ -10,12 +10,13 @@ from conftest import REPO, child_env, free_port, run_command
 from plot_ds.reference_cache import model_fingerprint
 
 TRAIN = str(REPO / "launch" / "train.py")
+STEPS = 3
 
 
 def dpo_args(model_dir, ds_config, out, *extra):
     return ["--model.name_or_path", model_dir, "--deepspeed.config", ds_config, "--objective.name", "dpo",
             "--data.max_length", "96", "--data.max_prompt_length", "48", "--data.eval_size", "6",
-            "--train.max_steps", "3", "--train.lr", "1e-3", "--train.gradient_accumulation_steps", "2",
+            "--train.max_steps", str(STEPS), "--train.lr", "1e-3", "--train.gradient_accumulation_steps", "2",
             "--train.save_checkpoint", "false", "--train.output_dir", str(out), *extra]
 
 
@@ -37,7 +38,8 @@ def test_cached_reference_trains_exactly_like_the_live_engine(tiny_model_dir, ze
     runs = {name: json.loads((tmp_path / name / "train_history.json").read_text()) for name in ("engine", "cache", "again")}
     evals = {name: json.loads((tmp_path / name / "eval_results.json").read_text()) for name in runs}
     for name in ("cache", "again"):
-        for live, cached in zip(runs["engine"], runs[name]):
+        assert [h["step"] for h in runs[name]] == [h["step"] for h in runs["engine"]] == list(range(1, STEPS + 1))
+        for live, cached in zip(runs["engine"], runs[name], strict=True):
             for metric in ("loss/total", "loss/vanilla", "rewards/margins", "rewards/accuracies"):
                 assert cached[metric] == pytest.approx(live[metric], rel=1e-5, abs=1e-6), (name, metric)
         assert evals[name]["eval/loss/total"] == pytest.approx(evals["engine"]["eval/loss/total"], rel=1e-5)

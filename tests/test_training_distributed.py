@@ -37,21 +37,25 @@ def test_step_gradient_equals_one_process_run(step_results, objective, split):
             assert grad.abs().max() > 0, f"{name}: zero gradient, nothing was compared"
             torch.testing.assert_close(two["grads"][name], grad, rtol=1e-4, atol=1e-5 * grad.abs().max().item(),
                                        msg=lambda m: f"{objective} {split} {name}: {m}")
-        assert two["metrics"]["loss/total"] == pytest.approx(single["metrics"]["loss/total"], rel=1e-5)
+        # AOT's beta of 10 amplifies float32 rounding of the summed log-probs tenfold.
+        rel = 1e-4 if objective.startswith("aot") else 1e-5
+        assert two["metrics"]["loss/total"] == pytest.approx(single["metrics"]["loss/total"], rel=rel)
     if objective == "rpo":  # both terms logged, the vanilla loss their weighted sum
         metrics = single["metrics"]
         assert metrics["loss/vanilla"] == pytest.approx(metrics["loss/dpo"] + 0.2 * metrics["loss/sft"], rel=1e-6)
 
 
-def test_aot_sorts_over_the_whole_global_batch(step_results):
-    """The same pairs sorted within each micro-batch instead would give another loss: AOT's value
-    here is the one of the global sort, reached by every split."""
-    single = step_results["one"]["aot:8x1"]["metrics"]
-    dpo = step_results["one"]["dpo:8x1"]["metrics"]
-    assert single["loss/aot"] != pytest.approx(dpo["loss/dpo"], rel=1e-3)  # a different objective, really
+@pytest.mark.parametrize("variant", ["aot", "aot_unpaired"])
+def test_aot_sorts_over_the_whole_global_batch(step_results, variant):
+    """Every split reaches the loss of the one-process global sort; and the reference differs from
+    the policy enough that the deltas are not all 0 (where any sort would give log 2)."""
+    import math
+
+    single = step_results["one"][f"{variant}:8x1"]["metrics"][f"loss/{variant}"]
+    assert abs(single - math.log(2)) > 0.02
     for rank_results in step_results["two"]:
-        values = [rank_results[f"aot:{split}"]["metrics"]["loss/aot"] for split in SPLITS]
-        assert values == pytest.approx([single["loss/aot"]] * 3, rel=1e-6)
+        values = [rank_results[f"{variant}:{split}"]["metrics"][f"loss/{variant}"] for split in SPLITS]
+        assert values == pytest.approx([single] * 3, rel=1e-4)
 
 
 def test_parameters_are_partitioned_not_replicated(step_results):
@@ -66,14 +70,29 @@ def test_parameters_are_partitioned_not_replicated(step_results):
 
 
 def test_shared_prompt_passes_give_the_full_rows_gradient(step_results):
-    """Prompt pass + response passes over copies of the prompt cache, under ZeRO-3 on 2 ranks."""
+    """Prompt pass + response passes over copies of the prompt cache, under ZeRO-3 on 2 ranks: the
+    passes that really ran (a silent fall-back to full rows would record none), split by length as
+    ``response_groups`` splits the rows, equal the full rows' gradients."""
+    from plot_ds.prompt_sharing import response_groups
+
+    widths_differ = False
     for split in SPLITS:
+        accumulation = int(split.split("x")[1])
         for rank_results in step_results["two"]:
             full, shared = rank_results[f"dpo:{split}"], rank_results[f"dpo_shared_prompt:{split}"]
+            assert full["shared_passes"] == []
+            assert len(shared["shared_passes"]) == 3 * accumulation  # per micro-batch: prompts, two response passes
+            for index, lengths in enumerate(shared["response_lengths"]):
+                prompt, *responses = shared["shared_passes"][3 * index:3 * index + 3]
+                lengths = torch.tensor(lengths)
+                assert prompt[0] == len(lengths) // 2  # one prompt row per pair
+                assert responses == [(len(group), int(lengths[group].max())) for group in response_groups(lengths)]
+                widths_differ |= responses[0][1] != responses[1][1]
             for name, grad in full["grads"].items():
                 torch.testing.assert_close(shared["grads"][name], grad, rtol=1e-4, atol=1e-5 * grad.abs().max().item(),
                                            msg=lambda m: f"{split} {name}: {m}")
             assert shared["metrics"]["loss/total"] == pytest.approx(full["metrics"]["loss/total"], rel=1e-5)
+    assert widths_differ  # the length split was not trivial
 
 
 def test_decoder_layers_are_gathered_whole_and_give_the_same_gradients(step_results, tiny_model_dir):

@@ -11,12 +11,15 @@ usage: step_gradients.py MODEL_DIR DS_CONFIG OUT_FILE SPLITS REFERENCE_DIR
 Also fetches embedding rows (different sets, of different sizes, on each rank) through both the
 sliced and the full-gather path, to compare with the unpartitioned matrix.
 """
+import json
 import sys
+from pathlib import Path
 
 import deepspeed
 import torch
 from deepspeed.utils import safe_get_full_grad, z3_leaf_module
 
+from plot_ds import prompt_sharing
 from plot_ds.config import load_config
 from plot_ds.distributed import init_distributed
 from plot_ds.embedding_slice import EmbeddingRows
@@ -26,15 +29,22 @@ from plot_ds.training import train_step
 
 VARIANTS = {
     "sft": {"objective.name": "sft", "plot.enabled": False},
-    "dpo": {"objective.name": "dpo", "plot.enabled": False},
-    "dpo_shared_prompt": {"objective.name": "dpo", "plot.enabled": False, "model.share_prompt": True},
+    # On pairs whose responses differ in length (VARIED), so that prompt sharing's two response
+    # passes are really of different widths.
+    "dpo": {"objective.name": "dpo", "plot.enabled": False, "data.source": "VARIED"},
+    "dpo_shared_prompt": {"objective.name": "dpo", "plot.enabled": False, "model.share_prompt": True,
+                          "data.source": "VARIED"},
     # DeepSpeed's own per-submodule gathering, against the decoder-layer leaves every other variant uses.
     # Terms over the global batch (sorted across micro-batches and ranks) and a weighted sum (RPO).
+    # The tiny random models' log-ratios are small: a large beta puts AOT where its loss is far from
+    # linear, so that a sort over less than the global batch would change the gradients.
     "aot": {"objective.name": "aot", "plot.enabled": False, "objective.label_smoothing": 0.1,
-            "reference.name_or_path": "REFERENCE"},
-    "aot_unpaired": {"objective.name": "aot_unpaired", "plot.enabled": False, "reference.name_or_path": "REFERENCE"},
+            "objective.beta": 10.0, "reference.name_or_path": "REFERENCE"},
+    "aot_unpaired": {"objective.name": "aot_unpaired", "plot.enabled": False, "objective.beta": 10.0,
+                     "reference.name_or_path": "REFERENCE"},
     "rpo": {"objective.terms": {"dpo": 1.0, "sft": 0.2}, "plot.enabled": False},
-    "dpo_per_submodule": {"objective.name": "dpo", "plot.enabled": False, "deepspeed.zero3_leaf_modules": "none"},
+    "dpo_per_submodule": {"objective.name": "dpo", "plot.enabled": False, "deepspeed.zero3_leaf_modules": "none",
+                          "data.source": "VARIED"},
     # PLOT with both terms, so that chosen and rejected positions both carry gradient.
     "dpo+plot": {"objective.name": "dpo", "plot.rejected_weight": 0.5, "plot.top_k": 16},
     "dpo+plot_full": {"objective.name": "dpo", "plot.rejected_weight": 0.5, "plot.top_k": 16,
@@ -81,13 +91,40 @@ def full_parameters(policy) -> dict:
         return {name: param.detach().clone().cpu() for name, param in params.items()}
 
 
+def varied_pairs(path: Path) -> str:
+    """16 real CHAMP pairs cut to responses of 6 to 36 words, each pair's two of other lengths."""
+    from plot_ds.assets import champ_pairs
+
+    if not path.is_file():
+        lines = []
+        for i, pair in enumerate(champ_pairs()[:16]):
+            cut = lambda text, n: " ".join(text.split()[:n])  # noqa: E731
+            lines.append(json.dumps({"id": pair["id"], "prompt": pair["prompt"][-300:],
+                                     "chosen": cut(pair["chosen"], 6 + 2 * i), "rejected": cut(pair["rejected"], 36 - i)}))
+        path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+def recording_passes(passes: list):
+    """Record the input shape of every shared-prompt pass that runs (full rows record nothing)."""
+    real = prompt_sharing.with_head_input
+
+    def recorded(model, select, **inputs):
+        passes.append(tuple(inputs["input_ids"].shape))
+        return real(model, select, **inputs)
+    prompt_sharing.with_head_input = recorded
+    return real
+
+
 def main(model_dir: str, ds_config_path: str, out_file: str, splits: str, reference_dir: str) -> None:
     dist = init_distributed()
     results = {}
+    varied = varied_pairs(Path(f"{out_file}.varied.jsonl"))
     for variant, overrides in VARIANTS.items():
         for split in splits.split(","):
             micro, accum = map(int, split.split("x"))
-            overrides = {k: reference_dir if v == "REFERENCE" else v for k, v in overrides.items()}
+            named = {"REFERENCE": reference_dir, "VARIED": varied}
+            overrides = {k: named.get(v, v) if isinstance(v, str) else v for k, v in overrides.items()}
             config = load_config(None, {
                 **overrides, "model.name_or_path": model_dir, "deepspeed.config": ds_config_path,
                 "data.max_length": 96,
@@ -112,14 +149,20 @@ def main(model_dir: str, ds_config_path: str, out_file: str, splits: str, refere
             grad_storages = []  # what the optimizer steps with: views of DeepSpeed's buffer, or copies
             policy.optimizer.optimizer.register_step_pre_hook(lambda optimizer, *_: grad_storages.extend(
                 p.grad.untyped_storage().data_ptr() for group in optimizer.param_groups for p in group["params"]))
-            sums, totals = train_step(run, batches, before_update=capture)
+            passes = []
+            real_with_head_input = recording_passes(passes)
+            try:
+                sums, totals = train_step(run, batches, before_update=capture)
+            finally:
+                prompt_sharing.with_head_input = real_with_head_input
             partition = {name: (int(p.ds_tensor.numel()), int(p.ds_numel), int(p.numel()))
                          for name, p in policy.module.named_parameters()}
             key = f"{variant}:{split}"
             results[key] = {"grads": grads, "metrics": reduce_metrics(sums),
                             "leaf_modules": leaf_modules(policy),
                             "reference_leaf_modules": leaf_modules(reference) if reference else None,
-                            "pairs": float(totals.pairs), "partition": partition,
+                            "pairs": float(totals.pairs), "partition": partition, "shared_passes": passes,
+                            "response_lengths": [batch["labels"].ne(-100).sum(1).tolist() for batch in batches],
                             "global_batch": sampler.global_batch(0)}
             if tracks_update:
                 optimizer = policy.optimizer
