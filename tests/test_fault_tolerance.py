@@ -166,10 +166,21 @@ def test_sigterm_checkpoints_exits_for_requeue_and_resumes(uninterrupted, tiny_m
         assert a["loss/total"] == pytest.approx(b["loss/total"], rel=1e-4), a["step"]
 
 
+def exported_weights(checkpoint, target):
+    """The merged fp32 weights of every rank's partitions of a checkpoint (plot-export)."""
+    from safetensors.torch import load_file
+
+    run_command([sys.executable, "-c", "import sys; from plot_ds.cli import export_main; sys.exit(export_main())",
+                 str(checkpoint), "--output", str(target)])
+    return load_file(str(target / "model.safetensors"))
+
+
 def test_non_finite_steps_are_skipped_then_the_run_stops(tiny_model_dir, zero3_test_config, data_file, tmp_path):
+    import torch
+
     out = tmp_path / "run"
-    args = run_args(tiny_model_dir, zero3_test_config, out, "--data.source", data_file, "--train.save_every", "0",
-                    "--train.max_consecutive_faults", "2")
+    args = run_args(tiny_model_dir, zero3_test_config, out, "--data.source", data_file, "--train.save_every", "1",
+                    "--train.keep_last", "0", "--train.max_consecutive_faults", "2")
     # Step 3, then steps 6 and 7, get a NaN loss on rank 1 only.
     proc = subprocess.run(torchrun_cmd(WORKERS / "nan_at_steps.py", "3,6,7", TRAIN, *args), cwd=REPO,
                           env=child_env(), capture_output=True, text=True, timeout=600)
@@ -179,9 +190,16 @@ def test_non_finite_steps_are_skipped_then_the_run_stops(tiny_model_dir, zero3_t
     assert by_step[3]["faults/skipped_steps"] == 1 and not math.isfinite(by_step[3]["grad_norm"])
     assert by_step[4]["faults/skipped_steps"] == 1 and math.isfinite(by_step[4]["grad_norm"])  # going again
     assert max(by_step) == 7  # stopped after two consecutive faults (6, 7)
-    assert proc.returncode != 0
+    assert proc.returncode == 3, proc.stdout[-3000:] + proc.stderr[-3000:]  # the documented exit status
     assert "stopping: 2 consecutive non-finite steps (last 7)" in proc.stdout + proc.stderr
     assert (out / "checkpoints" / "latest_complete").read_text().strip() == "step_00000007"
+    # A skipped update leaves every rank's partition of the weights as it was; the next one moves them.
+    weights = {step: exported_weights(out / "checkpoints" / f"step_{step:08d}", tmp_path / f"export{step}")
+               for step in (2, 3, 4, 5, 7)}
+    for before, after in ((2, 3), (5, 7)):
+        assert weights[before].keys() == weights[after].keys()
+        assert all(torch.equal(weights[before][k], weights[after][k]) for k in weights[before]), (before, after)
+    assert any(not torch.equal(weights[3][k], weights[4][k]) for k in weights[3])
 
 
 def test_export_round_trip_with_tied_embeddings(tiny_model_dir, zero3_test_config, tmp_path):
@@ -225,9 +243,15 @@ def test_resume_with_another_number_of_ranks_through_a_universal_checkpoint(unin
     assert (out / "checkpoints" / "step_00000006.universal" / "plot_ds_complete.json").is_file()
     got, want = history(out), history(uninterrupted)
     assert [h["step"] for h in got] == list(range(1, 9))
-    for a, b in zip(got[6:], want[6:]):
-        assert a["loss/total"] == pytest.approx(b["loss/total"], rel=1e-4), a["step"]
+    for a, b in zip(got[6:], want[6:], strict=True):  # every step after the resume
+        for name in ("loss/total", "loss/vanilla", "loss/plot", "rewards/margins", "grad_norm"):
+            assert a[name] == pytest.approx(b[name], rel=1e-4), (a["step"], name)
         assert a["lr"] == pytest.approx(b["lr"], rel=1e-9)
+    # The one rank trains on the whole global batch of each step: both ranks' pairs, in order.
+    one_rank = {r["step"]: r["ids"] for r in map(json.loads, (out / "pair_ids.rank0.jsonl").read_text().splitlines())}
+    two_ranks = pair_ids(uninterrupted)
+    for step in (7, 8):
+        assert one_rank[step] == [i for rank in two_ranks for r in rank if r["step"] == step for i in r["ids"]]
 
 
 def test_one_rank_bf16_default_is_zero2_and_resumes_exactly(tiny_model_dir, data_file, tmp_path):

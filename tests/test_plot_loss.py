@@ -201,56 +201,7 @@ def test_metrics_report_the_slice():
     assert metrics["plot/slice_bytes"] == 0  # an unpartitioned matrix moves nothing
 
 
-class DeviceWaits(torch.utils._python_dispatch.TorchDispatchMode):
-    """Records the ops that make the host wait for a GPU: a result size that depends on values
-    (unique, nonzero, boolean-mask indexing) or a value read back (item, int(), bool())."""
-    WAITING = {"nonzero", "_unique2", "unique_dim", "unique_consecutive", "masked_select", "_local_scalar_dense"}
-
-    def __init__(self):
-        super().__init__()
-        self.seen = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = func._schema.name.split("::")[-1]
-        boolean_index = name in ("index", "index_put", "index_put_") and any(
-            isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (args[1] or []))
-        if name in self.WAITING or boolean_index:
-            self.seen.append(name)
-        return func(*args, **(kwargs or {}))
-
-
-@pytest.mark.parametrize("solver, target", [("closed_form", "onehot"), ("sinkhorn", "onehot"),
-                                            ("sinkhorn", "ref_mix")])
-def test_loss_path_never_waits_for_the_device(solver, target):
-    """What the issue asks of the loss path: from the head's logits to their gradient (log-probs,
-    DPO, PLOT) nothing makes the host wait, so a GPU step is never stalled by the loss (checked on
-    CPU by the ops that would sync on a GPU). The response positions come from the labels on the
-    host, before the step."""
-    from plot_ds.logprobs import PairLogps
-    from plot_ds.objectives import DPOLoss, Objective
-
-    logits, labels, E = make_batch(2)
-    tokens = ResponseTokens.of(labels)
-    config = PlotConfig(top_k=5, solver=solver, target=target, rejected_weight=0.3, sinkhorn_iters=10)
-    policy = tokens.select(logits).float().requires_grad_()
-    reference = tokens.select(torch.randn_like(logits)).float()
-    objective = Objective(DPOLoss(0.1), PLOTLoss(config, EmbeddingRows(E.float())))
-
-    def outputs(head_logits, top_k=0):  # as logprobs.forward_pairs makes them
-        logps, support = target_logps_and_support(head_logits, tokens.targets, top_k,
-                                                  in_place_grad=head_logits.requires_grad)
-        logps = PairLogps.from_rows(tokens.row_sums(logps), tokens.row_counts())
-        return PairOutputs(logps, None if top_k else head_logits, tokens, support if top_k else None)
-
-    with DeviceWaits() as waits:
-        head = policy * 1.0
-        value, metrics = objective(outputs(head, objective.policy_top_k), outputs(reference), totals_of(labels))
-        value.backward()
-    assert waits.seen == [] and policy.grad.abs().sum() > 0
-    assert metrics["plot/slice_rows"] > 0 and metrics["loss/vanilla"] > 0
-    with DeviceWaits() as waits:  # and the probe sees them where they are
-        torch.unique(tokens.targets), tokens.targets[tokens.targets > 3], tokens.targets.sum().item()
-    assert waits.seen == ["_unique2", "index", "_local_scalar_dense"]
+# The loss path's host waits are probed along the whole training path: tests/test_pair_forward.py.
 
 
 @pytest.mark.parametrize("bad", [{"solver": "closed_form", "target": "ref_mix"},

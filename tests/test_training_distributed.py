@@ -81,11 +81,14 @@ def test_shared_prompt_passes_give_the_full_rows_gradient(step_results):
         for rank_results in step_results["two"]:
             full, shared = rank_results[f"dpo:{split}"], rank_results[f"dpo_shared_prompt:{split}"]
             assert full["shared_passes"] == []
-            assert len(shared["shared_passes"]) == 3 * accumulation  # per micro-batch: prompts, two response passes
+            # Per micro-batch, the reference's passes then the policy's: prompts, two response passes.
+            passes = shared["shared_passes"]
+            assert len(passes) == 6 * accumulation
             for index, lengths in enumerate(shared["response_lengths"]):
-                prompt, *responses = shared["shared_passes"][3 * index:3 * index + 3]
+                reference, policy = passes[6 * index:6 * index + 3], passes[6 * index + 3:6 * index + 6]
                 lengths = torch.tensor(lengths)
-                assert prompt[0] == len(lengths) // 2  # one prompt row per pair
+                assert reference == policy and policy[0][0] == len(lengths) // 2  # one prompt row per pair
+                responses = policy[1:]
                 assert responses == [(len(group), int(lengths[group].max())) for group in response_groups(lengths)]
                 widths_differ |= responses[0][1] != responses[1][1]
             for name, grad in full["grads"].items():
