@@ -52,14 +52,14 @@ def real_model_dir() -> str:
     return resolve_model_path("builtin:smollm2-135m-instruct")
 
 
-def make_tiny_llama(target: Path, tokenizer_dir: str, seed: int) -> str:
+def make_tiny_llama(target: Path, tokenizer_dir: str, seed: int, **settings) -> str:
     """A randomly initialised 2-layer Llama with the real SmolLM2 tokenizer (vocab 49152)."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+                         tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2, **settings)
     torch.manual_seed(seed)
     LlamaForCausalLM(config).save_pretrained(target, safe_serialization=True)
     AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(target)

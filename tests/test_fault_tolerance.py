@@ -143,6 +143,112 @@ def test_killed_while_writing_a_checkpoint_resumes_from_the_previous_one(
     assert_same_run(out, uninterrupted)
 
 
+def test_a_rank_other_than_0_killed_while_writing_leaves_the_checkpoint_incomplete(
+        uninterrupted, tiny_model_dir, zero3_test_config, data_file, tmp_path):
+    """Rank 1 dies after writing its DeepSpeed partitions of checkpoint 4 but before its RNG states:
+    rank 0, which marks checkpoints complete, must not mark this one."""
+    out = tmp_path / "run"
+    args = run_args(tiny_model_dir, zero3_test_config, out, "--data.source", data_file)
+    proc = subprocess.run(torchrun_cmd(WORKERS / "rank_dies_while_writing.py", "4", "1", TRAIN, *args), cwd=REPO,
+                          env=child_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0
+    step_4 = out / "checkpoints" / "step_00000004"
+    assert (step_4 / "zero_pp_rank_1_mp_rank_00_model_states.pt").is_file()  # rank 1 was mid-write
+    assert not (step_4 / "rng_rank1.safetensors").exists()
+    assert not (step_4 / "plot_ds_complete.json").exists()
+    assert (out / "checkpoints" / "latest_complete").read_text().strip() == "step_00000002"
+    resumed = run_command(torchrun_cmd(TRAIN, *args))
+    assert "step_00000002 at step 2" in resumed.stdout
+    assert_same_run(out, uninterrupted)
+
+
+class RunsCodeWhenUnpickled:
+    """What a tampered checkpoint file could hold: unpickling it runs a shell command."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_checkpoint_file_that_runs_code_when_unpickled_is_refused(uninterrupted, tmp_path):
+    """Resume and plot-export read DeepSpeed's files with torch.load(weights_only=True): a file
+    replaced by a pickle that runs a command is refused, naming it, and the command never runs."""
+    import shutil
+
+    import torch
+
+    out = tmp_path / "run"
+    shutil.copytree(uninterrupted, out)
+    marker = tmp_path / "the_payload_ran"
+    tampered = out / "checkpoints" / "step_00000008" / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    torch.save({"optimizer_state_dict": RunsCodeWhenUnpickled(marker)}, tampered)
+    resumed = subprocess.run([sys.executable, TRAIN, "--config", str(out / "config.yaml"), "--train.max_steps", "9",
+                              "--train.gradient_accumulation_steps", "4", "--train.output_dir", str(out)],
+                             cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=600)
+    assert resumed.returncode != 0 and not marker.exists()
+    assert f"{tampered}: not loadable as plain data (weights_only=True)" in resumed.stdout + resumed.stderr
+    exported = subprocess.run([sys.executable, "-c", "import sys; from plot_ds.cli import export_main; "
+                               "sys.exit(export_main())", str(tampered.parent), "--output", str(tmp_path / "hf")],
+                              cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=600)
+    assert exported.returncode != 0 and not marker.exists()
+    assert "not loadable as plain data (weights_only=True)" in exported.stdout + exported.stderr
+
+
+def test_ctrl_c_checkpoints_and_exits_75_and_a_second_one_stops_at_once(tiny_model_dir, zero3_test_config,
+                                                                        data_file, tmp_path):
+    args = ["--data.source", str(data_file), "--train.save_every", "0", "--train.max_steps", "40"]
+    first = tmp_path / "once"
+    proc = start([sys.executable, TRAIN, *run_args(tiny_model_dir, zero3_test_config, first, *args)])
+    wait_for(lambda: logged_steps(first) >= 2, proc)
+    proc.send_signal(signal.SIGINT)
+    output, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 75, output[-3000:]
+    assert "SIGINT: checkpoint" in output
+    step = int((first / "checkpoints" / "latest_complete").read_text().strip().split("_")[1])
+    assert 2 <= step < 40 and logged_steps(first) == step  # the step in flight finished, then it stopped
+
+    twice = tmp_path / "twice"
+    proc = start([sys.executable, TRAIN, *run_args(tiny_model_dir, zero3_test_config, twice, *args)])
+    wait_for(lambda: logged_steps(twice) >= 2, proc)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.5)  # two signals before Python's handler runs would be handled as one
+    proc.send_signal(signal.SIGINT)
+    sent = time.time()
+    output, _ = proc.communicate(timeout=600)
+    assert time.time() - sent < 10, "the second Ctrl-C did not stop the run at once"
+    assert proc.returncode not in (0, 75) and "KeyboardInterrupt" in output
+    assert not (twice / "checkpoints" / "latest_complete").exists()  # no checkpoint: it stopped at once
+
+
+def test_random_streams_are_restored_on_resume_with_dropout_on(tiny_model_dir, zero3_test_config, data_file, tmp_path):
+    """With attention dropout the losses depend on the random stream of every step: a SIGKILLed
+    run resumed from its checkpoint matches an uninterrupted one only if the RNG states come back."""
+    from conftest import make_tiny_llama
+
+    dropout = make_tiny_llama(tmp_path / "dropout_llama", tiny_model_dir, seed=0, attention_dropout=0.5)
+    args = ["--data.source", str(data_file), "--train.max_steps", "6", "--eval.generations", "0"]
+    runs = {}
+    for name, model in (("no_dropout", tiny_model_dir), ("full", dropout)):
+        runs[name] = tmp_path / name
+        run_command([sys.executable, TRAIN, *run_args(model, zero3_test_config, runs[name], *args)])
+    assert history(runs["full"])[0]["loss/total"] != pytest.approx(history(runs["no_dropout"])[0]["loss/total"],
+                                                                   rel=1e-4)  # dropout is on
+    out = tmp_path / "killed"
+    cmd = [sys.executable, TRAIN, *run_args(dropout, zero3_test_config, out, *args)]
+    proc = start(cmd)
+    wait_for(lambda: logged_steps(out) >= 3, proc)  # past the step-2 checkpoint
+    kill_tree(proc)
+    resumed = run_command(cmd)
+    assert "at step" in resumed.stdout
+    got, want = history(out), history(runs["full"])
+    assert [h["step"] for h in got] == [h["step"] for h in want] == list(range(1, 7))
+    for a, b in zip(got, want, strict=True):
+        for name in ("loss/total", "grad_norm", "rewards/margins"):
+            assert a[name] == pytest.approx(b[name], rel=1e-6, abs=1e-9), (a["step"], name)
+
+
 def test_sigterm_checkpoints_exits_for_requeue_and_resumes(uninterrupted, tiny_model_dir, zero3_test_config,
                                                             data_file, tmp_path):
     out = tmp_path / "run"

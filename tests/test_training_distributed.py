@@ -22,16 +22,18 @@ def step_results(tiny_model_dir, zero3_test_config, tmp_path_factory):
             "two": [load(out / "two.rank0"), load(out / "two.rank1")]}
 
 
-@pytest.mark.parametrize("objective", ["sft", "dpo", "dpo_shared_prompt", "aot", "aot_unpaired", "rpo"])
+@pytest.mark.parametrize("objective", ["sft", "dpo", "dpo_shared_prompt", "aot", "aot_unpaired", "rpo",
+                                       "dpo_uneven", "aot_uneven"])
 @pytest.mark.parametrize("split", SPLITS)
 def test_step_gradient_equals_one_process_run(step_results, objective, split):
     """1x4 and 2x2 accumulate (AOT's global table then comes from a forward before the first loss),
-    4x1 does not (its table is gathered right after the one forward)."""
+    4x1 does not (its table is gathered right after the one forward). The _uneven variants take an
+    epoch's short last global batch: 5 pairs dealt 3 and 2, with filler micro-batches."""
     single = step_results["one"][f"{objective}:8x1"]
     for rank_results in step_results["two"]:
         two = rank_results[f"{objective}:{split}"]
         assert two["global_batch"] == single["global_batch"]
-        assert two["pairs"] == 8
+        assert two["pairs"] == (5 if objective.endswith("_uneven") else 8)
         assert two["grads"].keys() == single["grads"].keys()
         for name, grad in single["grads"].items():
             assert grad.abs().max() > 0, f"{name}: zero gradient, nothing was compared"
@@ -43,6 +45,16 @@ def test_step_gradient_equals_one_process_run(step_results, objective, split):
     if objective == "rpo":  # both terms logged, the vanilla loss their weighted sum
         metrics = single["metrics"]
         assert metrics["loss/vanilla"] == pytest.approx(metrics["loss/dpo"] + 0.2 * metrics["loss/sft"], rel=1e-6)
+
+
+@pytest.mark.parametrize("variant", ["aot", "aot_unpaired"])
+def test_uneven_last_batches_have_filler_micro_batches(step_results):
+    """What the _uneven variants cover: rank 1's share of the 5 pairs is 2, so at 1x4 two of its
+    micro-batches and at 2x2 one of them are weightless fillers."""
+    rank_1 = step_results["two"][1]
+    assert rank_1["dpo_uneven:1x4"]["batch_weights"] == [1.0, 1.0, 0.0, 0.0]
+    assert rank_1["dpo_uneven:2x2"]["batch_weights"] == [1.0, 0.0]
+    assert step_results["two"][0]["dpo_uneven:2x2"]["batch_weights"] == [1.0, 1.0]
 
 
 @pytest.mark.parametrize("variant", ["aot", "aot_unpaired"])

@@ -43,6 +43,11 @@ VARIANTS = {
     "aot_unpaired": {"objective.name": "aot_unpaired", "plot.enabled": False, "objective.beta": 10.0,
                      "reference.name_or_path": "REFERENCE"},
     "rpo": {"objective.terms": {"dpo": 1.0, "sft": 0.2}, "plot.enabled": False},
+    # The short last global batch of an epoch (13 pairs: 8, then 5): uneven shares, and filler
+    # micro-batches where a rank has none left. The step taken is that second one.
+    "dpo_uneven": {"objective.name": "dpo", "plot.enabled": False, "data.source": "UNEVEN"},
+    "aot_uneven": {"objective.name": "aot", "plot.enabled": False, "objective.beta": 10.0,
+                   "reference.name_or_path": "REFERENCE", "data.source": "UNEVEN"},
     "dpo_per_submodule": {"objective.name": "dpo", "plot.enabled": False, "deepspeed.zero3_leaf_modules": "none",
                           "data.source": "VARIED"},
     # PLOT with both terms, so that chosen and rejected positions both carry gradient.
@@ -91,13 +96,13 @@ def full_parameters(policy) -> dict:
         return {name: param.detach().clone().cpu() for name, param in params.items()}
 
 
-def varied_pairs(path: Path) -> str:
-    """16 real CHAMP pairs cut to responses of 6 to 36 words, each pair's two of other lengths."""
+def varied_pairs(path: Path, count: int = 16) -> str:
+    """``count`` real CHAMP pairs cut to responses of 6 to 36 words, each pair's two of other lengths."""
     from plot_ds.assets import champ_pairs
 
     if not path.is_file():
         lines = []
-        for i, pair in enumerate(champ_pairs()[:16]):
+        for i, pair in enumerate(champ_pairs()[:count]):
             cut = lambda text, n: " ".join(text.split()[:n])  # noqa: E731
             lines.append(json.dumps({"id": pair["id"], "prompt": pair["prompt"][-300:],
                                      "chosen": cut(pair["chosen"], 6 + 2 * i), "rejected": cut(pair["rejected"], 36 - i)}))
@@ -120,10 +125,11 @@ def main(model_dir: str, ds_config_path: str, out_file: str, splits: str, refere
     dist = init_distributed()
     results = {}
     varied = varied_pairs(Path(f"{out_file}.varied.jsonl"))
+    uneven = varied_pairs(Path(f"{out_file}.uneven.jsonl"), count=13)
     for variant, overrides in VARIANTS.items():
         for split in splits.split(","):
             micro, accum = map(int, split.split("x"))
-            named = {"REFERENCE": reference_dir, "VARIED": varied}
+            named = {"REFERENCE": reference_dir, "VARIED": varied, "UNEVEN": uneven}
             overrides = {k: named.get(v, v) if isinstance(v, str) else v for k, v in overrides.items()}
             config = load_config(None, {
                 **overrides, "model.name_or_path": model_dir, "deepspeed.config": ds_config_path,
@@ -137,7 +143,8 @@ def main(model_dir: str, ds_config_path: str, out_file: str, splits: str, refere
             policy, reference, sampler = run.policy, run.reference, run.sampler
             if "slice" not in results:
                 results["slice"] = slice_rows(policy, dist.rank)
-            batches = run.micro_batches(0)
+            step = 1 if variant.endswith("_uneven") else 0
+            batches = run.micro_batches(step)
             grads = {}
 
             def capture():
@@ -163,7 +170,8 @@ def main(model_dir: str, ds_config_path: str, out_file: str, splits: str, refere
                             "reference_leaf_modules": leaf_modules(reference) if reference else None,
                             "pairs": float(totals.pairs), "partition": partition, "shared_passes": passes,
                             "response_lengths": [batch["labels"].ne(-100).sum(1).tolist() for batch in batches],
-                            "global_batch": sampler.global_batch(0)}
+                            "global_batch": sampler.global_batch(step),
+                            "batch_weights": [batch["weight"] for batch in batches]}
             if tracks_update:
                 optimizer = policy.optimizer
                 buffer = optimizer.grad_partitions_flat_buffer.untyped_storage().data_ptr()
