@@ -26,6 +26,9 @@ def build_policy_engine(config: Config, ds_config: dict) -> tuple[object, Prompt
         model=model, config=ds_config,
         model_parameters=param_groups(model, config.train.weight_decay),
         lr_scheduler=lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, schedule))
+    # from_pretrained returns the model in eval mode: dropout and gradient checkpointing (which
+    # transformers applies only to modules in training mode) would be silently off.
+    engine.train()
     # Gradient checkpointing drops the key/value cache that prompt sharing continues from.
     wanted = shares_prompt(config, ds_config) and not config.model.gradient_checkpointing
     return engine, prompt_sharing(engine.module, wanted)

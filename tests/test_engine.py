@@ -1,4 +1,7 @@
-"""DeepSpeed engines: a destroyed ZeRO-3 engine lets its weights go."""
+"""DeepSpeed engines: loaded partitioned, and a destroyed ZeRO-3 engine lets its weights go."""
+import pytest
+import torch
+
 DESTROY_AND_CHECK = """
 import gc, sys, weakref
 import torch
@@ -42,3 +45,69 @@ def test_destroyed_zero3_engine_lets_its_model_go(tiny_model_dir, zero3_test_con
     plain_model, plain_weight, model, weight = proc.stdout.split("ALIVE")[-1].split()[:4]
     assert (model, weight) == ("False", "False"), f"outlived destroy_engine: model {model}, weights {weight}"
     assert plain_weight == "True"  # DeepSpeed's destroy() alone keeps them: what this guards against
+
+
+@pytest.mark.distributed
+def test_zero3_loads_policy_and_reference_partitioned_with_no_full_copy_on_any_rank(tiny_model_dir,
+                                                                                 zero3_test_config, tmp_path):
+    """A 140 MB model (many mid-sized tensors, none above 4 MB) loaded on 2 ranks: each rank's
+    anonymous memory rises by about its half while the policy's model loads and while the frozen
+    reference engine is built, never by a full copy; and each holds half of the elements."""
+    import json
+
+    from conftest import WORKERS, torchrun
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    model_dir = tmp_path / "llama_140mb"
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=2048, hidden_size=512, intermediate_size=2048, num_hidden_layers=8,
+                                 num_attention_heads=8, num_key_value_heads=8, tie_word_embeddings=True)
+                     ).save_pretrained(model_dir, safe_serialization=True)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(model_dir)
+    torchrun(2, WORKERS / "load_memory.py", model_dir, zero3_test_config, tmp_path / "memory")
+    ranks = [json.loads((tmp_path / f"memory.rank{r}").read_text()) for r in (0, 1)]
+    model_bytes = ranks[0]["model_elements"] * 4
+    assert model_bytes > 130e6
+    for rank in ranks:
+        assert rank["policy_elements"] == rank["reference_elements"]
+        assert 0.49 * ranks[0]["model_elements"] < rank["policy_elements"] < 0.51 * ranks[0]["model_elements"]
+        for load in ("policy_rise", "reference_rise"):
+            # Half the model plus transients of one tensor at a time; a full copy would be 1.0 or more.
+            assert rank[load] < 0.75 * model_bytes, (rank["rank"], load, rank[load] / model_bytes)
+
+
+COUNT_LAYER_FORWARDS = """
+import sys
+from plot_ds.config import load_config
+from plot_ds.run import setup_run
+from plot_ds.training import train_step
+config = load_config(None, {"model.name_or_path": sys.argv[1], "deepspeed.config": sys.argv[2], "plot.enabled": False,
+                            "objective.name": "sft", "model.gradient_checkpointing": sys.argv[3] == "on",
+                            "data.max_length": 64, "data.max_prompt_length": 32, "data.eval_size": 0,
+                            "train.resume": "none", "train.micro_batch_size": 1})
+run = setup_run(config)
+calls = []
+for layer in run.policy.module.model.layers:  # transformers checkpoints forward(): its submodules rerun
+    layer.self_attn.register_forward_pre_hook(lambda *_: calls.append(1))
+train_step(run, run.micro_batches(0))
+print("TRAINING", run.policy.module.training, "FORWARDS", len(calls))
+"""
+
+
+@pytest.mark.parametrize("checkpointing", ["off", "on"])
+def test_the_policy_trains_in_training_mode_and_gradient_checkpointing_recomputes(tiny_model_dir, zero3_test_config,
+                                                                                  checkpointing):
+    """from_pretrained hands back a model in eval mode, where dropout is off and transformers skips
+    gradient checkpointing: the policy engine must be in training mode, and with
+    model.gradient_checkpointing each decoder layer's forward runs again in the backward."""
+    import sys
+
+    from conftest import run_command
+
+    proc = run_command([sys.executable, "-c", COUNT_LAYER_FORWARDS, tiny_model_dir, zero3_test_config, checkpointing],
+                       timeout=300, MASTER_ADDR="127.0.0.1")
+    training, forwards = proc.stdout.split("TRAINING")[-1].split()[0], int(proc.stdout.split("FORWARDS")[-1])
+    layers = 2
+    assert training == "True"
+    # Off: one rank of ZeRO-3 shares the prompt, three passes; on: one pass of full rows, recomputed.
+    assert forwards == layers * (2 if checkpointing == "on" else 3)

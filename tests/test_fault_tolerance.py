@@ -218,7 +218,7 @@ def test_ctrl_c_checkpoints_and_exits_75_and_a_second_one_stops_at_once(tiny_mod
     sent = time.time()
     output, _ = proc.communicate(timeout=600)
     assert time.time() - sent < 10, "the second Ctrl-C did not stop the run at once"
-    assert proc.returncode not in (0, 75) and "KeyboardInterrupt" in output
+    assert proc.returncode in (-signal.SIGINT, 128 + signal.SIGINT, 1), (proc.returncode, output[-3000:])
     assert not (twice / "checkpoints" / "latest_complete").exists()  # no checkpoint: it stopped at once
 
 

@@ -18,9 +18,8 @@ def train_step(run, micro_batches, before_update=None):
         wrapped = run.objective
 
         class Poisoned:
-            needs_reference_logits = wrapped.needs_reference_logits
-            needs_policy_logits = wrapped.needs_policy_logits
-            policy_top_k = wrapped.policy_top_k
+            def __getattr__(self, name):  # needs_reference_logits, policy_top_k, ...: the objective's
+                return getattr(wrapped, name)
 
             def __call__(self, *args):
                 loss, metrics = wrapped(*args)
