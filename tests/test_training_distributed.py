@@ -47,7 +47,6 @@ def test_step_gradient_equals_one_process_run(step_results, objective, split):
         assert metrics["loss/vanilla"] == pytest.approx(metrics["loss/dpo"] + 0.2 * metrics["loss/sft"], rel=1e-6)
 
 
-@pytest.mark.parametrize("variant", ["aot", "aot_unpaired"])
 def test_uneven_last_batches_have_filler_micro_batches(step_results):
     """What the _uneven variants cover: rank 1's share of the 5 pairs is 2, so at 1x4 two of its
     micro-batches and at 2x2 one of them are weightless fillers."""
