@@ -7,15 +7,15 @@ a one-line error instead of a crashed job an hour into the queue.
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import yaml
 
-from .config_values import ConfigError, coerce
+from .config_values import ConfigError, apply_override, flatten_sections, parse_overrides
+
+__all__ = ["Config", "ConfigError", "load_config", "parse_overrides"]
 
 
 @dataclass
@@ -370,68 +370,6 @@ class Config:
         Path(path).write_text(self.to_yaml())
 
 
-def _unknown_key(key: str, known: list[str]) -> ConfigError:
-    prefix, _, name = key.rpartition(".")
-    close = difflib.get_close_matches(name, known, n=1)
-    hint = f" (did you mean '{prefix + '.' if prefix else ''}{close[0]}'?)" if close else ""
-    return ConfigError(f"unknown config key '{key}'{hint}")
-
-
-def _apply(config: Config, key: str, value: Any) -> None:
-    parts = key.split(".")
-    if len(parts) != 2:
-        sections = [f.name for f in dataclasses.fields(Config)]
-        if len(parts) == 1 and parts[0] in sections:
-            raise ConfigError(f"'{key}' is a section; set its keys, e.g. '{key}.<key>'")
-        raise ConfigError(f"unknown config key '{key}': keys look like 'section.key' "
-                          f"with section one of {', '.join(sections)}")
-    section_name, name = parts
-    section = getattr(config, section_name, None)
-    if section is None or not dataclasses.is_dataclass(section):
-        close = difflib.get_close_matches(section_name, [f.name for f in dataclasses.fields(Config)], n=1)
-        hint = f" (did you mean '{close[0]}.{name}'?)" if close else ""
-        raise ConfigError(f"unknown config key '{key}'{hint}")
-    types_ = typing.get_type_hints(type(section))
-    if name not in types_:
-        raise _unknown_key(key, list(types_))
-    setattr(section, name, coerce(key, value, types_[name]))
-
-
-def _flatten(tree: dict, source: str) -> dict[str, Any]:
-    if not isinstance(tree, dict):
-        raise ConfigError(f"{source}: the top level must be a mapping of sections")
-    flat = {}
-    for section, values in tree.items():
-        if not isinstance(values, dict):
-            raise ConfigError(f"{source}: section '{section}' must be a mapping of keys to values")
-        for name, value in values.items():
-            flat[f"{section}.{name}"] = value
-    return flat
-
-
-def parse_overrides(args: list[str]) -> dict[str, Any]:
-    """``--train.lr 1e-6`` or ``--train.lr=1e-6`` -> {"train.lr": 1e-6}; values parsed as YAML."""
-    overrides: dict[str, Any] = {}
-    i = 0
-    while i < len(args):
-        arg = args[i]
-        if not arg.startswith("--") or len(arg) == 2:
-            raise ConfigError(f"unexpected argument '{arg}': overrides look like --section.key VALUE")
-        if "=" in arg:
-            key, raw = arg[2:].split("=", 1)
-            i += 1
-        else:
-            if i + 1 >= len(args):
-                raise ConfigError(f"{arg[2:]}: missing value")
-            key, raw = arg[2:], args[i + 1]
-            i += 2
-        try:
-            overrides[key] = yaml.safe_load(raw) if raw != "" else ""
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{key}: cannot parse value {raw!r}: {err.problem}") from None
-    return overrides
-
-
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
     """Defaults <- YAML file <- overrides, then validated."""
     config = Config()
@@ -443,8 +381,8 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
             tree = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as err:
             raise ConfigError(f"{path}: not valid YAML: {err}") from None
-        for key, value in _flatten(tree, str(path)).items():
-            _apply(config, key, value)
+        for key, value in flatten_sections(tree, str(path)).items():
+            apply_override(config, key, value)
     for key, value in (overrides or {}).items():
-        _apply(config, key, value)
+        apply_override(config, key, value)
     return config.validate()

@@ -1,9 +1,14 @@
-"""Config values checked against their annotated types, converted only where that is lossless."""
+"""Config keys and values: dotted keys and YAML trees applied to a config of dataclass sections,
+each value checked against its annotated type and converted only where that is lossless."""
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import types
 import typing
 from typing import Any, Literal
+
+import yaml
 
 
 class ConfigError(ValueError):
@@ -63,3 +68,67 @@ def coerce(key: str, value: Any, expected: Any) -> Any:
             raise ConfigError(f"{key}: expected a string, got {value!r}")
         return value
     raise ConfigError(f"{key}: unsupported type {expected}")  # pragma: no cover - schema bug
+
+
+def _unknown_key(key: str, known: list[str]) -> ConfigError:
+    prefix, _, name = key.rpartition(".")
+    close = difflib.get_close_matches(name, known, n=1)
+    hint = f" (did you mean '{prefix + '.' if prefix else ''}{close[0]}'?)" if close else ""
+    return ConfigError(f"unknown config key '{key}'{hint}")
+
+
+def apply_override(config, key: str, value: Any) -> None:
+    """Set ``section.key`` of a config of dataclass sections, the value checked against its type."""
+    parts = key.split(".")
+    if len(parts) != 2:
+        sections = [f.name for f in dataclasses.fields(config)]
+        if len(parts) == 1 and parts[0] in sections:
+            raise ConfigError(f"'{key}' is a section; set its keys, e.g. '{key}.<key>'")
+        raise ConfigError(f"unknown config key '{key}': keys look like 'section.key' "
+                          f"with section one of {', '.join(sections)}")
+    section_name, name = parts
+    section = getattr(config, section_name, None)
+    if section is None or not dataclasses.is_dataclass(section):
+        close = difflib.get_close_matches(section_name, [f.name for f in dataclasses.fields(config)], n=1)
+        hint = f" (did you mean '{close[0]}.{name}'?)" if close else ""
+        raise ConfigError(f"unknown config key '{key}'{hint}")
+    types_ = typing.get_type_hints(type(section))
+    if name not in types_:
+        raise _unknown_key(key, list(types_))
+    setattr(section, name, coerce(key, value, types_[name]))
+
+
+def flatten_sections(tree: dict, source: str) -> dict[str, Any]:
+    """A YAML tree of sections -> {"section.key": value}."""
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of sections")
+    flat = {}
+    for section, values in tree.items():
+        if not isinstance(values, dict):
+            raise ConfigError(f"{source}: section '{section}' must be a mapping of keys to values")
+        for name, value in values.items():
+            flat[f"{section}.{name}"] = value
+    return flat
+
+
+def parse_overrides(args: list[str]) -> dict[str, Any]:
+    """``--train.lr 1e-6`` or ``--train.lr=1e-6`` -> {"train.lr": 1e-6}; values parsed as YAML."""
+    overrides: dict[str, Any] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or len(arg) == 2:
+            raise ConfigError(f"unexpected argument '{arg}': overrides look like --section.key VALUE")
+        if "=" in arg:
+            key, raw = arg[2:].split("=", 1)
+            i += 1
+        else:
+            if i + 1 >= len(args):
+                raise ConfigError(f"{arg[2:]}: missing value")
+            key, raw = arg[2:], args[i + 1]
+            i += 2
+        try:
+            overrides[key] = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{key}: cannot parse value {raw!r}: {err.problem}") from None
+    return overrides
