@@ -281,6 +281,8 @@ class EvalConfig:
     # Held-out pairs with a reference answer (CHAMP `answer`, "#### answer") scored by generation.
     answer_samples: int = 8
     max_new_tokens: int = 96
+    # plot-compare: a Hugging Face sequence-classification folder scoring each generation.
+    reward_model: Optional[str] = None
 
     def validate(self) -> None:
         if self.generations < 0 or self.answer_samples < 0 or self.max_new_tokens < 1:

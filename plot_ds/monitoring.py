@@ -46,19 +46,21 @@ class RunMonitor:
         interactive = sys.stderr.isatty()
         self.bar = tqdm(total=total_steps, desc="train", unit="step", dynamic_ncols=True,
                         ascii=not interactive, mininterval=0.1 if interactive else 5.0)
-        self._tokens, self._pairs, self._since = 0.0, 0.0, time.perf_counter()
+        self._tokens, self._pairs, self._steps, self._since = 0.0, 0.0, 0, time.perf_counter()
 
     def count(self, tokens: float, pairs: float) -> None:
         if self.enabled:
             self._tokens += tokens
             self._pairs += pairs
+            self._steps += 1
 
     def throughput(self) -> dict[str, float]:
         """Tokens and pairs per second since the last call (all ranks' work, wall time on rank 0)."""
         now = time.perf_counter()
         seconds = max(now - self._since, 1e-9)
-        rates = {"throughput/tokens_per_s": self._tokens / seconds, "throughput/pairs_per_s": self._pairs / seconds}
-        self._tokens, self._pairs, self._since = 0.0, 0.0, now
+        rates = {"throughput/tokens_per_s": self._tokens / seconds, "throughput/pairs_per_s": self._pairs / seconds,
+                 "throughput/seconds_per_step": seconds / max(self._steps, 1)}
+        self._tokens, self._pairs, self._steps, self._since = 0.0, 0.0, 0, now
         return rates
 
     def log(self, step: int, metrics: dict[str, float]) -> None:

@@ -171,6 +171,10 @@ def log_step(run: Run, state: LoopState, done: int, sums: dict, lr: float) -> No
     metrics["faults/skipped_steps"] = float(state.skipped)
     if run.dist.is_main:
         metrics.update(state.monitor.throughput())
+    if run.policy.device.type != "cpu":  # host memory is what the system reports on a CPU
+        from deepspeed.accelerator import get_accelerator
+
+        metrics["memory/peak_device_gb"] = get_accelerator().max_memory_allocated() / 2**30
     state.monitor.log(done, metrics)
     state.history.write({"step": done, **metrics})
 

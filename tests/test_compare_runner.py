@@ -1,0 +1,100 @@
+"""plot-compare end to end on a tiny model: a grid of two variants x two seeds finishes with every
+cell of the table; a grid killed mid-run resumes without retraining what finished; a failed run is
+reported and the others go on."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import yaml
+
+from conftest import REPO, child_env
+
+FAST = ["--train.max_steps", "2", "--data.eval_size", "4", "--data.max_length", "64", "--data.max_prompt_length",
+        "32", "--eval.generations", "2", "--eval.max_new_tokens", "4", "--train.precision", "fp32"]
+
+
+def compare_command(tmp_path, model, grid, *extra):
+    return [sys.executable, "-m", "plot_ds.compare", "--grid", str(grid), "--output", str(tmp_path / "out"),
+            "--model.name_or_path", model, "--data.cache_dir", str(tmp_path / "cache"), *FAST, *extra]
+
+
+def write_grid(tmp_path, variants, seeds):
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump({"variants": variants, "seeds": seeds, "baseline": next(iter(variants))}))
+    return path
+
+
+def wait_for(predicate, process, timeout=600):
+    deadline = time.time() + timeout
+    while not predicate():
+        assert process.poll() is None, process.communicate()
+        assert time.time() < deadline, "timed out"
+        time.sleep(0.5)
+
+
+def test_a_killed_grid_resumes_without_retraining_finished_runs(tiny_model_dir, tmp_path):
+    grid = write_grid(tmp_path, {"dpo": {"plot.enabled": False}, "sft+plot": {"objective.name": "sft",
+                                                                               "reference.mode": "none"}}, [1, 2])
+    runs = tmp_path / "out" / "runs"
+    first = subprocess.Popen(compare_command(tmp_path, tiny_model_dir, grid), cwd=REPO, env=child_env(),
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    # Killed (the driver and its run, SIGKILL) while the second trained run is training.
+    wait_for(lambda: (runs / "sft+plot" / "seed1" / "train_history.jsonl").is_file(), first)
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait()
+    finished = runs / "dpo" / "seed1" / "compare_eval.json"
+    assert finished.is_file() and not (runs / "sft+plot" / "seed1" / "compare_eval.json").is_file()
+    stamp = finished.stat().st_mtime_ns
+    second = subprocess.run(compare_command(tmp_path, tiny_model_dir, grid), cwd=REPO, env=child_env(),
+                            capture_output=True, text=True, timeout=900)
+    assert second.returncode == 0, second.stdout + second.stderr
+    lines = [line for line in second.stdout.splitlines() if line.startswith("[plot-compare] ")]
+    assert "[plot-compare] 1/5 start: already evaluated, skipped" in lines
+    assert "[plot-compare] 2/5 dpo/seed1: already evaluated, skipped" in lines
+    assert any(line.startswith("[plot-compare] 5/5 sft+plot/seed2: trained and evaluated in") for line in lines)
+    assert finished.stat().st_mtime_ns == stamp
+    # every (variant, seed) trained on the same pairs per seed, and every cell of the table is filled
+    for seed in (1, 2):
+        ids = [json.loads((runs / v / f"seed{seed}" / "compare_eval.json").read_text())["held_out_ids"]
+               for v in ("dpo", "sft+plot")]
+        assert ids[0] == ids[1]
+    summary = json.loads((tmp_path / "out" / "compare.json").read_text())
+    for variant in ("dpo", "sft+plot"):
+        assert summary["variants"][variant]["seeds"] == [1, 2]
+        for metric in ("preference_accuracy", "chosen_nll", "kl_to_start", "length", "step_seconds", "peak_rss_gb"):
+            assert summary["variants"][variant]["metrics"][metric]["n"] == 2, (variant, metric)
+    assert summary["variants"]["sft+plot"]["metrics"]["kl_to_start"]["mean"] > 0
+    table = (tmp_path / "out" / "compare.md").read_text()
+    row = next(line for line in table.splitlines() if line.startswith("| sft+plot | 2 |"))
+    assert "–" not in row
+    assert (tmp_path / "out" / "compare.png").stat().st_size > 10_000
+    assert "TensorBoard, every run overlaid" in second.stdout
+
+
+def test_a_failed_run_is_reported_and_the_others_go_on(tiny_model_dir, tmp_path):
+    grid = write_grid(tmp_path, {"sft": {"objective.name": "sft", "reference.mode": "none"},
+                                 "broken": {"objective.name": "sft", "reference.mode": "none",
+                                            "model.attn_implementation": "no_such_attention"}}, [1])
+    proc = subprocess.run(compare_command(tmp_path, tiny_model_dir, grid), cwd=REPO, env=child_env(),
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "/3 broken/seed1: FAILED: training exited 1 after" in proc.stdout
+    assert "failed: broken/seed1" in proc.stderr
+    assert (tmp_path / "out" / "runs" / "sft" / "seed1" / "compare_eval.json").is_file()
+    assert "no_such_attention" in (tmp_path / "out" / "runs" / "broken" / "seed1" / "compare.log").read_text()
+
+
+def test_unknown_keys_and_variants_are_refused_before_anything_trains(tiny_model_dir, tmp_path):
+    grid = write_grid(tmp_path, {"dpo": {"plot.alpah": 1.0}}, [1])
+    proc = subprocess.run(compare_command(tmp_path, tiny_model_dir, grid), cwd=REPO, env=child_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == ("plot-compare: variant 'dpo' (seed 1): unknown config key 'plot.alpah' "
+                                   "(did you mean 'plot.alpha'?)")
+    proc = subprocess.run(compare_command(tmp_path, tiny_model_dir, grid, "--variants", "dpo+plot"), cwd=REPO,
+                          env=child_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "unknown variant(s) dpo+plot (variants: dpo)" in proc.stderr
+    assert not (tmp_path / "out" / "runs").exists()
