@@ -30,11 +30,25 @@ def two_models(real_model_dir, tmp_path_factory):
     return make_tiny_llama(root / "start", real_model_dir, seed=0), make_tiny_llama(root / "trained", real_model_dir, seed=1)
 
 
-def evaluation_config(tmp_path, start, zero3_config=None):
+@pytest.fixture(scope="module")
+def reward_model(real_model_dir, tmp_path_factory):
+    """A randomly initialised sequence-classification Llama with the real tokenizer."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
+
+    target = tmp_path_factory.mktemp("reward_model")
+    config = LlamaConfig(vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2, num_labels=1, pad_token_id=2)
+    torch.manual_seed(3)
+    LlamaForSequenceClassification(config).save_pretrained(target)
+    AutoTokenizer.from_pretrained(real_model_dir).save_pretrained(target)
+    return str(target)
+
+
+def evaluation_config(tmp_path, start, zero3_config=None, reward=None):
     lines = [f"model: {{name_or_path: {start}}}",
              "data: {eval_size: 4, max_length: 64, max_prompt_length: 32, cache: false}",
              "train: {precision: fp32, eval_batch_size: 3}", "objective: {beta: 0.2}",
-             "eval: {generations: 3, max_new_tokens: 6}"]
+             f"eval: {{generations: 3, max_new_tokens: 6, reward_model: {reward or 'null'}}}"]
     if zero3_config:
         lines.append(f"deepspeed: {{config: {zero3_config}}}")
     path = tmp_path / "config.yaml"
@@ -109,13 +123,26 @@ def check_against_hand(report, pairs, perplexities):
         assert record["start_perplexity"] == pytest.approx(perplexity, rel=1e-4)
 
 
-def test_every_metric_equals_a_hand_computation(two_models, tmp_path):
+def hand_rewards(reward_model, records):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(reward_model)
+    model = AutoModelForSequenceClassification.from_pretrained(reward_model).eval()
+    with torch.no_grad():
+        return [float(model(**tokenizer(r["prompt"] + r["generation"], return_tensors="pt")).logits[0, 0])
+                for r in records]
+
+
+def test_every_metric_equals_a_hand_computation(two_models, reward_model, tmp_path):
     start, trained = two_models
-    config = evaluation_config(tmp_path, start)
+    config = evaluation_config(tmp_path, start, reward=reward_model)
     report = run_evaluation([sys.executable], trained, start, config, tmp_path / "eval.json")
     pairs, perplexities = hand_computed(trained, start, config, report["generations"])
     assert any(abs(p["kl_to_start"]) > 1e-3 for p in pairs.values())  # the models do differ
     check_against_hand(report, pairs, perplexities)
+    expected = hand_rewards(reward_model, report["generations"])
+    assert [r["reward"] for r in report["generations"]] == pytest.approx(expected, rel=1e-5)
+    assert len(set(expected)) > 1
     itself = run_evaluation([sys.executable], start, start, config, tmp_path / "start.json")
     for record in itself["pairs"]:
         assert record["kl_to_start"] == 0.0 and record["chosen_nll_change"] == 0.0 and record["reward_margin"] == 0.0

@@ -112,25 +112,29 @@ def start_perplexities(start, examples, generations, batch_size, pad_id, rank, w
     return [values.get(ex.id) for ex in examples]
 
 
-def reward_scores(reward_model: str, prompts: list[str], texts: list[str], trust_remote_code: bool) -> list[float]:
-    """The scalar reward of each (prompt, generation) from a Hugging Face sequence-classification
-    model folder (its first logit), one text at a time so that no padding convention matters."""
+def load_reward_model(path: str, trust_remote_code: bool):
+    """A Hugging Face sequence-classification folder and its tokenizer, on this rank's device.
+    Loaded before any ZeRO-3 engine: transformers would otherwise build it under zero.Init (its
+    weights partitioned, and across ranks that do not all load it)."""
     from deepspeed.accelerator import get_accelerator
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    device = get_accelerator().current_device_name()
-    tokenizer = AutoTokenizer.from_pretrained(reward_model, trust_remote_code=trust_remote_code)
-    model = AutoModelForSequenceClassification.from_pretrained(reward_model, trust_remote_code=trust_remote_code)
-    model.to(device).eval()
-    scores = []
-    with torch.no_grad():
-        for prompt, text in zip(prompts, texts):
-            inputs = tokenizer(prompt + text, return_tensors="pt", truncation=True).to(device)
-            scores.append(float(model(**inputs).logits[0, 0]))
-    return scores
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    model = AutoModelForSequenceClassification.from_pretrained(path, trust_remote_code=trust_remote_code)
+    return tokenizer, model.to(get_accelerator().current_device_name()).eval()
 
 
-def generation_records(model, start, tokenizer, examples, config: Config, rank, world_size) -> list[dict]:
+@torch.no_grad()
+def reward_scores(reward_model, prompts: list[str], texts: list[str]) -> list[float]:
+    """The scalar reward (first logit) of each prompt + generation, one text at a time so that no
+    padding convention matters."""
+    tokenizer, model = reward_model
+    return [float(model(**tokenizer(prompt + text, return_tensors="pt", truncation=True).to(model.device)).logits[0, 0])
+            for prompt, text in zip(prompts, texts)]
+
+
+def generation_records(model, start, tokenizer, examples, config: Config, rank, world_size,
+                       reward_model=None) -> list[dict]:
     shown = examples[:config.eval.generations]
     if not shown:
         return []
@@ -147,9 +151,8 @@ def generation_records(model, start, tokenizer, examples, config: Config, rank, 
         if example.answer:
             record["answer_correct"] = float(answer_matches(text, example.answer))
         records.append(record)
-    if config.eval.reward_model and rank == 0:
-        rewards = reward_scores(config.eval.reward_model, [r["prompt"] for r in records],
-                                [r["generation"] for r in records], config.model.trust_remote_code)
+    if reward_model is not None:
+        rewards = reward_scores(reward_model, [r["prompt"] for r in records], [r["generation"] for r in records])
         for record, reward in zip(records, rewards):
             record["reward"] = reward
     return records
@@ -165,12 +168,15 @@ def evaluate_against_start(config: Config, model_path: str, start_path: str, out
     if not examples:
         from ..data import DataError
         raise DataError("no held-out pairs to compare on: set data.eval_size (or data.eval_source/eval_split)")
+    reward_model = load_reward_model(config.eval.reward_model, config.model.trust_remote_code) \
+        if config.eval.reward_model and dist.is_main else None
     model, model_sharing = build_frozen_engine(config, ds_config, model_path)
     start, start_sharing = (model, model_sharing) if model_path == start_path else \
         build_frozen_engine(config, ds_config, start_path)
     pairs = held_out_records(model, model_sharing, start, start_sharing, examples, config.train.eval_batch_size,
                              tokenizer.pad_token_id, config.objective.beta, dist.rank, dist.world_size)
-    generations = generation_records(model, start, tokenizer, examples, config, dist.rank, dist.world_size)
+    generations = generation_records(model, start, tokenizer, examples, config, dist.rank, dist.world_size,
+                                     reward_model)
     report = {"model": str(model_path), "start_model": str(start_path), "objective": config.objective.label,
               "plot": config.plot.active, "held_out_ids": [ex.id for ex in examples], "pairs": pairs,
               "generations": generations}
