@@ -84,7 +84,10 @@ def test_gpu_check_script_runs_end_to_end_on_cpu(tmp_path):
                        GPU_CHECK_PRECISION="fp32", GPU_CHECK_PROBLEMS="8", GPU_CHECK_TRL_STEPS="1",
                        GPU_CHECK_WHEELS=str(tmp_path / "no_wheels"),  # the packages of this machine
                        GPU_CHECK_ARGS="--data.max_length 48 --data.max_prompt_length 24 --data.eval_size 0",
-                       GPU_CHECK_TRL_ARGS="--max-length 48 --max-prompt-length 24 --warmup 0")
+                       GPU_CHECK_TRL_ARGS="--max-length 48 --max-prompt-length 24 --warmup 0",
+                       GPU_CHECK_COMPARE_ARGS="--variants dpo,dpo+plot --train.max_steps 1 --train.warmup_steps 0 "
+                                              "--data.eval_size 4 --eval.generations 1 --eval.max_new_tokens 4 "
+                                              "--data.max_length 48 --data.max_prompt_length 24")
     assert "== done" in proc.stdout, proc.stdout[-3000:]
     assert json.loads((tmp_path / "run" / "ds_config.json").read_text())["zero_optimization"]["stage"] == 3
     step = json.loads((out / "train_last_step.json").read_text())
@@ -109,6 +112,10 @@ def test_gpu_check_script_runs_end_to_end_on_cpu(tmp_path):
         # One step each: DPO's log 2 at the start on both sides. Later steps are not compared here:
         # at these short lengths they differ from TRL's (docs/benchmarks.md, session 8, open).
         assert run["losses_plot_ds"] == run["losses_trl"] == [round(math.log(2), 5)]
+    summary = json.loads((out / "compare" / "compare.json").read_text())
+    assert {v: s["seeds"] for v, s in summary["variants"].items()} == {"dpo": [1], "dpo+plot": [1]}
+    assert summary["variants"]["dpo+plot"]["metrics"]["step_seconds"]["n"] == 1
+    assert "| dpo+plot | 1 |" in (out / "compare" / "compare.md").read_text()
 
 
 def test_host_bound_standin_is_built_with_the_real_vocabulary_and_short_pairs(real_model_dir, tmp_path):
