@@ -29,8 +29,9 @@ per pair as each side tokenised them and each side's loss at every step, so that
 be checked.
 
 Known differences: TRL 1.16 has no prompt-length limit (plot_ds keeps a prompt's last
-max_prompt_length tokens, then cuts the responses; TRL cuts prompt + response at max_length), which
-changes only pairs whose prompt is longer than max_prompt_length (6 of the 444 CHAMP prompts at 128). TRL
+max_prompt_length tokens, then cuts the responses; TRL cuts prompt + response at max_length) and
+drops a pair whose completions that cut removes entirely, training on the rest. So only pairs whose
+prompt fits max_prompt_length are used (the run stops if TRL still drops one). TRL
 tokenises prompt + response as one string, plot_ds each part by itself, which can split the boundary
 differently. How each side computes the same thing is its own and is what is measured: e.g. TRL's
 log-probs come from a chunked ("fused") LM head that never holds the full logits, plot_ds's from the
@@ -204,6 +205,9 @@ def run_trl(args, data_file, workdir):
     timer = StepTimer()
     trainer = DPOTrainer(model=model_path, args=config, train_dataset=dataset,
                          processing_class=AutoTokenizer.from_pretrained(model_path), callbacks=[timer])
+    if len(trainer.train_dataset) != len(dataset):  # it drops pairs whose completions it truncated away
+        raise SystemExit(f"TRL kept {len(trainer.train_dataset)} of the {len(dataset)} pairs: the two sides would "
+                         "train on different pairs; raise --max-length")
     # Non-padding tokens of the chosen and rejected rows, from TRL's own tokenisation and collator.
     examples = [trainer.train_dataset[i] for i in range(len(trainer.train_dataset))]
     batches = [trainer.data_collator(examples[i:i + args.micro_batch])
@@ -253,24 +257,42 @@ def child_main(args):
 
 
 # ------------------------------------------------------------------------------------------ parent
-def write_pairs(path, count, source=None):
+def prompt_tokens(model, prompts):
+    """Each prompt's token count as both sides tokenise it (no chat template, no special tokens);
+    the tokenizers library alone, so that this parent process stays free of torch."""
+    from tokenizers import Tokenizer
+
+    from plot_ds.assets import resolve_model_path
+
+    tokenizer = Tokenizer.from_file(os.path.join(resolve_model_path(model), "tokenizer.json"))
+    return [len(tokenizer.encode(prompt, add_special_tokens=False).ids) for prompt in prompts]
+
+
+def write_pairs(path, count, source=None, model=None, max_prompt_length=None):
     # Only string fields: both sides then see the same explicit prompt/chosen/rejected records. Only
-    # the pairs the run trains on, so that a precomputed reference covers exactly those.
+    # the pairs the run trains on, so that a precomputed reference covers exactly those. Only pairs
+    # whose prompt fits max_prompt_length: TRL drops a pair whose prompt fills max_length and has no
+    # prompt limit of its own, so longer prompts would give the two sides different pairs.
     if source is None:
         from plot_ds.assets import champ_pairs
 
-        pairs = champ_pairs()[:count]
+        pairs = champ_pairs()
     else:
         with open(source) as handle:
-            pairs = [json.loads(line) for line in handle if line.strip()][:count]
+            pairs = [json.loads(line) for line in handle if line.strip()]
+    for number, pair in enumerate(pairs, 1):
+        missing = [k for k in ("prompt", "chosen", "rejected") if not isinstance(pair.get(k), str)]
+        if missing:
+            raise SystemExit(f"{source}: record {number} has no string field(s) {missing}")
+    if max_prompt_length is not None:
+        lengths = prompt_tokens(model, [pair["prompt"] for pair in pairs])
+        pairs = [pair for pair, length in zip(pairs, lengths) if length <= max_prompt_length]
     if len(pairs) < count:
-        raise SystemExit(f"{source or 'the built-in CHAMP pairs'}: {len(pairs)} pairs, the run needs {count} "
-                         f"((warmup + steps) x micro-batch); lower --steps or --micro-batch")
+        raise SystemExit(f"{source or 'the built-in CHAMP pairs'}: {len(pairs)} pairs with prompts of at most "
+                         f"{max_prompt_length} tokens, the run needs {count} ((warmup + steps) x micro-batch); "
+                         "raise --max-prompt-length or lower --steps or --micro-batch")
     with open(path, "w") as handle:
-        for number, pair in enumerate(pairs, 1):
-            missing = [k for k in ("prompt", "chosen", "rejected") if not isinstance(pair.get(k), str)]
-            if missing:
-                raise SystemExit(f"{source}: record {number} has no string field(s) {missing}")
+        for pair in pairs[:count]:
             handle.write(json.dumps({k: pair[k] for k in ("prompt", "chosen", "rejected")}) + "\n")
 
 
@@ -329,7 +351,8 @@ def main():
 
     # The parent stays small (no torch): a child's ru_maxrss can start from its parent's size.
     with tempfile.TemporaryDirectory(prefix="trl_comparison.") as workdir:
-        write_pairs(os.path.join(workdir, "pairs.jsonl"), (args.warmup + args.steps) * args.micro_batch, args.pairs)
+        write_pairs(os.path.join(workdir, "pairs.jsonl"), (args.warmup + args.steps) * args.micro_batch, args.pairs,
+                    args.model, args.max_prompt_length)
         runs = alternating_runs(args.rounds, lambda side: run_child(side, args, workdir))
     ours, theirs = pooled(runs["plot_ds"]), pooled(runs["trl"])
     result = {

@@ -40,9 +40,11 @@ def run_items(evaluation: dict, start_rewards: dict[str, float]) -> dict[str, di
 
 def run_costs(directory: Path, history: list[dict]) -> dict[str, dict[str, float]]:
     """The run-level metrics, as one-item maps: the median time per step after the first (which
-    holds the warm-up) and the training processes' peak resident memory."""
+    holds the warm-up; the first alone for a one-step run) and the training processes' peak
+    resident memory."""
     record = _read_json(directory / "compare_run.json") or {}
-    steps = [h["throughput/seconds_per_step"] for h in history[1:] if "throughput/seconds_per_step" in h]
+    steps = [h["throughput/seconds_per_step"] for h in history if "throughput/seconds_per_step" in h]
+    steps = steps[1:] or steps
     costs = {}
     if steps:
         costs["step_seconds"] = {"run": statistics.median(steps)}
