@@ -3,6 +3,7 @@ mistake is refused before anything trains, naming the variant and key."""
 import pytest
 import yaml
 
+from conftest import REPO
 from plot_ds.compare.grid import STANDARD_VARIANTS, build_grid, parse_sweep
 from plot_ds.compare.runner import plan, run_directory
 from plot_ds.config import ConfigError
@@ -81,3 +82,23 @@ def test_a_run_directory_of_other_settings_is_refused_before_anything_trains(tmp
     changed = build_grid(seeds=[1], only=["dpo", "sft"], overrides={"train.lr": 3e-6})
     with pytest.raises(ConfigError, match="holds a run of other settings \\(train.lr: 1e-05 -> 3e-06\\)"):
         plan(changed, tmp_path)
+
+
+def test_every_shipped_grid_builds():
+    grids = sorted((REPO / "configs" / "grids").glob("*.yaml"))
+    assert grids
+    for path in grids:
+        grid = build_grid(path)
+        assert len(grid.runs()) == len(grid.variants) * len(grid.seeds) and grid.baseline in grid.variants
+
+
+def test_a_run_saved_by_an_older_version_without_a_new_key_still_resumes():
+    from plot_ds.compare.grid import differences
+    from plot_ds.config import Config
+
+    wanted = Config().to_dict()
+    saved = Config().to_dict()
+    del saved["eval"]["reward_model"]
+    assert differences(saved, wanted) == []
+    wanted["eval"]["reward_model"] = "rm/"
+    assert differences(saved, wanted) == ["eval.reward_model: '(absent)' -> 'rm/'"]

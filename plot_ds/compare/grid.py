@@ -170,11 +170,15 @@ def check_comparable(grid: Grid) -> None:
 
 def differences(saved: dict, wanted: dict) -> list[str]:
     """The keys in which a run's saved config (``Config.to_dict``) differs from the one the grid
-    would give it now, as ``section.key: saved -> wanted``."""
+    would give it now, as ``section.key: saved -> wanted``. A key the saved config lacks (written by
+    an older plot_ds) counts only when the grid now sets it to other than its default."""
+    defaults = Config().to_dict()
     found = []
     for section, values in wanted.items():
         for key, value in values.items():
             before = saved.get(section, {}).get(key, "(absent)")
+            if before == "(absent)" and value == defaults[section][key]:
+                continue
             if before != value and key != "output_dir":
                 found.append(f"{section}.{key}: {before!r} -> {value!r}")
     return found
