@@ -110,12 +110,12 @@ fi
 # quality columns mean nothing; docs/results.md holds the real model's. Last: its limit is the
 # lease's rest, and a grid cut short still reports the runs it finished.
 read -r -a COMPARE_EXTRA <<< "${GPU_CHECK_COMPARE_ARGS:-}"
-echo "== plot-compare grid (configs/compare_champ.yaml, seed 1, full lengths): compare/compare.md"
-timeout "${GPU_CHECK_COMPARE_LIMIT:-300}" "$PYTHON" -m plot_ds.compare --grid configs/compare_champ.yaml \
+echo "== plot-compare grid (configs/grids/champ.yaml, seed 1, full lengths): compare/compare.md"
+timeout "${GPU_CHECK_COMPARE_LIMIT:-300}" "$PYTHON" -m plot_ds.compare --grid configs/grids/champ.yaml \
     --output "$RESULTS/compare" --seeds 1 --discard-weights --model.name_or_path "$MODEL" --data.source "$DATA" \
     --train.precision "$PRECISION" --data.max_length 512 --data.max_prompt_length 256 "${COMPARE_EXTRA[@]}" \
     > "$RESULTS/compare.log" 2>&1 || FAILED+=("compare")
-"$PYTHON" -m plot_ds.compare --grid configs/compare_champ.yaml --output "$RESULTS/compare" --seeds 1 --report-only \
+"$PYTHON" -m plot_ds.compare --grid configs/grids/champ.yaml --output "$RESULTS/compare" --seeds 1 --report-only \
     --model.name_or_path "$MODEL" --data.source "$DATA" --train.precision "$PRECISION" --data.max_length 512 \
     --data.max_prompt_length 256 "${COMPARE_EXTRA[@]}" >> "$RESULTS/compare.log" 2>&1
 grep -E "^\[plot-compare\] [0-9]" "$RESULTS/compare.log"

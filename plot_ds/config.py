@@ -13,7 +13,7 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
-from .config_values import ConfigError, apply_override, flatten_sections, parse_overrides
+from .config_values import ConfigError, apply_override, flatten_sections, parse_overrides, read_yaml_file
 
 __all__ = ["Config", "ConfigError", "load_config", "parse_overrides"]
 
@@ -376,13 +376,7 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     """Defaults <- YAML file <- overrides, then validated."""
     config = Config()
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        try:
-            tree = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: not valid YAML: {err}") from None
+        tree = read_yaml_file(Path(path), "config file")
         for key, value in flatten_sections(tree, str(path)).items():
             apply_override(config, key, value)
     for key, value in (overrides or {}).items():

@@ -8,6 +8,8 @@ import types
 import typing
 from typing import Any, Literal
 
+from pathlib import Path
+
 import yaml
 
 
@@ -132,3 +134,13 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
         except yaml.YAMLError as err:
             raise ConfigError(f"{key}: cannot parse value {raw!r}: {err.problem}") from None
     return overrides
+
+
+def read_yaml_file(path: Path, what: str) -> Any:
+    """A YAML file's content (``yaml.safe_load``: never code), or a one-line error naming it."""
+    if not path.is_file():
+        raise ConfigError(f"{what} {path} does not exist")
+    try:
+        return yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None

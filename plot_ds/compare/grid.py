@@ -23,6 +23,7 @@ from typing import Any
 import yaml
 
 from ..config import Config, ConfigError, load_config
+from ..config_values import read_yaml_file
 
 # What must be equal for two runs to be compared: the starting model, the data and its held-out
 # carve, the steps and the batch. A variant or sweep that changes one of these is refused.
@@ -98,12 +99,7 @@ def parse_sweep(text: str) -> tuple[str, dict]:
 
 
 def _read_grid_file(path: Path) -> dict:
-    if not path.is_file():
-        raise ConfigError(f"grid file {path} does not exist")
-    try:
-        tree = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    tree = read_yaml_file(path, "grid file")
     if not isinstance(tree, dict) or set(tree) - GRID_KEYS:
         unknown = sorted(set(tree) - GRID_KEYS) if isinstance(tree, dict) else ["(not a mapping)"]
         raise ConfigError(f"{path}: unknown grid key(s) {', '.join(map(str, unknown))}; "
