@@ -1,3 +1,5 @@
+import json
+
 import pytest
 
 from plot_ds.assets import champ_pairs
@@ -16,12 +18,27 @@ def test_builtin_champ_has_the_444_real_pairs():
 
 
 def test_split_is_seeded_and_disjoint():
-    pairs = [{"id": str(i)} for i in range(50)]
+    pairs = [Pair(str(i), f"f:{i}", "explicit", f"prompt {i}", "a", "b") for i in range(50)]
     train, held = split_pairs(pairs, 10, seed=3)
     assert len(train) == 40 and len(held) == 10
-    assert not {p["id"] for p in train} & {p["id"] for p in held}
+    assert not {p.id for p in train} & {p.id for p in held}
     assert split_pairs(pairs, 10, seed=3) == (train, held)
     assert split_pairs(pairs, 10, seed=4)[1] != held
+
+
+def test_split_keeps_every_prompt_on_one_side():
+    from plot_ds.assets import champ_pairs
+
+    pairs, _, _ = load_pairs("builtin:champ")
+    assert len({p.prompt for p in pairs}) == 243 < len(pairs) == len(champ_pairs())  # several pairs a prompt
+    for size, seed in ((40, 1234), (8, 1), (100, 7)):
+        train, held = split_pairs(pairs, size, seed)
+        assert len(held) == size and len(train) + size == len(pairs)
+        assert not {p.prompt for p in train} & {p.prompt for p in held}
+    conversational = [Pair(str(i), "f", "conversational", [{"role": "user", "content": f"q{i % 3}"}], "a", "b")
+                      for i in range(9)]
+    train, held = split_pairs(conversational, 3, seed=0)
+    assert len(held) == 3 and len({json.dumps(p.prompt) for p in held}) == 1
 
 
 @pytest.fixture(scope="module")

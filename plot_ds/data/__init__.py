@@ -4,6 +4,7 @@
 """
 from __future__ import annotations
 
+import json
 import random
 from collections import Counter
 from dataclasses import dataclass, field
@@ -90,12 +91,24 @@ def load_pairs(source: str, data_config=None, split: str = "train") -> tuple[lis
 
 
 def split_pairs(pairs: list, eval_size: int, seed: int) -> tuple[list, list]:
-    """Carve a held-out set off with a fixed seed, identical on every rank."""
+    """Carve ``eval_size`` held-out pairs off with a fixed seed, identical on every rank, by whole
+    prompts: all pairs of a prompt fall on one side, so that no held-out prompt (nor the chosen
+    response its pairs usually share) is trained on. Prompts are taken in a seeded order, skipping
+    one whose pairs would overshoot ``eval_size``."""
     if eval_size >= len(pairs):
         raise DataError(f"data.eval_size ({eval_size}) must be smaller than the {len(pairs)} valid pairs")
-    order = list(range(len(pairs)))
+    groups: dict[str, list[int]] = {}
+    for index, pair in enumerate(pairs):
+        key = pair.prompt if isinstance(pair.prompt, str) else json.dumps(pair.prompt, sort_keys=True)
+        groups.setdefault(key, []).append(index)
+    order = list(groups.values())
     random.Random(seed).shuffle(order)
-    held_out = set(order[:eval_size])
+    held_out: set[int] = set()
+    for group in order:
+        if len(held_out) + len(group) <= eval_size:
+            held_out.update(group)
+        if len(held_out) == eval_size:
+            break
     return ([p for i, p in enumerate(pairs) if i not in held_out],
             [p for i, p in enumerate(pairs) if i in held_out])
 
