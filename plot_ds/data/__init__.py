@@ -189,7 +189,9 @@ def prepare_datasets(data_config, tokenizer, preparer: bool = True, sync=lambda:
     else:
         train_pairs, eval_pairs = split_pairs(pairs, data_config.eval_size, data_config.seed) \
             if data_config.eval_size else (pairs, [])
-        eval_report = DataReport("eval", f"{data_config.eval_size} pairs held out of {data_config.source}")
+        short = f" (not {data_config.eval_size}: whole prompts did not add up to it)" \
+            if len(eval_pairs) != data_config.eval_size else ""
+        eval_report = DataReport("eval", f"{len(eval_pairs)} pairs held out of {data_config.source}, whole prompts{short}")
     results = []
     for report, split in ((train_report, train_pairs), (eval_report, eval_pairs)):
         examples, tokenize_defects, report.fingerprint = _tokenize_cached(tokenizer, split, data_config,
