@@ -22,7 +22,7 @@ def test_a_non_editable_install_trains_a_step_outside_the_checkout(tmp_path, tin
     interpreter; then one training step runs from a folder that is not the checkout, with
     `deepspeed.config: auto` and with `ds_configs/zero3.json`, neither of which exists there."""
     source = tmp_path / "source"
-    shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(".git", "runs", "build", "dist", "*.egg-info",
+    shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(".git", "runs", "results", "build", "dist", "*.egg-info",
                                                                "__pycache__", ".pytest_cache", ".slurm", ".gpu"))
     venv = tmp_path / "venv"
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
@@ -38,6 +38,11 @@ def test_a_non_editable_install_trains_a_step_outside_the_checkout(tmp_path, tin
     elsewhere.mkdir()
     where = run([python, "-c", "import plot_ds; print(plot_ds.__file__)"], elsewhere, env).strip()
     assert where.startswith(str(venv)), where  # the installed copy, not the checkout
+    # plot-compare hands its launcher a file of the installed package
+    entry = run([python, "-c", "from plot_ds.compare.runner import ENTRY; print(ENTRY, ENTRY.is_file())"],
+                elsewhere, env).split()
+    assert entry[0].startswith(str(venv)) and entry[1] == "True"
+    assert "plot-compare [--grid GRID.yaml]" in run([venv / "bin" / "plot-compare", "--help"], elsewhere, env)
     for setting, expected_stage in (("auto", 3), ("ds_configs/zero3.json", 3), ("ds_configs/zero2.json", 2)):
         out = elsewhere / f"run_{expected_stage}_{setting.replace('/', '_')}"
         run([venv / "bin" / "plot-train", "--model.name_or_path", tiny_model_dir, "--deepspeed.config", setting,
