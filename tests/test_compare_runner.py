@@ -72,6 +72,15 @@ def test_a_killed_grid_resumes_without_retraining_finished_runs(tiny_model_dir, 
     assert "–" not in row
     assert (tmp_path / "out" / "compare.png").stat().st_size > 10_000
     assert "TensorBoard, every run overlaid" in second.stdout
+    # a second report on a subset of the same runs leaves the first one as it was
+    before = table
+    subset = subprocess.run(compare_command(tmp_path, tiny_model_dir, grid, "--variants", "dpo", "--seeds", "1",
+                                            "--report-only", "--report", "dpo_only"),
+                            cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=300)
+    assert subset.returncode == 0, subset.stdout + subset.stderr
+    assert json.loads((tmp_path / "out" / "dpo_only.json").read_text())["variants"]["dpo"]["seeds"] == [1]
+    assert "| sft+plot |" not in (tmp_path / "out" / "dpo_only.md").read_text()
+    assert (tmp_path / "out" / "dpo_only.png").is_file() and (tmp_path / "out" / "compare.md").read_text() == before
 
 
 def test_a_failed_run_is_reported_and_the_others_go_on(tiny_model_dir, tmp_path):

@@ -12,12 +12,12 @@ from ..config import ConfigError, load_config, parse_overrides
 USAGE = """plot-compare [--grid GRID.yaml] [--config BASE.yaml] [--output DIR] [--seeds 1,2,3]
                     [--variants dpo,dpo+plot] [--sweep [VARIANT:]plot.alpha=0.1,0.3,1] [--baseline dpo]
                     [--launcher "torchrun --nproc_per_node 8"] [--discard-weights] [--report-only]
-                    [--section.key VALUE ...]
+                    [--report NAME] [--section.key VALUE ...]
 
 Trains every (variant, seed) of a grid as its own run under DIR/runs/ on the same data order and
 steps, evaluates each final model and the starting model on the same held-out pairs, and writes
-DIR/compare.md, compare.json and compare.png. Without --grid: dpo, dpo+plot, dpo+sft, sft and
-sft+plot on the base config. Overrides apply to every run. A rerun skips evaluated runs and resumes
+DIR/compare.md, compare.json and compare.png (NAME.md, ... with --report NAME). Without --grid:
+dpo, dpo+plot, dpo+sft, sft and sft+plot on the base config. Overrides apply to every run. A rerun skips evaluated runs and resumes
 unfinished ones. Exit status: 0 all runs done, 1 some run failed (the others went on), 2 a config or
 grid error (nothing trained), 130 interrupted (rerun to resume)."""
 
@@ -35,6 +35,8 @@ def parse_args(argv: list[str]):
     parser.add_argument("--discard-weights", action="store_true",
                         help="delete each run's checkpoints and final model once it is evaluated")
     parser.add_argument("--report-only", action="store_true", help="write the report of the runs evaluated so far")
+    parser.add_argument("--report", default="compare", metavar="NAME",
+                        help="the report's file names: NAME.md, NAME.json, NAME.png (default: compare)")
     known, rest = parser.parse_known_args(argv)
     return known, parse_overrides(rest)
 
@@ -77,8 +79,9 @@ def main(argv: list[str] | None = None) -> int:
         except KeyboardInterrupt:
             print("[plot-compare] interrupted; the same command resumes the grid", file=sys.stderr)
             return 130
-    write_report(grid, output)
-    print(f"[plot-compare] report: {(output / 'compare.md').resolve()} (also compare.json, compare.png)")
+    write_report(grid, output, args.report)
+    print(f"[plot-compare] report: {(output / f'{args.report}.md').resolve()} "
+          f"(also {args.report}.json, {args.report}.png)")
     print(f"[plot-compare] TensorBoard, every run overlaid: tensorboard --logdir {(output / 'runs').resolve()}")
     failed = [name for name, status in statuses.items() if status == "failed"]
     if failed:

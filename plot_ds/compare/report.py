@@ -138,13 +138,14 @@ def markdown(summary: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_report(grid: Grid, output: Path) -> dict:
-    """compare.json, compare.md and compare.png in ``output``; returns the summary."""
+def write_report(grid: Grid, output: Path, name: str = "compare") -> dict:
+    """NAME.json, NAME.md and NAME.png in ``output`` (several reports can share one set of runs,
+    e.g. the seeded grid and a one-seed exploration); returns the summary."""
     start, results = collect(grid, output)
     summary = summarise(grid, start, results)
-    write_text_atomically(output / "compare.json", json.dumps(summary, indent=2))
-    write_text_atomically(output / "compare.md", markdown(summary))
+    write_text_atomically(output / f"{name}.json", json.dumps(summary, indent=2))
+    write_text_atomically(output / f"{name}.md", markdown(summary))
     from .figure import draw
 
-    draw(summary, results, output / "compare.png")
+    draw(summary, results, output / f"{name}.png")
     return summary
