@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 from .atomic import atomic_folder
+from .errors import UserError
 
 BUILTIN_PREFIX = "builtin:"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -21,8 +22,9 @@ CHAMP_PROMPT = ("Solve the following problem. Make sure to show your work before
                 "final answer.\n\n{problem}")
 
 
-class AssetError(RuntimeError):
+class AssetError(UserError, RuntimeError):
     """A built-in asset is missing; the message says what to install."""
+    kind = "asset"
 
 
 def cache_dir() -> Path:

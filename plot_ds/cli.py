@@ -5,6 +5,7 @@ import argparse
 import sys
 
 from .config import ConfigError, load_config, parse_overrides
+from .errors import user_errors
 
 TRAIN_USAGE = """plot-train [--config FILE.yaml] [--section.key VALUE ...]
 
@@ -22,13 +23,10 @@ def parse_train_args(argv: list[str], prog: str = "plot-train", usage: str = TRA
     return known.config, parse_overrides(rest)
 
 
+@user_errors("plot-train")
 def train_main(argv: list[str] | None = None) -> int:
-    try:
-        config_path, overrides = parse_train_args(sys.argv[1:] if argv is None else argv)
-        config = load_config(config_path, overrides)
-    except ConfigError as err:
-        print(f"plot-train: config error: {err}", file=sys.stderr)
-        return 2
+    config_path, overrides = parse_train_args(sys.argv[1:] if argv is None else argv)
+    config = load_config(config_path, overrides)
     from .preemption import EXIT_FAULTS, EXIT_PREEMPTED
     from .training import train  # heavy imports only after the config is known to be good
 
@@ -41,29 +39,23 @@ DATA_USAGE = """plot-data [--config FILE.yaml] [--section.key VALUE ...]
 Reads, validates and tokenises the configured data (section `data`, tokenizer of `model`) and
 describes it: pairs per split, formats detected, token-length histogram, truncation, and every
 record left out with its file, line and field. Exit status 1 when data.on_bad_record is strict
-and any record is bad (training would refuse to start), else 0."""
+and any record is bad (training would refuse to start), 2 when the data or model cannot be read,
+else 0."""
 
 
+@user_errors("plot-data")
 def data_main(argv: list[str] | None = None) -> int:
     import dataclasses
 
-    try:
-        config_path, overrides = parse_train_args(sys.argv[1:] if argv is None else argv, prog="plot-data",
-                                                  usage=DATA_USAGE)
-        config = load_config(config_path, overrides)
-    except ConfigError as err:
-        print(f"plot-data: config error: {err}", file=sys.stderr)
-        return 2
-    from .data import DataError, prepare_datasets
+    config_path, overrides = parse_train_args(sys.argv[1:] if argv is None else argv, prog="plot-data",
+                                              usage=DATA_USAGE)
+    config = load_config(config_path, overrides)
+    from .data import prepare_datasets
     from .models import load_tokenizer
 
-    try:
-        tokenizer = load_tokenizer(config)
-        # Collect every problem instead of stopping at the first report.
-        _, _, reports = prepare_datasets(dataclasses.replace(config.data, on_bad_record="skip"), tokenizer)
-    except DataError as err:
-        print(f"plot-data: {err}", file=sys.stderr)
-        return 1
+    tokenizer = load_tokenizer(config)
+    # Collect every problem instead of stopping at the first report.
+    _, _, reports = prepare_datasets(dataclasses.replace(config.data, on_bad_record="skip"), tokenizer)
     for report in reports:
         print(report.describe())
     bad = sum(len(r.defects) for r in reports)
@@ -81,6 +73,7 @@ overrides for the data). Writes the held-out loss, reward accuracy and margins, 
 costs, greedy generations and answer accuracy as JSON (default: <run>/eval/<model name>.json)."""
 
 
+@user_errors("plot-eval")
 def eval_main(argv: list[str] | None = None) -> int:
     import argparse
     from pathlib import Path
@@ -93,22 +86,18 @@ def eval_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     known, rest = parser.parse_known_args(argv)
     target = Path(known.target)
-    try:
-        overrides = parse_overrides(rest)
-        if (target / "config.yaml").is_file():  # a run directory
-            model = target / "final_model"
-            if not (model / "config.json").is_file():
-                raise ConfigError(f"{target} has no exported final_model/: plot_ds reads models from safetensors "
-                                  f"only (DeepSpeed checkpoints are pickles); train with train.export_final true")
-            config = load_config(known.config or target / "config.yaml", overrides)
-            output = Path(known.output or target / "eval" / "final_model.json")
-        else:
-            config = load_config(known.config, overrides)
-            model = known.target
-            output = Path(known.output or Path(config.train.output_dir) / "eval" / f"{Path(known.target).name}.json")
-    except ConfigError as err:
-        print(f"plot-eval: config error: {err}", file=sys.stderr)
-        return 2
+    overrides = parse_overrides(rest)
+    if (target / "config.yaml").is_file():  # a run directory
+        model = target / "final_model"
+        if not (model / "config.json").is_file():
+            raise ConfigError(f"{target} has no exported final_model/: plot_ds reads models from safetensors "
+                              f"only (DeepSpeed checkpoints are pickles); train with train.export_final true")
+        config = load_config(known.config or target / "config.yaml", overrides)
+        output = Path(known.output or target / "eval" / "final_model.json")
+    else:
+        config = load_config(known.config, overrides)
+        model = known.target
+        output = Path(known.output or Path(config.train.output_dir) / "eval" / f"{Path(known.target).name}.json")
     from .evaluation import evaluate_model
 
     report = evaluate_model(config, str(model), output)
@@ -126,22 +115,19 @@ run directory's newest complete checkpoint, or from one checkpoint directory. On
 the ranks' partitions are merged from disk. Default output: <checkpoint>/hf_model."""
 
 
+@user_errors("plot-export")
 def export_main(argv: list[str] | None = None) -> int:
     import argparse
     from pathlib import Path
 
-    from .checkpointing import CheckpointError, find_checkpoint
+    from .checkpointing import find_checkpoint
     from .hf_export import export_checkpoint
 
     parser = argparse.ArgumentParser(prog="plot-export", usage=EXPORT_USAGE)
     parser.add_argument("source")
     parser.add_argument("--output", default=None)
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    try:
-        directory = find_checkpoint(args.source, Path(args.source))
-        target = export_checkpoint(directory, Path(args.output or directory / "hf_model"))
-    except CheckpointError as err:
-        print(f"plot-export: {err}", file=sys.stderr)
-        return 1
+    directory = find_checkpoint(args.source, Path(args.source))
+    target = export_checkpoint(directory, Path(args.output or directory / "hf_model"))
     print(f"[plot_ds] exported {directory} to {target.resolve()}")
     return 0

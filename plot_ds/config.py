@@ -24,7 +24,8 @@ class ModelConfig:
     name_or_path: str = "builtin:smollm2-135m-instruct"
     revision: Optional[str] = None
     trust_remote_code: bool = False
-    attn_implementation: Optional[str] = "sdpa"
+    # auto: flash_attention_2 where installed and supported on a GPU, else sdpa, else eager.
+    attn_implementation: Optional[str] = "auto"
     gradient_checkpointing: bool = False
     # Each pair's prompt computed once; the responses continue from its key/value cache in two
     # passes (plot_ds/prompt_sharing.py; timings in docs/benchmarks.md). auto: on, except where

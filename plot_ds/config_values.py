@@ -12,9 +12,12 @@ from pathlib import Path
 
 import yaml
 
+from .errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A configuration key or value is wrong; the message names the key."""
+    kind = "config"
 
 
 def coerce(key: str, value: Any, expected: Any) -> Any:

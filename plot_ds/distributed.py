@@ -99,6 +99,26 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def on_every_rank(flag: bool) -> bool:
+    """Whether ``flag`` holds on every rank: one integer all-reduce, whatever the world size."""
+    import deepspeed.comm as dist
+
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return flag
+    from deepspeed.accelerator import get_accelerator
+
+    device = get_accelerator().current_device_name() if get_accelerator().device_name() != "cpu" else "cpu"
+    value = torch.tensor([int(flag)], dtype=torch.int32, device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MIN)
+    return bool(value.item())
+
+
+def rank() -> int:
+    import deepspeed.comm as dist
+
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
 def world_size() -> int:
     import deepspeed.comm as dist
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import yaml
 
-from .assets import resolve_model_path
+from .model_source import model_source
 from .config import Config, ConfigError, TrainConfig
 
 PACKAGED_FOLDER = "ds_configs"  # plot_ds/ds_configs: the same files as the top-level ds_configs/
@@ -127,11 +127,7 @@ def choose_ds_config(config: Config, world_size: int, resume_from: Path | None, 
 def _hidden_size(config: Config, template: dict) -> int | None:
     if not any(template.get("zero_optimization", {}).get(key) == "auto" for key in MODEL_SIZED_ZERO):
         return None
-    from transformers import AutoConfig
-
-    model_config = AutoConfig.from_pretrained(resolve_model_path(config.model.name_or_path),
-                                              revision=config.model.revision,
-                                              trust_remote_code=config.model.trust_remote_code)
+    _, model_config = model_source(config.model.name_or_path, config.model.revision, config.model.trust_remote_code)
     return getattr(model_config.get_text_config(), "hidden_size", None)
 
 

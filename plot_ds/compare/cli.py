@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from ..config import ConfigError, load_config, parse_overrides
+from ..errors import user_errors
 
 USAGE = """plot-compare [--grid GRID.yaml] [--config BASE.yaml] [--output DIR] [--seeds 1,2,3]
                     [--variants dpo,dpo+plot] [--sweep [VARIANT:]plot.alpha=0.1,0.3,1] [--baseline dpo]
@@ -50,22 +51,26 @@ def _launcher(text: str | None) -> list[str]:
     return words
 
 
+def _seeds(text: str | None) -> list[int] | None:
+    if not text:
+        return None
+    try:
+        return [int(s) for s in text.split(",")]
+    except ValueError:
+        raise ConfigError(f"--seeds {text!r}: expected comma-separated integers (e.g. 1,2,3)") from None
+
+
+@user_errors("plot-compare")
 def main(argv: list[str] | None = None) -> int:
     from .grid import build_grid
+    from .runner import plan
 
-    try:
-        args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
-        seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else None
-        only = [v.strip() for v in args.variants.split(",")] if args.variants else None
-        grid = build_grid(args.grid, args.config, overrides, seeds, only, args.sweep, args.baseline)
-        launcher = _launcher(args.launcher)
-        output = Path(args.output)
-        from .runner import plan
-
-        plan(grid, output)
-    except (ConfigError, ValueError) as err:
-        print(f"plot-compare: {err}", file=sys.stderr)
-        return 2
+    args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+    only = [v.strip() for v in args.variants.split(",")] if args.variants else None
+    grid = build_grid(args.grid, args.config, overrides, _seeds(args.seeds), only, args.sweep, args.baseline)
+    launcher = _launcher(args.launcher)
+    output = Path(args.output)
+    plan(grid, output)
     from .report import write_report
     from .runner import run_grid
 
@@ -92,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
 EVAL_USAGE = "launch_entry.py compare-eval MODEL --config RUN.yaml --start-model START_MODEL --output FILE.json"
 
 
+@user_errors("plot-compare evaluation")
 def evaluate_main(argv: list[str] | None = None) -> int:
     """One model against the starting model (launched by plot-compare under the run's launcher)."""
     parser = argparse.ArgumentParser(prog="plot-compare evaluation", usage=EVAL_USAGE)
@@ -101,11 +107,7 @@ def evaluate_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", required=True)
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    try:
-        config = load_config(args.config)
-    except ConfigError as err:
-        print(f"plot-compare evaluation: config error: {err}", file=sys.stderr)
-        return 2
+    config = load_config(args.config)
     from .model_eval import evaluate_against_start
 
     evaluate_against_start(config, args.model, args.start_model, Path(args.output))

@@ -15,12 +15,14 @@ from pathlib import Path
 from typing import Iterator
 
 from ..assets import BUILTIN_DATASETS, BUILTIN_PREFIX, champ_pairs
+from ..errors import UserError
 
 FILE_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".parquet", ".csv", ".csv.gz")
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """Bad input data; the message names the file, the record and the field."""
+    kind = "data"
 
 
 @dataclass(frozen=True)
