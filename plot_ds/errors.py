@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import functools
 import os
+import signal
 import sys
+import threading
 import time
 
 EXIT_INPUT = 2   # config, data, model or checkpoint input the user can fix
@@ -68,6 +70,9 @@ def report(prog: str, err: UserError) -> None:
     rank, world = launcher_rank(), launcher_world_size()
     prefix = f"{prog}: {err.kind} error: "
     if world > 1 and rank != 0:
+        if threading.current_thread() is threading.main_thread():
+            # The launcher stops us with SIGTERM, which training takes as "checkpoint and requeue".
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
         time.sleep(QUIET_SECONDS)
         prefix = f"[rank {rank}] {prefix}"
     print(prefix + str(err), file=sys.stderr, flush=True)

@@ -90,7 +90,7 @@ def test_a_failed_run_is_reported_and_the_others_go_on(tiny_model_dir, tmp_path)
     proc = subprocess.run(compare_command(tmp_path, tiny_model_dir, grid), cwd=REPO, env=child_env(),
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 1, proc.stdout + proc.stderr
-    assert "/3 broken/seed1: FAILED: training exited 1 after" in proc.stdout
+    assert "/3 broken/seed1: FAILED: training exited 2 after" in proc.stdout
     assert "failed: broken/seed1" in proc.stderr
     assert (tmp_path / "out" / "runs" / "sft" / "seed1" / "compare_eval.json").is_file()
     assert "no_such_attention" in (tmp_path / "out" / "runs" / "broken" / "seed1" / "compare.log").read_text()
@@ -101,8 +101,8 @@ def test_unknown_keys_and_variants_are_refused_before_anything_trains(tiny_model
     proc = subprocess.run(compare_command(tmp_path, tiny_model_dir, grid), cwd=REPO, env=child_env(),
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2
-    assert proc.stderr.strip() == ("plot-compare: variant 'dpo' (seed 1): unknown config key 'plot.alpah' "
-                                   "(did you mean 'plot.alpha'?)")
+    assert proc.stderr.strip() == ("plot-compare: config error: variant 'dpo' (seed 1): unknown config key "
+                                   "'plot.alpah' (did you mean 'plot.alpha'?)")
     proc = subprocess.run(compare_command(tmp_path, tiny_model_dir, grid, "--variants", "dpo+plot"), cwd=REPO,
                           env=child_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "unknown variant(s) dpo+plot (variants: dpo)" in proc.stderr

@@ -184,6 +184,8 @@ def test_a_checkpoint_file_that_runs_code_when_unpickled_is_refused(uninterrupte
     marker = tmp_path / "the_payload_ran"
     tampered = out / "checkpoints" / "step_00000008" / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
     torch.save({"optimizer_state_dict": RunsCodeWhenUnpickled(marker)}, tampered)
+    # Whoever can replace a checkpoint file can rewrite its checksum too: the reader is the defence.
+    rewrite_checksum(tampered)
     resumed = subprocess.run([sys.executable, TRAIN, "--config", str(out / "config.yaml"), "--train.max_steps", "9",
                               "--train.gradient_accumulation_steps", "4", "--train.output_dir", str(out)],
                              cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=600)
@@ -194,6 +196,100 @@ def test_a_checkpoint_file_that_runs_code_when_unpickled_is_refused(uninterrupte
                               cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=600)
     assert exported.returncode != 0 and not marker.exists()
     assert "not loadable as plain data (weights_only=True)" in exported.stdout + exported.stderr
+
+
+def rewrite_checksum(path) -> None:
+    import hashlib
+
+    marker = path.parent / "plot_ds_complete.json"
+    info = json.loads(marker.read_text())
+    info["files"][path.name] = [path.stat().st_size, hashlib.sha256(path.read_bytes()).hexdigest()]
+    marker.write_text(json.dumps(info))
+
+
+def damage(path, how: str) -> None:
+    data = bytearray(path.read_bytes())
+    if how == "truncated":
+        path.write_bytes(bytes(data[: len(data) // 2]))
+    else:  # one byte flipped in the middle: same size, other content
+        data[len(data) // 2] ^= 0xFF
+        path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("how", ["truncated", "flipped"])
+def test_a_checkpoint_damaged_after_completion_is_skipped_by_auto_resume(
+        how, uninterrupted, tiny_model_dir, zero3_test_config, data_file, tmp_path):
+    """A shard of the newest complete checkpoint is damaged after it was marked complete: resume
+    auto names the file, resumes from the previous checkpoint, and steps 7-8 equal the
+    uninterrupted run's; an explicit train.resume of the damaged one is an error (exit 2)."""
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(uninterrupted, out)
+    shard = out / "checkpoints" / "step_00000008" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    damage(shard, how)
+    args = run_args(tiny_model_dir, zero3_test_config, out, "--data.source", data_file)
+    explicit = subprocess.run(torchrun_cmd(TRAIN, *args, "--train.resume", shard.parent), cwd=REPO, env=child_env(),
+                              capture_output=True, text=True, timeout=600)
+    text = explicit.stdout + explicit.stderr
+    assert "exitcode  : 2" in text and text.count("plot-train: checkpoint error: train.resume: ") == 1, text[-3000:]
+    assert f"{shard.parent} is damaged" in text and 'File "' + str(REPO / "plot_ds") not in text
+    resumed = run_command(torchrun_cmd(TRAIN, *args))
+    said = resumed.stdout + resumed.stderr
+    expected = "truncated?" if how == "truncated" else "does not match its checksum"
+    assert f"checkpoint {shard.parent} is damaged: {shard}" in said and expected in said, said[-3000:]
+    assert "step_00000006 at step 6" in resumed.stdout
+    assert_same_run(out, uninterrupted)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A tmpfs of a given size, mounted for real (root with CAP_SYS_ADMIN, as in CI here)."""
+    mounted = []
+
+    def mount(size_bytes: int):
+        point = tmp_path / f"disk{len(mounted)}"
+        point.mkdir()
+        proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_bytes}", "tmpfs", str(point)],
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here ({proc.stderr.strip()}): needs root with CAP_SYS_ADMIN")
+        mounted.append(point)
+        return point
+
+    yield mount
+    for point in mounted:
+        subprocess.run(["umount", "-l", str(point)], capture_output=True)
+
+
+def test_a_full_disk_while_checkpointing_loses_nothing(uninterrupted, tiny_model_dir, zero3_test_config, data_file,
+                                                       tmp_path, small_disk):
+    """Output on a disk with room for one checkpoint and a half: writing the second one fails. The
+    run exits 4 naming the path and the free space, the partial checkpoint is gone, the first is
+    still the newest complete one; moved to a larger disk, the run resumes and equals the
+    uninterrupted one."""
+    import shutil
+
+    one = sum(f.stat().st_size for f in (uninterrupted / "checkpoints" / "step_00000008").rglob("*") if f.is_file())
+    logs = sum(f.stat().st_size for f in uninterrupted.glob("*") if f.is_file())  # histories, configs
+    disk = small_disk(int(1.5 * one) + logs + (1 << 20))
+    out = disk / "run"
+    args = run_args(tiny_model_dir, zero3_test_config, out, "--data.source", data_file, "--data.cache_dir",
+                    tmp_path / "cache")
+    full = subprocess.run(torchrun_cmd(TRAIN, *args), cwd=REPO, env=child_env(), capture_output=True, text=True,
+                          timeout=600)
+    text = full.stdout + full.stderr
+    assert "exitcode  : 4" in text and text.count("plot-train: write error: writing checkpoint ") == 1, text[-3000:]
+    assert f"{out / 'checkpoints' / 'step_00000004'} failed" in text and "GiB free on" in text
+    assert 'File "' + str(REPO / "plot_ds") not in text
+    assert not (out / "checkpoints" / "step_00000004").exists()
+    assert (out / "checkpoints" / "latest_complete").read_text().strip() == "step_00000002"
+    moved = tmp_path / "larger_disk" / "run"
+    shutil.copytree(out, moved)
+    resumed = run_command(torchrun_cmd(TRAIN, *run_args(tiny_model_dir, zero3_test_config, moved, "--data.source",
+                                                        data_file, "--data.cache_dir", tmp_path / "cache")))
+    assert "step_00000002 at step 2" in resumed.stdout
+    assert_same_run(moved, uninterrupted)
 
 
 def stop_with(signal_number, cmd, out, after_steps: int) -> int:
