@@ -155,3 +155,19 @@ def test_auto_attention_picks_what_the_model_supports():
         attention_for("flash_attention_2", LlamaForCausalLM, torch.float32, "cpu")
     with pytest.raises(errors.ModelError, match="'sdpaa': not an attention implementation"):
         attention_for("sdpaa", LlamaForCausalLM, torch.float32, "cpu")
+
+
+@pytest.mark.parametrize("program,arguments,words", [
+    ("plot-data", ["--model.name_or_path", "{tiny}", "--data.source", "{root}/absent.jsonl"],
+     ["plot-data: data error: ", "absent.jsonl: no such file or folder"]),
+    ("plot-eval", ["{root}/no_such_model", "--data.source", "{root}/good.jsonl"],
+     ["plot-eval: model error: ", "no such folder"]),
+    ("plot-export", ["{root}"], ["plot-export: checkpoint error: ", "holds no complete plot_ds checkpoint"]),
+], ids=["plot-data", "plot-eval", "plot-export"])
+def test_every_entry_point_follows_the_policy(inputs, tmp_path, program, arguments, words):
+    main = {"plot-data": "data_main", "plot-eval": "eval_main", "plot-export": "export_main"}[program]
+    proc = subprocess.run([sys.executable, "-c", f"import sys; from plot_ds.cli import {main}; sys.exit({main}())",
+                           *fill(arguments, inputs)], cwd=tmp_path, env=child_env(), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 2, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stderr.count(words[0]) == 1 and words[1] in proc.stderr and "Traceback" not in proc.stderr, proc.stderr

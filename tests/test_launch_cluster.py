@@ -161,3 +161,40 @@ def test_mpirun_run_finishes_on_loopback(tiny_model_dir, zero3_test_config, tmp_
     assert proc.returncode == 0, f"mpirun exited {proc.returncode}:\n{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}"
     assert "[plot_ds] 2 rank(s) on cpu, rendezvous 127.0.0.1:" in proc.stdout, proc.stdout[-3000:]
     assert_finished_with_checkpoint(run_dir, 3)
+
+
+def assert_one_message(text: str, words: list[str]) -> None:
+    assert text.count("plot-train: data error: ") == 1, text[-5000:]
+    for word in words:
+        assert word in text, (word, text[-5000:])
+    assert "Traceback" not in text, text[-5000:]
+
+
+def test_mpirun_passes_an_input_error_through_once(tiny_model_dir, zero3_test_config, tmp_path):
+    """The error policy under mpirun: rank 0's message once, exit status 2, no traceback."""
+    require(shutil.which("mpirun") is not None, "mpirun (Open MPI) is not installed")
+    require(importlib.util.find_spec("mpi4py") is not None, "mpi4py is not installed")
+    config = tiny_config(tmp_path / "tiny.yaml", tiny_model_dir, zero3_test_config, tmp_path / "run", max_steps=3)
+    env = {key: value for key, value in child_env().items() if key not in ("MASTER_ADDR", "MASTER_PORT")}
+    proc = subprocess.run(["mpirun", "-np", "2", "--allow-run-as-root", "--oversubscribe",
+                           "--mca", "btl_tcp_if_include", "lo", "--mca", "oob_tcp_if_include", "lo",
+                           sys.executable, TRAIN, "--config", str(config), "--data.source", str(tmp_path / "absent.jsonl")],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2, f"mpirun exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    assert_one_message(proc.stdout + proc.stderr, ["absent.jsonl: no such file or folder"])
+
+
+def test_slurm_job_with_an_input_error_fails_with_its_status_and_one_message(slurm, tiny_model_dir,
+                                                                             zero3_test_config, tmp_path):
+    """sbatch launch/slurm.sh (srun --kill-on-bad-exit, one deepspeed launcher per node, 2 ranks)
+    with a data file that does not exist: the job FAILS with exit code 2, the log holds the message
+    once and no traceback, and no rank is left waiting."""
+    config = tiny_config(tmp_path / "tiny.yaml", tiny_model_dir, zero3_test_config, tmp_path / "run", max_steps=3)
+    job = slurm.sbatch("--nodes=1", "--gpus-per-node=0", "--cpus-per-task=2", "--partition=debug", "--time=10",
+                       f"--output={tmp_path}/%x-%j.out", "launch/slurm.sh", config,
+                       "--data.source", str(tmp_path / "absent.jsonl"),
+                       env=child_env(PROCS_PER_NODE="2", RUN_DIR=str(tmp_path / "run")), cwd=REPO)
+    final = slurm.wait(job, timeout=600)
+    text = _read_log(tmp_path / f"plot_ds-{job}.out")
+    assert final["JobState"] == "FAILED" and final["ExitCode"].startswith("2:"), (final, text[-3000:])
+    assert_one_message(text, ["absent.jsonl: no such file or folder"])
