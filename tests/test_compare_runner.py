@@ -91,6 +91,7 @@ def test_a_failed_run_is_reported_and_the_others_go_on(tiny_model_dir, tmp_path)
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "/3 broken/seed1: FAILED: training exited 2 after" in proc.stdout
+    assert "plot-train: model error: model.attn_implementation 'no_such_attention'" in proc.stdout
     assert "failed: broken/seed1" in proc.stderr
     assert (tmp_path / "out" / "runs" / "sft" / "seed1" / "compare_eval.json").is_file()
     assert "no_such_attention" in (tmp_path / "out" / "runs" / "broken" / "seed1" / "compare.log").read_text()

@@ -281,6 +281,7 @@ def test_a_full_disk_while_checkpointing_loses_nothing(uninterrupted, tiny_model
     text = full.stdout + full.stderr
     assert "exitcode  : 4" in text and text.count("plot-train: write error: writing checkpoint ") == 1, text[-3000:]
     assert f"{out / 'checkpoints' / 'step_00000004'} failed" in text and "GiB free on" in text
+    assert "less than the previous checkpoint" in text  # warned before it tried
     assert 'File "' + str(REPO / "plot_ds") not in text
     assert not (out / "checkpoints" / "step_00000004").exists()
     assert (out / "checkpoints" / "latest_complete").read_text().strip() == "step_00000002"

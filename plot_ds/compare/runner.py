@@ -152,19 +152,26 @@ def train_and_evaluate(run: PlannedRun, launcher: list[str], start_model: str, k
         if training.returncode == EXIT_PREEMPTED:
             raise KeyboardInterrupt
         if training.returncode != 0:
-            return f"FAILED: training exited {training.returncode} after {training.seconds:.0f} s (log: {log})"
+            return (f"FAILED: training exited {training.returncode} after {training.seconds:.0f} s"
+                    f"{_user_error(log)} (log: {log})")
         _record(run, train_seconds=training.seconds, train_peak_rss_mb=training.peak_rss_mb)
     model = start_model if run.spec is None else str(run.directory / "final_model")
     evaluation = launch([*launcher, str(ENTRY), "compare-eval", model, "--config", str(config_path),
                          "--start-model", start_model, "--output", str(run.evaluation)], log)
     launched.append(evaluation)
     if evaluation.returncode != 0 or not run.evaluation.is_file():
-        return f"FAILED: evaluation exited {evaluation.returncode} (log: {log})"
+        return f"FAILED: evaluation exited {evaluation.returncode}{_user_error(log)} (log: {log})"
     _record(run, eval_seconds=evaluation.seconds, eval_peak_rss_mb=evaluation.peak_rss_mb)
     if not keep_weights and run.spec is not None:
         for name in ("checkpoints", "final_model"):
             shutil.rmtree(run.directory / name, ignore_errors=True)
     return f"{'trained and evaluated' if len(launched) == 2 else 'evaluated'} in {sum(l.seconds for l in launched):.0f} s"
+
+
+def _user_error(log: Path) -> str:
+    """The run's own one-line message (plot_ds/errors.py), when it stopped on a user error."""
+    lines = [line for line in log.read_text(errors="replace").splitlines() if " error: " in line and "plot-" in line]
+    return f": {lines[-1].strip()[:300]}" if lines else ""
 
 
 def run_grid(grid: Grid, output: Path, launcher: list[str] | None = None, keep_weights: bool = True,
