@@ -8,7 +8,8 @@ from pathlib import Path
 from .assets import resolve_model_path
 from .errors import ModelError
 
-_CAUSAL_LM_SUFFIXES = ("ForCausalLM", "LMHeadModel")
+# Besides transformers' causal-LM classes: multimodal checkpoints whose text model generates.
+_CAUSAL_LM_SUFFIXES = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")
 
 
 def _looks_like_path(name: str) -> bool:
@@ -58,7 +59,9 @@ def _check_causal_lm(where: str, hf_config) -> None:
         raise ModelError(f"{where}: model type '{hf_config.model_type}' has no causal-LM class in transformers "
                          "(AutoModelForCausalLM), so it cannot generate or be preference-tuned here; use a "
                          "decoder (…ForCausalLM) checkpoint")
-    heads = [a for a in hf_config.architectures or [] if not a.endswith(_CAUSAL_LM_SUFFIXES)]
+    causal = {name for names in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()
+              for name in (names if isinstance(names, (list, tuple)) else [names])}
+    heads = [a for a in hf_config.architectures or [] if a not in causal and not a.endswith(_CAUSAL_LM_SUFFIXES)]
     if hf_config.architectures and len(heads) == len(hf_config.architectures):
         raise ModelError(f"{where}: its config.json says it is a {', '.join(heads)}, not a causal language model: "
                          "loaded as one, its LM head would start from random weights. Use the causal-LM "
