@@ -151,3 +151,49 @@ def test_trl_comparison_alternates_the_sides_and_pools_their_rounds():
     # Steps 5, 6 (run 1), 8, 9 (run 4), 9, 10 (run 5): the median of all six, the highest peak.
     assert ours["pairs_per_s"] == 8.5 and ours["peak_rss_mib"] == 500.0 and ours["losses"] == [0.69]
     assert bench.pooled(runs["trl"])["pairs_per_s"] == statistics.median([5, 4, 5, 6, 9, 8])
+
+
+def _load_bench(name: str):
+    spec = importlib.util.spec_from_file_location(name, REPO / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_plot_gradient_scale_statistics_match_hand_computation():
+    import torch
+
+    scale = _load_bench("plot_gradient_scale")
+    torch.manual_seed(0)
+    logits, targets = torch.randn(5, 6), torch.tensor([0, 1, 2, 3, 5])
+    # Orthonormal rows: every other token costs 1, so W is exactly the restricted off-target mass.
+    stats = scale.position_statistics(logits, targets, torch.eye(6), top_k=3, cost="cosine")
+    assert torch.allclose(stats["w"], 1 - stats["p_restricted"], atol=1e-6)
+    assert torch.allclose(stats["p_full"], logits.softmax(-1)[torch.arange(5), targets], atol=1e-6)
+    assert torch.all(stats["close_mass"] == 0)
+    # d/dz of W = sum_i p~_i c_i over the support is p~_i (c_i - W) on the support, 0 elsewhere.
+    support = torch.cat([logits.topk(3).indices, targets[:, None]], -1)
+    expected = []
+    for row, ids in enumerate(support):
+        ids = ids.unique()
+        p = logits[row, ids].softmax(-1)
+        c = (ids != targets[row]).float()
+        expected.append((p * (c - (p * c).sum())).norm())
+    assert torch.allclose(stats["grad_w"], torch.stack(expected), atol=1e-6)
+    nll_grad = (logits.softmax(-1) - torch.nn.functional.one_hot(targets, 6)).norm(dim=-1)
+    assert torch.allclose(stats["grad_nll"], nll_grad, atol=1e-6)
+    # Identical rows: moving mass costs nothing, and W and its gradient vanish; all mass is "close".
+    same = scale.position_statistics(logits, targets, torch.ones(6, 4) / 2, top_k=3, cost="cosine")
+    assert torch.allclose(same["w"], torch.zeros(5), atol=1e-6) and float(same["grad_w"].max()) < 1e-6
+    assert torch.allclose(same["close_mass"], 1 - same["p_restricted"], atol=1e-6)
+    summary = scale.summarise(stats)
+    assert summary["positions"] == 5 and summary["w_over_off_target_mass"]["mean"] == pytest.approx(1.0, abs=1e-5)
+
+
+def test_plot_gradient_scale_runs_on_training_pairs(tiny_model_dir):
+    proc = run_command([sys.executable, str(REPO / "bench" / "plot_gradient_scale.py"), "--pairs", "3",
+                        "--model.name_or_path", tiny_model_dir])
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["pairs"] == 3 and result["positions"] > 3
+    assert 0 <= result["mean_w"] <= 2 and 0 < result["mean_p_target"] < 1
+    assert result["grad_ratio_plot_over_nll"]["overall"] > 0
