@@ -99,16 +99,30 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def max_over_ranks(value: float) -> float:
+    """The largest of one number held by each rank: one scalar all-reduce, whatever the world size."""
+    import deepspeed.comm as dist
+
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return value
+    tensor = torch.tensor([value], dtype=torch.float64, device=_collective_device())
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return float(tensor.item())
+
+
+def _collective_device() -> str:
+    from deepspeed.accelerator import get_accelerator
+
+    return get_accelerator().current_device_name() if get_accelerator().device_name() != "cpu" else "cpu"
+
+
 def on_every_rank(flag: bool) -> bool:
     """Whether ``flag`` holds on every rank: one integer all-reduce, whatever the world size."""
     import deepspeed.comm as dist
 
     if not (dist.is_initialized() and dist.get_world_size() > 1):
         return flag
-    from deepspeed.accelerator import get_accelerator
-
-    device = get_accelerator().current_device_name() if get_accelerator().device_name() != "cpu" else "cpu"
-    value = torch.tensor([int(flag)], dtype=torch.int32, device=device)
+    value = torch.tensor([int(flag)], dtype=torch.int32, device=_collective_device())
     dist.all_reduce(value, op=dist.ReduceOp.MIN)
     return bool(value.item())
 

@@ -1,4 +1,4 @@
-"""Freed memory handed back: host pages to the OS, device blocks from the caching allocator."""
+"""Host memory: freed pages handed back to the OS (and device blocks from the caching allocator), and\nthe peak a process reached."""
 from __future__ import annotations
 
 import functools
@@ -21,6 +21,13 @@ def _malloc_trim():
 
     libc = ctypes.util.find_library("c")
     return (getattr(ctypes.CDLL(libc), "malloc_trim", None) if libc else None) or (lambda _pad: 0)
+
+
+def peak_resident_gb() -> float:
+    """This process's largest resident set so far (getrusage; Linux reports it in KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 def release_freed_memory() -> None:

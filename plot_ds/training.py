@@ -13,11 +13,11 @@ import torch
 
 from .checkpointing import load_checkpoint, save_checkpoint
 from .config import Config
-from .distributed import DistInfo, all_reduce_sum, barrier
+from .distributed import DistInfo, all_reduce_sum, barrier, max_over_ranks
 from .evaluation import evaluate, generation_report, generations_markdown
 from .global_batch import gather_batch_table, pre_pass
 from .hf_export import export_hf_model
-from .host_memory import trim_host_heap
+from .host_memory import peak_resident_gb, trim_host_heap
 from .logprobs import to_device
 from .monitoring import RunMonitor, StepLog, reduce_metrics
 from .objectives import GlobalTotals
@@ -169,6 +169,7 @@ def log_step(run: Run, state: LoopState, done: int, sums: dict, lr: float) -> No
     if grad_norm is not None:
         metrics["grad_norm"] = float(grad_norm)
     metrics["faults/skipped_steps"] = float(state.skipped)
+    metrics["memory/peak_host_gb"] = max_over_ranks(peak_resident_gb())
     if run.dist.is_main:
         metrics.update(state.monitor.throughput())
     if run.policy.device.type != "cpu":  # host memory is what the system reports on a CPU

@@ -59,8 +59,9 @@ def test_deepspeed_launcher_sft_run_learns_and_writes_everything(tiny_model_dir,
     logged = scalars(out / "tensorboard")
     for name in ("loss/total", "loss/vanilla", "loss/plot", "plot/w_chosen", "plot/w_rejected",
                  "plot/slice_rows", "plot/slice_bytes", "logps/chosen", "logps/rejected", "lr", "grad_norm",
-                 "throughput/tokens_per_s", "eval/loss/total", "eval/plot/w_chosen"):
+                 "throughput/tokens_per_s", "memory/peak_host_gb", "eval/loss/total", "eval/plot/w_chosen"):
         assert name in logged, f"{name} missing from TensorBoard: {sorted(logged)}"
+    assert all(0.05 < gb < 24 for gb in logged["memory/peak_host_gb"])  # a real resident size, in GiB
     assert logged["loss/vanilla"] == pytest.approx(losses, rel=1e-6)
     assert len(logged["lr"]) == 10 and logged["lr"][0] == pytest.approx(1e-2)
     assert f"run directory:  {out}" in proc.stdout

@@ -40,15 +40,20 @@ def run_items(evaluation: dict, start_rewards: dict[str, float]) -> dict[str, di
 
 def run_costs(directory: Path, history: list[dict]) -> dict[str, dict[str, float]]:
     """The run-level metrics, as one-item maps: the median time per step after the first (which
-    holds the warm-up; the first alone for a one-step run) and the training processes' peak
-    resident memory."""
+    holds the warm-up; the first alone for a one-step run) and the largest resident memory of a
+    training rank."""
     record = _read_json(directory / "compare_run.json") or {}
     steps = [h["throughput/seconds_per_step"] for h in history if "throughput/seconds_per_step" in h]
     steps = steps[1:] or steps
     costs = {}
     if steps:
         costs["step_seconds"] = {"run": statistics.median(steps)}
-    if "train_peak_rss_mb" in record:
+    # The step log's peak spans every launch of a resumed run (and a run killed after it finished, which
+    # the grid then never relaunches); runs logged before that metric existed have the launcher's figure.
+    logged = [h["memory/peak_host_gb"] for h in history if "memory/peak_host_gb" in h]
+    if logged:
+        costs["peak_rss_gb"] = {"run": max(logged)}
+    elif "train_peak_rss_mb" in record:
         costs["peak_rss_gb"] = {"run": record["train_peak_rss_mb"] / 1024}
     return costs
 
