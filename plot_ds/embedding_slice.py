@@ -2,23 +2,37 @@
 
 ZeRO-3 keeps each parameter as a flat, padded tensor cut into equal contiguous partitions, one per
 rank (``param.ds_tensor``). Every element has exactly one owner, so sums of owner-filled buffers
-assemble exact values without materialising the V x d matrix:
+assemble exact values without materialising the V x d matrix. Two ways to assemble what a
+micro-batch needs (``slice_cost`` models both; ``plot.embedding_gather: slice`` picks the cheaper per
+micro-batch, the same on every rank):
 
-- Rows E[U] (``EmbeddingRows.__call__``, for OT with a full cost matrix): ranks exchange their
-  index sets, each writes the elements it owns into a buffer of sum_r |U_r| rows, one all-reduce
-  completes them. sum_r |U_r| x d elements move, against V x d for a full gather.
-- Cosines cos(E_i, E_y) to each position's target token (``target_cosines``, all that a point-mass
-  target needs, the default): only the target rows E[Y] travel; each rank computes the partial
-  dot products and squared norms over the elements it owns, and one all-reduce of those scalars
-  completes them. sum_r |Y_r| x d elements plus a few numbers per (row, target) pair move.
+- ``allreduce``: ranks exchange their index sets and one all-reduce of owner-filled blocks completes
+  every rank's rows at once. For the cosines cos(E_i, E_y) to each position's target token, all a
+  point-mass target needs, only the target rows E[Y] travel so; then partial dot products and
+  squared norms over the elements each rank owns, one all-reduce of scalars. The buffers hold every
+  rank's requests, so they grow with the number of ranks.
+- ``all_to_all``: each rank sends its row ids to the rows' owners and receives exactly its rows back
+  (one variable-size all-to-all each way); a row a partition boundary cuts is asked of both owners
+  and their zero-filled halves summed. A histogram of requests first finds the rows wanted by many
+  ranks (frequent tokens crowd the low ids, i.e. one owner), which one all-reduce delivers instead.
+  Bytes per rank do not grow with the number of ranks, but for R split counts.
 
 The full gather (``deepspeed.zero.GatheredParameters``) stays available as the reference path
-(``plot.embedding_gather: full``).
+(``plot.embedding_gather: full``). Bytes are counted as received per rank (``slice_cost``).
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 import torch.nn.functional as F
+
+from .slice_cost import (INDEX_BYTES, SliceShape, all_gather_received, all_reduce_received, cheaper_path,
+                         histogram_element_size, hot_threshold)
+
+PATHS = ("slice", "allreduce", "all_to_all", "full")
+# plot/slice_path's values: how the last micro-batch's rows were obtained.
+PATH_CODES = {"local": 0, "allreduce": 1, "all_to_all": 2, "full": 3}
 
 
 def is_partitioned(weight: torch.Tensor) -> bool:
@@ -30,9 +44,12 @@ def _full_rows(weight: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, i
         return weight.detach()[ids.to(weight.device)], 0
     import deepspeed
 
+    import deepspeed.comm as dist
+
     with deepspeed.zero.GatheredParameters([weight], modifier_rank=None):
         rows = weight.detach()[ids.to(weight.device)].clone()
-    return rows, weight.ds_numel * weight.element_size()
+    _, _, size = _partition(weight)
+    return rows, all_gather_received(size * weight.element_size(), dist.get_world_size(group=weight.ds_process_group))
 
 
 def _partition(weight: torch.Tensor):
@@ -59,7 +76,7 @@ def _all_gather_varying(values: torch.Tensor, group) -> tuple[list[torch.Tensor]
     padded[:values.numel()] = values
     gathered = [torch.zeros_like(padded) for _ in range(world)]
     dist.all_gather(gathered, padded, group=group)
-    moved = world * (8 + padded.numel() * padded.element_size())
+    moved = all_gather_received(INDEX_BYTES + padded.numel() * padded.element_size(), world)
     return [g[:n] for g, n in zip(gathered, counts)], moved
 
 
@@ -111,7 +128,94 @@ def _requested_rows(weight: torch.Tensor, ids: torch.Tensor, device) -> tuple[to
     requests, moved = _all_gather_varying(ids, group)
     block, _ = _owned_block(weight, torch.cat(requests), device)
     dist.all_reduce(block, group=group)
-    return block, [r.numel() for r in requests], moved + block.numel() * block.element_size()
+    moved += all_reduce_received(block.numel() * block.element_size(), len(requests))
+    return block, [r.numel() for r in requests], moved
+
+
+def _request_histogram(weight: torch.Tensor, ids: torch.Tensor, device) -> tuple[torch.Tensor, int]:
+    """How many ranks ask for each row ([V], the same on every rank), and its bytes."""
+    import deepspeed.comm as dist
+
+    group = weight.ds_process_group
+    world = dist.get_world_size(group=group)
+    element_size = histogram_element_size(world)
+    requesters = torch.zeros(int(weight.ds_shape[0]), device=device,
+                             dtype=torch.uint8 if element_size == 1 else torch.int32)
+    requesters[ids.to(device=device, dtype=torch.long)] = 1
+    dist.all_reduce(requesters, group=group)
+    return requesters, int(all_reduce_received(requesters.numel() * element_size, world))
+
+
+def _hot_threshold(weight: torch.Tensor, requesters: torch.Tensor) -> int:
+    import deepspeed.comm as dist
+
+    _, _, size = _partition(weight)
+    vocab, dim = (int(n) for n in weight.ds_shape)
+    owner = torch.arange(vocab, device=requesters.device) * dim // size
+    return hot_threshold(requesters.long(), owner, dist.get_world_size(group=weight.ds_process_group),
+                         dim * weight.element_size())
+
+
+def _all_to_all_rows(weight: torch.Tensor, ids: torch.Tensor, device, requesters: torch.Tensor,
+                     threshold: int) -> tuple[torch.Tensor, int]:
+    """Rows E[ids] fetched from their owners: the rows at least ``threshold`` ranks ask for
+    (``requesters``, the same on every rank) by one all-reduce, the others by one all-to-all of ids to
+    the owners and one of rows back. Every rank of the group calls, with any number of ids (also
+    none). Returns (rows, bytes received after the histogram)."""
+    import deepspeed.comm as dist
+
+    group = weight.ds_process_group
+    world, rank = dist.get_world_size(group=group), dist.get_rank(group=group)
+    partition, low, size = _partition(weight)
+    vocab, dim = (int(n) for n in weight.ds_shape)
+    ids = ids.to(device=device, dtype=torch.long)
+    row_bytes = dim * partition.element_size()
+    moved = 0
+
+    rows = torch.zeros(ids.numel(), dim, device=device, dtype=partition.dtype)
+    is_hot = requesters[ids].long() >= threshold
+    hot_ids = (requesters.long() >= threshold).nonzero().squeeze(-1)  # sorted, the same on every rank
+    if hot_ids.numel():
+        hot_block, _ = owned_rows(partition, low, size, (vocab, dim), hot_ids, device)
+        dist.all_reduce(hot_block, group=group)
+        moved += all_reduce_received(hot_block.numel() * hot_block.element_size(), world)
+        at = torch.searchsorted(hot_ids, ids).clamp_max(hot_ids.numel() - 1)
+        rows = torch.where(is_hot.unsqueeze(-1), hot_block[at], rows)
+
+    # Each cold row is asked of every rank holding an element of it (more than one only where a
+    # partition boundary cuts it); the owners' zero-filled pieces sum to the exact row.
+    cold = (~is_hot).nonzero().squeeze(-1)
+    first_owner = ids[cold] * dim // size
+    owners_per_row = ((ids[cold] + 1) * dim - 1) // size - first_owner + 1
+    request_slot = torch.repeat_interleave(cold, owners_per_row)
+    start_of_row = torch.repeat_interleave(torch.cumsum(owners_per_row, 0) - owners_per_row, owners_per_row)
+    owner = torch.repeat_interleave(first_owner, owners_per_row) + torch.arange(request_slot.numel(), device=device) - start_of_row
+    order = torch.argsort(owner, stable=True)
+    request_slot, request_ids = request_slot[order], ids[request_slot[order]]
+    send_counts = torch.bincount(owner, minlength=world)
+    receive_counts = torch.empty_like(send_counts)
+    dist.all_to_all_single(receive_counts, send_counts, group=group)
+    sends, receives = send_counts.tolist(), receive_counts.tolist()  # the one host sync: buffer sizes
+    asked = request_ids.new_empty(sum(receives))
+    dist.all_to_all_single(asked, request_ids, output_split_sizes=receives, input_split_sizes=sends, group=group)
+    answer_block, _ = owned_rows(partition, low, size, (vocab, dim), asked, device)
+    answers = answer_block.new_empty(request_ids.numel(), dim)
+    dist.all_to_all_single(answers, answer_block, output_split_sizes=sends, input_split_sizes=receives, group=group)
+    rows.index_add_(0, request_slot, answers)
+    moved += ((world - 1) * INDEX_BYTES + (sum(receives) - receives[rank]) * INDEX_BYTES
+              + (sum(sends) - sends[rank]) * row_bytes)
+    return rows, int(moved)
+
+
+def _group_sums(values: list[int], weight: torch.Tensor, device) -> tuple[list[int], int]:
+    """Sums over the parameter's group of a few per-rank sizes (one small all-reduce), and its bytes."""
+    import deepspeed.comm as dist
+
+    group = weight.ds_process_group
+    tensor = torch.tensor(values, dtype=torch.long, device=device)
+    dist.all_reduce(tensor, group=group)
+    world = dist.get_world_size(group=group)
+    return tensor.tolist(), int(all_reduce_received(tensor.numel() * INDEX_BYTES, world))
 
 
 def _whole_matrix_here(weight: torch.Tensor) -> torch.Tensor | None:
@@ -124,18 +228,6 @@ def _whole_matrix_here(weight: torch.Tensor) -> torch.Tensor | None:
     if dist.get_world_size(group=weight.ds_process_group) > 1:
         return None
     return weight.ds_tensor.narrow(0, 0, weight.ds_numel).view(weight.ds_shape)
-
-
-def _sliced_rows(weight: torch.Tensor, ids: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, int]:
-    matrix = _whole_matrix_here(weight)
-    if matrix is not None:
-        return matrix[ids.to(matrix.device)].to(device), 0
-    import deepspeed.comm as dist
-
-    ids = ids.to(device=device, dtype=torch.long)
-    rows, counts, moved = _requested_rows(weight, ids, device)
-    start = sum(counts[:dist.get_rank(group=weight.ds_process_group)])
-    return rows[start:start + ids.numel()], moved
 
 
 def _cosines_from_rows(rows_of, ids: torch.Tensor, targets: torch.Tensor, device) -> tuple[torch.Tensor, int]:
@@ -199,7 +291,7 @@ def _sliced_cosines(weight: torch.Tensor, ids: torch.Tensor, targets: torch.Tens
         partial[pairs] = (owned[pair_slot[pairs]] * targets_fp32[pair_targets[pairs]]).sum(-1)
     partial[every_key.numel():] = owned.pow(2).sum(-1)
     dist.all_reduce(partial, group=group)
-    moved += partial.numel() * partial.element_size()
+    moved += all_reduce_received(partial.numel() * partial.element_size(), len(all_keys))
 
     start = sum(k.numel() for k in all_keys[:rank])
     mine = slice(start, start + pair_keys.numel())
@@ -213,15 +305,16 @@ def _sliced_cosines(weight: torch.Tensor, ids: torch.Tensor, targets: torch.Tens
 class EmbeddingRows:
     """Detached rows of an embedding matrix (the OT geometry is a constant inside a step).
 
-    ``path="slice"`` moves only the requested rows; ``path="full"`` gathers the whole matrix.
-    Both return identical rows. Every rank of the parameter's group must call together.
-    Returns (rows [n, d], bytes this rank's collectives moved).
+    ``path``: ``slice`` (the cheaper of ``allreduce`` and ``all_to_all`` by ``slice_cost``, per
+    micro-batch), one of those two forced, or ``full`` (gather the whole matrix). All return identical
+    rows. Every rank of the parameter's group must call together. Calls return (values, bytes this
+    rank received); ``last_path`` says how the last call got its rows (a key of ``PATH_CODES``).
     """
 
     def __init__(self, weight: torch.Tensor, path: str = "slice"):
-        if path not in ("slice", "full"):
-            raise ValueError(f"plot.embedding_gather: unknown path '{path}' (slice or full)")
-        self.weight, self.path = weight, path
+        if path not in PATHS:
+            raise ValueError(f"plot.embedding_gather: unknown path '{path}' ({', '.join(PATHS)})")
+        self.weight, self.path, self.last_path = weight, path, "local"
 
     @property
     def vocab_size(self) -> int:
@@ -232,12 +325,73 @@ class EmbeddingRows:
         shape = getattr(self.weight, "ds_shape", self.weight.shape)
         return int(shape[0] * shape[1] * self.weight.element_size())
 
+    def _spread(self) -> bool:
+        return _whole_matrix_here(self.weight) is None
+
+    def _shape(self, sums: list[int]) -> SliceShape:
+        import deepspeed.comm as dist
+
+        world = dist.get_world_size(group=self.weight.ds_process_group)
+        vocab, dim = (int(n) for n in self.weight.ds_shape)
+        rows, targets, pairs, remote = (total / world for total in sums)
+        return SliceShape(world, vocab, dim, self.weight.element_size(), rows, targets, pairs, remote=remote)
+
+    def _sizes(self, needed: torch.Tensor, targets: int = 0, pairs: int = 0) -> list[int]:
+        """What the cost model needs of this rank: its distinct rows, targets and pairs, and how many
+        of its rows it does not hold whole."""
+        if self.path != "slice":
+            return []
+        _, low, size = _partition(self.weight)
+        dim = int(self.weight.ds_shape[1])
+        whole_here = ((needed * dim >= low) & ((needed + 1) * dim <= low + size)).sum()
+        return [needed.numel(), targets, pairs, needed.numel() - int(whole_here)]
+
+    def _fetch_rows(self, ids: torch.Tensor, sizes: list[int], cosines: bool, device):
+        """(how the rows of ``ids`` (distinct) come: "allreduce", or ("all_to_all", rows), bytes so
+        far). ``slice`` first agrees on the sizes; where even the all-to-all's lower bound loses, it
+        is the all-reduce, else the histogram gives the hot rows and the exact figure decides."""
+        moved, shape = 0, None
+        if self.path == "slice":
+            sums, moved = _group_sums(sizes, self.weight, device)
+            shape = self._shape(sums)
+            if cheaper_path(shape, cosines) == "allreduce":
+                return "allreduce", moved
+        if self.path == "allreduce":
+            return "allreduce", moved
+        requesters, counted = _request_histogram(self.weight, ids, device)
+        moved += counted
+        threshold = _hot_threshold(self.weight, requesters)
+        if shape is not None:
+            hot = requesters.long() >= threshold
+            shape = replace(shape, hot_rows=float(hot.sum()),
+                            hot_wanted=float(requesters.long()[hot].sum()) / shape.ranks)
+            if cheaper_path(shape, cosines, histogram_paid=True) == "allreduce":
+                return "allreduce", moved
+        rows, fetched = _all_to_all_rows(self.weight, ids, device, requesters, threshold)
+        return ("all_to_all", rows), moved + fetched
+
     @torch.no_grad()
     def __call__(self, ids: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, int]:
         if self.path == "full":
             rows, moved = _full_rows(self.weight, ids)
+            self.last_path = "full" if moved else "local"
             return rows.to(device), moved
-        return _sliced_rows(self.weight, ids, device)
+        matrix = _whole_matrix_here(self.weight)
+        if matrix is not None:
+            self.last_path = "local"
+            return matrix[ids.to(matrix.device)].to(device), 0
+        import deepspeed.comm as dist
+
+        ids = ids.to(device=device, dtype=torch.long)
+        unique, inverse = torch.unique(ids, return_inverse=True)
+        how, moved = self._fetch_rows(unique, self._sizes(unique), False, device)
+        if how != "allreduce":
+            self.last_path = "all_to_all"
+            return how[1][inverse], moved
+        self.last_path = "allreduce"
+        rows, counts, fetched = _requested_rows(self.weight, ids, device)
+        start = sum(counts[:dist.get_rank(group=self.weight.ds_process_group)])
+        return rows[start:start + ids.numel()], moved + fetched
 
     def _matrix_on(self, device: torch.device) -> torch.Tensor | None:
         """The whole matrix when this rank holds it on ``device`` and the slice path may read it in
@@ -253,6 +407,7 @@ class EmbeddingRows:
         place where the matrix is here (no host sync); else its distinct rows are fetched once."""
         matrix = self._matrix_on(device)
         if matrix is not None:
+            self.last_path = "local"
             return F.normalize(matrix[ids].float(), dim=-1), 0
         unique, inverse = torch.unique(ids, return_inverse=True)
         rows, moved = self(unique, device)
@@ -264,10 +419,25 @@ class EmbeddingRows:
         target needs. Returns (cosines, bytes this rank's collectives moved)."""
         matrix = self._matrix_on(device)
         if matrix is not None:
+            self.last_path = "local"
             return _cosines_in_place(matrix, ids.to(device), targets.to(device)), 0
-        if self.path == "slice" and _whole_matrix_here(self.weight) is None:  # spread over ranks
-            return _sliced_cosines(self.weight, ids, targets, device)
-        return _cosines_from_rows(lambda unique: self(unique, device), ids, targets, device)
+        if self.path == "full" or not self._spread():
+            return _cosines_from_rows(lambda unique: self(unique, device), ids, targets, device)
+        ids, targets = ids.to(device=device, dtype=torch.long), targets.to(device=device, dtype=torch.long)
+        needed = torch.unique(torch.cat([ids.flatten(), targets]))
+        sizes = []
+        if self.path == "slice":
+            keys = ids * self.vocab_size + targets.unsqueeze(-1)
+            sizes = self._sizes(needed, torch.unique(targets).numel(), torch.unique(keys).numel())
+        how, moved = self._fetch_rows(needed, sizes, True, device)
+        if how == "allreduce":
+            self.last_path = "allreduce"
+            cosine, fetched = _sliced_cosines(self.weight, ids, targets, device)
+            return cosine, moved + fetched
+        self.last_path = "all_to_all"
+        rows = how[1]
+        cosine, _ = _cosines_from_rows(lambda unique: (rows, 0), ids, targets, device)
+        return cosine, moved
 
 
 def embedding_rows_for(model, plot_config) -> EmbeddingRows | None:

@@ -39,3 +39,86 @@ def test_owned_rows_keep_the_partition_dtype_and_handle_no_rows():
     assert block.dtype == torch.bfloat16 and touching.tolist() == [False, True]
     empty, none = owned_rows(partition, low, size, (6, 4), torch.zeros(0, dtype=torch.long), "cpu")
     assert empty.shape == (0, 4) and none.shape == (0,)
+
+
+# --- Every path across real ranks (tests/workers/embedding_slice_paths.py) ---------------------------
+
+import sys  # noqa: E402
+
+import torch.nn.functional as F  # noqa: E402
+
+from conftest import WORKERS, torchrun  # noqa: E402
+from plot_ds.embedding_slice import PATHS  # noqa: E402
+from plot_ds.slice_cost import all_gather_received  # noqa: E402
+
+CASES = ("varied", "empty_on_last", "all_elsewhere", "uniform", "hot")
+
+
+def run_paths(tmp_path, mode: str, ranks: int) -> list[dict]:
+    out = tmp_path / f"{mode}{ranks}"
+    torchrun(ranks, WORKERS / "embedding_slice_paths.py", mode, out)
+    return [torch.load(f"{out}.rank{rank}", weights_only=False) for rank in range(ranks)]
+
+
+@pytest.fixture(scope="module")
+def path_results(tmp_path_factory) -> dict:
+    tmp = tmp_path_factory.mktemp("slice_paths")
+    return {(mode, ranks): run_paths(tmp, mode, ranks)
+            for mode, ranks in (("plain", 2), ("plain", 3), ("plain", 4), ("plain", 8), ("hpz", 4), ("offload", 2))}
+
+
+@pytest.mark.parametrize("mode,ranks", [("plain", 2), ("plain", 3), ("plain", 4), ("plain", 8), ("hpz", 4),
+                                        ("offload", 2)])
+def test_every_path_gives_the_rows_and_cosines_of_the_unpartitioned_matrix(path_results, mode, ranks):
+    # Partition ends inside rows (1001 x 64 split in 2, 3, 4, 8), a rank asking for nothing, ranks
+    # whose rows all live elsewhere, the same hot rows on every rank.
+    results = path_results[(mode, ranks)]
+    assert all(r["world"] == ranks for r in results)
+    assert results[0]["partition_size"] % 64 != 0  # boundaries really cut rows
+    for rank, result in enumerate(results):
+        matrix = result["matrix"]
+        unit = F.normalize(matrix, dim=-1)
+        for case in CASES:
+            got = result[case]
+            expected_cosines = (unit[got["support"]] * unit[got["targets"]].unsqueeze(1)).sum(-1)
+            for path in PATHS:
+                assert torch.equal(got[path]["rows"], matrix[got["ids"]]), (rank, case, path)
+                torch.testing.assert_close(got[path]["cosines"], expected_cosines, rtol=0, atol=2e-6)
+            # the all-to-all's rows are the full gather's, so its cosines are too, bit for bit
+            assert torch.equal(got["all_to_all"]["cosines"], got["full"]["cosines"]), (rank, case)
+            for path in ("allreduce", "all_to_all", "full"):
+                assert got[path]["rows_path"] == got[path]["cosine_path"] == path
+            assert got["slice"]["rows_path"] in ("allreduce", "all_to_all")
+            full_bytes = all_gather_received(result["partition_size"] * 4, ranks)
+            assert got["full"]["rows_bytes"] == got["full"]["cosine_bytes"] == full_bytes
+            assert 0 < got["all_to_all"]["rows_bytes"] < full_bytes
+    for case in CASES:  # every rank took the same path: they share the collectives
+        assert len({(r[case]["slice"]["rows_path"], r[case]["slice"]["cosine_path"]) for r in results}) == 1
+
+
+def mean_bytes(results: list[dict], case: str, path: str, kind: str) -> float:
+    return sum(r[case][path][kind] for r in results) / len(results)
+
+
+def test_all_to_all_bytes_per_rank_do_not_grow_with_the_ranks_and_slice_picks_the_cheaper(path_results):
+    two, eight = path_results[("plain", 2)], path_results[("plain", 8)]
+    # 60 rows per rank at both world sizes. The all-reduce path carries every rank's rows; the
+    # all-to-all path a rank's own, of which a share (R - 1) / R lives elsewhere, so its bytes rise
+    # from R = 2 to 8 towards a bound that does not depend on R but for the R split counts: every row
+    # received (id out, row back), the V-count histogram all-reduced.
+    for results in (two, eight):
+        ranks = len(results)
+        bound = 2 * 1001 * 4 + 8 * ranks + 60 * (8 + 64 * 4)
+        for rank_result in results:
+            assert rank_result["uniform"]["all_to_all"]["rows_bytes"] <= bound
+    assert mean_bytes(eight, "uniform", "all_to_all", "rows_bytes") < 2 * mean_bytes(two, "uniform", "all_to_all", "rows_bytes")
+    assert mean_bytes(eight, "uniform", "allreduce", "rows_bytes") > 3 * mean_bytes(two, "uniform", "allreduce", "rows_bytes")
+    for results in path_results.values():
+        for case in CASES:
+            for kind, path_kind in (("rows_bytes", "rows_path"), ("cosine_bytes", "cosine_path")):
+                chosen = results[0][case]["slice"][path_kind]
+                other = "allreduce" if chosen == "all_to_all" else "all_to_all"
+                # the model chose from the sizes; the counted bytes agree, allowing the model's
+                # mean over ranks for the padded all-gathers and the small agreement all-reduce
+                assert mean_bytes(results, case, "slice", kind) <= 1.1 * mean_bytes(results, case, other, kind) + 64
+    assert eight[0]["uniform"]["slice"]["rows_path"] == "all_to_all"
