@@ -183,8 +183,10 @@ class PlotConfig:
     rejected_weight: float = 0.0
     # Geometry from the input embeddings, or the LM head (differs only for untied models).
     embedding: Literal["input", "output"] = "input"
-    # How E[U] is fetched under ZeRO-3: only the needed rows, or the whole matrix (reference).
-    embedding_gather: Literal["slice", "full"] = "slice"
+    # How E[U] is fetched under ZeRO-3: slice picks per micro-batch the cheaper of allreduce (every
+    # rank's rows in one buffer, cheap at few ranks) and all_to_all (each row from its owner, constant
+    # per rank at any world size); full gathers the whole matrix (reference). docs/method.md.
+    embedding_gather: Literal["slice", "allreduce", "all_to_all", "full"] = "slice"
 
     @property
     def active(self) -> bool:

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .embedding_slice import PATH_CODES
 from .logprobs import PairOutputs, SupportLogits, top_k_support
 from .ot_solvers import SOLVERS
 
@@ -85,6 +86,7 @@ class PLOTLoss(nn.Module):
         self.config = config
         self.sinkhorn_eps, self.sinkhorn_iters = config.sinkhorn_eps, config.sinkhorn_iters
         self.embedding_rows = embedding_rows
+        self._announced: set[str] = set()
         self.needs_reference = config.target == "ref_mix"
         # The k of the top-k supports (read in the log-prob pass, see logprobs.SupportLogits); 0 for
         # the whole vocabulary, which needs the [N, V] logits themselves.
@@ -136,11 +138,27 @@ class PLOTLoss(nn.Module):
             w_chosen = torch.where(chosen, w, 0.0).sum() / totals.chosen_tokens
             w_rejected = torch.where(chosen, 0.0, w).sum() / totals.rejected_tokens
         loss = w_chosen - self.rejected_weight * w_rejected
+        self._announce_path()
         metrics = {"plot/w_chosen": w_chosen.detach(), "plot/w_rejected": w_rejected.detach(),
                    "plot/slice_rows": distinct_count(support.ids) / totals.micro_batches,
                    # A fill, not a copy from the host: no wait on the device.
-                   "plot/slice_bytes": torch.full((), float(moved), device=device) / totals.micro_batches}
+                   "plot/slice_bytes": torch.full((), float(moved), device=device) / totals.micro_batches,
+                   "plot/slice_path": torch.full((), float(PATH_CODES[self.embedding_rows.last_path]),
+                                                 device=device) / totals.micro_batches}
         return loss, metrics
+
+    def _announce_path(self) -> None:
+        """One line on rank 0 the first time each way of fetching rows is taken (the choice depends on
+        the world size and the batch; plot/slice_path records it per step)."""
+        path = self.embedding_rows.last_path
+        if path == "local" or path in self._announced:
+            return
+        self._announced.add(path)
+        from .distributed import rank
+
+        if rank() == 0:
+            print(f"[plot_ds] embedding slice: {path} (plot.embedding_gather: {self.embedding_rows.path}; "
+                  "docs/method.md)", flush=True)
 
     def _token_costs(self, support, embedded, reference, chosen):
         # scatter, not F.one_hot: one_hot reads its input's range back to the host to check it.

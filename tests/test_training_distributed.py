@@ -149,7 +149,7 @@ def test_update_is_adamw_on_the_step_gradient(step_results, objective):
             torch.testing.assert_close(after, expected, rtol=1e-5, atol=1e-6, msg=lambda m: f"{objective} {name}: {m}")
 
 
-PLOT_VARIANTS = ("dpo+plot", "dpo+plot_full", "none+plot_ref_mix")
+PLOT_VARIANTS = ("dpo+plot", "dpo+plot_full", "dpo+plot_all_to_all", "none+plot_ref_mix")
 
 
 @pytest.mark.parametrize("variant", PLOT_VARIANTS)
@@ -176,6 +176,13 @@ def test_sliced_and_full_gather_paths_agree(step_results):
         # Partial dot products summed across ranks vs rows normalised first: rounding only.
         assert sliced["metrics"]["loss/total"] == pytest.approx(full["metrics"]["loss/total"], rel=1e-6)
         assert sliced["metrics"]["plot/slice_bytes"] < full["metrics"]["plot/slice_bytes"]
+        assert full["metrics"]["plot/slice_path"] == 3 and sliced["metrics"]["plot/slice_path"] in (1, 2)
+        # Rows from their owners are the full gather's rows: the same loss and gradients, bit for bit.
+        owners = results[0][f"dpo+plot_all_to_all:{split}"]
+        assert owners["metrics"]["plot/slice_path"] == 2
+        assert owners["metrics"]["loss/total"] == full["metrics"]["loss/total"]
+        for name, grad in full["grads"].items():
+            assert torch.equal(owners["grads"][name], grad), name
 
 
 def test_slice_equals_rows_of_the_unpartitioned_matrix(step_results, tiny_model_dir):
@@ -188,10 +195,12 @@ def test_slice_equals_rows_of_the_unpartitioned_matrix(step_results, tiny_model_
         assert got["ids"][0] == vocab - 1
         torch.testing.assert_close(got["sliced"], matrix[got["ids"]], rtol=0, atol=0)
         torch.testing.assert_close(got["full"], matrix[got["ids"]], rtol=0, atol=0)
-        # Communication: the requested rows of both ranks, not the whole matrix.
+        # Communication, received per rank (plot_ds/slice_cost.py): at 2 ranks the slice all-reduces
+        # the requested rows of both ranks, after the other rank's ids and four sizes; a full gather
+        # receives the other rank's half of the matrix.
         rows_moved = (37 + 87) * dim * 4
-        assert rows_moved <= got["sliced_bytes"] < rows_moved + 2 * (1 + 87) * 8 + 1
-        assert got["full_bytes"] == vocab * dim * 4
+        assert rows_moved <= got["sliced_bytes"] <= rows_moved + (1 + 87) * 8 + 4 * 8
+        assert got["full_bytes"] == vocab * dim * 4 // 2
 
 
 def test_target_cosines_from_partial_dot_products(step_results, tiny_model_dir):

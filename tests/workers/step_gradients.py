@@ -54,6 +54,8 @@ VARIANTS = {
     "dpo+plot": {"objective.name": "dpo", "plot.rejected_weight": 0.5, "plot.top_k": 16},
     "dpo+plot_full": {"objective.name": "dpo", "plot.rejected_weight": 0.5, "plot.top_k": 16,
                       "plot.embedding_gather": "full"},
+    "dpo+plot_all_to_all": {"objective.name": "dpo", "plot.rejected_weight": 0.5, "plot.top_k": 16,
+                            "plot.embedding_gather": "all_to_all"},
     "none+plot_ref_mix": {"objective.name": "none", "plot.target": "ref_mix", "plot.rho": 0.3,
                           "plot.top_k": 8, "plot.sinkhorn_iters": 30},
 }
