@@ -159,7 +159,7 @@ def _hot_threshold(weight: torch.Tensor, requesters: torch.Tensor) -> int:
 def _all_to_all_rows(weight: torch.Tensor, ids: torch.Tensor, device, requesters: torch.Tensor,
                      threshold: int) -> tuple[torch.Tensor, int]:
     """Rows E[ids] fetched from their owners: the rows at least ``threshold`` ranks ask for
-    (``requesters``, the same on every rank) by one all-reduce, the others by one all-to-all of ids to
+    (``requesters``, the same on every rank) to every rank, the others by one all-to-all of ids to
     the owners and one of rows back. Every rank of the group calls, with any number of ids (also
     none). Returns (rows, bytes received after the histogram)."""
     import deepspeed.comm as dist
@@ -176,20 +176,16 @@ def _all_to_all_rows(weight: torch.Tensor, ids: torch.Tensor, device, requesters
     is_hot = requesters[ids].long() >= threshold
     hot_ids = (requesters.long() >= threshold).nonzero().squeeze(-1)  # sorted, the same on every rank
     if hot_ids.numel():
-        hot_block, _ = owned_rows(partition, low, size, (vocab, dim), hot_ids, device)
-        dist.all_reduce(hot_block, group=group)
-        moved += all_reduce_received(hot_block.numel() * hot_block.element_size(), world)
+        hot_block, hot_moved = _rows_to_everyone(partition, low, size, (vocab, dim), hot_ids, group, device)
+        moved += hot_moved
         at = torch.searchsorted(hot_ids, ids).clamp_max(hot_ids.numel() - 1)
         rows = torch.where(is_hot.unsqueeze(-1), hot_block[at], rows)
 
     # Each cold row is asked of every rank holding an element of it (more than one only where a
     # partition boundary cuts it); the owners' zero-filled pieces sum to the exact row.
     cold = (~is_hot).nonzero().squeeze(-1)
-    first_owner = ids[cold] * dim // size
-    owners_per_row = ((ids[cold] + 1) * dim - 1) // size - first_owner + 1
-    request_slot = torch.repeat_interleave(cold, owners_per_row)
-    start_of_row = torch.repeat_interleave(torch.cumsum(owners_per_row, 0) - owners_per_row, owners_per_row)
-    owner = torch.repeat_interleave(first_owner, owners_per_row) + torch.arange(request_slot.numel(), device=device) - start_of_row
+    slot, owner = _owners(ids[cold], dim, size)
+    request_slot = cold[slot]
     order = torch.argsort(owner, stable=True)
     request_slot, request_ids = request_slot[order], ids[request_slot[order]]
     send_counts = torch.bincount(owner, minlength=world)
@@ -205,6 +201,48 @@ def _all_to_all_rows(weight: torch.Tensor, ids: torch.Tensor, device, requesters
     moved += ((world - 1) * INDEX_BYTES + (sum(receives) - receives[rank]) * INDEX_BYTES
               + (sum(sends) - sends[rank]) * row_bytes)
     return rows, int(moved)
+
+
+def _owners(row_ids: torch.Tensor, dim: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row index, owner rank) for every rank holding an element of each row, in row order; more than
+    one owner only where a partition boundary cuts the row."""
+    first = row_ids * dim // size
+    count = ((row_ids + 1) * dim - 1) // size - first + 1
+    slot = torch.repeat_interleave(torch.arange(row_ids.numel(), device=row_ids.device), count)
+    start = torch.repeat_interleave(torch.cumsum(count, 0) - count, count)
+    return slot, first[slot] + torch.arange(slot.numel(), device=row_ids.device) - start
+
+
+def _rows_to_everyone(partition: torch.Tensor, low: int, size: int, shape: tuple[int, int], row_ids: torch.Tensor,
+                      group, device) -> tuple[torch.Tensor, int]:
+    """Rows ``row_ids`` (sorted, the same on every rank) on every rank: each owner sends its pieces to
+    the rank that assembles that share of the rows (an all-to-all; no ids travel, every rank knows who
+    holds what), then one all-gather of the assembled shares. A rank receives about the rows once,
+    where an all-reduce of owner-filled blocks would receive them twice. Returns (rows, bytes)."""
+    import deepspeed.comm as dist
+
+    world, rank = dist.get_world_size(group=group), dist.get_rank(group=group)
+    dim = shape[1]
+    share = -(-row_ids.numel() // world)
+    slot, owner = _owners(row_ids, dim, size)
+    # what this rank sends: its pieces, to the assembler of each row (sorted by it, as slots are)
+    mine = slot[owner == rank]
+    pieces, _ = owned_rows(partition, low, size, shape, row_ids[mine], device)
+    sends = torch.bincount(mine // share, minlength=world).tolist()
+    # what it receives: the pieces of its share of rows, from each owner in rank order
+    in_share = (slot // share) == rank
+    by_owner = torch.argsort(owner[in_share], stable=True)
+    arriving_slot = slot[in_share][by_owner]
+    receives = torch.bincount(owner[in_share], minlength=world).tolist()
+    arrived = pieces.new_empty(arriving_slot.numel(), dim)
+    dist.all_to_all_single(arrived, pieces, output_split_sizes=receives, input_split_sizes=sends, group=group)
+    assembled = pieces.new_zeros(share, dim)
+    assembled.index_add_(0, arriving_slot - rank * share, arrived)
+    everyone = [torch.empty_like(assembled) for _ in range(world)]
+    dist.all_gather(everyone, assembled, group=group)
+    row_bytes = dim * partition.element_size()
+    moved = (sum(receives) - receives[rank]) * row_bytes + all_gather_received(share * row_bytes, world)
+    return torch.cat(everyone)[:row_ids.numel()], int(moved)
 
 
 def _group_sums(values: list[int], weight: torch.Tensor, device) -> tuple[list[int], int]:

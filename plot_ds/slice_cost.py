@@ -13,8 +13,8 @@ Paths (``plot.embedding_gather``):
   few ranks, but the buffer holds every rank's requests: it grows with R.
 - ``all_to_all``: each row fetched from the rank that owns it, so a rank receives its own rows only.
   A histogram of requests (V counts) finds the rows many ranks want (frequent tokens, which a
-  vocabulary sorted by frequency puts on one owner); those go by one all-reduce so that no owner
-  sends R copies. Constant in R but for the split counts (R integers).
+  vocabulary sorted by frequency puts on one owner); those are assembled in shares and all-gathered
+  so that no owner sends R copies. Constant in R but for the split counts (R integers).
 - ``full``: the whole matrix gathered (``deepspeed.zero.GatheredParameters``).
 """
 from __future__ import annotations
@@ -79,18 +79,27 @@ def allreduce_cosines_bytes(s: SliceShape) -> float:
             + all_reduce_received((s.ranks * s.pairs + norms) * SCALAR_BYTES, s.ranks))
 
 
+def hot_rows_received(hot_rows: float, ranks: int, row_bytes: int) -> float:
+    """Rows every rank gets: its share assembled from the owners' pieces (an all-to-all), then the
+    shares all-gathered: about the rows once (an all-reduce would receive them twice)."""
+    if ranks <= 1 or not hot_rows:
+        return 0.0
+    share = -(-int(hot_rows) // ranks)
+    return share * (ranks - 1) / ranks * row_bytes + all_gather_received(share * row_bytes, ranks)
+
+
 def histogram_bytes(s: SliceShape) -> float:
     return all_reduce_received(s.vocab * histogram_element_size(s.ranks), s.ranks)
 
 
 def all_to_all_bytes(s: SliceShape) -> float:
-    """The request histogram and the hot rows all-reduced, then per other row living elsewhere
+    """The request histogram all-reduced, the hot rows to every rank, then per other row living elsewhere
     (``remote_rows``, hot ones taken out in proportion) its id received by the owner and the row
     received back, plus the split counts exchanged with every other rank. Cut rows (two per
     partition boundary at most) are counted once."""
     cold = s.remote_rows * (max(s.rows - s.hot_wanted, 0.0) / s.rows if s.rows else 0.0)
     return (histogram_bytes(s)
-            + all_reduce_received(s.hot_rows * s.row_bytes, s.ranks)
+            + hot_rows_received(s.hot_rows, s.ranks, s.row_bytes)
             + (s.ranks - 1) * INDEX_BYTES
             + cold * (INDEX_BYTES + s.row_bytes))
 
@@ -121,12 +130,13 @@ def cheaper_path(s: SliceShape, cosines: bool, histogram_paid: bool = False) -> 
 
 
 def hot_threshold(requesters, owner_of_row, ranks: int, row_bytes: int) -> int:
-    """The fewest requesting ranks that make a row hot (sent to every rank by one all-reduce instead
-    of by its owner to each requester); ``ranks + 1`` for none.
+    """The fewest requesting ranks that make a row hot (sent to every rank, ``hot_rows_received``,
+    instead of by its owner to each requester); ``ranks + 1`` for none.
 
     ``requesters[i]``: how many ranks asked for row i (the same histogram on every rank, so every rank
     picks the same threshold); ``owner_of_row[i]``: the rank holding row i. For each candidate the time
-    is set by the hot rows' all-reduce plus the busiest owner's sends; the cheapest wins. Tensors of V.
+    is set by the busiest link: what a rank receives (the hot rows and, on average, its
+    other rows held elsewhere) or what the busiest owner sends; the cheapest wins. Tensors of V.
     """
     import torch
 
@@ -139,10 +149,13 @@ def hot_threshold(requesters, owner_of_row, ranks: int, row_bytes: int) -> int:
     best, best_cost = ranks + 1, None
     for h in sorted(set(candidates), reverse=True):  # on a tie the fewer hot rows
         cold = asked & (requesters < h)
+        cold_requests = (requesters * cold).to(torch.float64)
         sends = torch.zeros(ranks, dtype=torch.float64, device=requesters.device)
-        sends.index_add_(0, owner_of_row, (requesters * cold).to(torch.float64))
+        sends.index_add_(0, owner_of_row, cold_requests)
         hot = float((asked & ~cold).sum())
-        cost = all_reduce_received(hot * row_bytes, ranks) + float(sends.max()) * row_bytes
+        received = hot_rows_received(hot, ranks, row_bytes) + \
+            float(cold_requests.sum()) / ranks * (ranks - 1) / ranks * row_bytes
+        cost = max(received, float(sends.max()) * row_bytes)
         if best_cost is None or cost < best_cost:
             best, best_cost = h, cost
     return best
