@@ -20,6 +20,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -187,9 +188,8 @@ def main(argv=None) -> dict:
     per_batch = [sizes(b, 49152) for b in batches]
     measured = {key: sum(s[key] for s in per_batch) / len(per_batch) for key in ("rows", "targets", "pairs")}
     probability = request_probability(batches, 49152)
-    workdir = Path(args.out).parent / "slice_scaling_work"
-    workdir.mkdir(parents=True, exist_ok=True)
-    validation = {ranks: validate(batches, ranks, workdir) for ranks in (2, 4, 8)}
+    with tempfile.TemporaryDirectory() as workdir:
+        validation = {ranks: validate(batches, ranks, Path(workdir)) for ranks in (2, 4, 8)}
     models = {}
     for name, shape in SHAPES.items():
         vocab, dim, element_size, parameters = shape
