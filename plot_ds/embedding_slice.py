@@ -27,16 +27,13 @@ from dataclasses import replace
 import torch
 import torch.nn.functional as F
 
-from .slice_cost import (INDEX_BYTES, SliceShape, all_gather_received, all_reduce_received, cheaper_path,
-                         histogram_element_size, hot_threshold)
+from .rows_from_owners import all_to_all_rows, hot_threshold_of, request_histogram
+from .slice_cost import INDEX_BYTES, SliceShape, all_gather_received, all_reduce_received, cheaper_path
+from .zero_layout import is_partitioned, owned_rows, partition_of
 
 PATHS = ("slice", "allreduce", "all_to_all", "full")
 # plot/slice_path's values: how the last micro-batch's rows were obtained.
 PATH_CODES = {"local": 0, "allreduce": 1, "all_to_all": 2, "full": 3}
-
-
-def is_partitioned(weight: torch.Tensor) -> bool:
-    return hasattr(weight, "ds_tensor") and hasattr(weight, "ds_shape")
 
 
 def _full_rows(weight: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -48,18 +45,8 @@ def _full_rows(weight: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, i
 
     with deepspeed.zero.GatheredParameters([weight], modifier_rank=None):
         rows = weight.detach()[ids.to(weight.device)].clone()
-    _, _, size = _partition(weight)
+    _, _, size = partition_of(weight)
     return rows, all_gather_received(size * weight.element_size(), dist.get_world_size(group=weight.ds_process_group))
-
-
-def _partition(weight: torch.Tensor):
-    """(this rank's flat partition, its first element in the flat padded matrix, its size)."""
-    import deepspeed.comm as dist
-
-    partition = weight.ds_tensor
-    size = partition.ds_numel if hasattr(partition, "ds_numel") else partition.numel()
-    rank = dist.get_rank(group=weight.ds_process_group)
-    return partition, rank * size, size
 
 
 def _all_gather_varying(values: torch.Tensor, group) -> tuple[list[torch.Tensor], int]:
@@ -83,40 +70,8 @@ def _all_gather_varying(values: torch.Tensor, group) -> tuple[list[torch.Tensor]
 def _owned_block(weight: torch.Tensor, row_ids: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows ``row_ids`` with only this rank's elements filled (zeros elsewhere), and which of them
     have any element here. Every element of the matrix has exactly one owner."""
-    partition, low, size = _partition(weight)
+    partition, low, size = partition_of(weight)
     return owned_rows(partition, low, size, tuple(weight.ds_shape), row_ids, device)
-
-
-def owned_rows(partition: torch.Tensor, low: int, size: int, shape: tuple[int, int], row_ids: torch.Tensor,
-               device) -> tuple[torch.Tensor, torch.Tensor]:
-    """``_owned_block`` for a partition holding the flat elements [low, low + size) of a row-major
-    [vocab, dim] matrix (the tail past vocab x dim is ZeRO-3's padding).
-
-    A partition is one contiguous range: the rows it holds whole are a view of it, and at most two
-    rows (its first and last) are cut by its ends. So the block is one row gather from that view plus
-    two edge rows, never a mask over every element."""
-    vocab, dim = shape
-    end = min(low + size, vocab * dim)
-    row_ids = row_ids.to(device)
-    block = torch.zeros(row_ids.numel(), dim, device=device, dtype=partition.dtype)
-    touching = torch.zeros(row_ids.numel(), dtype=torch.bool, device=device)
-    if end <= low:
-        return block, touching
-    whole_first, whole_end = -(-low // dim), end // dim  # rows [whole_first, whole_end) lie here whole
-    if whole_end > whole_first:
-        whole = partition.narrow(0, whole_first * dim - low, (whole_end - whole_first) * dim).view(-1, dim)
-        inside = (row_ids >= whole_first) & (row_ids < whole_end)
-        local = (row_ids - whole_first).clamp(0, whole_end - whole_first - 1)
-        block = torch.where(inside.unsqueeze(-1), whole[local.to(whole.device)].to(device), block)
-        touching |= inside
-    for row in sorted({low // dim, (end - 1) // dim} - set(range(whole_first, whole_end))):
-        first, last = max(row * dim, low), min((row + 1) * dim, end)  # this row's elements held here
-        edge = torch.zeros(dim, device=device, dtype=partition.dtype)
-        edge[first - row * dim:last - row * dim] = partition[first - low:last - low].to(device)
-        at = row_ids == row
-        block = torch.where(at.unsqueeze(-1), edge, block)
-        touching |= at
-    return block, touching
 
 
 def _requested_rows(weight: torch.Tensor, ids: torch.Tensor, device) -> tuple[torch.Tensor, list[int], int]:
@@ -130,119 +85,6 @@ def _requested_rows(weight: torch.Tensor, ids: torch.Tensor, device) -> tuple[to
     dist.all_reduce(block, group=group)
     moved += all_reduce_received(block.numel() * block.element_size(), len(requests))
     return block, [r.numel() for r in requests], moved
-
-
-def _request_histogram(weight: torch.Tensor, ids: torch.Tensor, device) -> tuple[torch.Tensor, int]:
-    """How many ranks ask for each row ([V], the same on every rank), and its bytes."""
-    import deepspeed.comm as dist
-
-    group = weight.ds_process_group
-    world = dist.get_world_size(group=group)
-    element_size = histogram_element_size(world)
-    requesters = torch.zeros(int(weight.ds_shape[0]), device=device,
-                             dtype=torch.uint8 if element_size == 1 else torch.int32)
-    requesters[ids.to(device=device, dtype=torch.long)] = 1
-    dist.all_reduce(requesters, group=group)
-    return requesters, int(all_reduce_received(requesters.numel() * element_size, world))
-
-
-def _hot_threshold(weight: torch.Tensor, requesters: torch.Tensor) -> int:
-    import deepspeed.comm as dist
-
-    _, _, size = _partition(weight)
-    vocab, dim = (int(n) for n in weight.ds_shape)
-    owner = torch.arange(vocab, device=requesters.device) * dim // size
-    return hot_threshold(requesters.long(), owner, dist.get_world_size(group=weight.ds_process_group),
-                         dim * weight.element_size())
-
-
-def _all_to_all_rows(weight: torch.Tensor, ids: torch.Tensor, device, requesters: torch.Tensor,
-                     threshold: int) -> tuple[torch.Tensor, int]:
-    """Rows E[ids] fetched from their owners: the rows at least ``threshold`` ranks ask for
-    (``requesters``, the same on every rank) to every rank, the others by one all-to-all of ids to
-    the owners and one of rows back. Every rank of the group calls, with any number of ids (also
-    none). Returns (rows, bytes received after the histogram)."""
-    import deepspeed.comm as dist
-
-    group = weight.ds_process_group
-    world, rank = dist.get_world_size(group=group), dist.get_rank(group=group)
-    partition, low, size = _partition(weight)
-    vocab, dim = (int(n) for n in weight.ds_shape)
-    ids = ids.to(device=device, dtype=torch.long)
-    row_bytes = dim * partition.element_size()
-    moved = 0
-
-    rows = torch.zeros(ids.numel(), dim, device=device, dtype=partition.dtype)
-    is_hot = requesters[ids].long() >= threshold
-    hot_ids = (requesters.long() >= threshold).nonzero().squeeze(-1)  # sorted, the same on every rank
-    if hot_ids.numel():
-        hot_block, hot_moved = _rows_to_everyone(partition, low, size, (vocab, dim), hot_ids, group, device)
-        moved += hot_moved
-        at = torch.searchsorted(hot_ids, ids).clamp_max(hot_ids.numel() - 1)
-        rows = torch.where(is_hot.unsqueeze(-1), hot_block[at], rows)
-
-    # Each cold row is asked of every rank holding an element of it (more than one only where a
-    # partition boundary cuts it); the owners' zero-filled pieces sum to the exact row.
-    cold = (~is_hot).nonzero().squeeze(-1)
-    slot, owner = _owners(ids[cold], dim, size)
-    request_slot = cold[slot]
-    order = torch.argsort(owner, stable=True)
-    request_slot, request_ids = request_slot[order], ids[request_slot[order]]
-    send_counts = torch.bincount(owner, minlength=world)
-    receive_counts = torch.empty_like(send_counts)
-    dist.all_to_all_single(receive_counts, send_counts, group=group)
-    sends, receives = send_counts.tolist(), receive_counts.tolist()  # the one host sync: buffer sizes
-    asked = request_ids.new_empty(sum(receives))
-    dist.all_to_all_single(asked, request_ids, output_split_sizes=receives, input_split_sizes=sends, group=group)
-    answer_block, _ = owned_rows(partition, low, size, (vocab, dim), asked, device)
-    answers = answer_block.new_empty(request_ids.numel(), dim)
-    dist.all_to_all_single(answers, answer_block, output_split_sizes=sends, input_split_sizes=receives, group=group)
-    rows.index_add_(0, request_slot, answers)
-    moved += ((world - 1) * INDEX_BYTES + (sum(receives) - receives[rank]) * INDEX_BYTES
-              + (sum(sends) - sends[rank]) * row_bytes)
-    return rows, int(moved)
-
-
-def _owners(row_ids: torch.Tensor, dim: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(row index, owner rank) for every rank holding an element of each row, in row order; more than
-    one owner only where a partition boundary cuts the row."""
-    first = row_ids * dim // size
-    count = ((row_ids + 1) * dim - 1) // size - first + 1
-    slot = torch.repeat_interleave(torch.arange(row_ids.numel(), device=row_ids.device), count)
-    start = torch.repeat_interleave(torch.cumsum(count, 0) - count, count)
-    return slot, first[slot] + torch.arange(slot.numel(), device=row_ids.device) - start
-
-
-def _rows_to_everyone(partition: torch.Tensor, low: int, size: int, shape: tuple[int, int], row_ids: torch.Tensor,
-                      group, device) -> tuple[torch.Tensor, int]:
-    """Rows ``row_ids`` (sorted, the same on every rank) on every rank: each owner sends its pieces to
-    the rank that assembles that share of the rows (an all-to-all; no ids travel, every rank knows who
-    holds what), then one all-gather of the assembled shares. A rank receives about the rows once,
-    where an all-reduce of owner-filled blocks would receive them twice. Returns (rows, bytes)."""
-    import deepspeed.comm as dist
-
-    world, rank = dist.get_world_size(group=group), dist.get_rank(group=group)
-    dim = shape[1]
-    share = -(-row_ids.numel() // world)
-    slot, owner = _owners(row_ids, dim, size)
-    # what this rank sends: its pieces, to the assembler of each row (sorted by it, as slots are)
-    mine = slot[owner == rank]
-    pieces, _ = owned_rows(partition, low, size, shape, row_ids[mine], device)
-    sends = torch.bincount(mine // share, minlength=world).tolist()
-    # what it receives: the pieces of its share of rows, from each owner in rank order
-    in_share = (slot // share) == rank
-    by_owner = torch.argsort(owner[in_share], stable=True)
-    arriving_slot = slot[in_share][by_owner]
-    receives = torch.bincount(owner[in_share], minlength=world).tolist()
-    arrived = pieces.new_empty(arriving_slot.numel(), dim)
-    dist.all_to_all_single(arrived, pieces, output_split_sizes=receives, input_split_sizes=sends, group=group)
-    assembled = pieces.new_zeros(share, dim)
-    assembled.index_add_(0, arriving_slot - rank * share, arrived)
-    everyone = [torch.empty_like(assembled) for _ in range(world)]
-    dist.all_gather(everyone, assembled, group=group)
-    row_bytes = dim * partition.element_size()
-    moved = (sum(receives) - receives[rank]) * row_bytes + all_gather_received(share * row_bytes, world)
-    return torch.cat(everyone)[:row_ids.numel()], int(moved)
 
 
 def _group_sums(values: list[int], weight: torch.Tensor, device) -> tuple[list[int], int]:
@@ -304,7 +146,7 @@ def _sliced_cosines(weight: torch.Tensor, ids: torch.Tensor, targets: torch.Tens
     import deepspeed.comm as dist
 
     group = weight.ds_process_group
-    rank, vocab = dist.get_rank(group=group), weight.ds_shape[0]
+    rank = dist.get_rank(group=group)
     ids, targets = ids.to(device=device, dtype=torch.long), targets.to(device=device, dtype=torch.long)
     wanted_targets, target_index = torch.unique(targets, return_inverse=True)
     target_rows, target_counts, moved = _requested_rows(weight, wanted_targets, device)
@@ -379,7 +221,7 @@ class EmbeddingRows:
         of its rows it does not hold whole."""
         if self.path != "slice":
             return []
-        _, low, size = _partition(self.weight)
+        _, low, size = partition_of(self.weight)
         dim = int(self.weight.ds_shape[1])
         whole_here = ((needed * dim >= low) & ((needed + 1) * dim <= low + size)).sum()
         return [needed.numel(), targets, pairs, needed.numel() - int(whole_here)]
@@ -396,16 +238,16 @@ class EmbeddingRows:
                 return "allreduce", moved
         if self.path == "allreduce":
             return "allreduce", moved
-        requesters, counted = _request_histogram(self.weight, ids, device)
+        requesters, counted = request_histogram(self.weight, ids, device)
         moved += counted
-        threshold = _hot_threshold(self.weight, requesters)
+        threshold = hot_threshold_of(self.weight, requesters)
         if shape is not None:
             hot = requesters.long() >= threshold
             shape = replace(shape, hot_rows=float(hot.sum()),
                             hot_wanted=float(requesters.long()[hot].sum()) / shape.ranks)
             if cheaper_path(shape, cosines, histogram_paid=True) == "allreduce":
                 return "allreduce", moved
-        rows, fetched = _all_to_all_rows(self.weight, ids, device, requesters, threshold)
+        rows, fetched = all_to_all_rows(self.weight, ids, device, requesters, threshold)
         return ("all_to_all", rows), moved + fetched
 
     @torch.no_grad()

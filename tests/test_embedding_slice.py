@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from plot_ds.embedding_slice import owned_rows
+from plot_ds.zero_layout import owned_rows
 
 
 def flat_partitions(matrix: torch.Tensor, ranks: int) -> list[tuple[torch.Tensor, int, int]]:
