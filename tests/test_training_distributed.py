@@ -185,6 +185,36 @@ def test_sliced_and_full_gather_paths_agree(step_results):
             assert torch.equal(owners["grads"][name], grad), name
 
 
+@pytest.fixture(scope="module")
+def many_rank_plot_results(tiny_model_dir, zero3_test_config, tmp_path_factory):
+    """PLOT's step at 4 ranks (2 pairs each) and 8 ranks (1 pair each), through the chosen slice path
+    and the owners' path forced; the same global batch of 8 as the one-process run."""
+    out = tmp_path_factory.mktemp("grads_many")
+    variants = "dpo+plot,dpo+plot_all_to_all"
+    results = {}
+    for ranks, split in ((4, "2x1"), (8, "1x1")):
+        torchrun(ranks, WORKERS / "step_gradients.py", tiny_model_dir, zero3_test_config, out / f"r{ranks}", split,
+                 tiny_model_dir, variants, timeout=1200)
+        results[ranks] = (split, [torch.load(out / f"r{ranks}.rank{r}", weights_only=True) for r in range(ranks)])
+    return results
+
+
+@pytest.mark.parametrize("ranks", [4, 8])
+@pytest.mark.parametrize("variant", ["dpo+plot", "dpo+plot_all_to_all"])
+def test_plot_step_at_4_and_8_ranks_equals_one_process(step_results, many_rank_plot_results, ranks, variant):
+    single = step_results["one"][f"{variant}:8x1"]
+    split, per_rank = many_rank_plot_results[ranks]
+    for rank_results in per_rank:
+        got = rank_results[f"{variant}:{split}"]
+        assert got["global_batch"] == single["global_batch"] and got["pairs"] == 8
+        for metric in ("loss/total", "loss/plot", "plot/w_chosen", "plot/w_rejected"):
+            assert got["metrics"][metric] == pytest.approx(single["metrics"][metric], rel=1e-5, abs=1e-7)
+        for name, grad in single["grads"].items():
+            torch.testing.assert_close(got["grads"][name], grad, rtol=1e-4, atol=1e-5 * grad.abs().max().item())
+        if variant == "dpo+plot_all_to_all":
+            assert got["metrics"]["plot/slice_path"] == 2
+
+
 def test_slice_equals_rows_of_the_unpartitioned_matrix(step_results, tiny_model_dir):
     from safetensors.torch import load_file
     matrix = load_file(f"{tiny_model_dir}/model.safetensors")["model.embed_tokens.weight"]

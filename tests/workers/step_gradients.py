@@ -4,9 +4,10 @@ how each parameter is partitioned; for SFT and DPO also the parameters before an
 update (lr 1e-3, weight decay 0.1) and whether ZeRO-3's fp32 master weights are the parameter
 partitions themselves.
 
-usage: step_gradients.py MODEL_DIR DS_CONFIG OUT_FILE SPLITS REFERENCE_DIR
+usage: step_gradients.py MODEL_DIR DS_CONFIG OUT_FILE SPLITS REFERENCE_DIR [VARIANTS]
   SPLITS: comma-separated MICROxACCUM, e.g. 1x4,2x2,4x1 (per-rank micro-batch x accumulation)
   REFERENCE_DIR: the reference model of the AOT variants (another model than the policy's start)
+  VARIANTS: comma-separated names of VARIANTS to run (all by default)
 
 Also fetches embedding rows (different sets, of different sizes, on each rank) through both the
 sliced and the full-gather path, to compare with the unpartitioned matrix.
@@ -123,12 +124,14 @@ def recording_passes(passes: list):
     return real
 
 
-def main(model_dir: str, ds_config_path: str, out_file: str, splits: str, reference_dir: str) -> None:
+def main(model_dir: str, ds_config_path: str, out_file: str, splits: str, reference_dir: str,
+         only: str = "") -> None:
     dist = init_distributed()
     results = {}
     varied = varied_pairs(Path(f"{out_file}.varied.jsonl"))
     uneven = varied_pairs(Path(f"{out_file}.uneven.jsonl"), count=13)
-    for variant, overrides in VARIANTS.items():
+    chosen = only.split(",") if only else list(VARIANTS)
+    for variant, overrides in ((v, VARIANTS[v]) for v in chosen):
         for split in splits.split(","):
             micro, accum = map(int, split.split("x"))
             named = {"REFERENCE": reference_dir, "VARIED": varied, "UNEVEN": uneven}
@@ -188,4 +191,4 @@ def main(model_dir: str, ds_config_path: str, out_file: str, splits: str, refere
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:6])
+    main(*sys.argv[1:7])
