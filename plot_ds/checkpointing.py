@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from .adapters import peft_model_of
 from .atomic import write_text_atomically
 from .deepspeed_patches import convert_to_universal, load_universal_next, reading_checkpoints_as_data
 from .distributed import barrier, on_every_rank, rank as current_rank, world_size
@@ -63,8 +64,9 @@ def save_checkpoint(engine, output_dir: Path, step: int, rank: int, is_main: boo
     if is_main:
         _warn_if_short_of_space(root)
     try:
+        # An adapter run's frozen base is the model's own files: only what trains is saved.
         engine.save_checkpoint(str(root), tag=tag, client_state={"step": step, "data": data_state or {}},
-                               save_latest=False)
+                               save_latest=False, exclude_frozen_parameters=peft_model_of(engine.module) is not None)
         tensors, plain = rng_state()
         save_file(tensors, str(directory / f"rng_rank{rank}.safetensors"))
         (directory / f"rng_rank{rank}.json").write_text(json.dumps(plain))
@@ -250,7 +252,8 @@ def load_checkpoint(engine, directory: Path, rank: int) -> dict:
     try:
         with reading_checkpoints_as_data(engine):
             loaded, _ = engine.load_checkpoint(str(source.parent), tag=source.name, load_optimizer_states=True,
-                                               load_lr_scheduler_states=True)
+                                               load_lr_scheduler_states=True,
+                                               load_module_strict=peft_model_of(engine.module) is None)
     except RuntimeError as err:
         if "Error(s) in loading state_dict" not in str(err) and "size mismatch" not in str(err):
             raise

@@ -121,7 +121,7 @@ def export_main(argv: list[str] | None = None) -> int:
     from pathlib import Path
 
     from .checkpointing import find_checkpoint
-    from .hf_export import export_checkpoint
+    from .hf_export import adapter_folder_for, export_checkpoint
 
     parser = argparse.ArgumentParser(prog="plot-export", usage=EXPORT_USAGE)
     parser.add_argument("source")
@@ -130,4 +130,6 @@ def export_main(argv: list[str] | None = None) -> int:
     directory = find_checkpoint(args.source, Path(args.source))
     target = export_checkpoint(directory, Path(args.output or directory / "hf_model"))
     print(f"[plot_ds] exported {directory} to {target.resolve()}")
+    if adapter_folder_for(target).is_dir():
+        print(f"[plot_ds] its adapter (PEFT) to {adapter_folder_for(target).resolve()}")
     return 0

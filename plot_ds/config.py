@@ -39,6 +39,40 @@ class ModelConfig:
 
 
 @dataclass
+class AdapterConfig:
+    """Low-rank adapters (LoRA, through peft) on frozen base weights; plot_ds/adapters.py."""
+    # none: every weight trains; lora: only the adapters (and modules_to_save). The reference is
+    # then the base itself with the adapters off: no second copy of the weights, no second engine.
+    method: Literal["none", "lora"] = "none"
+    rank: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.05
+    # all-linear (every linear layer but the LM head), or module names, e.g. [q_proj, v_proj].
+    target_modules: Union[Literal["all-linear"], list[str]] = "all-linear"
+    # Modules trained whole and saved with the adapter (e.g. [lm_head]).
+    modules_to_save: Optional[list[str]] = None
+    # QLoRA: the frozen base in 4-bit NF4 (or 8-bit) through bitsandbytes; a CUDA device only.
+    quantize: Literal["none", "4bit", "8bit"] = "none"
+
+    @property
+    def active(self) -> bool:
+        return self.method == "lora"
+
+    def validate(self) -> None:
+        if self.rank < 1:
+            raise ConfigError(f"adapter.rank: must be >= 1 (got {self.rank})")
+        if self.alpha <= 0:
+            raise ConfigError(f"adapter.alpha: must be > 0 (got {self.alpha})")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"adapter.dropout: must be in [0, 1) (got {self.dropout})")
+        if isinstance(self.target_modules, list) and not self.target_modules:
+            raise ConfigError("adapter.target_modules: empty; use all-linear or name modules, e.g. [q_proj, v_proj]")
+        if self.quantize != "none" and not self.active:
+            raise ConfigError(f"adapter.quantize {self.quantize}: quantized base weights are frozen, so only "
+                              "adapters can train them; set adapter.method lora (QLoRA) or adapter.quantize none")
+
+
+@dataclass
 class ReferenceConfig:
     """Where the reference log-probs of DPO/IPO (and PLOT's ref_mix target) come from."""
     # engine: a frozen ZeRO-3 copy runs every step. cache: one pass before training writes them to
@@ -332,6 +366,7 @@ class DeepSpeedConfig:
 @dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
     reference: ReferenceConfig = field(default_factory=ReferenceConfig)
     data: DataConfig = field(default_factory=DataConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
@@ -355,6 +390,14 @@ class Config:
             needing = [t for t in self.objective.term_weights() if OBJECTIVE_TERMS[t]]
             raise ConfigError(f"reference.mode: none, but the objective's {', '.join(needing)} term(s) need reference "
                               "log-probs: use reference.mode engine or cache, or drop those terms")
+        if self.adapter.active and self.deepspeed.zero3_leaf_modules not in ("auto", "none"):
+            raise ConfigError(f"deepspeed.zero3_leaf_modules {self.deepspeed.zero3_leaf_modules}: with adapter.method "
+                              "lora ZeRO-3 hooks every submodule (DeepSpeed 0.19's leaf gathering fails in the "
+                              "backward of frozen layers holding adapters); use auto or none")
+        if self.adapter.active and self.reference.offload and self.reference.name_or_path is None:
+            raise ConfigError("reference.offload: with adapter.method lora the reference is the policy's own base "
+                              "weights with the adapters off (nothing to offload); drop reference.offload, or "
+                              "name another reference.name_or_path")
         if self.reference.mode == "none" and self.plot.active and self.plot.target == "ref_mix":
             raise ConfigError("reference.mode: none, but plot.target ref_mix needs the reference model: use "
                               "reference.mode engine")

@@ -46,6 +46,12 @@ def coerce(key: str, value: Any, expected: Any) -> Any:
             raise ConfigError(f"{key}: expected a mapping (e.g. {{dpo: 1.0, sft: 0.2}}), got {value!r}")
         return {coerce(f"{key} (a name)", name, key_type): coerce(f"{key}.{name}", item, value_type)
                 for name, item in value.items()}
+    if origin is list:
+        if isinstance(value, str):  # a dotted override: comma-separated names
+            value = [item.strip() for item in value.split(",") if item.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list (e.g. [q_proj, v_proj]), got {value!r}")
+        return [coerce(f"{key}[{i}]", v, args[0]) for i, v in enumerate(value)]
     if origin is tuple:
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
             raise ConfigError(f"{key}: expected a list of {len(args)} values, got {value!r}")

@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import torch
 
+from .adapters import add_adapters
 from .config import Config
 from .deepspeed_patches import apply_training_patches, check_deepspeed_version, forget_destroyed_engine
-from .ds_config import reference_ds_config
+from .ds_config import model_dtype, reference_ds_config, zero_stage
 from .models import load_model
 from .optim import param_groups, warmup_cosine
 from .prompt_sharing import PromptSharing, prompt_sharing, shares_prompt
@@ -18,7 +19,9 @@ def build_policy_engine(config: Config, ds_config: dict) -> tuple[object, Prompt
     import deepspeed
 
     apply_training_patches()
-    model = load_model(config, ds_config)
+    model = load_model(config, ds_config, adapted=config.adapter.active)
+    if config.adapter.active:
+        add_adapters(model, config.adapter, model_dtype(ds_config), zero_stage(ds_config))
     if config.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     schedule = warmup_cosine(config.train)

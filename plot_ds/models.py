@@ -8,6 +8,7 @@ import importlib.util
 import os
 import warnings
 
+from .adapters import quantization_config
 from .config import Config, ConfigError
 from .ds_config import model_dtype, zero_stage
 from .errors import ModelError
@@ -67,8 +68,11 @@ def _causal_lm_class(hf_config, trust_remote_code: bool):
     return AutoModelForCausalLM._model_mapping[type(hf_config)]
 
 
-def load_model(config: Config, ds_config: dict, name_or_path: str | None = None):
-    """Load the causal LM so that ZeRO-3 partitions each tensor as it is loaded.
+def load_model(config: Config, ds_config: dict, name_or_path: str | None = None, adapted: bool = False):
+    """Load the causal LM so that ZeRO-3 partitions each tensor as it is loaded; ``adapted``: the
+    base of an adapter run, its weights per ``adapter.quantize`` (QLoRA), without leaf modules
+    (``deepspeed.zero3_leaf_modules``: DeepSpeed 0.19's leaf gathering fails in the backward of a
+    frozen layer holding adapters; per-submodule hooks work).
 
     ``HfDeepSpeedConfig`` makes ``from_pretrained`` construct the model under ``zero.Init``; it is
     held by the model because transformers consults it later (generation needs synced ranks).
@@ -92,13 +96,15 @@ def load_model(config: Config, ds_config: dict, name_or_path: str | None = None)
             print(f"[plot_ds] {choice}", flush=True)
     elif attention == "auto":
         attention = None  # transformers' own choice for remote code
+    quantization = (quantization_config(config.adapter, dtype, get_accelerator().device_name(), zero_stage(ds_config))
+                    if adapted else None)
     hf_ds_config = HfDeepSpeedConfig(ds_config) if zero_stage(ds_config) == 3 else None
     model = AutoModelForCausalLM.from_pretrained(source, revision=settings.revision,
                                                  trust_remote_code=settings.trust_remote_code, dtype=dtype,
-                                                 attn_implementation=attention)
+                                                 attn_implementation=attention, quantization_config=quantization)
     model.plot_ds_hf_ds_config = hf_ds_config
     model.config.use_cache = False
-    if hf_ds_config is not None:
+    if hf_ds_config is not None and not adapted:
         mark_zero3_leaf_modules(model, config.deepspeed)
     return model
 

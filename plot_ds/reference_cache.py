@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
 
+from .adapters import BaseOfPolicy, base_is_reference, peft_model_of
 from .assets import cache_dir, resolve_model_path
 from .atomic import atomic_file
 from .data import DataError, collate, eval_shards
@@ -114,24 +116,32 @@ def load_checked(path: Path, expected: dict[str, str]) -> dict[str, torch.Tensor
     return tensors
 
 
-def reference_pass(build_engine, splits: dict, batch_size: int, pad_id: int, dist) -> dict[str, torch.Tensor]:
-    """Log-probs of every non-empty split with an engine that lives only for this pass."""
-    engine, sharing = build_engine()
-    try:
+def reference_pass(open_reference, splits: dict, batch_size: int, pad_id: int, dist) -> dict[str, torch.Tensor]:
+    """Log-probs of every non-empty split; ``open_reference()`` is a context manager giving the
+    (engine, prompt sharing) for this pass only."""
+    with open_reference() as (engine, sharing):
         return {name: compute_logps(engine, sharing, examples, batch_size, pad_id, dist.rank, dist.world_size)
                 for name, examples in splits.items() if examples}
+
+
+@contextmanager
+def temporary_reference_engine(config, ds_config):
+    """A reference engine that lives only for the block."""
+    engine, sharing = build_reference_engine(config, ds_config)
+    try:
+        yield engine, sharing
     finally:
         destroy_engine(engine)
 
 
 def attach_reference_logps(config, ds_config, tokenizer, train_examples, eval_examples, reports, dist,
-                           build_engine, log=print) -> Path:
+                           open_reference, log=print) -> Path:
     """Load (or compute once, then load) the cache and attach it to every example."""
     expected = expected_metadata(config, tokenizer, reports, ds_config)
     path = cache_file(config, expected)
     if not path.is_file():
         log(f"[plot_ds] computing reference log-probs once into {path}")
-        splits = reference_pass(build_engine, {"train": train_examples, "eval": eval_examples},
+        splits = reference_pass(open_reference, {"train": train_examples, "eval": eval_examples},
                                 config.train.eval_batch_size, tokenizer.pad_token_id, dist)
         release_freed_memory()  # the reference engine is unreachable now
         if dist.is_main:
@@ -151,15 +161,20 @@ def attach_reference_logps(config, ds_config, tokenizer, train_examples, eval_ex
     return path
 
 
-def prepare_reference(config, ds_config, tokenizer, objective, train_examples, eval_examples, reports, dist):
+def prepare_reference(config, ds_config, tokenizer, objective, train_examples, eval_examples, reports, dist,
+                      policy=None, policy_sharing=None):
     """The reference side for ``objective``, as (engine, its prompt sharing): (None, None) when it
     needs none, and with ``reference.mode: cache``, the log-probs being attached to the examples;
-    else the frozen reference engine."""
+    else the frozen reference engine, or, for adapters on their own base, the ``policy`` engine
+    with its adapters off (``adapters.BaseOfPolicy``)."""
     if not objective.needs_reference:
         return None, None
+    adapted = policy is not None and peft_model_of(policy.module) is not None
+    base = (BaseOfPolicy(policy), policy_sharing) if adapted and base_is_reference(config) else None
     if config.reference.mode == "engine":
-        return build_reference_engine(config, ds_config)
+        return base or build_reference_engine(config, ds_config)
     attach_reference_logps(config, ds_config, tokenizer, train_examples, eval_examples, reports, dist,
-                           build_engine=lambda: build_reference_engine(config, ds_config),
+                           open_reference=(lambda: nullcontext(base)) if base else
+                           (lambda: temporary_reference_engine(config, ds_config)),
                            log=lambda m: print(m, flush=True) if dist.is_main else None)
     return None, None

@@ -83,6 +83,6 @@ def setup_run(config: Config, dist: DistInfo | None = None, frozen_model: str | 
     objective = build_objective(config, embedding_rows_for(policy.module, config.plot))
     # The cache, when used, covers both splits: one file serves training and evaluation runs.
     reference, reference_sharing = prepare_reference(config, ds_config, tokenizer, objective, train_examples,
-                                                     eval_examples, reports, dist)
+                                                     eval_examples, reports, dist, policy, policy_sharing)
     return Run(config, dist, ds_config, tokenizer, train_examples, eval_examples, reports, sampler, policy,
                policy_sharing, objective, reference, reference_sharing, resume_from)

@@ -214,7 +214,7 @@ def finish(run: Run, state: LoopState, outcome: str) -> dict:
     eval_results = run_eval(run, state.monitor, train.max_steps)
     if train.save_checkpoint:
         state.saved = checkpoint(run, train.max_steps)
-    exported = export_hf_model(run.policy, run.tokenizer, output_dir / "final_model", is_main) if train.export_final else None
+    exported = export_hf_model(run.policy, run.tokenizer, output_dir / "final_model", is_main) if train.export_final else []
     barrier()
     state.monitor.close()
     summary.update(eval=eval_results, checkpoint=str(state.saved) if state.saved else None)
@@ -226,12 +226,15 @@ def finish(run: Run, state: LoopState, outcome: str) -> dict:
     return summary
 
 
-def report_locations(output_dir: Path, saved: Path | None, exported: Path | None, tensorboard: bool) -> None:
+def report_locations(output_dir: Path, saved: Path | None, exported: list[Path], tensorboard: bool) -> None:
     print(f"[plot_ds] run directory:  {output_dir.resolve()}", flush=True)
     if saved:
         print(f"[plot_ds] checkpoint:     {Path(saved).resolve()}", flush=True)
     if exported:
-        print(f"[plot_ds] final model:    {exported.resolve()}  (Hugging Face, safetensors)", flush=True)
+        print(f"[plot_ds] final model:    {exported[0].resolve()}  (Hugging Face, safetensors)", flush=True)
+    if len(exported) > 1:
+        print(f"[plot_ds] adapter:        {exported[1].resolve()}  (PEFT: PeftModel.from_pretrained(base, path))",
+              flush=True)
     if tensorboard:
         print(f"[plot_ds] TensorBoard:    tensorboard --logdir {(output_dir / 'tensorboard').resolve()}", flush=True)
     print(f"[plot_ds] eval results:   {(output_dir / 'eval_results.json').resolve()}", flush=True)
