@@ -126,6 +126,24 @@ def test_sigkill_mid_training_then_resume_is_exact(uninterrupted, tiny_model_dir
     assert kept == ["step_00000006", "step_00000008"]  # keep_last 2
 
 
+def test_lora_run_sigkilled_then_resumed_is_exact(tiny_model_dir, zero3_test_config, data_file, tmp_path):
+    """Adapters with dropout on: the checkpoint holds the adapters, their optimizer state and the
+    random streams (not the frozen base), and the resumed run is the uninterrupted one."""
+    lora = ("--data.source", data_file, "--adapter.method", "lora", "--adapter.rank", "4", "--adapter.dropout", "0.1")
+    full = tmp_path / "full"
+    run_command(torchrun_cmd(TRAIN, *run_args(tiny_model_dir, zero3_test_config, full, *lora)))
+    out = tmp_path / "run"
+    cmd = torchrun_cmd(TRAIN, *run_args(tiny_model_dir, zero3_test_config, out, *lora))
+    proc = start(cmd)
+    wait_for(lambda: logged_steps(out) >= 5, proc)
+    kill_tree(proc)
+    resumed = run_command(cmd)
+    assert "step_00000004 at step 4" in resumed.stdout
+    assert_same_run(out, full)
+    assert (out / "final_model" / "model.safetensors").is_file()
+    assert (out / "final_model_adapter" / "adapter_model.safetensors").is_file()
+
+
 def test_killed_while_writing_a_checkpoint_resumes_from_the_previous_one(
         uninterrupted, tiny_model_dir, zero3_test_config, data_file, tmp_path):
     out = tmp_path / "run"

@@ -149,7 +149,7 @@ def test_update_is_adamw_on_the_step_gradient(step_results, objective):
             torch.testing.assert_close(after, expected, rtol=1e-5, atol=1e-6, msg=lambda m: f"{objective} {name}: {m}")
 
 
-PLOT_VARIANTS = ("dpo+plot", "dpo+plot_full", "dpo+plot_all_to_all", "none+plot_ref_mix")
+PLOT_VARIANTS = ("dpo+plot", "dpo+plot_full", "dpo+plot_all_to_all", "dpo+plot_lora", "none+plot_ref_mix")
 
 
 @pytest.mark.parametrize("variant", PLOT_VARIANTS)
@@ -164,6 +164,18 @@ def test_plot_step_gradient_equals_one_process_run(step_results, variant, split)
                                        msg=lambda m: f"{variant} {split} {name}: {m}")
         for metric in ("loss/total", "loss/plot", "plot/w_chosen", "plot/w_rejected"):
             assert two["metrics"][metric] == pytest.approx(single["metrics"][metric], rel=1e-5, abs=1e-7)
+
+
+def test_lora_trains_only_the_adapters_against_the_base(step_results):
+    """Only adapter weights have gradients (every one nonzero, so the comparison above compared
+    them all); the frozen base's embedding still gives PLOT its geometry; DPO's log-ratios against
+    the base with adapters off are not zero."""
+    single = step_results["one"]["dpo+plot_lora:8x1"]
+    assert single["grads"] and all(".lora_A." in name or ".lora_B." in name for name in single["grads"])
+    assert all(grad.abs().max() > 0 for grad in single["grads"].values())
+    assert any("lora_A" in name for name in single["grads"]) and any("lora_B" in name for name in single["grads"])
+    assert single["metrics"]["plot/w_chosen"] > 0
+    assert single["metrics"]["rewards/margins"] != 0 and single["metrics"]["loss/dpo"] != pytest.approx(0.6931, abs=1e-4)
 
 
 def test_sliced_and_full_gather_paths_agree(step_results):

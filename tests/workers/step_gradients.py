@@ -57,9 +57,23 @@ VARIANTS = {
                       "plot.embedding_gather": "full"},
     "dpo+plot_all_to_all": {"objective.name": "dpo", "plot.rejected_weight": 0.5, "plot.top_k": 16,
                             "plot.embedding_gather": "all_to_all"},
+    # LoRA on the frozen base (adapters as after some training: perturb_adapters), the reference the
+    # base with the adapters off.
+    "dpo+plot_lora": {"objective.name": "dpo", "plot.rejected_weight": 0.5, "plot.top_k": 16,
+                      "adapter.method": "lora", "adapter.rank": 4, "adapter.dropout": 0.0},
     "none+plot_ref_mix": {"objective.name": "none", "plot.target": "ref_mix", "plot.rho": 0.3,
                           "plot.top_k": 8, "plot.sinkhorn_iters": 30},
 }
+
+
+def perturb_adapters(policy) -> None:
+    """Give every adapter weight the same seeded nonzero values on all ranks (peft starts B at 0,
+    where A's gradient is 0 and the policy equals its reference)."""
+    generator = torch.Generator().manual_seed(3)
+    for name, param in policy.module.named_parameters():
+        if param.requires_grad:
+            with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
+                param.data.copy_(0.05 * torch.randn(param.shape, generator=generator))
 
 
 def slice_rows(policy, rank: int) -> dict:
@@ -150,11 +164,14 @@ def main(model_dir: str, ds_config_path: str, out_file: str, splits: str, refere
                 results["slice"] = slice_rows(policy, dist.rank)
             step = 1 if variant.endswith("_uneven") else 0
             batches = run.micro_batches(step)
+            if config.adapter.active:
+                perturb_adapters(policy)
             grads = {}
 
             def capture():
                 for name, param in policy.module.named_parameters():
-                    grads[name] = safe_get_full_grad(param).detach().clone().cpu()
+                    if param.requires_grad:
+                        grads[name] = safe_get_full_grad(param).detach().clone().cpu()
 
             tracks_update = variant in ("sft", "dpo", "dpo_shared_prompt")
             before = full_parameters(policy) if tracks_update else None
