@@ -1,12 +1,13 @@
 """LoRA adapters (plot_ds/adapters.py): settings and their errors, the merged weights, and a 2-rank
 ZeRO-3 run whose reference is its base with the adapters off and whose exports reload."""
+import json
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from conftest import REPO, WORKERS, child_env, torchrun
+from conftest import REPO, WORKERS, child_env, run_command, torchrun
 from plot_ds.adapters import add_adapters, merged_state, quantization_config
 from plot_ds.config import AdapterConfig, ConfigError, load_config
 from plot_ds.errors import ModelError
@@ -123,3 +124,24 @@ def test_merged_and_peft_exports_live_and_from_the_checkpoint_give_the_trained_m
             peft_logits = PeftModel.from_pretrained(tiny_model(tiny_model_dir), adapter)(**inputs).logits
         torch.testing.assert_close(merged_logits, engine["logits"], rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(peft_logits, engine["logits"], rtol=1e-5, atol=1e-5)
+
+
+def test_cached_reference_of_a_lora_run_is_its_base(tiny_model_dir, tmp_path):
+    """reference.mode cache with adapters: the log-probs come from the base with the adapters off
+    (no reference engine), and the run trains as with the reference computed every step."""
+    args = [sys.executable, str(REPO / "launch" / "train.py"), "--model.name_or_path", tiny_model_dir,
+            "--adapter.method", "lora", "--adapter.rank", "4", "--adapter.dropout", "0.0",
+            "--data.max_length", "64", "--data.max_prompt_length", "32", "--data.eval_size", "2",
+            "--train.max_steps", "2", "--train.lr", "1e-2", "--train.precision", "fp32", "--train.save_checkpoint",
+            "false", "--train.export_final", "false", "--eval.generations", "0", "--eval.answer_samples", "0"]
+    histories = {}
+    for mode in ("engine", "cache"):
+        out = tmp_path / mode
+        proc = run_command([*args, "--reference.mode", mode, "--reference.cache_path", str(tmp_path / "ref.safetensors"),
+                            "--train.output_dir", str(out)])
+        assert ("computing reference log-probs once" in proc.stdout) == (mode == "cache")
+        histories[mode] = json.loads((out / "train_history.json").read_text())
+    for engine_step, cache_step in zip(histories["engine"], histories["cache"], strict=True):
+        for name in ("loss/total", "rewards/margins", "loss/plot"):
+            assert cache_step[name] == pytest.approx(engine_step[name], rel=1e-5, abs=1e-7), name
+    assert histories["cache"][-1]["rewards/margins"] != 0  # the adapters moved away from the base

@@ -480,9 +480,11 @@ def test_resume_with_another_number_of_ranks_through_a_universal_checkpoint(unin
         assert one_rank[step] == [i for rank in two_ranks for r in rank if r["step"] == step for i in r["ids"]]
 
 
-def test_one_rank_bf16_default_is_zero2_and_resumes_exactly(tiny_model_dir, data_file, tmp_path):
+@pytest.mark.parametrize("adapter", ["none", "lora"])
+def test_one_rank_bf16_default_is_zero2_and_resumes_exactly(tiny_model_dir, data_file, tmp_path, adapter):
     """deepspeed.config auto on one rank with bf16 weights: ZeRO-2, recorded in the run's config;
-    PLOT trains, a resumed run keeps ZeRO-2 and continues exactly, and the checkpoint exports."""
+    PLOT trains, a resumed run keeps ZeRO-2 and continues exactly, and the checkpoint exports; the
+    same with LoRA adapters (whose checkpoints hold only the adapters)."""
     import yaml
 
     # A constant lr, so that a run cut short at step 4 and one of 6 steps share their schedule.
@@ -490,7 +492,8 @@ def test_one_rank_bf16_default_is_zero2_and_resumes_exactly(tiny_model_dir, data
             "--data.max_length", "96", "--data.max_prompt_length", "48", "--data.eval_size", "0",
             "--train.precision", "bf16", "--train.micro_batch_size", "2", "--train.lr", "1e-3",
             "--train.warmup_steps", "0", "--train.min_lr_ratio", "1.0", "--train.save_every", "2",
-            "--train.export_final", "false", "--eval.generations", "0", "--eval.answer_samples", "0"]
+            "--train.export_final", "false", "--eval.generations", "0", "--eval.answer_samples", "0",
+            "--adapter.method", adapter]
     straight, cut = tmp_path / "straight", tmp_path / "cut"
     run_command([sys.executable, TRAIN, *args, "--train.max_steps", "6", "--train.output_dir", str(straight)])
     run_command([sys.executable, TRAIN, *args, "--train.max_steps", "4", "--train.output_dir", str(cut)])
@@ -509,3 +512,4 @@ def test_one_rank_bf16_default_is_zero2_and_resumes_exactly(tiny_model_dir, data
     exported = run_command([sys.executable, "-c", "import sys; from plot_ds.cli import export_main; "
                             "sys.exit(export_main())", str(cut), "--output", str(tmp_path / "exported")])
     assert exported.returncode == 0 and (tmp_path / "exported" / "model.safetensors").is_file()
+    assert (tmp_path / "exported_adapter" / "adapter_model.safetensors").is_file() == (adapter == "lora")
