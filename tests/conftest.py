@@ -35,8 +35,18 @@ def run_command(cmd: list[str], timeout: int = 900, cwd=REPO, **env) -> subproce
                           timeout=timeout)
     if proc.returncode != 0:
         raise AssertionError(f"{' '.join(map(str, cmd))} exited {proc.returncode}\n"
-                             f"--- stdout ---\n{proc.stdout[-6000:]}\n--- stderr ---\n{proc.stderr[-6000:]}")
+                             f"--- stdout ---\n{proc.stdout[-6000:]}\n--- stderr ---\n{workers_stderr(proc.stderr)}")
     return proc
+
+
+def workers_stderr(stderr: str, keep: int = 8000) -> str:
+    """The ranks' own stderr, with torchrun's agent traceback (the same for every failure) cut down
+    to its summary of which rank died of what: otherwise it fills the tail a failure shows."""
+    agent = stderr.find('Traceback (most recent call last):\n  File "<frozen runpy>"')
+    if agent < 0:
+        return stderr[-keep:]
+    summary = stderr.find("Failures:", agent)
+    return stderr[:agent][-keep:] + "\n[torchrun agent traceback cut]\n" + (stderr[summary:] if summary >= 0 else "")
 
 
 def torchrun(nproc: int, script, *args, timeout: int = 900) -> subprocess.CompletedProcess:

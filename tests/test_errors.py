@@ -171,3 +171,30 @@ def test_every_entry_point_follows_the_policy(inputs, tmp_path, program, argumen
                           timeout=300)
     assert proc.returncode == 2, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert proc.stderr.count(words[0]) == 1 and words[1] in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_a_rank_whose_peer_left_says_so_in_one_line(monkeypatch):
+    """Without a launcher to stop it, the rank left waiting in a collective fails there: one line
+    naming what happened, status 5, no traceback; the rank that left gave the reason."""
+    from conftest import WORKERS
+
+    env = child_env(WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    ranks = [subprocess.Popen([sys.executable, str(WORKERS / "peer_leaves.py")], env={**env, "RANK": str(r)},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+    (out0, err0), (out1, err1) = (rank.communicate(timeout=120) for rank in ranks)
+    assert ranks[0].returncode == errors.EXIT_WRITE and "plot-train: write error: writing /somewhere" in err0
+    assert ranks[1].returncode == errors.EXIT_PEER_LOST, err1
+    lines = [line for line in err1.splitlines() if line.strip()]
+    assert lines[-1].startswith("[rank 1] plot-train: stopped: another rank left a collective this one was in (")
+    assert "that rank's output says why" in lines[-1] and "Traceback" not in err1
+
+
+def test_a_collective_failing_for_another_reason_is_a_bug(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+
+    @errors.user_errors("plot-train")
+    def main():
+        raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
+
+    with pytest.raises(RuntimeError, match="shapes"):
+        main()
