@@ -50,10 +50,10 @@ def loss_path_seconds(run, objectives: dict, batch, repeats: int) -> dict[str, f
     batch's head logits (a fresh copy each time: the backward overwrites them)."""
     policy = run.policy
     with torch.no_grad():
-        logits, tokens = head_logits(policy, batch, run.policy_sharing)
+        logits, tokens = head_logits(policy, batch, run.policy_layout)
         needs_reference_logits = any(o.needs_reference_logits for o in objectives.values())
         reference_out = reference_pairs(run.reference, batch, needs_reference_logits, policy.device,
-                                        run.reference_sharing)
+                                        run.reference_layout)
     totals = GlobalTotals.from_counts(batch["counts"].to(policy.device))
     times = {name: [] for name in objectives}
     for _ in range(repeats):

@@ -44,7 +44,7 @@ def timed_step(model, batch, share):
 
     sharing = prompt_sharing(model, share)
     started = time.process_time()
-    out = forward_pairs(model, batch, keep_logits=False, sharing=sharing)
+    out = forward_pairs(model, batch, keep_logits=False, layout=sharing)
     (out.logps.chosen.sum() - out.logps.rejected.sum()).backward()
     model.zero_grad(set_to_none=True)
     return time.process_time() - started

@@ -58,6 +58,9 @@ class DataConfig:
     chat_template: Optional[str] = None
     max_length: int = 256
     max_prompt_length: int = 128
+    # Padding-free micro-batches: the rows concatenated into one, each sequence with its own
+    # positions (plot_ds/packing.py; with model.share_prompt, each pair's prompt computed once).
+    packing: bool = False
     # strict: report every bad record and stop before training; skip: leave them out, counted.
     on_bad_record: Literal["strict", "skip"] = "strict"
     # Tokenise once per dataset version; cache_dir defaults to ~/.cache/plot_ds/tokenized.

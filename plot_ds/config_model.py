@@ -19,7 +19,8 @@ class ModelConfig:
     # Each pair's prompt computed once; the responses continue from its key/value cache in two
     # passes (plot_ds/prompt_sharing.py; timings in docs/benchmarks.md). auto: on, except where
     # ZeRO-3 fetches the parameters from other ranks or host memory, which every extra pass would
-    # do again (prompt_sharing.shares_prompt). Ignored with gradient checkpointing.
+    # do again (prompt_sharing.shares_prompt). Ignored with gradient checkpointing. With
+    # data.packing, one pass whatever the ranks: auto is on where the attention takes a custom mask.
     share_prompt: Union[bool, Literal["auto"]] = "auto"
 
     def validate(self) -> None:

@@ -1,6 +1,7 @@
 """DeepSpeed engines: the trained policy, and frozen ones (the reference model, a model under
-evaluation). Each builder returns the engine and its prompt-sharing setting
-(``prompt_sharing.PromptSharing`` or None), which the loss path is handed explicitly.
+evaluation). Each builder returns the engine and how its rows are laid out
+(``pair_forward.RowLayout``: prompt sharing, packing, or None), which the loss path is handed
+explicitly.
 """
 from __future__ import annotations
 
@@ -12,10 +13,23 @@ from .deepspeed_patches import apply_training_patches, check_deepspeed_version, 
 from .ds_config import model_dtype, reference_ds_config, zero_stage
 from .models import load_model
 from .optim import param_groups, warmup_cosine
-from .prompt_sharing import PromptSharing, prompt_sharing, shares_prompt
+from .packing import packing_for
+from .pair_forward import RowLayout
+from .prompt_sharing import prompt_sharing, shares_prompt
 
 
-def build_policy_engine(config: Config, ds_config: dict) -> tuple[object, PromptSharing | None]:
+def row_layout(config: Config, engine, share_prompt: bool) -> RowLayout:
+    """``data.packing`` (sharing prompts in its own layout where the attention allows), else prompt
+    sharing's passes where ``share_prompt``, else plain padded rows."""
+    if config.data.packing:
+        # One pass whatever the layout: the reasons ``shares_prompt`` may turn sharing off (each of its
+        # passes gathers the parameters again; no key/value cache under gradient checkpointing) do
+        # not apply.
+        return packing_for(config, engine.module, config.model.share_prompt is not False)
+    return prompt_sharing(engine.module, share_prompt)
+
+
+def build_policy_engine(config: Config, ds_config: dict) -> tuple[object, RowLayout]:
     import deepspeed
 
     apply_training_patches()
@@ -34,11 +48,11 @@ def build_policy_engine(config: Config, ds_config: dict) -> tuple[object, Prompt
     engine.train()
     # Gradient checkpointing drops the key/value cache that prompt sharing continues from.
     wanted = shares_prompt(config, ds_config) and not config.model.gradient_checkpointing
-    return engine, prompt_sharing(engine.module, wanted)
+    return engine, row_layout(config, engine, wanted)
 
 
 def build_frozen_engine(config: Config, ds_config: dict, name_or_path: str | None = None,
-                        offload: bool = False) -> tuple[object, PromptSharing | None]:
+                        offload: bool = False) -> tuple[object, RowLayout]:
     """A ZeRO-3 inference engine (no optimizer): the reference model, or a model under evaluation."""
     import deepspeed
 
@@ -49,10 +63,10 @@ def build_frozen_engine(config: Config, ds_config: dict, name_or_path: str | Non
     model.requires_grad_(False)
     engine, *_ = deepspeed.initialize(model=model, config=frozen_config)
     engine.eval()
-    return engine, prompt_sharing(engine.module, shares_prompt(config, frozen_config))
+    return engine, row_layout(config, engine, shares_prompt(config, frozen_config))
 
 
-def build_reference_engine(config: Config, ds_config: dict) -> tuple[object, PromptSharing | None]:
+def build_reference_engine(config: Config, ds_config: dict) -> tuple[object, RowLayout]:
     return build_frozen_engine(config, ds_config, config.reference.name_or_path, config.reference.offload)
 
 

@@ -37,9 +37,9 @@ def evaluate(run, examples: list[TokenizedPair]) -> dict[str, float]:
     sums: dict[str, torch.Tensor] = {}
     for index, batch in enumerate(batches):
         reference_out = reference_pairs(run.reference, batch, objective.needs_reference_logits, policy.device,
-                                        run.reference_sharing)
+                                        run.reference_layout)
         policy_out = forward_pairs(policy, batch, objective.needs_policy_logits, objective.policy_top_k,
-                                   run.policy_sharing)
+                                   run.policy_layout)
         batch_totals = totals.with_batch(table.for_micro_batch(index, batch)) if table is not None else totals
         _, metrics = objective(policy_out, reference_out, batch_totals)
         for name, value in metrics.items():

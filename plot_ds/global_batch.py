@@ -115,8 +115,8 @@ def pre_pass(run, batches: list[dict], micro_size: int, keep_reference: bool):
     Returns the table and the reference outputs (reusable when ``keep_reference``, else None)."""
     logps, references = [], []
     for batch in batches:
-        reference = reference_pairs(run.reference, batch, False, run.policy.device, run.reference_sharing)
-        policy = forward_pairs(run.policy, batch, keep_logits=False, sharing=run.policy_sharing)
+        reference = reference_pairs(run.reference, batch, False, run.policy.device, run.reference_layout)
+        policy = forward_pairs(run.policy, batch, keep_logits=False, layout=run.policy_layout)
         logps.append((policy.logps, reference.logps if reference is not None else None, batch))
         references.append(reference if keep_reference else None)
     return gather_batch_table(logps, micro_size, run.dist.rank), references

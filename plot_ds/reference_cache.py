@@ -79,7 +79,7 @@ def cache_file(config, metadata: dict[str, str]) -> Path:
 
 
 @torch.no_grad()
-def compute_logps(engine, sharing, examples, batch_size: int, pad_id: int, rank: int, world_size: int) -> torch.Tensor:
+def compute_logps(engine, layout, examples, batch_size: int, pad_id: int, rank: int, world_size: int) -> torch.Tensor:
     """[N, 2] summed log-probs of (chosen, rejected), each pair computed by one rank."""
     from tqdm.auto import tqdm
 
@@ -87,7 +87,7 @@ def compute_logps(engine, sharing, examples, batch_size: int, pad_id: int, rank:
     shards = eval_shards(len(examples), batch_size, rank, world_size)
     for indices in tqdm(shards, desc="reference log-probs", unit="batch", disable=rank != 0):
         batch = collate([examples[i] for i in indices], pad_id, filler=examples[0])
-        logps = forward_pairs(engine, batch, keep_logits=False, sharing=sharing).logps
+        logps = forward_pairs(engine, batch, keep_logits=False, layout=layout).logps
         if indices:
             rows = torch.tensor(indices, device=engine.device)
             values[rows, 0] = logps.chosen.double()
@@ -118,18 +118,18 @@ def load_checked(path: Path, expected: dict[str, str]) -> dict[str, torch.Tensor
 
 def reference_pass(open_reference, splits: dict, batch_size: int, pad_id: int, dist) -> dict[str, torch.Tensor]:
     """Log-probs of every non-empty split; ``open_reference()`` is a context manager giving the
-    (engine, prompt sharing) for this pass only."""
-    with open_reference() as (engine, sharing):
-        return {name: compute_logps(engine, sharing, examples, batch_size, pad_id, dist.rank, dist.world_size)
+    (engine, row layout) for this pass only."""
+    with open_reference() as (engine, layout):
+        return {name: compute_logps(engine, layout, examples, batch_size, pad_id, dist.rank, dist.world_size)
                 for name, examples in splits.items() if examples}
 
 
 @contextmanager
 def temporary_reference_engine(config, ds_config):
     """A reference engine that lives only for the block."""
-    engine, sharing = build_reference_engine(config, ds_config)
+    engine, layout = build_reference_engine(config, ds_config)
     try:
-        yield engine, sharing
+        yield engine, layout
     finally:
         destroy_engine(engine)
 
@@ -162,15 +162,15 @@ def attach_reference_logps(config, ds_config, tokenizer, train_examples, eval_ex
 
 
 def prepare_reference(config, ds_config, tokenizer, objective, train_examples, eval_examples, reports, dist,
-                      policy=None, policy_sharing=None):
-    """The reference side for ``objective``, as (engine, its prompt sharing): (None, None) when it
+                      policy=None, policy_layout=None):
+    """The reference side for ``objective``, as (engine, its row layout): (None, None) when it
     needs none, and with ``reference.mode: cache``, the log-probs being attached to the examples;
     else the frozen reference engine, or, for adapters on their own base, the ``policy`` engine
     with its adapters off (``adapters.BaseOfPolicy``)."""
     if not objective.needs_reference:
         return None, None
     adapted = policy is not None and peft_model_of(policy.module) is not None
-    base = (BaseOfPolicy(policy), policy_sharing) if adapted and base_is_reference(config) else None
+    base = (BaseOfPolicy(policy), policy_layout) if adapted and base_is_reference(config) else None
     if config.reference.mode == "engine":
         return base or build_reference_engine(config, ds_config)
     attach_reference_logps(config, ds_config, tokenizer, train_examples, eval_examples, reports, dist,

@@ -19,7 +19,7 @@ from .embedding_slice import embedding_rows_for
 from .engine import build_frozen_engine, build_policy_engine
 from .models import load_tokenizer
 from .objectives import Objective, build_objective
-from .prompt_sharing import PromptSharing
+from .pair_forward import RowLayout
 from .reference_cache import prepare_reference
 from .rng import seed_everything
 
@@ -35,10 +35,10 @@ class Run:
     reports: list[DataReport]
     sampler: GlobalBatchSampler | None  # None for a frozen policy
     policy: Any                         # the DeepSpeed engine
-    policy_sharing: PromptSharing | None
+    policy_layout: RowLayout       # prompt sharing, packing, or None
     objective: Objective
     reference: Any                      # a frozen engine, or None (not needed, or cached log-probs)
-    reference_sharing: PromptSharing | None
+    reference_layout: RowLayout
     resume_from: Path | None            # the checkpoint this run continues from
 
     @property
@@ -77,12 +77,12 @@ def setup_run(config: Config, dist: DistInfo | None = None, frozen_model: str | 
         train = config.train
         sampler = GlobalBatchSampler(len(train_examples), train.micro_batch_size, train.gradient_accumulation_steps,
                                      dist.rank, dist.world_size, train.seed)
-        policy, policy_sharing = build_policy_engine(config, ds_config)
+        policy, policy_layout = build_policy_engine(config, ds_config)
     else:
-        policy, policy_sharing = build_frozen_engine(config, ds_config, frozen_model)
+        policy, policy_layout = build_frozen_engine(config, ds_config, frozen_model)
     objective = build_objective(config, embedding_rows_for(policy.module, config.plot))
     # The cache, when used, covers both splits: one file serves training and evaluation runs.
-    reference, reference_sharing = prepare_reference(config, ds_config, tokenizer, objective, train_examples,
-                                                     eval_examples, reports, dist, policy, policy_sharing)
+    reference, reference_layout = prepare_reference(config, ds_config, tokenizer, objective, train_examples,
+                                                     eval_examples, reports, dist, policy, policy_layout)
     return Run(config, dist, ds_config, tokenizer, train_examples, eval_examples, reports, sampler, policy,
-               policy_sharing, objective, reference, reference_sharing, resume_from)
+               policy_layout, objective, reference, reference_layout, resume_from)

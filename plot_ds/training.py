@@ -41,9 +41,9 @@ def train_step(run: Run, micro_batches: list[dict], before_update: Optional[Call
     sums: dict[str, torch.Tensor] = {}
     for index, batch in enumerate(micro_batches):
         reference_out = references[index] or reference_pairs(run.reference, batch, objective.needs_reference_logits,
-                                                             policy.device, run.reference_sharing)
+                                                             policy.device, run.reference_layout)
         policy_out = forward_pairs(policy, batch, objective.needs_policy_logits, objective.policy_top_k,
-                                   run.policy_sharing)
+                                   run.policy_layout)
         batch_totals = totals
         if objective.needs_global_batch:
             if table is None:  # this rank's whole share is this one forward: gather right after it

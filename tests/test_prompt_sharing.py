@@ -85,7 +85,7 @@ def test_shared_prompt_over_a_sliding_window_cache_equals_the_full_rows(window, 
         sharing = prompt_sharing(model, shared)
         assert (sharing is not None) is shared
         passes.clear()
-        out = forward_pairs(model, batch, keep_logits=True, sharing=sharing)
+        out = forward_pairs(model, batch, keep_logits=True, layout=sharing)
         out.logps.chosen.sum().backward()
         results[shared] = (out.logits, {n: p.grad.clone() for n, p in model.named_parameters()})
         # Shared: the prompts (3 x 5), then responses of lengths 1, 2, 2 and 3, 4, 6 over copies of the

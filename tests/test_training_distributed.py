@@ -166,6 +166,32 @@ def test_plot_step_gradient_equals_one_process_run(step_results, variant, split)
             assert two["metrics"][metric] == pytest.approx(single["metrics"][metric], rel=1e-5, abs=1e-7)
 
 
+@pytest.mark.parametrize("variant", ["dpo+plot_packed", "dpo+plot_packed_shared"])
+def test_packed_step_equals_the_padded_one_at_1_and_2_ranks(step_results, variant):
+    """data.packing under ZeRO-3: one forward per micro-batch over one row holding exactly the
+    batch's tokens (no padding; with prompt sharing each prompt once, under a 4D mask), and the
+    same loss, PLOT weights and gradients as padded rows (``dpo+plot``) in one process."""
+    padded = step_results["one"]["dpo+plot:8x1"]
+    runs = [("one", "8x1", step_results["one"])] + [("two", split, r) for split in SPLITS for r in step_results["two"]]
+    for where, split, results in runs:
+        got = results[f"{variant}:{split}"]
+        micro_batches = len(got["input_tokens"])
+        # Per micro-batch the reference's pass, then the policy's.
+        assert len(got["packed_passes"]) == 2 * micro_batches and got["shared_passes"] == []
+        for index, tokens in enumerate(got["input_tokens"]):
+            for (shape, mask) in got["packed_passes"][2 * index:2 * index + 2]:
+                assert shape[0] == 1
+                if variant == "dpo+plot_packed":
+                    assert shape[1] == tokens and mask is None
+                else:  # each prompt once: fewer tokens than the rows hold
+                    assert shape[1] < tokens and mask == (1, 1, shape[1], shape[1])
+        for name, grad in padded["grads"].items():
+            torch.testing.assert_close(got["grads"][name], grad, rtol=1e-4, atol=1e-5 * grad.abs().max().item(),
+                                       msg=lambda m: f"{variant} {where} {split} {name}: {m}")
+        for metric in ("loss/total", "loss/plot", "loss/dpo", "plot/w_chosen", "plot/w_rejected"):
+            assert got["metrics"][metric] == pytest.approx(padded["metrics"][metric], rel=1e-5, abs=1e-7)
+
+
 def test_lora_trains_only_the_adapters_against_the_base(step_results):
     """Only adapter weights have gradients (every one nonzero, so the comparison above compared
     them all); the frozen base's embedding still gives PLOT its geometry; DPO's log-ratios against

@@ -74,15 +74,15 @@ def pair_records(batch: dict, model_out, start_out, beta: float) -> list[dict]:
 
 
 @torch.no_grad()
-def held_out_records(model, model_sharing, start, start_sharing, examples, batch_size, pad_id, beta,
+def held_out_records(model, model_layout, start, start_layout, examples, batch_size, pad_id, beta,
                      rank, world_size) -> list[dict]:
     """Per-pair records of every held-out pair, computed in shards and gathered on every rank."""
     mine = []
     for indices in eval_shards(len(examples), batch_size, rank, world_size):
         batch = indexed_batch(examples, indices, pad_id)
-        model_out = forward_pairs(model, batch, keep_logits=True, sharing=model_sharing)
+        model_out = forward_pairs(model, batch, keep_logits=True, layout=model_layout)
         start_out = model_out if start is model else forward_pairs(start, batch, keep_logits=True,
-                                                                    sharing=start_sharing)
+                                                                    layout=start_layout)
         mine.extend(pair_records(batch, model_out, start_out, beta))
     return gathered_in_order(mine, [ex.id for ex in examples], world_size)
 
@@ -170,10 +170,10 @@ def evaluate_against_start(config: Config, model_path: str, start_path: str, out
         raise DataError("no held-out pairs to compare on: set data.eval_size (or data.eval_source/eval_split)")
     reward_model = load_reward_model(config.eval.reward_model, config.model.trust_remote_code) \
         if config.eval.reward_model and dist.is_main else None
-    model, model_sharing = build_frozen_engine(config, ds_config, model_path)
-    start, start_sharing = (model, model_sharing) if model_path == start_path else \
+    model, model_layout = build_frozen_engine(config, ds_config, model_path)
+    start, start_layout = (model, model_layout) if model_path == start_path else \
         build_frozen_engine(config, ds_config, start_path)
-    pairs = held_out_records(model, model_sharing, start, start_sharing, examples, config.train.eval_batch_size,
+    pairs = held_out_records(model, model_layout, start, start_layout, examples, config.train.eval_batch_size,
                              tokenizer.pad_token_id, config.objective.beta, dist.rank, dist.world_size)
     generations = generation_records(model, start, tokenizer, examples, config, dist.rank, dist.world_size,
                                      reward_model)

@@ -20,7 +20,7 @@ import deepspeed
 import torch
 from deepspeed.utils import safe_get_full_grad, z3_leaf_module
 
-from plot_ds import prompt_sharing
+from plot_ds import packing, prompt_sharing
 from plot_ds.config import load_config
 from plot_ds.distributed import init_distributed
 from plot_ds.embedding_slice import EmbeddingRows
@@ -61,6 +61,11 @@ VARIANTS = {
     # base with the adapters off.
     "dpo+plot_lora": {"objective.name": "dpo", "plot.rejected_weight": 0.5, "plot.top_k": 16,
                       "adapter.method": "lora", "adapter.rank": 4, "adapter.dropout": 0.0},
+    # Padding-free: every row its own sequence, or each pair prompt, chosen, rejected in one mask.
+    "dpo+plot_packed": {"objective.name": "dpo", "plot.rejected_weight": 0.5, "plot.top_k": 16,
+                        "data.packing": True, "model.share_prompt": False},
+    "dpo+plot_packed_shared": {"objective.name": "dpo", "plot.rejected_weight": 0.5, "plot.top_k": 16,
+                               "data.packing": True, "model.share_prompt": True},
     "none+plot_ref_mix": {"objective.name": "none", "plot.target": "ref_mix", "plot.rho": 0.3,
                           "plot.top_k": 8, "plot.sinkhorn_iters": 30},
 }
@@ -127,14 +132,17 @@ def varied_pairs(path: Path, count: int = 16) -> str:
     return str(path)
 
 
-def recording_passes(passes: list):
-    """Record the input shape of every shared-prompt pass that runs (full rows record nothing)."""
-    real = prompt_sharing.with_head_input
+def recording_passes(passes: list, module=prompt_sharing):
+    """Record the input shape of every pass ``module`` runs (the shared-prompt or packed passes;
+    full rows record nothing), and for packed ones the shape of their attention mask."""
+    real = module.with_head_input
 
     def recorded(model, select, **inputs):
-        passes.append(tuple(inputs["input_ids"].shape))
+        shape = tuple(inputs["input_ids"].shape)
+        mask = inputs.get("attention_mask")
+        passes.append(shape if module is prompt_sharing else (shape, None if mask is None else tuple(mask.shape)))
         return real(model, select, **inputs)
-    prompt_sharing.with_head_input = recorded
+    module.with_head_input = recorded
     return real
 
 
@@ -178,12 +186,14 @@ def main(model_dir: str, ds_config_path: str, out_file: str, splits: str, refere
             grad_storages = []  # what the optimizer steps with: views of DeepSpeed's buffer, or copies
             policy.optimizer.optimizer.register_step_pre_hook(lambda optimizer, *_: grad_storages.extend(
                 p.grad.untyped_storage().data_ptr() for group in optimizer.param_groups for p in group["params"]))
-            passes = []
+            passes, packed_passes = [], []
             real_with_head_input = recording_passes(passes)
+            real_packed_with_head_input = recording_passes(packed_passes, packing)
             try:
                 sums, totals = train_step(run, batches, before_update=capture)
             finally:
                 prompt_sharing.with_head_input = real_with_head_input
+                packing.with_head_input = real_packed_with_head_input
             partition = {name: (int(p.ds_tensor.numel()), int(p.ds_numel), int(p.numel()))
                          for name, p in policy.module.named_parameters()}
             key = f"{variant}:{split}"
@@ -191,6 +201,8 @@ def main(model_dir: str, ds_config_path: str, out_file: str, splits: str, refere
                             "leaf_modules": leaf_modules(policy),
                             "reference_leaf_modules": leaf_modules(reference) if reference else None,
                             "pairs": float(totals.pairs), "partition": partition, "shared_passes": passes,
+                            "packed_passes": packed_passes,
+                            "input_tokens": [int(batch["attention_mask"].sum()) for batch in batches],
                             "response_lengths": [batch["labels"].ne(-100).sum(1).tolist() for batch in batches],
                             "global_batch": sampler.global_batch(step),
                             "batch_weights": [batch["weight"] for batch in batches]}
