@@ -8,6 +8,7 @@
 # GPU_CHECK_PRECISION (bf16): small values and fp32 make it a smoke test on a CPU machine
 # (tests/test_bench.py runs it so, with GPU_CHECK_ARGS for shorter sequences, GPU_CHECK_PROBLEMS
 # for fewer OT problems, GPU_CHECK_TRL_STEPS and GPU_CHECK_TRL_ARGS for a shorter TRL comparison).
+# GPU_CHECK_PACKING_ARGS: bench/packing.py's arguments for a shorter run.
 # GPU_CHECK_ASSETS, GPU_CHECK_MODEL, GPU_CHECK_RUN_DIR, GPU_CHECK_WHEELS: where things are.
 # Each section has its own time limit and a failed one does not stop the next: one lease, all results.
 set -uo pipefail
@@ -104,6 +105,13 @@ if [[ -n "$HAS_TRL" ]]; then
     bench "plot_ds vs TRL, ${PRECISION}, micro-batch 8" 130 \
         "$PYTHON" bench/trl_comparison.py "${TRL[@]}" --precision "$PRECISION" --micro-batch 8 "${TRL_EXTRA[@]}"
 fi
+
+# Padding-free batches: what packing saves where the attention is varlen (flash attention, when
+# installed; else sdpa's dense mask over the packed row, which the JSON's "attention" says).
+read -r -a PACKING_EXTRA <<< "${GPU_CHECK_PACKING_ARGS:-}"
+bench "padded vs packed rows (data.packing), ${PRECISION}, micro-batch 8" 120 \
+    "$PYTHON" bench/packing.py --model "$MODEL" --data "$DATA" --device "$DEVICE" --precision "$PRECISION" \
+    --pairs 64 --micro-batch 8 --max-length 512 --max-prompt-length 256 "${PACKING_EXTRA[@]}"
 
 # The comparison grid at full lengths, one seed: what each variant costs per step and in memory on a
 # GPU. The model here has random weights (the real one does not fit what a run carries), so its

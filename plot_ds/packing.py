@@ -51,13 +51,15 @@ class PackedRows:
     def length(self) -> int:
         return self.input_ids.shape[1]
 
-    def attention_mask(self, dtype: torch.dtype) -> torch.Tensor:
+    def attention_mask(self, dtype: torch.dtype, device="cpu") -> torch.Tensor:
         """The shared-prompt layout's [1, 1, T, T] additive mask: causal within a pair, the chosen
-        response hidden from the rejected one."""
-        causal = torch.ones(self.length, self.length, dtype=torch.bool).tril_()
-        allowed = causal & (self.pair_of[:, None] == self.pair_of[None, :])
-        allowed &= ~((self.part == REJECTED)[:, None] & (self.part == CHOSEN)[None, :])
-        mask = torch.zeros(self.length, self.length, dtype=dtype)
+        response hidden from the rejected one. Built on ``device`` from the [T] layout (a T x T
+        mask is not copied from the host)."""
+        pair_of, part = to_device(self.pair_of, device), to_device(self.part, device)
+        causal = torch.ones(self.length, self.length, dtype=torch.bool, device=pair_of.device).tril_()
+        allowed = causal & (pair_of[:, None] == pair_of[None, :])
+        allowed &= ~((part == REJECTED)[:, None] & (part == CHOSEN)[None, :])
+        mask = torch.zeros(self.length, self.length, dtype=dtype, device=pair_of.device)
         return mask.masked_fill_(~allowed, torch.finfo(dtype).min)[None, None]
 
     def varlen_kwargs(self) -> dict:
@@ -105,28 +107,29 @@ def pack_shared_prompt(batch: dict, tokens: ResponseTokens, prompt_lengths: torc
                       sizes, torch.cat(pair_of), torch.cat(part))
 
 
-def packed_inputs(batch: dict, tokens: ResponseTokens, packing: Packing, dtype: torch.dtype) -> tuple[dict, PackedRows]:
-    """The model's keyword inputs for a packed batch, and its layout."""
+def packed_inputs(batch: dict, tokens: ResponseTokens, packing: Packing, dtype: torch.dtype,
+                  device="cpu") -> tuple[dict, PackedRows]:
+    """The model's keyword inputs for a packed batch, on ``device``, and its (host) layout."""
     from .prompt_sharing import SharedLayout
 
     layout = SharedLayout.of(batch) if packing.share_prompt else None
     if layout is not None:
         packed = pack_shared_prompt(batch, tokens, layout.starts, layout.lengths)
-        inputs = dict(attention_mask=packed.attention_mask(dtype))
+        inputs = dict(attention_mask=packed.attention_mask(dtype, device))
     else:
         packed = pack_rows(batch, tokens)
-        inputs = packed.varlen_kwargs() if packing.varlen else {}
-    return dict(input_ids=packed.input_ids, position_ids=packed.position_ids, **inputs), packed
+        inputs = {name: to_device(value, device) if isinstance(value, torch.Tensor) else value
+                  for name, value in packed.varlen_kwargs().items()} if packing.varlen else {}
+    return dict(input_ids=to_device(packed.input_ids, device), position_ids=to_device(packed.position_ids, device),
+                **inputs), packed
 
 
 def packed_logits(model, batch: dict, tokens: ResponseTokens, device, packing: Packing) -> torch.Tensor:
     """[N, V] logits at the response positions of ``batch`` (``tokens``, on the host, in their
     order), from one forward over its packed rows."""
     module = getattr(model, "module", model)
-    inputs, packed = packed_inputs(batch, tokens, packing, module.dtype)
+    inputs, packed = packed_inputs(batch, tokens, packing, module.dtype, device)
     head = to_device(packed.head_positions, device)
-    inputs = {name: to_device(value, device) if isinstance(value, torch.Tensor) else value
-              for name, value in inputs.items()}
     return with_head_input(model, lambda states: states[0].index_select(0, head), use_cache=False,
                            **inputs).logits
 

@@ -71,6 +71,19 @@ def test_prompt_sharing_benchmark_reports_the_ratio(real_model_dir):
     assert raw["ratio_shared_over_full"] > 0 and raw["full_rows_s"] > 0
 
 
+def test_packing_benchmark_reports_positions_and_ratios(real_model_dir):
+    """Real pairs, SmolLM2: packed rows compute exactly the rows' tokens, fewer than padding; sharing
+    the prompt in the packed row computes each prompt once, fewer still; every layout timed."""
+    proc = run_command([sys.executable, str(REPO / "bench" / "packing.py"), "--pairs", "4", "--micro-batch", "2",
+                        "--max-length", "64", "--max-prompt-length", "32"])
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["device"] == "cpu" and result["attention"] == "sdpa" and result["pairs"] == 4
+    assert result["packed_positions"] == result["row_tokens"] < result["padded_positions"]
+    assert result["packed_shared_positions"] < result["packed_positions"]
+    for name in ("padded", "shared_passes", "packed", "packed_shared"):
+        assert result[f"{name}_s"] > 0 and result[f"ratio_{name}_over_padded"] > 0
+
+
 def test_gpu_check_script_runs_end_to_end_on_cpu(tmp_path):
     """bench/gpu_check.sh as a smoke test on this CPU machine: the assets packed as for a GPU
     machine, a SmolLM2-shaped model rebuilt from them, training, the overhead and OT benchmarks, and
@@ -85,6 +98,7 @@ def test_gpu_check_script_runs_end_to_end_on_cpu(tmp_path):
                        GPU_CHECK_WHEELS=str(tmp_path / "no_wheels"),  # the packages of this machine
                        GPU_CHECK_ARGS="--data.max_length 48 --data.max_prompt_length 24 --data.eval_size 0",
                        GPU_CHECK_TRL_ARGS="--max-length 80 --max-prompt-length 48 --warmup 0",
+                       GPU_CHECK_PACKING_ARGS="--pairs 2 --micro-batch 2 --max-length 48 --max-prompt-length 24",
                        GPU_CHECK_COMPARE_ARGS="--variants dpo,dpo+plot --train.max_steps 1 --train.warmup_steps 0 "
                                               "--data.eval_size 4 --eval.generations 1 --eval.max_new_tokens 4 "
                                               "--data.max_length 48 --data.max_prompt_length 24")
@@ -98,6 +112,8 @@ def test_gpu_check_script_runs_end_to_end_on_cpu(tmp_path):
         results.setdefault(record["benchmark"], []).append(record)
     assert results["plot_overhead"][0]["overhead_ratio"] > 0
     assert results["sinkhorn_vs_pot"][0]["problems"] == 8
+    packed = results["packing"][0]
+    assert packed["packed_positions"] == packed["row_tokens"] < packed["padded_positions"]
     profile = (out / "profile.txt").read_text()
     assert "step seconds" in profile and "== host, by own time" in profile and "tottime" in profile
     assert "== ops by self_cpu_time_total" in profile and "aten::mm" in profile

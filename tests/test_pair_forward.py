@@ -3,6 +3,7 @@ import pytest
 import torch
 
 import plot_ds.logprobs as logprobs
+import plot_ds.packing as packing
 import plot_ds.pair_forward as pair_forward
 import plot_ds.prompt_sharing as prompt_sharing_module
 from host_waits import HostWaits
@@ -11,6 +12,7 @@ from plot_ds.data import collate
 from plot_ds.data.tokenize import TokenizedPair
 from plot_ds.embedding_slice import embedding_rows_for
 from plot_ds.objectives import GlobalTotals, build_objective
+from plot_ds.packing import Packing
 from plot_ds.pair_forward import forward_pairs, reference_pairs
 from plot_ds.prompt_sharing import prompt_sharing
 
@@ -35,11 +37,12 @@ def transfer_marking(probe, monkeypatch):
     """``to_device`` as on a GPU: a new tensor that lives on the device (marked), not the host one."""
     def to_device(tensor, device):
         return probe.mark(tensor.clone())
-    for module in (logprobs, pair_forward, prompt_sharing_module):
+    for module in (logprobs, pair_forward, prompt_sharing_module, packing):
         monkeypatch.setattr(module, "to_device", to_device, raising=False)
 
 
-@pytest.mark.parametrize("share", [False, True], ids=["full-rows", "shared-prompt"])
+@pytest.mark.parametrize("share", [False, True, "packed", "packed-shared"],
+                         ids=["full-rows", "shared-prompt", "packed", "packed-shared"])
 @pytest.mark.parametrize("overrides", [
     {"objective.name": "dpo"},                                          # the default: one-hot closed form
     {"objective.name": "dpo", "plot.top_k": 0},                         # the whole vocabulary
@@ -49,14 +52,15 @@ def transfer_marking(probe, monkeypatch):
 def test_the_training_loss_path_never_waits_for_the_device(monkeypatch, share, overrides):
     """From the batch on the host to the parameters' gradients, one process with the embedding
     matrix whole (the slice path of several ZeRO-3 ranks does wait, README.md says so): the
-    reference forward, the policy forward (the head hook, prompt sharing's passes), log-probs, DPO
+    reference forward, the policy forward (the head hook, prompt sharing's passes, packed rows), log-probs, DPO
     and PLOT, and the backward. The response positions come from the labels on the host."""
     config = load_config(None, {**overrides, "plot.top_k": overrides.get("plot.top_k", 5)})
     policy, reference = tiny_llama(), tiny_llama()
     reference.requires_grad_(False)
     objective = build_objective(config, embedding_rows_for(policy, config.plot))
     batch = collate(BATCH, pad_id=2)
-    sharing = prompt_sharing(policy, share)
+    sharing = prompt_sharing(policy, share) if isinstance(share, bool) else \
+        Packing(share_prompt=share == "packed-shared", varlen=False)
     with HostWaits(policy, reference) as probe:
         transfer_marking(probe, monkeypatch)
         totals = GlobalTotals.from_counts(probe.mark(batch["counts"].clone()))

@@ -43,7 +43,7 @@ def test_shared_prompt_forward_equals_the_full_rows(tiny_model_dir, monkeypatch,
     for shared in (False, True):
         model.zero_grad()
         passes.clear()
-        out = forward_pairs(model, batch, keep_logits=True, sharing=prompt_sharing(model, shared))
+        out = forward_pairs(model, batch, keep_logits=True, layout=prompt_sharing(model, shared))
         (out.logps.chosen.sum() - 0.5 * out.logps.rejected.sum()).backward()
         grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
         results[shared] = (out, grads)
