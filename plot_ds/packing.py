@@ -151,4 +151,22 @@ def packing_for(config, module, share_prompt: bool) -> Packing:
     if share_prompt and blocker and config.model.share_prompt is True:
         raise ConfigError(f"model.share_prompt true with data.packing: {blocker}. Set model.share_prompt "
                           f"false (or auto) to pack prompt + chosen and prompt + rejected as two sequences")
-    return Packing(share_prompt=share_prompt and blocker is None, varlen=attention in VARLEN_ATTENTION)
+    packing = Packing(share_prompt=share_prompt and blocker is None, varlen=attention in VARLEN_ATTENTION)
+    announce(packing, attention, blocker if share_prompt else None)
+    return packing
+
+
+_ANNOUNCED: set[str] = set()
+
+
+def announce(packing: Packing, attention: str, blocker: str | None) -> None:
+    """One rank-0 line per layout a run uses."""
+    import os
+
+    layout = ("each pair prompt, chosen, rejected in one masked sequence (each prompt once)" if packing.share_prompt
+              else "every response its own sequence" + (f" (prompts not shared: {blocker})" if blocker else ""))
+    cost = "" if packing.varlen else "; attention spans the whole row (docs/benchmarks.md: slower than padding on a CPU)"
+    line = f"[plot_ds] data.packing with {attention}: one row per micro-batch, {layout}{cost}"
+    if int(os.environ.get("RANK", "0")) == 0 and line not in _ANNOUNCED:
+        _ANNOUNCED.add(line)
+        print(line, flush=True)
