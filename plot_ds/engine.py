@@ -14,7 +14,7 @@ from .ds_config import model_dtype, reference_ds_config, zero_stage
 from .models import load_model
 from .optim import param_groups, warmup_cosine
 from .packing import packing_for
-from .pair_forward import RowLayout
+from .pair_forward import RowLayout, check_packing
 from .prompt_sharing import prompt_sharing, shares_prompt
 
 
@@ -25,7 +25,9 @@ def row_layout(config: Config, engine, share_prompt: bool) -> RowLayout:
         # One pass whatever the layout: the reasons ``shares_prompt`` may turn sharing off (each of its
         # passes gathers the parameters again; no key/value cache under gradient checkpointing) do
         # not apply.
-        return packing_for(config, engine.module, config.model.share_prompt is not False)
+        packing = packing_for(config, engine.module, config.model.share_prompt is not False)
+        check_packing(engine, packing)
+        return packing
     return prompt_sharing(engine.module, share_prompt)
 
 

@@ -39,6 +39,37 @@ def head_logits(model, batch: dict, layout: RowLayout = None) -> tuple[torch.Ten
     return logits, tokens
 
 
+def check_packing(model, packing: Packing) -> None:
+    """Refuse ``data.packing`` for a model that would attend across the sequences of a packed row
+    (one whose masking ignores restarting ``position_ids``, or a 4D mask): on a two-pair probe the
+    packed logits must be the padded ones. Every rank runs it alike (ZeRO-3 gathers inside)."""
+    from .data import collate
+    from .data.tokenize import TokenizedPair
+    from .errors import ModelError
+
+    module = getattr(model, "module", model)
+    ids = [(7 * i + 3) % module.config.vocab_size for i in range(23)]
+    probe = collate([TokenizedPair("a", ids[:5], ids[5:9], ids[9:12]),
+                     TokenizedPair("b", ids[12:15], ids[15:17], ids[17:23])], pad_id=ids[0])
+    training = module.training
+    module.eval()  # dropout would make the two differ
+    try:
+        with torch.no_grad():
+            padded, _ = head_logits(model, probe)
+            packed, _ = head_logits(model, probe, packing)
+    finally:
+        module.train(training)
+    difference = float((packed.float() - padded.float()).abs().max())
+    scale = float(padded.float().abs().max())
+    tolerance = 1e-4 if padded.dtype == torch.float32 else 3e-2
+    if not difference <= tolerance * max(scale, 1.0):
+        attention = module.config._attn_implementation
+        raise ModelError(f"data.packing: {type(module).__name__} with {attention} attention does not keep "
+                         f"attention inside each packed sequence (packed logits differ from padded ones by "
+                         f"{difference:.3g}, at most {scale:.3g}); set data.packing false, or try "
+                         f"model.attn_implementation sdpa or flash_attention_2")
+
+
 def forward_pairs(model, batch: dict, keep_logits: bool, top_k: int = 0, layout: RowLayout = None) -> PairOutputs:
     """One forward over the chosen and rejected rows of a collated batch. ``keep_logits`` keeps the
     [N, V] logits; ``top_k`` > 0 reads each position's top-k ``SupportLogits`` in the log-prob pass;

@@ -189,3 +189,38 @@ def test_varlen_attention_gets_the_sequence_bounds():
     torch.testing.assert_close(packed[0], padded[0], rtol=1e-5, atol=1e-7)
     for name, grad in padded[3].items():
         torch.testing.assert_close(packed[3][name], grad, rtol=1e-4, atol=1e-5 * grad.abs().max().item())
+
+
+def test_a_model_that_attends_across_packed_sequences_is_refused():
+    """An attention that ignores the packed row's boundaries (as a model whose masking ignores
+    restarting position_ids would): check_packing sees the logits differ and refuses, naming it."""
+    from transformers import AttentionInterface
+
+    from plot_ds.errors import ModelError
+    from plot_ds.pair_forward import check_packing
+
+    def causal_only(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        # transformers builds no mask for an attention it does not know: right-padded rows are still
+        # right under a causal mask, a packed row is not.
+        assert attention_mask is None
+        key = key.repeat_interleave(query.shape[1] // key.shape[1], dim=1)
+        value = value.repeat_interleave(query.shape[1] // value.shape[1], dim=1)
+        out = torch.nn.functional.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling)
+        return out.transpose(1, 2).contiguous(), None
+
+    AttentionInterface.register("test_causal_only", causal_only)
+    model = tiny_model("Llama", "sdpa")
+    check_packing(model, Packing(share_prompt=False, varlen=False))
+    check_packing(model, Packing(share_prompt=True, varlen=False))
+    model.config._attn_implementation = "test_causal_only"
+    with pytest.raises(ModelError, match="data.packing: LlamaForCausalLM with test_causal_only attention does not keep"):
+        check_packing(model, Packing(share_prompt=False, varlen=False))
+
+
+def test_the_check_runs_in_eval_mode_and_restores_training():
+    from plot_ds.pair_forward import check_packing
+
+    model = tiny_model("Llama", "sdpa", attention_dropout=0.5)
+    model.train()
+    check_packing(model, Packing(share_prompt=True, varlen=False))
+    assert model.training
