@@ -30,9 +30,22 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def run_command(cmd: list[str], timeout: int = 900, cwd=REPO, **env) -> subprocess.CompletedProcess:
+# A rank aborting in C++ (SIGABRT, "terminate called ...") in gloo or the rendezvous store, seen
+# here about once in 20 launches of several ranks on the 2 loaded cores, in tests that pass on
+# every other launch and whose Python code never ran into it. Such a launch is run once more, and
+# says so; a second abort fails the test.
+ABORTED_RANK = ("exitcode  : -6", "(SIGABRT)")
+
+
+def run_command(cmd: list[str], timeout: int = 900, cwd=REPO, retry_abort: bool = True,
+                **env) -> subprocess.CompletedProcess:
     proc = subprocess.run(cmd, cwd=cwd, env=child_env(**env), capture_output=True, text=True,
                           timeout=timeout)
+    if proc.returncode != 0 and retry_abort and any(words in proc.stderr for words in ABORTED_RANK):
+        print(f"a rank aborted (SIGABRT); launching once more: {' '.join(map(str, cmd))}\n"
+              f"{workers_stderr(proc.stderr, keep=3000)}", file=sys.stderr)
+        cmd = [f"--master_port={free_port()}" if str(arg).startswith("--master_port=") else arg for arg in cmd]
+        return run_command(cmd, timeout, cwd, retry_abort=False, **env)
     if proc.returncode != 0:
         raise AssertionError(f"{' '.join(map(str, cmd))} exited {proc.returncode}\n"
                              f"--- stdout ---\n{proc.stdout[-6000:]}\n--- stderr ---\n{workers_stderr(proc.stderr)}")
