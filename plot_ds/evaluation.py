@@ -3,11 +3,11 @@ greedy generations with final-answer accuracy where the data has reference answe
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import torch
 
+from .answers import answer_matches, extract_final_answer
 from .atomic import write_text_atomically
 from .data import TokenizedPair, eval_shards, example_counts
 from .global_batch import pre_pass
@@ -49,32 +49,6 @@ def evaluate(run, examples: list[TokenizedPair]) -> dict[str, float]:
 
 
 # ------------------------------------------------------------------------------ generation
-ANSWER_PATTERNS = (r"####\s*([^\n]+)", r"\\boxed\{([^{}]+)\}", r"(?:final answer|answer)\s*(?:is|:)\s*([^\n]+)")
-
-
-def extract_final_answer(text: str) -> str | None:
-    """The final answer a solution states: "#### x", "\\boxed{x}", "answer is x" (last one), or
-    else the last number in the text."""
-    for pattern in ANSWER_PATTERNS:
-        found = re.findall(pattern, text, flags=re.IGNORECASE)
-        if found:
-            return found[-1]
-    numbers = re.findall(r"-?\d[\d,]*(?:\.\d+)?(?:/\d+)?", text)
-    return numbers[-1] if numbers else None
-
-
-def normalise_answer(answer: str) -> str:
-    answer = answer.replace("$", "").strip().rstrip(".").strip()
-    answer = re.sub(r"\\boxed\{(.*)\}", r"\1", answer)
-    answer = re.sub(r"(?<=\d),(?=\d{3}\b)", "", answer)  # 1,000 -> 1000
-    return re.sub(r"\s+", "", answer).lower()
-
-
-def answer_matches(generated: str, reference: str) -> bool:
-    extracted = extract_final_answer(generated)
-    return extracted is not None and normalise_answer(extracted) == normalise_answer(reference)
-
-
 @torch.no_grad()
 def generate(policy, examples: list[TokenizedPair], pad_id: int, eos_id: int, max_new_tokens: int,
              rank: int, world_size: int, batch_size: int) -> list[list[int]]:

@@ -22,13 +22,14 @@ from pathlib import Path
 
 import torch
 
+from ..answers import answer_matches
 from ..atomic import write_text_atomically
 from ..config import Config
 from ..data import TokenizedPair, eval_shards, prepare_datasets
 from ..distributed import barrier, init_distributed
 from ..ds_config import resolve_ds_config
 from ..engine import build_frozen_engine
-from ..evaluation import answer_matches, generate
+from ..evaluation import generate
 from ..models import load_tokenizer
 from ..pair_forward import forward_pairs
 from ..run import indexed_batch
