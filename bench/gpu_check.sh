@@ -8,7 +8,8 @@
 # GPU_CHECK_PRECISION (bf16): small values and fp32 make it a smoke test on a CPU machine
 # (tests/test_bench.py runs it so, with GPU_CHECK_ARGS for shorter sequences, GPU_CHECK_PROBLEMS
 # for fewer OT problems, GPU_CHECK_TRL_STEPS and GPU_CHECK_TRL_ARGS for a shorter TRL comparison).
-# GPU_CHECK_PACKING_ARGS: bench/packing.py's arguments for a shorter run.
+# GPU_CHECK_PACKING_ARGS: bench/packing.py's arguments for a shorter run. GPU_CHECK_SHAPE=tiny: a
+# model of SmolLM2's family and vocabulary but a few narrow layers (the CPU smoke test).
 # GPU_CHECK_ASSETS, GPU_CHECK_MODEL, GPU_CHECK_RUN_DIR, GPU_CHECK_WHEELS: where things are.
 # Each section has its own time limit and a failed one does not stop the next: one lease, all results.
 set -uo pipefail
@@ -36,7 +37,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 ASSETS="${GPU_CHECK_ASSETS:-.gpu/assets}"
 MODEL="${GPU_CHECK_MODEL:-/tmp/smollm2-shaped}"
 RUN_DIR="${GPU_CHECK_RUN_DIR:-/tmp/gpu_run}"
-"$PYTHON" bench/gpu_assets.py unpack "$ASSETS" "$MODEL" || exit 1
+"$PYTHON" bench/gpu_assets.py unpack "$ASSETS" "$MODEL" --shape "${GPU_CHECK_SHAPE:-real}" || exit 1
 DATA="$ASSETS/champ.jsonl"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$RESULTS/device.txt"
 "$PYTHON" -c 'import torch, deepspeed, transformers; print("torch", torch.__version__, "deepspeed", deepspeed.__version__, "transformers", transformers.__version__, "cuda", torch.cuda.is_available())' | tee -a "$RESULTS/device.txt"

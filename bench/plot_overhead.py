@@ -88,6 +88,7 @@ def main():
     runs = {"plot": with_plot_run, "vanilla": dataclasses.replace(with_plot_run, objective=without_plot)}
 
     times = {"plot": [], "vanilla": []}
+    losses = {"plot": [], "vanilla": []}  # what each variant computed: PLOT's term only in one
     slice_bytes, slice_rows = [], []
     for step in range(args.warmup + args.steps):
         batches = with_plot_run.micro_batches(step)
@@ -97,6 +98,7 @@ def main():
             seconds, metrics = timed_step(runs[name], batches)
             if step >= args.warmup:
                 times[name].append(seconds)
+                losses[name].append({key: metrics.get(key) for key in ("loss/total", "loss/vanilla", "loss/plot")})
                 if name == "plot":
                     slice_bytes.append(metrics["plot/slice_bytes"])
                     slice_rows.append(metrics["plot/slice_rows"])
@@ -132,6 +134,8 @@ def main():
             # PLOT's extra time per micro-batch, on the step: the overhead without the step's noise.
             "overhead_ratio_from_loss_path": 1 + (loss_path["plot"] - loss_path["vanilla"])
             * len(sampler.micro_batches(0)) / median["vanilla"]} if loss_path else {}),
+        "alpha": config.plot.alpha,
+        "losses_by_step": losses,
         "slice_rows_per_micro_batch": statistics.mean(slice_rows),
         "slice_bytes_per_micro_batch": statistics.mean(slice_bytes),
         "full_gather_bytes": full_bytes,

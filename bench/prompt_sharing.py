@@ -1,8 +1,8 @@
 """Prompt sharing vs full rows: forward and backward of the policy on the same batches, side by side.
 
-    python bench/prompt_sharing.py [--pairs 8] [--micro-batch 2] [--prompt-lengths raw,128,512]
+    python bench/prompt_sharing.py [--pairs 8] [--micro-batch 2] [--prompt-lengths raw,128,512] [--model M]
 
-SmolLM2-135M-Instruct in fp32 (sdpa), one thread, plain PyTorch (no DeepSpeed: this isolates the
+SmolLM2-135M-Instruct (or --model) in fp32 (sdpa), one thread, plain PyTorch (no DeepSpeed: this isolates the
 computation). Batches of CHAMP pairs without a chat template; "raw" keeps each prompt as it is (at
 most 128 tokens, as the default run), a number N stretches each prompt to N tokens by repeating it,
 to show longer prompts; responses are cut so that prompt + response fits in 256 + N tokens.
@@ -55,13 +55,14 @@ def main():
     parser.add_argument("--pairs", type=int, default=8)
     parser.add_argument("--micro-batch", type=int, default=2)
     parser.add_argument("--prompt-lengths", default="raw,128,512")
+    parser.add_argument("--model", default="builtin:smollm2-135m-instruct", help="a folder or builtin: name")
     args = parser.parse_args()
     torch.set_num_threads(1)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from plot_ds.assets import champ_pairs, resolve_model_path
 
-    path = resolve_model_path("builtin:smollm2-135m-instruct")
+    path = resolve_model_path(args.model)
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa")
     pairs = champ_pairs()[:args.pairs]

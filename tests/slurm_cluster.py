@@ -11,17 +11,13 @@ import subprocess
 import time
 from pathlib import Path
 
+from conftest import free_port
+
 DAEMONS = ("slurmctld", "slurmd", "sbatch", "scontrol", "munged", "munge")
 
 
 def missing_tools() -> list[str]:
     return [tool for tool in DAEMONS if shutil.which(tool) is None and not Path(f"/usr/sbin/{tool}").exists()]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _run(cmd, **kwargs) -> subprocess.CompletedProcess:
@@ -74,7 +70,7 @@ class SlurmCluster:
         self.conf.write_text("\n".join([
             "ClusterName=plotds",
             f"SlurmctldHost={self.host}(127.0.0.1)",
-            f"SlurmctldPort={_free_port()}", f"SlurmdPort={_free_port()}",
+            f"SlurmctldPort={free_port()}", f"SlurmdPort={free_port()}",
             "SlurmUser=root", "AuthType=auth/munge", "CryptoType=crypto/munge",
             "ProctrackType=proctrack/linuxproc", "TaskPlugin=task/none",
             "SelectType=select/cons_tres", "SelectTypeParameters=CR_Core",

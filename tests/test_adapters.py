@@ -1,13 +1,12 @@
 """LoRA adapters (plot_ds/adapters.py): settings and their errors, the merged weights, and a 2-rank
 ZeRO-3 run whose reference is its base with the adapters off and whose exports reload."""
 import json
-import subprocess
 import sys
 
 import pytest
 import torch
 
-from conftest import REPO, WORKERS, child_env, run_command, torchrun
+from conftest import REPO, WORKERS, run_command, torchrun
 from plot_ds.adapters import add_adapters, merged_state, quantization_config
 from plot_ds.config import AdapterConfig, ConfigError, load_config
 from plot_ds.errors import ModelError
@@ -105,9 +104,8 @@ def test_merged_and_peft_exports_live_and_from_the_checkpoint_give_the_trained_m
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    exported = subprocess.run([sys.executable, "-c", "import sys; from plot_ds.cli import export_main; "
-                               "sys.exit(export_main())", str(lora_run), "--output", str(tmp_path / "offline")],
-                              cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=600)
+    exported = run_command([sys.executable, "-c", "import sys; from plot_ds.cli import export_main; "
+                            "sys.exit(export_main())", str(lora_run), "--output", str(tmp_path / "offline")], check=False)
     assert exported.returncode == 0, exported.stderr
     assert "its adapter (PEFT) to" in exported.stdout
     checkpoint = lora_run / "checkpoints" / "step_00000002"

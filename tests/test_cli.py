@@ -1,14 +1,12 @@
 import json
 import sys
 
-from conftest import REPO, run_command
-import subprocess
-from conftest import child_env
+from conftest import run_command
 
 
 def plot_data(*args):
-    return subprocess.run([sys.executable, "-c", "import sys; from plot_ds.cli import data_main; sys.exit(data_main())",
-                           *args], cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=300)
+    return run_command([sys.executable, "-c", "import sys; from plot_ds.cli import data_main; sys.exit(data_main())",
+                        *args], check=False, timeout=300)
 
 
 def test_plot_data_describes_a_dataset(tiny_model_dir, tmp_path):

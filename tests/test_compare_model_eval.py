@@ -58,7 +58,7 @@ def evaluation_config(tmp_path, start, zero3_config=None, reward=None):
 
 def run_evaluation(launcher, model, start, config, output):
     run_command([*launcher, str(ENTRY), "compare-eval", model, "--config", str(config), "--start-model", start,
-                 "--output", str(output)], timeout=600)
+                 "--output", str(output)], timeout=600, output=output)
     return json.loads(output.read_text())
 
 

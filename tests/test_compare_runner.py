@@ -2,15 +2,12 @@
 cell of the table; a grid killed mid-run resumes without retraining what finished; a failed run is
 reported and the others go on."""
 import json
-import os
-import signal
-import subprocess
 import sys
 import time
 
 import yaml
 
-from conftest import REPO, child_env
+from conftest import run_command, start
 
 FAST = ["--train.max_steps", "2", "--data.eval_size", "4", "--data.max_length", "64", "--data.max_prompt_length",
         "32", "--eval.generations", "2", "--eval.max_new_tokens", "4", "--train.precision", "fp32"]
@@ -30,8 +27,9 @@ def write_grid(tmp_path, variants, seeds):
 def wait_for(predicate, process, timeout=600):
     deadline = time.time() + timeout
     while not predicate():
-        assert process.poll() is None, process.communicate()
-        assert time.time() < deadline, "timed out"
+        assert process.poll() is None, process.finish(timeout=0).stdout
+        if time.time() > deadline:
+            process.finish(timeout=0)  # stops it with the stacks of every process printed
         time.sleep(0.5)
 
 
@@ -39,17 +37,14 @@ def test_a_killed_grid_resumes_without_retraining_finished_runs(tiny_model_dir, 
     grid = write_grid(tmp_path, {"dpo": {"plot.enabled": False}, "sft+plot": {"objective.name": "sft",
                                                                                "reference.mode": "none"}}, [1, 2])
     runs = tmp_path / "out" / "runs"
-    first = subprocess.Popen(compare_command(tmp_path, tiny_model_dir, grid), cwd=REPO, env=child_env(),
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    first = start(compare_command(tmp_path, tiny_model_dir, grid), merge_output=True)
     # Killed (the driver and its run, SIGKILL) while the second trained run is training.
     wait_for(lambda: (runs / "sft+plot" / "seed1" / "train_history.jsonl").is_file(), first)
-    os.killpg(first.pid, signal.SIGKILL)
-    first.wait()
+    first.kill()
     finished = runs / "dpo" / "seed1" / "compare_eval.json"
     assert finished.is_file() and not (runs / "sft+plot" / "seed1" / "compare_eval.json").is_file()
     stamp = finished.stat().st_mtime_ns
-    second = subprocess.run(compare_command(tmp_path, tiny_model_dir, grid), cwd=REPO, env=child_env(),
-                            capture_output=True, text=True, timeout=900)
+    second = run_command(compare_command(tmp_path, tiny_model_dir, grid), check=False)
     assert second.returncode == 0, second.stdout + second.stderr
     lines = [line for line in second.stdout.splitlines() if line.startswith("[plot-compare] ")]
     assert "[plot-compare] 1/5 start: already evaluated, skipped" in lines
@@ -74,9 +69,8 @@ def test_a_killed_grid_resumes_without_retraining_finished_runs(tiny_model_dir, 
     assert "TensorBoard, every run overlaid" in second.stdout
     # a second report on a subset of the same runs leaves the first one as it was
     before = table
-    subset = subprocess.run(compare_command(tmp_path, tiny_model_dir, grid, "--variants", "dpo", "--seeds", "1",
-                                            "--report-only", "--report", "dpo_only"),
-                            cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=300)
+    subset = run_command(compare_command(tmp_path, tiny_model_dir, grid, "--variants", "dpo", "--seeds", "1",
+                                         "--report-only", "--report", "dpo_only"), check=False, timeout=300)
     assert subset.returncode == 0, subset.stdout + subset.stderr
     assert json.loads((tmp_path / "out" / "dpo_only.json").read_text())["variants"]["dpo"]["seeds"] == [1]
     assert "| sft+plot |" not in (tmp_path / "out" / "dpo_only.md").read_text()
@@ -87,8 +81,7 @@ def test_a_failed_run_is_reported_and_the_others_go_on(tiny_model_dir, tmp_path)
     grid = write_grid(tmp_path, {"sft": {"objective.name": "sft", "reference.mode": "none"},
                                  "broken": {"objective.name": "sft", "reference.mode": "none",
                                             "model.attn_implementation": "no_such_attention"}}, [1])
-    proc = subprocess.run(compare_command(tmp_path, tiny_model_dir, grid), cwd=REPO, env=child_env(),
-                          capture_output=True, text=True, timeout=900)
+    proc = run_command(compare_command(tmp_path, tiny_model_dir, grid), check=False)
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "/3 broken/seed1: FAILED: training exited 2 after" in proc.stdout
     assert "plot-train: model error: model.attn_implementation 'no_such_attention'" in proc.stdout
@@ -99,12 +92,11 @@ def test_a_failed_run_is_reported_and_the_others_go_on(tiny_model_dir, tmp_path)
 
 def test_unknown_keys_and_variants_are_refused_before_anything_trains(tiny_model_dir, tmp_path):
     grid = write_grid(tmp_path, {"dpo": {"plot.alpah": 1.0}}, [1])
-    proc = subprocess.run(compare_command(tmp_path, tiny_model_dir, grid), cwd=REPO, env=child_env(),
-                          capture_output=True, text=True, timeout=300)
+    proc = run_command(compare_command(tmp_path, tiny_model_dir, grid), check=False, timeout=300)
     assert proc.returncode == 2
     assert proc.stderr.strip() == ("plot-compare: config error: variant 'dpo' (seed 1): unknown config key "
                                    "'plot.alpah' (did you mean 'plot.alpha'?)")
-    proc = subprocess.run(compare_command(tmp_path, tiny_model_dir, grid, "--variants", "dpo+plot"), cwd=REPO,
-                          env=child_env(), capture_output=True, text=True, timeout=300)
+    proc = run_command(compare_command(tmp_path, tiny_model_dir, grid, "--variants", "dpo+plot"), check=False,
+                       timeout=300)
     assert proc.returncode == 2 and "unknown variant(s) dpo+plot (variants: dpo)" in proc.stderr
     assert not (tmp_path / "out" / "runs").exists()

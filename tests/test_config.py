@@ -1,11 +1,10 @@
 import re
-import subprocess
 import sys
 
 import pytest
 import yaml
 
-from conftest import REPO, child_env
+from conftest import REPO, run_command
 from plot_ds.config import Config, ConfigError, load_config, parse_overrides
 
 
@@ -68,8 +67,8 @@ def test_round_trip_through_saved_yaml(tmp_path):
 
 
 def test_cli_reports_a_bad_key_in_one_line_before_anything_heavy():
-    proc = subprocess.run([sys.executable, str(REPO / "launch" / "train.py"), "--train.lrr", "1"],
-                          env=child_env(), capture_output=True, text=True, timeout=120)
+    proc = run_command([sys.executable, str(REPO / "launch" / "train.py"), "--train.lrr", "1"], check=False,
+                       timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip() == ("plot-train: config error: unknown config key 'train.lrr' "
                                    "(did you mean 'train.lr'?)")

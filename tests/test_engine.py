@@ -70,7 +70,8 @@ def test_zero3_loads_policy_and_reference_partitioned_with_no_full_copy_on_any_r
     # freed), which would count freed memory as held: every block of 64 kB or more is mmapped here.
     run_command([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
                  f"--master_port={free_port()}", str(WORKERS / "load_memory.py"), str(model_dir), zero3_test_config,
-                 str(tmp_path / "memory")], MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
+                 str(tmp_path / "memory")], output=tmp_path / "memory.rank0", MALLOC_MMAP_THRESHOLD_="65536",
+                MALLOC_TRIM_THRESHOLD_="0")
     ranks = [json.loads((tmp_path / f"memory.rank{r}").read_text()) for r in (0, 1)]
     model_bytes = ranks[0]["model_elements"] * 4
     assert model_bytes > 130e6

@@ -4,13 +4,12 @@ with its key words, the documented exit status, and no traceback."""
 import json
 import re
 import shutil
-import subprocess
 import sys
 import time
 
 import pytest
 
-from conftest import REPO, child_env, free_port
+from conftest import REPO, child_env, free_port, run_command, start
 
 from plot_ds import errors
 
@@ -82,9 +81,8 @@ def assert_one_clean_message(output: str, words: list[str]) -> None:
 
 @pytest.mark.parametrize("case,arguments,status,words", CASES, ids=[c[0] for c in CASES])
 def test_one_process(inputs, tmp_path, case, arguments, status, words):
-    proc = subprocess.run([sys.executable, TRAIN, *fill(arguments, inputs), *FAST,
-                           "--train.output_dir", str(tmp_path / "run")],
-                          cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=300)
+    proc = run_command([sys.executable, TRAIN, *fill(arguments, inputs), *FAST,
+                        "--train.output_dir", str(tmp_path / "run")], check=False, timeout=300)
     assert proc.returncode == status, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert_one_clean_message(proc.stderr, words)
 
@@ -95,7 +93,7 @@ def test_two_ranks_under_deepspeed(inputs, tmp_path, case, arguments, status, wo
     """Both ranks meet the mistake; the message appears once and the job ends with its status."""
     command = ["deepspeed", "--num_gpus", "2", "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
                TRAIN, *fill(arguments, inputs), *FAST, "--train.output_dir", str(tmp_path / "run")]
-    proc = subprocess.run(command, cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=300)
+    proc = run_command(command, check=False, timeout=300)
     assert proc.returncode == status, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert_one_clean_message(proc.stdout + proc.stderr, words)
 
@@ -109,14 +107,13 @@ def test_torchrun_reports_the_status_and_the_other_rank_leaves_promptly(inputs, 
                f"--master_port={free_port()}", TRAIN, "--model.name_or_path", inputs["tiny"],
                "--data.source", str(inputs["root"] / "absent.jsonl"), *FAST,
                "--train.output_dir", str(tmp_path / "run")]
-    proc = subprocess.Popen(command, cwd=REPO, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+    proc = start(command, merge_output=True)
     seen_at, output = None, []
     for line in proc.stdout:
         output.append(line)
         if seen_at is None and "plot-train: data error" in line:
             seen_at = time.monotonic()
-    proc.wait(timeout=120)
+    proc.finish(timeout=120)
     exit_after = time.monotonic() - seen_at
     text = "".join(output)
     assert proc.returncode == 1 and "exitcode  : 2" in text, text[-3000:]
@@ -166,9 +163,8 @@ def test_auto_attention_picks_what_the_model_supports():
 ], ids=["plot-data", "plot-eval", "plot-export"])
 def test_every_entry_point_follows_the_policy(inputs, tmp_path, program, arguments, words):
     main = {"plot-data": "data_main", "plot-eval": "eval_main", "plot-export": "export_main"}[program]
-    proc = subprocess.run([sys.executable, "-c", f"import sys; from plot_ds.cli import {main}; sys.exit({main}())",
-                           *fill(arguments, inputs)], cwd=tmp_path, env=child_env(), capture_output=True, text=True,
-                          timeout=300)
+    proc = run_command([sys.executable, "-c", f"import sys; from plot_ds.cli import {main}; sys.exit({main}())",
+                        *fill(arguments, inputs)], cwd=tmp_path, check=False, timeout=300)
     assert proc.returncode == 2, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert proc.stderr.count(words[0]) == 1 and words[1] in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
 
@@ -179,9 +175,8 @@ def test_a_rank_whose_peer_left_says_so_in_one_line(monkeypatch):
     from conftest import WORKERS
 
     env = child_env(WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
-    ranks = [subprocess.Popen([sys.executable, str(WORKERS / "peer_leaves.py")], env={**env, "RANK": str(r)},
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
-    (out0, err0), (out1, err1) = (rank.communicate(timeout=120) for rank in ranks)
+    ranks = [start([sys.executable, str(WORKERS / "peer_leaves.py")], env={**env, "RANK": str(r)}) for r in (0, 1)]
+    (_, err0), (_, err1) = ((done.stdout, done.stderr) for done in (rank.finish(timeout=120) for rank in ranks))
     assert ranks[0].returncode == errors.EXIT_WRITE and "plot-train: write error: writing /somewhere" in err0
     assert ranks[1].returncode == errors.EXIT_PEER_LOST, err1
     lines = [line for line in err1.splitlines() if line.strip()]

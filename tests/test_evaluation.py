@@ -1,5 +1,4 @@
 import json
-import math
 import sys
 
 import pytest

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from conftest import REPO, WORKERS, child_env, free_port, run_command
+from conftest import REPO, WORKERS, run_command, start, torchrun_command
 
 TRAIN = str(REPO / "launch" / "train.py")
 pytestmark = pytest.mark.distributed
@@ -24,9 +24,8 @@ def run_args(model_dir, ds_config, out, *extra):
             "--eval.generations", "0", "--eval.answer_samples", "0", "--train.output_dir", str(out), *extra]
 
 
-def torchrun_cmd(*args):
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-            f"--master_port={free_port()}", *map(str, args)]
+def torchrun_cmd(script, *args):
+    return torchrun_command(2, script, *args)
 
 
 def history(out):
@@ -42,45 +41,13 @@ def logged_steps(out) -> int:
     return len(path.read_text().splitlines()) if path.is_file() else 0
 
 
-def start(cmd):
-    return subprocess.Popen(cmd, cwd=REPO, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
-
-
-def descendants(pid: int) -> list[int]:
-    children = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                ppid = int(open(f"/proc/{entry}/stat").read().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry))
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
-
-
-def kill_tree(proc) -> None:
-    """SIGKILL the launcher and every rank under it (ranks may sit in sessions of their own)."""
-    for pid in [proc.pid, *descendants(proc.pid)]:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    proc.wait()
-
-
-def wait_for(condition, proc, timeout=600):
+def wait_for(condition, launch, timeout=600):
     deadline = time.time() + timeout
     while not condition():
-        if proc.poll() is not None:
-            raise AssertionError(f"the run ended early ({proc.returncode}):\n{proc.stdout.read()[-4000:]}")
+        if launch.poll() is not None:
+            raise AssertionError(f"the run ended early ({launch.returncode}):\n{launch.stdout.read()[-4000:]}")
         if time.time() > deadline:
-            raise AssertionError("timed out")
+            launch.finish(timeout=0)  # stops it with every rank's stacks printed
         time.sleep(0.2)
 
 
@@ -115,9 +82,9 @@ def assert_same_run(out, reference):
 def test_sigkill_mid_training_then_resume_is_exact(uninterrupted, tiny_model_dir, zero3_test_config, data_file, tmp_path):
     out = tmp_path / "run"
     cmd = torchrun_cmd(TRAIN, *run_args(tiny_model_dir, zero3_test_config, out, "--data.source", data_file))
-    proc = start(cmd)
+    proc = start(cmd, merge_output=True)
     wait_for(lambda: logged_steps(out) >= 5, proc)  # past the step-4 checkpoint
-    kill_tree(proc)
+    proc.kill()
     assert (out / "checkpoints" / "latest_complete").read_text().strip() == "step_00000004"
     resumed = run_command(cmd)
     assert "resumed from" in resumed.stdout and "step_00000004 at step 4" in resumed.stdout
@@ -134,9 +101,9 @@ def test_lora_run_sigkilled_then_resumed_is_exact(tiny_model_dir, zero3_test_con
     run_command(torchrun_cmd(TRAIN, *run_args(tiny_model_dir, zero3_test_config, full, *lora)))
     out = tmp_path / "run"
     cmd = torchrun_cmd(TRAIN, *run_args(tiny_model_dir, zero3_test_config, out, *lora))
-    proc = start(cmd)
+    proc = start(cmd, merge_output=True)
     wait_for(lambda: logged_steps(out) >= 5, proc)
-    kill_tree(proc)
+    proc.kill()
     resumed = run_command(cmd)
     assert "step_00000004 at step 4" in resumed.stdout
     assert_same_run(out, full)
@@ -150,8 +117,7 @@ def test_killed_while_writing_a_checkpoint_resumes_from_the_previous_one(
     args = run_args(tiny_model_dir, zero3_test_config, out, "--data.source", data_file)
     # The worker runs the trainer but makes rank 0 die after the step-4 files are written and
     # before that checkpoint is marked complete.
-    proc = subprocess.run(torchrun_cmd(WORKERS / "die_while_checkpointing.py", "4", TRAIN, *args), cwd=REPO,
-                          env=child_env(), capture_output=True, text=True, timeout=600)
+    proc = run_command(torchrun_cmd(WORKERS / "die_while_checkpointing.py", "4", TRAIN, *args), check=False)
     assert proc.returncode != 0
     assert (out / "checkpoints" / "step_00000004").is_dir()
     assert not (out / "checkpoints" / "step_00000004" / "plot_ds_complete.json").exists()
@@ -167,8 +133,7 @@ def test_a_rank_other_than_0_killed_while_writing_leaves_the_checkpoint_incomple
     rank 0, which marks checkpoints complete, must not mark this one."""
     out = tmp_path / "run"
     args = run_args(tiny_model_dir, zero3_test_config, out, "--data.source", data_file)
-    proc = subprocess.run(torchrun_cmd(WORKERS / "rank_dies_while_writing.py", "4", "1", TRAIN, *args), cwd=REPO,
-                          env=child_env(), capture_output=True, text=True, timeout=600)
+    proc = run_command(torchrun_cmd(WORKERS / "rank_dies_while_writing.py", "4", "1", TRAIN, *args), check=False)
     assert proc.returncode != 0
     step_4 = out / "checkpoints" / "step_00000004"
     assert (step_4 / "zero_pp_rank_1_mp_rank_00_model_states.pt").is_file()  # rank 1 was mid-write
@@ -204,14 +169,12 @@ def test_a_checkpoint_file_that_runs_code_when_unpickled_is_refused(uninterrupte
     torch.save({"optimizer_state_dict": RunsCodeWhenUnpickled(marker)}, tampered)
     # Whoever can replace a checkpoint file can rewrite its checksum too: the reader is the defence.
     rewrite_checksum(tampered)
-    resumed = subprocess.run([sys.executable, TRAIN, "--config", str(out / "config.yaml"), "--train.max_steps", "9",
-                              "--train.gradient_accumulation_steps", "4", "--train.output_dir", str(out)],
-                             cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=600)
+    resumed = run_command([sys.executable, TRAIN, "--config", str(out / "config.yaml"), "--train.max_steps", "9",
+                              "--train.gradient_accumulation_steps", "4", "--train.output_dir", str(out)], check=False)
     assert resumed.returncode != 0 and not marker.exists()
     assert f"{tampered}: not loadable as plain data (weights_only=True)" in resumed.stdout + resumed.stderr
-    exported = subprocess.run([sys.executable, "-c", "import sys; from plot_ds.cli import export_main; "
-                               "sys.exit(export_main())", str(tampered.parent), "--output", str(tmp_path / "hf")],
-                              cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=600)
+    exported = run_command([sys.executable, "-c", "import sys; from plot_ds.cli import export_main; "
+                               "sys.exit(export_main())", str(tampered.parent), "--output", str(tmp_path / "hf")], check=False)
     assert exported.returncode != 0 and not marker.exists()
     assert "not loadable as plain data (weights_only=True)" in exported.stdout + exported.stderr
 
@@ -247,8 +210,7 @@ def test_a_checkpoint_damaged_after_completion_is_skipped_by_auto_resume(
     shard = out / "checkpoints" / "step_00000008" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
     damage(shard, how)
     args = run_args(tiny_model_dir, zero3_test_config, out, "--data.source", data_file)
-    explicit = subprocess.run(torchrun_cmd(TRAIN, *args, "--train.resume", shard.parent), cwd=REPO, env=child_env(),
-                              capture_output=True, text=True, timeout=600)
+    explicit = run_command(torchrun_cmd(TRAIN, *args, "--train.resume", shard.parent), check=False)
     text = explicit.stdout + explicit.stderr
     assert "exitcode  : 2" in text and text.count("plot-train: checkpoint error: train.resume: ") == 1, text[-3000:]
     assert f"{shard.parent} is damaged" in text and 'File "' + str(REPO / "plot_ds") not in text
@@ -294,8 +256,7 @@ def test_a_full_disk_while_checkpointing_loses_nothing(uninterrupted, tiny_model
     out = disk / "run"
     args = run_args(tiny_model_dir, zero3_test_config, out, "--data.source", data_file, "--data.cache_dir",
                     tmp_path / "cache")
-    full = subprocess.run(torchrun_cmd(TRAIN, *args), cwd=REPO, env=child_env(), capture_output=True, text=True,
-                          timeout=600)
+    full = run_command(torchrun_cmd(TRAIN, *args), check=False)
     text = full.stdout + full.stderr
     assert "exitcode  : 4" in text and text.count("plot-train: write error: writing checkpoint ") == 1, text[-3000:]
     assert f"{out / 'checkpoints' / 'step_00000004'} failed" in text and "GiB free on" in text
@@ -314,10 +275,10 @@ def test_a_full_disk_while_checkpointing_loses_nothing(uninterrupted, tiny_model
 def stop_with(signal_number, cmd, out, after_steps: int) -> int:
     """Start ``cmd``, send ``signal_number`` once ``after_steps`` steps are logged; the run must
     checkpoint and exit 75. Returns the checkpoint's step."""
-    proc = start(cmd)
+    proc = start(cmd, merge_output=True)
     wait_for(lambda: logged_steps(out) >= after_steps, proc)
     proc.send_signal(signal_number)
-    output, _ = proc.communicate(timeout=600)
+    output = proc.finish(timeout=600).stdout
     assert proc.returncode == 75, output[-3000:]
     assert f"{signal.Signals(signal_number).name}: checkpoint" in output
     return int((out / "checkpoints" / "latest_complete").read_text().strip().split("_")[1])
@@ -335,13 +296,13 @@ def test_ctrl_c_checkpoints_and_exits_75_and_a_second_one_stops_at_once(tiny_mod
     assert 2 <= step < 40 and logged_steps(first) == step  # the step in flight finished, then it stopped
 
     twice = tmp_path / "twice"
-    proc = start([sys.executable, TRAIN, *run_args(tiny_model_dir, zero3_test_config, twice, *args)])
+    proc = start([sys.executable, TRAIN, *run_args(tiny_model_dir, zero3_test_config, twice, *args)], merge_output=True)
     wait_for(lambda: logged_steps(twice) >= 2, proc)
     proc.send_signal(signal.SIGINT)
     time.sleep(0.3)  # two signals before Python's handler runs would be handled as one
     proc.send_signal(signal.SIGINT)
     sent = time.time()
-    output, _ = proc.communicate(timeout=600)
+    output = proc.finish(timeout=600).stdout
     assert time.time() - sent < 10, "the second Ctrl-C did not stop the run at once"
     assert proc.returncode in (-signal.SIGINT, 128 + signal.SIGINT, 1), (proc.returncode, output[-3000:])
     assert not (twice / "checkpoints" / "latest_complete").exists()  # no checkpoint: it stopped at once
@@ -362,9 +323,9 @@ def test_random_streams_are_restored_on_resume_with_dropout_on(tiny_model_dir, z
                                                                    rel=1e-4)  # dropout is on
     out = tmp_path / "killed"
     cmd = [sys.executable, TRAIN, *run_args(dropout, zero3_test_config, out, *args)]
-    proc = start(cmd)
+    proc = start(cmd, merge_output=True)
     wait_for(lambda: logged_steps(out) >= 3, proc)  # past the step-2 checkpoint
-    kill_tree(proc)
+    proc.kill()
     resumed = run_command(cmd)
     assert "at step" in resumed.stdout
     got, want = history(out), history(runs["full"])
@@ -407,8 +368,7 @@ def test_non_finite_steps_are_skipped_then_the_run_stops(tiny_model_dir, zero3_t
     args = run_args(tiny_model_dir, zero3_test_config, out, "--data.source", data_file, "--train.save_every", "1",
                     "--train.keep_last", "0", "--train.max_consecutive_faults", "2")
     # Step 3, then steps 6 and 7, get a NaN loss on rank 1 only.
-    proc = subprocess.run(torchrun_cmd(WORKERS / "nan_at_steps.py", "3,6,7", TRAIN, *args), cwd=REPO,
-                          env=child_env(), capture_output=True, text=True, timeout=600)
+    proc = run_command(torchrun_cmd(WORKERS / "nan_at_steps.py", "3,6,7", TRAIN, *args), check=False)
     records = [json.loads(line) for line in (out / "train_history.jsonl").read_text().splitlines()]
     by_step = {r["step"]: r for r in records}
     assert by_step[2]["faults/skipped_steps"] == 0
@@ -435,9 +395,8 @@ def test_export_round_trip_with_tied_embeddings(tiny_model_dir, zero3_test_confi
     out = tmp_path / "run"
     out.mkdir()
     run_command(torchrun_cmd(WORKERS / "export_roundtrip.py", tiny_model_dir, zero3_test_config, out))
-    exported = subprocess.run([sys.executable, "-c", "import sys; from plot_ds.cli import export_main; "
-                               "sys.exit(export_main())", str(out), "--output", str(tmp_path / "from_checkpoint")],
-                              cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=600)
+    exported = run_command([sys.executable, "-c", "import sys; from plot_ds.cli import export_main; "
+                               "sys.exit(export_main())", str(out), "--output", str(tmp_path / "from_checkpoint")], check=False)
     assert exported.returncode == 0, exported.stderr
     engine = torch.load(out / "engine_logits.pt", weights_only=True)
     for folder in (out / "live_export", tmp_path / "from_checkpoint"):

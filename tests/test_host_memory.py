@@ -1,7 +1,6 @@
-import subprocess
 import sys
 
-from conftest import child_env
+from conftest import run_command
 
 # Run in a fresh process: whether freed blocks sit in the main heap (trimmable) depends on what the
 # process allocated before, which in pytest's process is every earlier test.
@@ -28,7 +27,6 @@ def test_trim_host_heap_returns_freed_fragmented_blocks_to_the_os():
     """Freed blocks pinned between live ones stay resident until trimmed (glibc), as ZeRO-3's
     freed gathers and gradients do between a step's activations."""
     assert sys.platform.startswith("linux")
-    proc = subprocess.run([sys.executable, "-c", FRAGMENT_AND_TRIM], env=child_env(), capture_output=True, text=True,
-                          timeout=120, check=True)
+    proc = run_command([sys.executable, "-c", FRAGMENT_AND_TRIM], timeout=120)
     returned = int(proc.stdout.split("RETURNED")[-1])
     assert returned > 100 * 2**20, f"only {returned} bytes of the 200 MB freed went back"  # most of them

@@ -1,7 +1,6 @@
 """launch/train.py end to end under the deepspeed launcher and torchrun: 2 real ranks, ZeRO-3."""
 import json
 import math
-import subprocess
 import sys
 
 import pytest
@@ -123,7 +122,7 @@ def test_two_ranks_see_every_pair_exactly_once_per_epoch(tiny_model_dir, zero3_t
 
 def test_shell_scripts_quote_every_variable_and_pass_shellcheck():
     scripts = [REPO / "launch" / "slurm.sh", REPO / ".ci" / "run", REPO / ".ci" / "install_cluster_tools.sh"]
-    proc = subprocess.run(["shellcheck", "--severity=info", *map(str, scripts)], capture_output=True, text=True)
+    proc = run_command(["shellcheck", "--severity=info", *map(str, scripts)], check=False, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
@@ -134,5 +133,5 @@ def test_slurm_template_marks_what_users_edit():
         assert "# EDIT" in line, line
     for kept in ("--requeue", "--open-mode=append", "--signal=B:USR1@", "--ntasks-per-node=1"):
         assert f"#SBATCH {kept}" in text
-    usage = subprocess.run(["bash", str(REPO / "launch" / "slurm.sh")], capture_output=True, text=True)
+    usage = run_command(["bash", str(REPO / "launch" / "slurm.sh")], check=False, timeout=60)
     assert usage.returncode == 2 and "usage: sbatch launch/slurm.sh path/to/config.yaml" in usage.stderr

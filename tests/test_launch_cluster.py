@@ -8,7 +8,6 @@ PLOT_DS_CLUSTER_TESTS=require, which turns every such skip into a failure.
 import importlib.util
 import json
 import os
-import subprocess
 import shutil
 import sys
 import time
@@ -17,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO, child_env, free_port
+from conftest import REPO, child_env, free_port, run_command, start
 from slurm_cluster import SlurmCluster, missing_tools
 
 pytestmark = [pytest.mark.distributed, pytest.mark.cluster]
@@ -137,10 +136,9 @@ def test_two_node_launchers_on_loopback_finish(launcher, tiny_model_dir, zero3_t
     hostfile.write_text("node-a slots=1\nnode-b slots=1\n")
     run_dir = tmp_path / "run"
     config = tiny_config(tmp_path / "tiny.yaml", tiny_model_dir, zero3_test_config, run_dir, max_steps=3)
-    nodes = [subprocess.Popen([*command, "--config", str(config)], cwd=REPO, env=child_env(),
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    nodes = [start([*command, "--config", str(config)], merge_output=True)
              for command in node_launchers(launcher, hostfile, str(free_port()))]
-    outputs = [node.communicate(timeout=900)[0] for node in nodes]
+    outputs = [node.finish(timeout=900).stdout for node in nodes]
     for index, (node, output) in enumerate(zip(nodes, outputs)):
         assert node.returncode == 0, f"node {index} exited {node.returncode}:\n{output[-6000:]}"
     assert sum("[plot_ds] 2 rank(s) on cpu, rendezvous " in output for output in outputs) == 1, outputs
@@ -154,10 +152,9 @@ def test_mpirun_run_finishes_on_loopback(tiny_model_dir, zero3_test_config, tmp_
     config = tiny_config(tmp_path / "tiny.yaml", tiny_model_dir, zero3_test_config, run_dir, max_steps=3)
     # No MASTER_ADDR: the ranks find each other through MPI and must pick loopback on one host.
     env = {key: value for key, value in child_env().items() if key not in ("MASTER_ADDR", "MASTER_PORT")}
-    proc = subprocess.run(["mpirun", "-np", "2", "--allow-run-as-root", "--oversubscribe",
-                           "--mca", "btl_tcp_if_include", "lo", "--mca", "oob_tcp_if_include", "lo",
-                           sys.executable, TRAIN, "--config", str(config)],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    proc = run_command(["mpirun", "-np", "2", "--allow-run-as-root", "--oversubscribe",
+                        "--mca", "btl_tcp_if_include", "lo", "--mca", "oob_tcp_if_include", "lo",
+                        sys.executable, TRAIN, "--config", str(config)], env=env, check=False, output=run_dir)
     assert proc.returncode == 0, f"mpirun exited {proc.returncode}:\n{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}"
     assert "[plot_ds] 2 rank(s) on cpu, rendezvous 127.0.0.1:" in proc.stdout, proc.stdout[-3000:]
     assert_finished_with_checkpoint(run_dir, 3)
@@ -176,10 +173,10 @@ def test_mpirun_passes_an_input_error_through_once(tiny_model_dir, zero3_test_co
     require(importlib.util.find_spec("mpi4py") is not None, "mpi4py is not installed")
     config = tiny_config(tmp_path / "tiny.yaml", tiny_model_dir, zero3_test_config, tmp_path / "run", max_steps=3)
     env = {key: value for key, value in child_env().items() if key not in ("MASTER_ADDR", "MASTER_PORT")}
-    proc = subprocess.run(["mpirun", "-np", "2", "--allow-run-as-root", "--oversubscribe",
-                           "--mca", "btl_tcp_if_include", "lo", "--mca", "oob_tcp_if_include", "lo",
-                           sys.executable, TRAIN, "--config", str(config), "--data.source", str(tmp_path / "absent.jsonl")],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    proc = run_command(["mpirun", "-np", "2", "--allow-run-as-root", "--oversubscribe",
+                        "--mca", "btl_tcp_if_include", "lo", "--mca", "oob_tcp_if_include", "lo",
+                        sys.executable, TRAIN, "--config", str(config), "--data.source", str(tmp_path / "absent.jsonl")],
+                       env=env, check=False, timeout=600)
     assert proc.returncode == 2, f"mpirun exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     assert_one_message(proc.stdout + proc.stderr, ["absent.jsonl: no such file or folder"])
 

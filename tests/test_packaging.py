@@ -1,18 +1,15 @@
 """A non-editable install (what `pip install .` or a wheel gives a user) works outside the checkout."""
 import os
 import shutil
-import subprocess
 import sys
 
 import pytest
 
-from conftest import REPO, TEST_ENV
+from conftest import REPO, TEST_ENV, run_command
 
 
 def run(cmd, cwd, env, timeout=900) -> str:
-    proc = subprocess.run([str(c) for c in cmd], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, f"{cmd} exited {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
-    return proc.stdout
+    return run_command(cmd, cwd=cwd, env=env, timeout=timeout).stdout
 
 
 @pytest.mark.slow

@@ -107,7 +107,7 @@ def test_packed_equals_padded(family, attention, share_prompt):
     torch.testing.assert_close(packed[1].chosen, padded[1].chosen, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(packed[1].rejected, padded[1].rejected, rtol=1e-5, atol=1e-5)
     for metric in ("loss/plot", "plot/w_chosen", "plot/w_rejected", "loss/dpo"):
-        assert packed[2][metric] == pytest.approx(padded[2][metric], rel=1e-5, abs=1e-7)
+        assert float(packed[2][metric]) == pytest.approx(float(padded[2][metric]), rel=1e-5, abs=1e-7)
     assert packed[3].keys() == padded[3].keys()
     for name, grad in padded[3].items():
         torch.testing.assert_close(packed[3][name], grad, rtol=1e-4, atol=1e-5 * grad.abs().max().item(),
@@ -136,12 +136,32 @@ def test_packed_equals_prompt_sharing_passes_and_the_whole_vocabulary():
 
 
 def test_a_filler_batch_packs():
-    """A rank with no pair left runs the filler pair (weight 0) like any other."""
+    """A rank with no pair left runs the filler pair (weight 0) like any other: every layout
+    computes its log-probs as the padded rows do, it counts nothing, and weighted by 0 its loss
+    reaches every parameter (ZeRO-3's hooks need each rank in each forward and backward) with
+    a gradient of exactly 0."""
     model = tiny_model("Llama", "sdpa")
-    batch = collate([], pad_id=2, filler=BATCH[0])
+    filler = collate([], pad_id=2, filler=BATCH[0])
+    assert filler["weight"] == 0.0 and filler["pair_ids"] == []
+    assert filler["counts"].tolist() == [0, 0, 0, 0, 1]  # no pairs or tokens, one micro-batch
+    real = collate(BATCH[:1], pad_id=2)
+    objective = build_objective(load_config(None, PLOT), embedding_rows_for(model, load_config(None, PLOT).plot))
     for layout in (None, Packing(share_prompt=True, varlen=False), Packing(share_prompt=False, varlen=False)):
-        out = forward_pairs(model, batch, keep_logits=False, layout=layout)
-        assert out.logps.chosen.shape == (1,)
+        with torch.no_grad():
+            expected = forward_pairs(model, real, keep_logits=False, layout=None).logps
+            reference = forward_pairs(model, filler, objective.needs_reference_logits, 0, layout)
+        model.zero_grad(set_to_none=True)
+        out = forward_pairs(model, filler, objective.needs_policy_logits, objective.policy_top_k, layout)
+        torch.testing.assert_close(out.logps.chosen, expected.chosen, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(out.logps.rejected, expected.rejected, rtol=1e-5, atol=1e-5)
+        # The totals of a global batch whose other micro-batches hold one real pair.
+        totals = GlobalTotals.from_counts(filler["counts"] + real["counts"])
+        loss, _ = objective(out, reference, totals)
+        assert torch.isfinite(loss) and loss.requires_grad
+        (loss * filler["weight"]).backward()
+        grads = {name: p.grad for name, p in model.named_parameters()}
+        assert all(g is not None for g in grads.values()), [n for n, g in grads.items() if g is None]
+        assert all(not g.any() for g in grads.values())
 
 
 def config_for(**overrides):

@@ -1,12 +1,11 @@
 """Precomputed reference log-probs: same training as the live reference engine; wrong inputs refused."""
 import json
 import shutil
-import subprocess
 import sys
 
 import pytest
 
-from conftest import REPO, child_env, free_port, run_command
+from conftest import REPO, run_command, torchrun
 from plot_ds.reference_cache import model_fingerprint
 
 TRAIN = str(REPO / "launch" / "train.py")
@@ -21,8 +20,7 @@ def dpo_args(model_dir, ds_config, out, *extra):
 
 
 def two_ranks(*args):
-    return run_command([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                        "--master_addr=127.0.0.1", f"--master_port={free_port()}", TRAIN, *args])
+    return torchrun(2, TRAIN, *args)
 
 
 @pytest.mark.distributed
@@ -50,11 +48,10 @@ def test_a_cache_made_for_other_data_is_refused(tiny_model_dir, zero3_test_confi
     run_command([sys.executable, TRAIN, *dpo_args(tiny_model_dir, zero3_test_config, tmp_path / "a",
                                                   "--train.max_steps", "1", "--reference.mode", "cache",
                                                   "--reference.cache_path", str(cache))])
-    proc = subprocess.run([sys.executable, TRAIN, *dpo_args(tiny_model_dir, zero3_test_config, tmp_path / "b",
-                                                            "--train.max_steps", "1", "--data.eval_size", "7",
-                                                            "--reference.mode", "cache",
-                                                            "--reference.cache_path", str(cache))],
-                          cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=600)
+    proc = run_command([sys.executable, TRAIN, *dpo_args(tiny_model_dir, zero3_test_config, tmp_path / "b",
+                                                         "--train.max_steps", "1", "--data.eval_size", "7",
+                                                         "--reference.mode", "cache",
+                                                         "--reference.cache_path", str(cache))], check=False)
     assert proc.returncode != 0
     assert f"{cache}: reference log-probs were computed for other inputs (data_train:" in proc.stderr
     assert "reference_model" not in proc.stderr.split("other inputs")[1].split(")")[0]  # only the data changed

@@ -23,12 +23,13 @@ def step_results(tiny_model_dir, zero3_test_config, tmp_path_factory):
 
 
 @pytest.mark.parametrize("objective", ["sft", "dpo", "dpo_shared_prompt", "aot", "aot_unpaired", "rpo",
-                                       "dpo_uneven", "aot_uneven"])
+                                       "dpo_uneven", "aot_uneven", "dpo+plot_packed_shared_uneven"])
 @pytest.mark.parametrize("split", SPLITS)
 def test_step_gradient_equals_one_process_run(step_results, objective, split):
     """1x4 and 2x2 accumulate (AOT's global table then comes from a forward before the first loss),
     4x1 does not (its table is gathered right after the one forward). The _uneven variants take an
-    epoch's short last global batch: 5 pairs dealt 3 and 2, with filler micro-batches."""
+    epoch's short last global batch: 5 pairs dealt 3 and 2, with filler micro-batches (also packed,
+    each pair prompt, chosen, rejected in one row under PLOT)."""
     single = step_results["one"][f"{objective}:8x1"]
     for rank_results in step_results["two"]:
         two = rank_results[f"{objective}:{split}"]
@@ -51,9 +52,13 @@ def test_uneven_last_batches_have_filler_micro_batches(step_results):
     """What the _uneven variants cover: rank 1's share of the 5 pairs is 2, so at 1x4 two of its
     micro-batches and at 2x2 one of them are weightless fillers."""
     rank_1 = step_results["two"][1]
-    assert rank_1["dpo_uneven:1x4"]["batch_weights"] == [1.0, 1.0, 0.0, 0.0]
-    assert rank_1["dpo_uneven:2x2"]["batch_weights"] == [1.0, 0.0]
-    assert step_results["two"][0]["dpo_uneven:2x2"]["batch_weights"] == [1.0, 1.0]
+    for variant in ("dpo_uneven", "dpo+plot_packed_shared_uneven"):
+        assert rank_1[f"{variant}:1x4"]["batch_weights"] == [1.0, 1.0, 0.0, 0.0]
+        assert rank_1[f"{variant}:2x2"]["batch_weights"] == [1.0, 0.0]
+        assert step_results["two"][0][f"{variant}:2x2"]["batch_weights"] == [1.0, 1.0]
+    # The packed variant's fillers ran through the packed layout: one row per pass, as every pass.
+    packed = rank_1["dpo+plot_packed_shared_uneven:1x4"]
+    assert len(packed["packed_passes"]) == 2 * 4 and all(shape[0] == 1 for shape, _ in packed["packed_passes"])
 
 
 @pytest.mark.parametrize("variant", ["aot", "aot_unpaired"])

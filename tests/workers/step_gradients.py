@@ -12,6 +12,7 @@ usage: step_gradients.py MODEL_DIR DS_CONFIG OUT_FILE SPLITS REFERENCE_DIR [VARI
 Also fetches embedding rows (different sets, of different sizes, on each rank) through both the
 sliced and the full-gather path, to compare with the unpartitioned matrix.
 """
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -22,6 +23,7 @@ from deepspeed.utils import safe_get_full_grad, z3_leaf_module
 
 from plot_ds import packing, prompt_sharing
 from plot_ds.config import load_config
+from plot_ds.data import GlobalBatchSampler
 from plot_ds.distributed import init_distributed
 from plot_ds.embedding_slice import EmbeddingRows
 from plot_ds.monitoring import reduce_metrics
@@ -68,7 +70,15 @@ VARIANTS = {
                                "data.packing": True, "model.share_prompt": True},
     "none+plot_ref_mix": {"objective.name": "none", "plot.target": "ref_mix", "plot.rho": 0.3,
                           "plot.top_k": 8, "plot.sinkhorn_iters": 30},
+    # Packed rows (each pair prompt, chosen, rejected under one mask) meeting the short last batch:
+    # a rank's filler micro-batches run through the packed layout too.
+    "dpo+plot_packed_shared_uneven": {"objective.name": "dpo", "plot.rejected_weight": 0.5, "plot.top_k": 16,
+                                      "data.packing": True, "model.share_prompt": True, "data.source": "UNEVEN"},
 }
+# Variants whose parameters before and after the update are recorded: their engine is built anew
+# for every split, so that each split's update starts from a fresh optimizer. Every other variant
+# builds its engines once and runs each split on them, its weights restored in between.
+TRACKS_UPDATE = ("sft", "dpo", "dpo_shared_prompt")
 
 
 def perturb_adapters(policy) -> None:
@@ -146,76 +156,117 @@ def recording_passes(passes: list, module=prompt_sharing):
     return real
 
 
+def split_config(overrides: dict, model_dir: str, ds_config_path: str, split: str) -> object:
+    micro, accum = map(int, split.split("x"))
+    return load_config(None, {
+        **overrides, "model.name_or_path": model_dir, "deepspeed.config": ds_config_path,
+        "data.max_length": 96, "data.max_prompt_length": 48, "data.eval_size": 0,
+        "train.micro_batch_size": micro, "train.gradient_accumulation_steps": accum,
+        "train.max_grad_norm": 0.0, "train.precision": "fp32", "train.max_steps": 2,
+        "train.warmup_steps": 0, "train.lr": 1e-3, "train.weight_decay": 0.1, "train.seed": 7,
+        "train.resume": "none"})
+
+
+def for_split(run, config):
+    """``run`` with the engines it has, stepping in ``config``'s split: the sampler's micro-batches
+    and the engine's accumulation boundary (DeepSpeed's public setters)."""
+    train, dist = config.train, run.dist
+    config.deepspeed.config = run.config.deepspeed.config
+    run.policy.set_train_micro_batch_size(train.micro_batch_size)
+    run.policy.set_train_batch_size(train.micro_batch_size * train.gradient_accumulation_steps * dist.world_size)
+    # A split starts on a boundary: the engine's micro-step count is a multiple of its accumulation.
+    assert run.policy.micro_steps % train.gradient_accumulation_steps == 0, (run.policy.micro_steps, train)
+    sampler = GlobalBatchSampler(len(run.train_examples), train.micro_batch_size, train.gradient_accumulation_steps,
+                                 dist.rank, dist.world_size, train.seed)
+    return dataclasses.replace(run, config=config, sampler=sampler)
+
+
+def restore_parameters(policy, values: dict) -> None:
+    params = dict(policy.module.named_parameters())
+    for name, value in values.items():
+        with deepspeed.zero.GatheredParameters([params[name]], modifier_rank=0):
+            params[name].data.copy_(value)
+
+
+def close(run) -> None:
+    run.policy.destroy()
+    if run.reference is not None:
+        run.reference.destroy()
+
+
+def step_record(run, variant: str) -> dict:
+    """One optimizer step of ``run`` (the global batch of step 0, or 1 for the _uneven variants)."""
+    policy, reference, sampler, config = run.policy, run.reference, run.sampler, run.config
+    step = 1 if variant.endswith("_uneven") else 0
+    batches = run.micro_batches(step)
+    if config.adapter.active:
+        perturb_adapters(policy)
+    grads = {}
+
+    def capture():
+        for name, param in policy.module.named_parameters():
+            if param.requires_grad:
+                grads[name] = safe_get_full_grad(param).detach().clone().cpu()
+
+    tracks_update = variant in TRACKS_UPDATE
+    before = full_parameters(policy) if tracks_update else None
+    grad_storages = []  # what the optimizer steps with: views of DeepSpeed's buffer, or copies
+    hook = policy.optimizer.optimizer.register_step_pre_hook(lambda optimizer, *_: grad_storages.extend(
+        p.grad.untyped_storage().data_ptr() for group in optimizer.param_groups for p in group["params"]))
+    passes, packed_passes = [], []
+    real_with_head_input = recording_passes(passes)
+    real_packed_with_head_input = recording_passes(packed_passes, packing)
+    try:
+        sums, totals = train_step(run, batches, before_update=capture)
+    finally:
+        prompt_sharing.with_head_input = real_with_head_input
+        packing.with_head_input = real_packed_with_head_input
+        hook.remove()
+    partition = {name: (int(p.ds_tensor.numel()), int(p.ds_numel), int(p.numel()))
+                 for name, p in policy.module.named_parameters()}
+    record = {"grads": grads, "metrics": reduce_metrics(sums),
+              "leaf_modules": leaf_modules(policy),
+              "reference_leaf_modules": leaf_modules(reference) if reference else None,
+              "pairs": float(totals.pairs), "partition": partition, "shared_passes": passes,
+              "packed_passes": packed_passes,
+              "input_tokens": [int(batch["attention_mask"].sum()) for batch in batches],
+              "response_lengths": [batch["labels"].ne(-100).sum(1).tolist() for batch in batches],
+              "global_batch": sampler.global_batch(step),
+              "batch_weights": [batch["weight"] for batch in batches]}
+    if tracks_update:
+        optimizer = policy.optimizer
+        buffer = optimizer.grad_partitions_flat_buffer.untyped_storage().data_ptr()
+        record.update(before=before, after=full_parameters(policy), master_is_partition=all(
+            master.data_ptr() == partition.data_ptr() for master, partition in
+            zip(optimizer.fp32_partitioned_groups_flat, optimizer.fp16_partitioned_groups_flat)),
+            grads_are_buffer_views=bool(grad_storages) and set(grad_storages) == {buffer})
+    return record
+
+
 def main(model_dir: str, ds_config_path: str, out_file: str, splits: str, reference_dir: str,
          only: str = "") -> None:
     dist = init_distributed()
     results = {}
-    varied = varied_pairs(Path(f"{out_file}.varied.jsonl"))
-    uneven = varied_pairs(Path(f"{out_file}.uneven.jsonl"), count=13)
+    named = {"REFERENCE": reference_dir, "VARIED": varied_pairs(Path(f"{out_file}.varied.jsonl")),
+             "UNEVEN": varied_pairs(Path(f"{out_file}.uneven.jsonl"), count=13)}
     chosen = only.split(",") if only else list(VARIANTS)
-    for variant, overrides in ((v, VARIANTS[v]) for v in chosen):
+    for variant in chosen:
+        overrides = {k: named.get(v, v) if isinstance(v, str) else v for k, v in VARIANTS[variant].items()}
+        run, start = None, None
         for split in splits.split(","):
-            micro, accum = map(int, split.split("x"))
-            named = {"REFERENCE": reference_dir, "VARIED": varied, "UNEVEN": uneven}
-            overrides = {k: named.get(v, v) if isinstance(v, str) else v for k, v in overrides.items()}
-            config = load_config(None, {
-                **overrides, "model.name_or_path": model_dir, "deepspeed.config": ds_config_path,
-                "data.max_length": 96,
-                "data.max_prompt_length": 48, "data.eval_size": 0,
-                "train.micro_batch_size": micro, "train.gradient_accumulation_steps": accum,
-                "train.max_grad_norm": 0.0, "train.precision": "fp32", "train.max_steps": 2,
-                "train.warmup_steps": 0, "train.lr": 1e-3, "train.weight_decay": 0.1, "train.seed": 7,
-                "train.resume": "none"})
-            run = setup_run(config, dist)
-            policy, reference, sampler = run.policy, run.reference, run.sampler
+            config = split_config(overrides, model_dir, ds_config_path, split)
+            if run is None or variant in TRACKS_UPDATE:
+                if run is not None:
+                    close(run)
+                run = setup_run(config, dist)
+                start = None if variant in TRACKS_UPDATE else full_parameters(run.policy)
+            else:
+                run = for_split(run, config)
+                restore_parameters(run.policy, start)
             if "slice" not in results:
-                results["slice"] = slice_rows(policy, dist.rank)
-            step = 1 if variant.endswith("_uneven") else 0
-            batches = run.micro_batches(step)
-            if config.adapter.active:
-                perturb_adapters(policy)
-            grads = {}
-
-            def capture():
-                for name, param in policy.module.named_parameters():
-                    if param.requires_grad:
-                        grads[name] = safe_get_full_grad(param).detach().clone().cpu()
-
-            tracks_update = variant in ("sft", "dpo", "dpo_shared_prompt")
-            before = full_parameters(policy) if tracks_update else None
-            grad_storages = []  # what the optimizer steps with: views of DeepSpeed's buffer, or copies
-            policy.optimizer.optimizer.register_step_pre_hook(lambda optimizer, *_: grad_storages.extend(
-                p.grad.untyped_storage().data_ptr() for group in optimizer.param_groups for p in group["params"]))
-            passes, packed_passes = [], []
-            real_with_head_input = recording_passes(passes)
-            real_packed_with_head_input = recording_passes(packed_passes, packing)
-            try:
-                sums, totals = train_step(run, batches, before_update=capture)
-            finally:
-                prompt_sharing.with_head_input = real_with_head_input
-                packing.with_head_input = real_packed_with_head_input
-            partition = {name: (int(p.ds_tensor.numel()), int(p.ds_numel), int(p.numel()))
-                         for name, p in policy.module.named_parameters()}
-            key = f"{variant}:{split}"
-            results[key] = {"grads": grads, "metrics": reduce_metrics(sums),
-                            "leaf_modules": leaf_modules(policy),
-                            "reference_leaf_modules": leaf_modules(reference) if reference else None,
-                            "pairs": float(totals.pairs), "partition": partition, "shared_passes": passes,
-                            "packed_passes": packed_passes,
-                            "input_tokens": [int(batch["attention_mask"].sum()) for batch in batches],
-                            "response_lengths": [batch["labels"].ne(-100).sum(1).tolist() for batch in batches],
-                            "global_batch": sampler.global_batch(step),
-                            "batch_weights": [batch["weight"] for batch in batches]}
-            if tracks_update:
-                optimizer = policy.optimizer
-                buffer = optimizer.grad_partitions_flat_buffer.untyped_storage().data_ptr()
-                results[key].update(before=before, after=full_parameters(policy), master_is_partition=all(
-                    master.data_ptr() == partition.data_ptr() for master, partition in
-                    zip(optimizer.fp32_partitioned_groups_flat, optimizer.fp16_partitioned_groups_flat)),
-                    grads_are_buffer_views=bool(grad_storages) and set(grad_storages) == {buffer})
-            policy.destroy()
-            if reference is not None:
-                reference.destroy()
+                results["slice"] = slice_rows(run.policy, dist.rank)
+            results[f"{variant}:{split}"] = step_record(run, variant)
+        close(run)
     torch.save(results, f"{out_file}.rank{dist.rank}")
 
 
