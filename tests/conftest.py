@@ -254,3 +254,36 @@ def zero3_test_config(tmp_path_factory) -> str:
     path = tmp_path_factory.mktemp("ds") / "zero3_partition_all.json"
     path.write_text(json.dumps(config))
     return str(path)
+
+
+# ------------------------------------------------------------------ one 2-rank DPO run, read by many
+def run_args(model_dir, ds_config, out, *extra):
+    """A 2-rank DPO run with the live reference engine on ``data_file``: 8 steps of global batch 4
+    (10 training pairs: 3 steps an epoch, the last one short, with filler micro-batches), a
+    checkpoint every 2 steps, an evaluation at step 4 and at the end."""
+    return ["--model.name_or_path", model_dir, "--deepspeed.config", ds_config, "--objective.name", "dpo",
+            "--data.max_length", "96", "--data.max_prompt_length", "48", "--data.eval_size", "3",
+            "--train.micro_batch_size", "1", "--train.gradient_accumulation_steps", "2",
+            "--train.max_steps", "8", "--train.lr", "1e-3", "--train.warmup_steps", "1",
+            "--train.save_every", "2", "--train.keep_last", "2", "--train.log_pair_ids", "true",
+            "--train.eval_every", "4", "--eval.generations", "0", "--eval.answer_samples", "0",
+            "--train.output_dir", str(out), *extra]
+
+
+@pytest.fixture(scope="session")
+def data_file(tmp_path_factory):
+    """13 pairs: 10 train after 3 held out; global batch 4 -> 3 steps per epoch, the last one short."""
+    path = tmp_path_factory.mktemp("data") / "pairs.jsonl"
+    path.write_text("".join(json.dumps({"id": f"p{i}", "prompt": f"Say {i} words.", "chosen": "yes " * (i + 1),
+                                        "rejected": "no " * (13 - i)}) + "\n" for i in range(13)))
+    return path
+
+
+@pytest.fixture(scope="session")
+def uninterrupted(tiny_model_dir, zero3_test_config, data_file, tmp_path_factory):
+    """The run of ``run_args``, uninterrupted: the reference of the fault-tolerance tests, and the
+    launch tests' torchrun DPO run (tests/test_launch.py reads it rather than launching its own)."""
+    out = tmp_path_factory.mktemp("full") / "run"
+    torchrun(2, REPO / "launch" / "train.py", *run_args(tiny_model_dir, zero3_test_config, out, "--data.source",
+                                                        data_file))
+    return out

@@ -1,7 +1,6 @@
 """launch/train.py end to end under the deepspeed launcher and torchrun: 2 real ranks, ZeRO-3."""
 import json
 import math
-import sys
 
 import pytest
 import yaml
@@ -67,13 +66,10 @@ def test_deepspeed_launcher_sft_run_learns_and_writes_everything(tiny_model_dir,
     assert "tensorboard --logdir" in proc.stdout
 
 
-def test_torchrun_dpo_run_with_reference_engine(tiny_model_dir, zero3_test_config, tmp_path):
-    out = tmp_path / "dpo"
-    run_command([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                 "--master_addr=127.0.0.1", f"--master_port={free_port()}", TRAIN,
-                 *tiny_run_args(tiny_model_dir, zero3_test_config, out, "--objective.name", "dpo",
-                                "--train.lr", "1e-3", "--train.max_steps", "3",
-                                "--train.gradient_accumulation_steps", "2", "--train.eval_every", "2")])
+def test_torchrun_dpo_run_with_reference_engine(uninterrupted):
+    """The 2-rank torchrun DPO run of tests/conftest.py (live reference engine, evaluation at step 4
+    and at the end), read here."""
+    out = uninterrupted
     history = json.loads((out / "train_history.json").read_text())
     assert history[0]["loss/vanilla"] == pytest.approx(math.log(2), abs=1e-5)  # policy == reference
     assert history[0]["rewards/margins"] == pytest.approx(0.0, abs=1e-6)
@@ -87,33 +83,26 @@ def test_torchrun_dpo_run_with_reference_engine(tiny_model_dir, zero3_test_confi
     for name in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
                  "eval/rewards/accuracies", "eval/rewards/margins", "eval/loss/total"):
         assert name in logged, f"{name} missing from TensorBoard: {sorted(logged)}"
-    assert len(logged["eval/loss/total"]) == 2  # at step 2 and at the end
+    assert len(logged["eval/loss/total"]) == 2  # at step 4 and at the end
     evaluated = json.loads((out / "eval_results.json").read_text())
     assert abs(evaluated["eval/rewards/chosen"]) > 1e-4  # the trained policy against the untouched reference
-    assert evaluated["eval/rewards/accuracies"] == pytest.approx(round(evaluated["eval/rewards/accuracies"] * 8) / 8)
+    assert evaluated["eval/rewards/accuracies"] == pytest.approx(round(evaluated["eval/rewards/accuracies"] * 3) / 3)
 
 
-def test_two_ranks_see_every_pair_exactly_once_per_epoch(tiny_model_dir, zero3_test_config, tmp_path):
-    """10 pairs, global batch 4 (2 ranks x 1 pair x 2 accumulation steps): 3 steps per epoch, the
-    last one with 2 pairs, so each rank's second micro-batch is a weightless filler."""
-    data = tmp_path / "ten.jsonl"
-    data.write_text("".join(json.dumps({"id": f"pair{i}", "prompt": f"Count to {i}.",
-                                        "chosen": " ".join(map(str, range(i + 1))), "rejected": "no"}) + "\n"
-                            for i in range(10)))
-    out = tmp_path / "epoch"
-    run_command([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                 "--master_addr=127.0.0.1", f"--master_port={free_port()}", TRAIN,
-                 *tiny_run_args(tiny_model_dir, zero3_test_config, out, "--data.source", str(data),
-                                "--data.eval_size", "0", "--train.micro_batch_size", "1",
-                                "--train.gradient_accumulation_steps", "2", "--train.max_steps", "6",
-                                "--train.log_pair_ids", "true", "--train.save_checkpoint", "false")])
-    seen = {0: [], 1: []}
+def test_two_ranks_see_every_pair_exactly_once_per_epoch(uninterrupted):
+    """10 training pairs, global batch 4 (2 ranks x 1 pair x 2 accumulation steps): 3 steps per
+    epoch, the last one with 2 pairs, so each rank's second micro-batch is a weightless filler."""
+    out = uninterrupted
+    seen, steps = {0: [], 1: [], 2: []}, {}
     for rank in (0, 1):
         for line in (out / f"pair_ids.rank{rank}.jsonl").read_text().splitlines():
             record = json.loads(line)
             seen[record["epoch"]].extend(record["ids"])
+            steps.setdefault(record["step"], []).extend(record["ids"])
     for epoch in (0, 1):
-        assert sorted(seen[epoch]) == sorted(f"pair{i}" for i in range(10)), seen[epoch]
+        assert len(seen[epoch]) == len(set(seen[epoch])) == 10, seen[epoch]
+    assert set(seen[0]) == set(seen[1])  # the same 10 training pairs, none of the 3 held out
+    assert len(steps[3]) == len(steps[6]) == 2  # the short last steps of epochs 0 and 1
     history = json.loads((out / "train_history.json").read_text())
     assert all(math.isfinite(h["loss/total"]) for h in history)
     report = json.loads((out / "data_report.json").read_text())
