@@ -124,11 +124,11 @@ def test_merged_and_peft_exports_live_and_from_the_checkpoint_give_the_trained_m
         torch.testing.assert_close(peft_logits, engine["logits"], rtol=1e-5, atol=1e-5)
 
 
-def test_cached_reference_of_a_lora_run_is_its_base(tiny_model_dir, tmp_path):
+def test_cached_reference_of_a_lora_run_is_its_base(tiny_model_dir, data_file, tmp_path):
     """reference.mode cache with adapters: the log-probs come from the base with the adapters off
     (no reference engine), and the run trains as with the reference computed every step."""
     args = [sys.executable, str(REPO / "launch" / "train.py"), "--model.name_or_path", tiny_model_dir,
-            "--adapter.method", "lora", "--adapter.rank", "4", "--adapter.dropout", "0.0",
+            "--adapter.method", "lora", "--adapter.rank", "4", "--adapter.dropout", "0.0", "--data.source", str(data_file),
             "--data.max_length", "64", "--data.max_prompt_length", "32", "--data.eval_size", "2",
             "--train.max_steps", "2", "--train.lr", "1e-2", "--train.precision", "fp32", "--train.save_checkpoint",
             "false", "--train.export_final", "false", "--eval.generations", "0", "--eval.answer_samples", "0"]

@@ -65,14 +65,15 @@ def assert_answer_accuracy_is_the_scored_generations(metrics, generations, sampl
 
 
 def test_plot_run_on_the_real_model_lowers_the_transport_cost(tmp_path, real_model_dir):
-    """SFT + PLOT on 4 real CHAMP pairs, every step on the same pairs: W(chosen) must fall."""
+    """PLOT alone (objective none: no SFT or DPO term, so nothing else can lower it) on 4 real
+    CHAMP pairs, every step on the same pairs: W(chosen) must fall, through PLOT's own gradient."""
     from plot_ds.assets import champ_pairs
     from test_launch import scalars
 
     data = tmp_path / "four_pairs.jsonl"
     data.write_text("".join(json.dumps(p) + "\n" for p in champ_pairs()[:4]))
     out = tmp_path / "plot"
-    run_command([sys.executable, str(REPO / "launch" / "train.py"), "--objective.name", "sft",
+    run_command([sys.executable, str(REPO / "launch" / "train.py"), "--objective.name", "none",
                  "--data.source", str(data), "--data.eval_size", "0", "--data.max_length", "128",
                  "--data.max_prompt_length", "64", "--train.gradient_accumulation_steps", "2",
                  "--train.max_steps", "4", "--train.lr", "5e-5", "--train.warmup_steps", "0",
@@ -81,6 +82,7 @@ def test_plot_run_on_the_real_model_lowers_the_transport_cost(tmp_path, real_mod
     history = json.loads((out / "train_history.json").read_text())
     w = [h["plot/w_chosen"] for h in history]
     assert all(math.isfinite(v) for h in history for v in h.values())
+    assert all(h["loss/total"] == pytest.approx(h["loss/plot"], rel=1e-6) for h in history)  # PLOT is all
     assert w[-1] < w[0], w
     logged = scalars(out / "tensorboard")
     for name in ("loss/plot", "plot/w_chosen", "plot/w_rejected", "plot/slice_rows", "plot/slice_bytes"):

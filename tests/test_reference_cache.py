@@ -12,10 +12,12 @@ TRAIN = str(REPO / "launch" / "train.py")
 STEPS = 3
 
 
-def dpo_args(model_dir, ds_config, out, *extra):
+def dpo_args(model_dir, ds_config, out, data, *extra):
+    """DPO on the 13 pairs of ``data_file`` (7 trained, 6 held out): the cache pass covers both."""
     return ["--model.name_or_path", model_dir, "--deepspeed.config", ds_config, "--objective.name", "dpo",
-            "--data.max_length", "96", "--data.max_prompt_length", "48", "--data.eval_size", "6",
-            "--train.max_steps", str(STEPS), "--train.lr", "1e-3", "--train.gradient_accumulation_steps", "2",
+            "--data.source", str(data), "--data.max_length", "96", "--data.max_prompt_length", "48",
+            "--data.eval_size", "6", "--train.max_steps", str(STEPS), "--train.lr", "1e-3",
+            "--train.micro_batch_size", "1", "--train.gradient_accumulation_steps", "2",
             "--train.save_checkpoint", "false", "--train.output_dir", str(out), *extra]
 
 
@@ -24,13 +26,13 @@ def two_ranks(*args):
 
 
 @pytest.mark.distributed
-def test_cached_reference_trains_exactly_like_the_live_engine(tiny_model_dir, zero3_test_config, tmp_path):
+def test_cached_reference_trains_exactly_like_the_live_engine(tiny_model_dir, zero3_test_config, data_file, tmp_path):
     cache = tmp_path / "ref.safetensors"
-    two_ranks(*dpo_args(tiny_model_dir, zero3_test_config, tmp_path / "engine"))
-    first = two_ranks(*dpo_args(tiny_model_dir, zero3_test_config, tmp_path / "cache",
+    two_ranks(*dpo_args(tiny_model_dir, zero3_test_config, tmp_path / "engine", data_file))
+    first = two_ranks(*dpo_args(tiny_model_dir, zero3_test_config, tmp_path / "cache", data_file,
                                 "--reference.mode", "cache", "--reference.cache_path", str(cache)))
     assert "computing reference log-probs once" in first.stdout and cache.is_file()
-    again = two_ranks(*dpo_args(tiny_model_dir, zero3_test_config, tmp_path / "again",
+    again = two_ranks(*dpo_args(tiny_model_dir, zero3_test_config, tmp_path / "again", data_file,
                                 "--reference.mode", "cache", "--reference.cache_path", str(cache)))
     assert f"reference log-probs from {cache}" in again.stdout and "computing" not in again.stdout
     runs = {name: json.loads((tmp_path / name / "train_history.json").read_text()) for name in ("engine", "cache", "again")}
@@ -43,12 +45,12 @@ def test_cached_reference_trains_exactly_like_the_live_engine(tiny_model_dir, ze
         assert evals[name]["eval/loss/total"] == pytest.approx(evals["engine"]["eval/loss/total"], rel=1e-5)
 
 
-def test_a_cache_made_for_other_data_is_refused(tiny_model_dir, zero3_test_config, tmp_path):
+def test_a_cache_made_for_other_data_is_refused(tiny_model_dir, zero3_test_config, data_file, tmp_path):
     cache = tmp_path / "ref.safetensors"
-    run_command([sys.executable, TRAIN, *dpo_args(tiny_model_dir, zero3_test_config, tmp_path / "a",
+    run_command([sys.executable, TRAIN, *dpo_args(tiny_model_dir, zero3_test_config, tmp_path / "a", data_file,
                                                   "--train.max_steps", "1", "--reference.mode", "cache",
                                                   "--reference.cache_path", str(cache))])
-    proc = run_command([sys.executable, TRAIN, *dpo_args(tiny_model_dir, zero3_test_config, tmp_path / "b",
+    proc = run_command([sys.executable, TRAIN, *dpo_args(tiny_model_dir, zero3_test_config, tmp_path / "b", data_file,
                                                          "--train.max_steps", "1", "--data.eval_size", "7",
                                                          "--reference.mode", "cache",
                                                          "--reference.cache_path", str(cache))], check=False)
