@@ -2,6 +2,7 @@
 import os
 import shutil
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -16,7 +17,7 @@ def run(cmd, cwd, env, timeout=900) -> str:
 def test_a_non_editable_install_trains_a_step_outside_the_checkout(tmp_path, tiny_model_dir):
     """A wheel is built from a copy of the sources and installed (no -e) into a fresh virtual
     environment that borrows the heavy dependencies (torch, deepspeed, transformers) from this
-    interpreter; then one training step runs from a folder that is not the checkout, with
+    interpreter (a .pth file: it may itself be a virtual environment); then one training step runs from a folder that is not the checkout, with
     `deepspeed.config: auto` and with `ds_configs/zero3.json`, neither of which exists there."""
     source = tmp_path / "source"
     shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(".git", "runs", "results", "build", "dist", "*.egg-info",
@@ -28,8 +29,15 @@ def test_a_non_editable_install_trains_a_step_outside_the_checkout(tmp_path, tin
     run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--quiet", "-w", tmp_path / "dist",
          source], tmp_path, env)
     wheel = next((tmp_path / "dist").glob("plot_ds-*.whl"))
-    run([sys.executable, "-m", "venv", "--system-site-packages", venv], tmp_path, env)
+    run([sys.executable, "-m", "venv", venv], tmp_path, env)
     python = venv / "bin" / "python"
+    # This interpreter's packages, whether it is a system Python or itself a virtual environment
+    # (CI's fresh one): --system-site-packages would reach only the Python it was made from.
+    import sysconfig
+
+    target = run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], tmp_path, env).strip()
+    (Path(target) / "borrowed_dependencies.pth").write_text(
+        "\n".join(dict.fromkeys([sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]])) + "\n")
     run([python, "-m", "pip", "install", "--no-deps", "--no-index", "--quiet", wheel], tmp_path, env)
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
