@@ -88,33 +88,38 @@ import sys
 from plot_ds.config import load_config
 from plot_ds.run import setup_run
 from plot_ds.training import train_step
-config = load_config(None, {"model.name_or_path": sys.argv[1], "deepspeed.config": sys.argv[2], "plot.enabled": False,
-                            "objective.name": "sft", "model.gradient_checkpointing": sys.argv[3] == "on",
-                            "data.max_length": 64, "data.max_prompt_length": 32, "data.eval_size": 0,
-                            "train.resume": "none", "train.micro_batch_size": 1})
-run = setup_run(config)
-calls = []
-for layer in run.policy.module.model.layers:  # transformers checkpoints forward(): its submodules rerun
-    layer.self_attn.register_forward_pre_hook(lambda *_: calls.append(1))
-train_step(run, run.micro_batches(0))
-print("TRAINING", run.policy.module.training, "FORWARDS", len(calls))
+for setting in sys.argv[3].split(","):
+    config = load_config(None, {"model.name_or_path": sys.argv[1], "deepspeed.config": sys.argv[2],
+                                "plot.enabled": False, "objective.name": "sft",
+                                "model.gradient_checkpointing": setting == "on", "data.max_length": 64,
+                                "data.max_prompt_length": 32, "data.eval_size": 0, "train.resume": "none",
+                                "train.micro_batch_size": 1})
+    run = setup_run(config)
+    calls = []
+    for layer in run.policy.module.model.layers:  # transformers checkpoints forward(): its submodules rerun
+        layer.self_attn.register_forward_pre_hook(lambda *_: calls.append(1))
+    train_step(run, run.micro_batches(0))
+    print("CHECKPOINTING", setting, "TRAINING", run.policy.module.training, "FORWARDS", len(calls))
+    run.policy.destroy()
 """
 
 
-@pytest.mark.parametrize("checkpointing", ["off", "on"])
-def test_the_policy_trains_in_training_mode_and_gradient_checkpointing_recomputes(tiny_model_dir, zero3_test_config,
-                                                                                  checkpointing):
+def test_the_policy_trains_in_training_mode_and_gradient_checkpointing_recomputes(tiny_model_dir, zero3_test_config):
     """from_pretrained hands back a model in eval mode, where dropout is off and transformers skips
     gradient checkpointing: the policy engine must be in training mode, and with
-    model.gradient_checkpointing each decoder layer's forward runs again in the backward."""
+    model.gradient_checkpointing each decoder layer's forward runs again in the backward. Both
+    settings in one process, one engine after the other."""
     import sys
 
     from conftest import run_command
 
-    proc = run_command([sys.executable, "-c", COUNT_LAYER_FORWARDS, tiny_model_dir, zero3_test_config, checkpointing],
+    proc = run_command([sys.executable, "-c", COUNT_LAYER_FORWARDS, tiny_model_dir, zero3_test_config, "off,on"],
                        timeout=300, MASTER_ADDR="127.0.0.1")
-    training, forwards = proc.stdout.split("TRAINING")[-1].split()[0], int(proc.stdout.split("FORWARDS")[-1])
+    seen = {}
+    for line in proc.stdout.splitlines():
+        if line.startswith("CHECKPOINTING "):
+            _, setting, _, training, _, forwards = line.split()
+            seen[setting] = (training, int(forwards))
     layers = 2
-    assert training == "True"
     # Off: one rank of ZeRO-3 shares the prompt, three passes; on: one pass of full rows, recomputed.
-    assert forwards == layers * (2 if checkpointing == "on" else 3)
+    assert seen == {"off": ("True", layers * 3), "on": ("True", layers * 2)}, proc.stdout[-3000:]

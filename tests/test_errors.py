@@ -79,12 +79,17 @@ def assert_one_clean_message(output: str, words: list[str]) -> None:
     assert "Traceback" not in output, output[-4000:]
 
 
-@pytest.mark.parametrize("case,arguments,status,words", CASES, ids=[c[0] for c in CASES])
-def test_one_process(inputs, tmp_path, case, arguments, status, words):
-    proc = run_command([sys.executable, TRAIN, *fill(arguments, inputs), *FAST,
-                        "--train.output_dir", str(tmp_path / "run")], check=False, timeout=300)
-    assert proc.returncode == status, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert_one_clean_message(proc.stderr, words)
+def test_one_process(inputs, tmp_path):
+    """Every case as one plain process; the cases run side by side (each exits at its mistake, on
+    one core), each checked on its own."""
+    launches = {case: start([sys.executable, TRAIN, *fill(arguments, inputs), *FAST,
+                             "--train.output_dir", str(tmp_path / f"run{index}")])
+                for index, (case, arguments, _, _) in enumerate(CASES)}
+    finished = {case: launch.finish(timeout=300) for case, launch in launches.items()}
+    for case, _, status, words in CASES:
+        proc = finished[case]
+        assert proc.returncode == status, (case, proc.stdout[-3000:] + proc.stderr[-3000:])
+        assert_one_clean_message(proc.stderr, words)
 
 
 @pytest.mark.distributed
