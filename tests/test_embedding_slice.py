@@ -43,8 +43,6 @@ def test_owned_rows_keep_the_partition_dtype_and_handle_no_rows():
 
 # --- Every path across real ranks (tests/workers/embedding_slice_paths.py) ---------------------------
 
-import sys  # noqa: E402
-
 import torch.nn.functional as F  # noqa: E402
 
 from conftest import WORKERS, torchrun  # noqa: E402

@@ -60,7 +60,6 @@ def test_a_cache_made_for_other_data_is_refused(tiny_model_dir, zero3_test_confi
 
 
 def test_reference_fingerprint_follows_the_weights(tiny_model_dir, tmp_path):
-    import torch
     from safetensors.torch import load_file, save_file
 
     copy = tmp_path / "copy"
