@@ -96,14 +96,24 @@ def process_tree(pid: int) -> list[int]:
 
 
 def signal_tree(pid: int, signal_number: int, under: bool = True) -> None:
-    """``signal_number`` to the process group led by ``pid`` (its members outlive the launcher
-    there) and, while ``pid`` runs (``under``), to every process under it (those in sessions of
-    their own)."""
+    """``signal_number`` to every process under ``pid`` (``under``; ranks may sit in sessions of
+    their own) and to the process group ``pid`` leads (its members outlive the launcher there).
+    The tree is found before anything is signalled: a launcher that dies first would orphan its
+    ranks, and a rank no longer under it would run on. For SIGKILL the tree is first frozen
+    (SIGSTOP) and looked up again, so that nothing forks or exits between the look-up and the kill."""
+    members = process_tree(pid) if under else []
+    if under and signal_number == signal.SIGKILL:
+        send_each(members, signal.SIGSTOP)
+        members = process_tree(pid)
+    send_each(reversed(members), signal_number)  # the ranks before their launcher
     try:
         os.killpg(pid, signal_number)
     except (ProcessLookupError, PermissionError):
         pass
-    for member in process_tree(pid) if under else []:
+
+
+def send_each(pids, signal_number: int) -> None:
+    for member in pids:
         try:
             os.kill(member, signal_number)
         except ProcessLookupError:
