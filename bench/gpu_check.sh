@@ -48,9 +48,14 @@ COMMON=(--model.name_or_path "$MODEL" --data.source "$DATA" --data.eval_size 8 -
         "${EXTRA[@]}")
 FAILED=()
 
+# took START: how long a section ran (a lease is short: the log says where its time went).
+took() {
+    echo "   (took $((SECONDS - $1)) s)"
+}
+
 # bench NAME LIMIT_S COMMAND...: the command's last stdout line (its JSON) goes to results.jsonl.
 bench() {
-    local name="$1" limit="$2"
+    local name="$1" limit="$2" started=$SECONDS
     shift 2
     echo "== $name"
     echo "== $name" >> "$BENCH_LOG"
@@ -62,9 +67,11 @@ bench() {
         echo "FAILED (see bench.log): $line"
         FAILED+=("$name")
     fi
+    took "$started"
 }
 
 echo "== training end to end: ZeRO-3, ${PRECISION}, DPO + PLOT, ${STEPS} steps"
+started=$SECONDS
 if timeout 240 "$PYTHON" -m deepspeed.launcher.runner --num_gpus 1 launch/train.py "${COMMON[@]}" \
         --deepspeed.config ds_configs/zero3.json --train.max_steps "$STEPS" --train.eval_every 0 --train.output_dir "$RUN_DIR" --train.resume none \
         > "$RESULTS/train.log" 2>&1; then
@@ -75,6 +82,7 @@ else
     tail -n 30 "$RESULTS/train.log"
     FAILED+=("training")
 fi
+took "$started"
 
 read -r -a TRL_EXTRA <<< "${GPU_CHECK_TRL_ARGS:-}"   # e.g. "--max-length 48 --warmup 0"
 TRL=(--model "$MODEL" --pairs "$DATA" --device "$DEVICE" --steps "$TRL_STEPS" --warmup 3 --threads 0)
@@ -98,9 +106,11 @@ bench "batched Sinkhorn vs a loop over POT's ot.emd2" 90 \
     "$PYTHON" bench/sinkhorn_vs_pot.py --model "$MODEL" --problems "${GPU_CHECK_PROBLEMS:-1024}" --repeats 3
 
 echo "== where a step's time goes (host vs kernels) and what the host waits for, DPO + PLOT: profile.txt"
+started=$SECONDS
 timeout 120 "$PYTHON" bench/profile_step.py --steps "$BENCH_STEPS" --warmup 3 --top 40 "${COMMON[@]}" \
     > "$RESULTS/profile.txt" 2>>"$BENCH_LOG" || FAILED+=("profile")
 grep -E "^(device|step seconds|== host waits)" "$RESULTS/profile.txt"
+took "$started"
 
 if [[ -n "$HAS_TRL" ]]; then
     bench "plot_ds vs TRL, ${PRECISION}, micro-batch 8" 130 \
@@ -120,6 +130,7 @@ bench "padded vs packed rows (data.packing), ${PRECISION}, micro-batch 8" 120 \
 # lease's rest, and a grid cut short still reports the runs it finished.
 read -r -a COMPARE_EXTRA <<< "${GPU_CHECK_COMPARE_ARGS:-}"
 echo "== plot-compare grid (configs/grids/champ.yaml, seed 1, full lengths): compare/compare.md"
+started=$SECONDS
 timeout "${GPU_CHECK_COMPARE_LIMIT:-300}" "$PYTHON" -m plot_ds.compare --grid configs/grids/champ.yaml \
     --output "$RESULTS/compare" --seeds 1 --discard-weights --model.name_or_path "$MODEL" --data.source "$DATA" \
     --train.precision "$PRECISION" --data.max_length 512 --data.max_prompt_length 256 "${COMPARE_EXTRA[@]}" \
@@ -129,6 +140,7 @@ timeout "${GPU_CHECK_COMPARE_LIMIT:-300}" "$PYTHON" -m plot_ds.compare --grid co
     --data.max_prompt_length 256 "${COMPARE_EXTRA[@]}" >> "$RESULTS/compare.log" 2>&1
 grep -E "^\[plot-compare\] [0-9]" "$RESULTS/compare.log"
 cat "$RESULTS/compare/compare.md" 2>/dev/null
+took "$started"
 
 if (( ${#FAILED[@]} )); then
     echo "== failed: ${FAILED[*]}; results so far in $RESULTS"

@@ -6,6 +6,7 @@ Both packages are located with ``importlib.util.find_spec`` and never imported: 
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import os
@@ -94,6 +95,12 @@ def champ_pairs() -> list[dict]:
     chosen = the human-written reference solution; rejected = a model solution that annotators
     marked as containing a wrong step (its first-wrong-step annotation has a start index).
     """
+    return [dict(pair) for pair in _champ_pairs()]
+
+
+@functools.lru_cache(maxsize=1)
+def _champ_pairs() -> tuple[dict, ...]:
+    """Parsed once per process: the package's file is 70 MB of JSON."""
     folder = package_folder("champ_dataset", "champ-dataset", "champ-dataset natsort")
     data_file = folder / "dataset_files" / "v0.json"
     problems = json.loads(data_file.read_text())["problems"]
@@ -114,4 +121,4 @@ def champ_pairs() -> list[dict]:
                 "answer": problem["_answer"],
                 "source": f"{data_file}:{problem_id}",
             })
-    return pairs
+    return tuple(pairs)
