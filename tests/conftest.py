@@ -36,8 +36,12 @@ class PortPicker:
         except (OSError, ValueError, IndexError):
             low = 32768
         span = max(1000, low - 20000)
-        self.next = 20000 + (os.getpid() * 7919) % span
-        self.low, self.span = 20000, span
+        # pytest-xdist workers (tests run two at a time) each take their own share of the range.
+        workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+        index = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw"))
+        self.span = span // workers
+        self.low = 20000 + index * self.span
+        self.next = self.low + (os.getpid() * 7919) % self.span
 
     def __call__(self) -> int:
         import socket
@@ -201,6 +205,40 @@ def run_command(cmd: list, timeout: int = 900, cwd=REPO, check: bool = True, out
         raise AssertionError(f"{' '.join(map(str, cmd))} exited {proc.returncode}\n"
                              f"--- stdout ---\n{proc.stdout[-6000:]}\n--- stderr ---\n{workers_stderr(proc.stderr or '')}")
     return proc
+
+
+# Test files that read the same session fixture run on the same pytest-xdist worker, so that it is
+# made once: tests/test_launch.py reads test_fault_tolerance's uninterrupted run.
+SHARED_FIXTURE_GROUPS = {"test_launch": "test_fault_tolerance"}
+# The files of many launches, handed out first so that neither worker is left with a long one at
+# the end while the other idles (see the suite's --durations).
+LONGEST_FIRST = ("test_fault_tolerance", "test_bench", "test_training_distributed", "test_compare_runner",
+                 "test_launch_cluster", "test_errors", "test_default_run")
+
+
+def file_group(item) -> str:
+    name = item.module.__name__.rsplit(".", 1)[-1]
+    return SHARED_FIXTURE_GROUPS.get(name, name)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist (the README's ``-n 2 --dist loadgroup``) each file is one group, run on
+    one worker: its module fixtures are built once, and files sharing a session fixture
+    (SHARED_FIXTURE_GROUPS) are one group. The longest groups are handed out first."""
+    rank = {name: index for index, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(file_group(item), len(rank)))  # stable: files keep their order
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group(file_group(item)))
+
+
+def pytest_sessionfinish(session):
+    if hasattr(session.config, "workeroutput"):  # a pytest-xdist worker: its retries go to the controller
+        session.config.workeroutput["plot_ds_retries"] = json.dumps(RETRIES)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error):
+    RETRIES.extend(json.loads(getattr(node, "workeroutput", {}).get("plot_ds_retries", "[]")))
 
 
 def pytest_terminal_summary(terminalreporter):
