@@ -264,6 +264,8 @@ def torchrun_command(nproc: int, script, *args) -> list[str]:
 
 
 def torchrun(nproc: int, script, *args, timeout: int = 900, output=None, **kwargs) -> subprocess.CompletedProcess:
+    """``script`` on ``nproc`` ranks. ``output``: the folder it writes into (a training command's
+    ``--train.output_dir`` by default); name it for a worker, so that a start-up abort is retried."""
     return run_command(torchrun_command(nproc, script, *args), timeout=timeout, output=output, **kwargs)
 
 

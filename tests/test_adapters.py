@@ -85,7 +85,7 @@ def test_only_adapters_train_and_the_merged_weights_are_peft_merge(tiny_model_di
 def lora_run(tiny_model_dir, zero3_test_config, tmp_path_factory):
     out = tmp_path_factory.mktemp("lora") / "run"
     out.mkdir()
-    torchrun(2, WORKERS / "export_roundtrip.py", tiny_model_dir, zero3_test_config, out, "lora")
+    torchrun(2, WORKERS / "export_roundtrip.py", tiny_model_dir, zero3_test_config, out, "lora", output=out)
     return out
 
 

@@ -54,7 +54,7 @@ CASES = ("varied", "empty_on_last", "all_elsewhere", "uniform", "hot")
 
 def run_paths(tmp_path, mode: str, ranks: int) -> list[dict]:
     out = tmp_path / f"{mode}{ranks}"
-    torchrun(ranks, WORKERS / "embedding_slice_paths.py", mode, out)
+    torchrun(ranks, WORKERS / "embedding_slice_paths.py", mode, out, output=tmp_path)
     return [torch.load(f"{out}.rank{rank}", weights_only=False) for rank in range(ranks)]
 
 

@@ -15,8 +15,8 @@ def step_results(tiny_model_dir, zero3_test_config, tmp_path_factory):
     # reference every AOT delta is 0 and its gradient is DPO's, which no broken sort would change.
     reference = make_tiny_llama(tmp_path_factory.mktemp("reference_llama"), tiny_model_dir, seed=1)
     worker = WORKERS / "step_gradients.py"
-    torchrun(1, worker, tiny_model_dir, zero3_test_config, out / "one", "8x1", reference)
-    torchrun(2, worker, tiny_model_dir, zero3_test_config, out / "two", ",".join(SPLITS), reference)
+    torchrun(1, worker, tiny_model_dir, zero3_test_config, out / "one", "8x1", reference, output=out)
+    torchrun(2, worker, tiny_model_dir, zero3_test_config, out / "two", ",".join(SPLITS), reference, output=out)
     load = lambda p: torch.load(p, weights_only=True)
     return {"one": load(out / "one.rank0"),
             "two": [load(out / "two.rank0"), load(out / "two.rank1")]}
@@ -237,7 +237,7 @@ def many_rank_plot_results(tiny_model_dir, zero3_test_config, tmp_path_factory):
     results = {}
     for ranks, split in ((4, "2x1"), (8, "1x1")):
         torchrun(ranks, WORKERS / "step_gradients.py", tiny_model_dir, zero3_test_config, out / f"r{ranks}", split,
-                 tiny_model_dir, variants, timeout=1200)
+                 tiny_model_dir, variants, timeout=1200, output=out)
         results[ranks] = (split, [torch.load(out / f"r{ranks}.rank{r}", weights_only=True) for r in range(ranks)])
     return results
 
