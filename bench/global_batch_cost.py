@@ -54,7 +54,7 @@ def measure_split(overrides: dict, micro: int, accumulation: int, steps: int, wa
             if step >= warmup:
                 times[name].append(seconds)
     global_batch = aot_run.sampler.global_batch_size
-    for engine in (aot_run.policy, aot_run.reference):
+    for engine in (aot_run.policy, getattr(aot_run.reference, "engine", None)):
         if engine is not None:
             destroy_engine(engine)
     return {"micro_batch_size": micro, "gradient_accumulation_steps": accumulation,

@@ -30,8 +30,9 @@ from plot_ds.config import load_config, parse_overrides  # noqa: E402
 from plot_ds.embedding_slice import EmbeddingRows  # noqa: E402
 from plot_ds.logprobs import pair_outputs  # noqa: E402
 from plot_ds.monitoring import reduce_metrics  # noqa: E402
-from plot_ds.objectives import GlobalTotals, Objective  # noqa: E402
-from plot_ds.pair_forward import head_logits, reference_pairs  # noqa: E402
+from plot_ds.objectives import Objective  # noqa: E402
+from plot_ds.pair_batch import GlobalTotals  # noqa: E402
+from plot_ds.pair_forward import head_logits  # noqa: E402
 from plot_ds.run import setup_run  # noqa: E402
 from plot_ds.training import train_step  # noqa: E402
 
@@ -51,17 +52,16 @@ def loss_path_seconds(run, objectives: dict, batch, repeats: int) -> dict[str, f
     policy = run.policy
     with torch.no_grad():
         logits, tokens = head_logits(policy, batch, run.policy_layout)
-        needs_reference_logits = any(o.needs_reference_logits for o in objectives.values())
-        reference_out = reference_pairs(run.reference, batch, needs_reference_logits, policy.device,
-                                        run.reference_layout)
-    totals = GlobalTotals.from_counts(batch["counts"].to(policy.device))
+        needs_reference_logits = any(o.needs.reference_logits for o in objectives.values())
+        reference_out = run.reference.outputs(batch, needs_reference_logits, policy.device) if run.reference else None
+    totals = GlobalTotals.from_counts(batch.counts, policy.device)
     times = {name: [] for name in objectives}
     for _ in range(repeats):
         for name, objective in objectives.items():
             head = logits.detach().clone().requires_grad_()
             get_accelerator().synchronize()
             start = time.perf_counter()
-            loss, _ = objective(pair_outputs(head * 1.0, tokens, objective.needs_policy_logits, objective.policy_top_k),
+            loss, _ = objective(pair_outputs(head * 1.0, tokens, objective.needs.policy_logits, objective.needs.top_k),
                                 reference_out, totals)
             loss.backward()
             get_accelerator().synchronize()

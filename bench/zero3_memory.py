@@ -90,7 +90,7 @@ def child(rest: list[str], out_file: str) -> None:
     run = setup_run(config)
     dist, policy = run.dist, run.policy
     train_step(run, run.micro_batches(0))
-    measured = {**model_state_bytes(policy), "reference": reference_bytes(run.reference), "rank": dist.rank, "world_size": dist.world_size,
+    measured = {**model_state_bytes(policy), "reference": reference_bytes(getattr(run.reference, "engine", None)), "rank": dist.rank, "world_size": dist.world_size,
                 "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
                 "model": config.model.name_or_path, "ds_config": config.deepspeed.config,
                 "precision": config.train.precision}

@@ -194,7 +194,30 @@ class EmbeddingRows:
     def __init__(self, weight: torch.Tensor, path: str = "slice"):
         if path not in PATHS:
             raise ValueError(f"plot.embedding_gather: unknown path '{path}' ({', '.join(PATHS)})")
-        self.weight, self.path, self.last_path = weight, path, "local"
+        self.weight, self.path, self._last_path = weight, path, "local"
+        self._announced: set[str] = set()
+
+    @property
+    def last_path(self) -> str:
+        return self._last_path
+
+    @last_path.setter
+    def last_path(self, path: str) -> None:
+        """Also one line on rank 0 the first time each way of fetching rows is taken (the choice
+        depends on the world size and the batch; the metric plot/slice_path records it per step)."""
+        self._last_path = path
+        if path == "local" or path in self._announced:
+            return
+        self._announced.add(path)
+        from .distributed import rank
+
+        if rank() == 0:
+            print(f"[plot_ds] embedding slice: {path} (plot.embedding_gather: {self.path}; docs/method.md)",
+                  flush=True)
+
+    @property
+    def last_path_code(self) -> float:
+        return float(PATH_CODES[self._last_path])
 
     @property
     def vocab_size(self) -> int:
@@ -269,8 +292,8 @@ class EmbeddingRows:
             self.last_path = "all_to_all"
             return how[1][inverse], moved
         self.last_path = "allreduce"
-        rows, counts, fetched = _requested_rows(self.weight, ids, device)
-        start = sum(counts[:dist.get_rank(group=self.weight.ds_process_group)])
+        rows, rows_per_rank, fetched = _requested_rows(self.weight, ids, device)
+        start = sum(rows_per_rank[:dist.get_rank(group=self.weight.ds_process_group)])
         return rows[start:start + ids.numel()], moved + fetched
 
     def _matrix_on(self, device: torch.device) -> torch.Tensor | None:

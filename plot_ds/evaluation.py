@@ -3,6 +3,7 @@ greedy generations with final-answer accuracy where the data has reference answe
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -10,40 +11,32 @@ import torch
 from .answers import answer_matches, extract_final_answer
 from .atomic import write_text_atomically
 from .data import TokenizedPair, eval_shards, example_counts
-from .global_batch import pre_pass
+from .micro_batch import micro_batch_results
 from .monitoring import reduce_metrics
-from .objectives import GlobalTotals
-from .pair_forward import forward_pairs, reference_pairs
+from .pair_batch import GlobalTotals
 from .run import indexed_batch, setup_run
 
 
 @torch.no_grad()
-def evaluate(run, examples: list[TokenizedPair]) -> dict[str, float]:
-    """The objective's metrics over ``examples`` (the held-out pairs), as global means over all
-    ranks, named ``eval/<metric>``. ``run``: a ``run.Run``. A term defined over the batch (AOT)
-    takes all held-out pairs as its batch."""
+def evaluate(run, examples: list[TokenizedPair], split: str = "eval") -> dict[str, float]:
+    """The objective's metrics over ``examples`` (the held-out pairs of ``split``), as global means
+    over all ranks, named ``eval/<metric>``. ``run``: a ``run.Run``. A term defined over the batch
+    (AOT) takes all held-out pairs as its batch."""
     if not examples:
         return {}
-    policy, objective, dist = run.policy, run.objective, run.dist
+    policy, dist = run.policy, run.dist
     was_training = policy.training
     policy.eval()
     size = run.config.train.eval_batch_size
     shards = eval_shards(len(examples), size, dist.rank, dist.world_size)
-    counts = example_counts(examples)
-    counts[-1] = len(shards) * dist.world_size  # batches: the per-batch metrics are means over these
-    totals = GlobalTotals.from_counts(counts.to(policy.device))
+    # Every rank counts all held-out pairs; the per-batch metrics are means over every rank's batches.
+    counts = replace(example_counts(examples), micro_batches=len(shards) * dist.world_size)
+    totals = GlobalTotals.from_counts(counts, policy.device)
     batches = [indexed_batch(examples, indices, run.pad_id) for indices in shards]
-    table = pre_pass(run, batches, size, keep_reference=False)[0] if objective.needs_global_batch else None
     sums: dict[str, torch.Tensor] = {}
-    for index, batch in enumerate(batches):
-        reference_out = reference_pairs(run.reference, batch, objective.needs_reference_logits, policy.device,
-                                        run.reference_layout)
-        policy_out = forward_pairs(policy, batch, objective.needs_policy_logits, objective.policy_top_k,
-                                   run.policy_layout)
-        batch_totals = totals.with_batch(table.for_micro_batch(index, batch)) if table is not None else totals
-        _, metrics = objective(policy_out, reference_out, batch_totals)
-        for name, value in metrics.items():
-            sums[name] = sums.get(name, 0.0) + batch["weight"] * value
+    for result in micro_batch_results(run.models(split), batches, run.objective, totals, size, dist.rank):
+        for name, value in result.metrics.items():
+            sums[name] = sums.get(name, 0.0) + value
     policy.train(was_training)
     return {f"eval/{name}": value for name, value in reduce_metrics(sums).items()}
 

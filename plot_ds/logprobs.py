@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .data import IGNORE_INDEX
+from .pair_batch import IGNORE_INDEX
 
 
 def to_device(tensor: torch.Tensor, device) -> torch.Tensor:

@@ -9,37 +9,12 @@ gradient of a step does not depend on how the global batch is split.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .global_batch import GlobalPairs
 from .logprobs import PairLogps, PairOutputs
-
-
-@dataclass
-class GlobalTotals:
-    """Counts over the whole global batch of one optimizer step, identical on every rank."""
-    pairs: torch.Tensor
-    chosen_tokens: torch.Tensor
-    rejected_tokens: torch.Tensor
-    input_tokens: torch.Tensor
-    micro_batches: torch.Tensor
-    # The whole global batch's per-pair log-probs, for terms defined over the batch (AOT); set per
-    # micro-batch (``with_batch``) when the objective asks for it (``needs_global_batch``).
-    batch: Optional[GlobalPairs] = None
-
-    def with_batch(self, batch: GlobalPairs | None) -> "GlobalTotals":
-        return replace(self, batch=batch)
-
-    @classmethod
-    def from_counts(cls, counts: torch.Tensor) -> "GlobalTotals":
-        """``counts`` as made by ``data.example_counts`` (one per batch in ``data.collate``), summed
-        over the global batch."""
-        return cls(*counts.to(torch.float32).unbind())
+from .pair_batch import ForwardNeeds, GlobalTotals
 
 
 def _logp_metrics(policy: PairLogps, totals: GlobalTotals) -> dict[str, torch.Tensor]:
@@ -64,7 +39,7 @@ def _mean_logps(logps: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
 
 class SFTLoss(nn.Module):
     """Mean negative log-likelihood of the chosen response tokens of the global batch."""
-    needs_reference = False
+    needs = ForwardNeeds()
 
     def forward(self, policy: PairLogps, reference: PairLogps | None, totals: GlobalTotals):
         loss = -policy.chosen.sum() / totals.chosen_tokens
@@ -74,7 +49,7 @@ class SFTLoss(nn.Module):
 class DPOLoss(nn.Module):
     """-log sigmoid(beta * (chosen log-ratio - rejected log-ratio)), with label smoothing
     (conservative DPO: a label is flipped with probability ``label_smoothing``)."""
-    needs_reference = True
+    needs = ForwardNeeds(reference=True)
 
     def __init__(self, beta: float, label_smoothing: float = 0.0):
         super().__init__()
@@ -92,7 +67,7 @@ class DPOLoss(nn.Module):
 
 class IPOLoss(nn.Module):
     """(h - 1/(2 beta))^2 with h the difference of length-averaged log-ratios (IPO, Azar et al.)."""
-    needs_reference = True
+    needs = ForwardNeeds(reference=True)
 
     def __init__(self, beta: float):
         super().__init__()
@@ -109,7 +84,7 @@ class IPOLoss(nn.Module):
 
 class SimPOLoss(nn.Module):
     """-log sigmoid(beta/|y+| log pi(y+) - beta/|y-| log pi(y-) - gamma): no reference model."""
-    needs_reference = False
+    needs = ForwardNeeds()
 
     def __init__(self, beta: float, gamma: float):
         super().__init__()
@@ -128,7 +103,7 @@ class PROLoss(nn.Module):
     the paper's dynamic one needs reward-model scores) puts the preferred response first, plus
     ``sft_weight`` times the preferred response's NLL, summed over its tokens (the official code's
     sum, not a token mean) and averaged over pairs. No reference model. See docs/method.md."""
-    needs_reference = False
+    needs = ForwardNeeds()
 
     def __init__(self, temperature: float = 1.0, sft_weight: float = 0.05):
         super().__init__()
@@ -156,8 +131,7 @@ class AOTLoss(nn.Module):
     loss = mean_k -log sigmoid(beta delta_k), with label smoothing. The sorts run over the whole
     global batch (``GlobalTotals.batch``): each pair meets its partner by rank there, so summing
     micro-batches and ranks gives the global loss and gradient exactly."""
-    needs_reference = True
-    needs_global_batch = True
+    needs = ForwardNeeds(reference=True, global_batch=True)
 
     def __init__(self, beta: float, label_smoothing: float = 0.0, paired: bool = True):
         super().__init__()
@@ -170,12 +144,15 @@ class AOTLoss(nn.Module):
         loss_of = lambda delta: _smoothed_logsigmoid_loss(self.beta * delta, self.label_smoothing)  # noqa: E731
         partner = lambda values: batch.lookup(values).to(policy.chosen.dtype)  # noqa: E731
         if self.paired:
-            _, ranks = batch.sorted_and_ranks(batch.column(0) - batch.column(1))
-            reference_sorted, _ = batch.sorted_and_ranks(batch.column(2) - batch.column(3))
+            _, ranks = batch.sorted_and_ranks(batch.column("policy_chosen") - batch.column("policy_rejected"))
+            reference_sorted, _ = batch.sorted_and_ranks(batch.column("reference_chosen")
+                                                         - batch.column("reference_rejected"))
             losses = loss_of(policy.chosen - policy.rejected - partner(reference_sorted[ranks]))
         else:
-            chosen_sorted, chosen_ranks = batch.sorted_and_ranks(batch.column(0) - batch.column(2))
-            rejected_sorted, rejected_ranks = batch.sorted_and_ranks(batch.column(1) - batch.column(3))
+            chosen_sorted, chosen_ranks = batch.sorted_and_ranks(batch.column("policy_chosen")
+                                                                 - batch.column("reference_chosen"))
+            rejected_sorted, rejected_ranks = batch.sorted_and_ranks(batch.column("policy_rejected")
+                                                                     - batch.column("reference_rejected"))
             chosen_ratio, rejected_ratio = policy.chosen - reference.chosen, policy.rejected - reference.rejected
             # Each sorted pair k is counted once, at its chosen member; its rejected member adds
             # only its gradient (a zero-valued term).
@@ -190,10 +167,18 @@ class AOTLoss(nn.Module):
 
 class NoVanillaLoss(nn.Module):
     """`none`: PLOT alone."""
-    needs_reference = False
+    needs = ForwardNeeds()
 
     def forward(self, policy: PairLogps, reference: PairLogps | None, totals: GlobalTotals):
         return policy.chosen.new_zeros(()), _logp_metrics(policy, totals)
+
+
+def combined_needs(needs) -> ForwardNeeds:
+    """What a sum of terms reads: whatever any of them reads."""
+    needs = list(needs)
+    return ForwardNeeds(**{name: any(getattr(n, name) for n in needs) for name in
+                           ("reference", "reference_logits", "policy_logits", "global_batch")},
+                        top_k=max((n.top_k for n in needs), default=0))
 
 
 class WeightedTerms(nn.Module):
@@ -205,8 +190,7 @@ class WeightedTerms(nn.Module):
         self.names = list(terms)
         self.weights = [weight for weight, _ in terms.values()]
         self.terms = nn.ModuleList([module for _, module in terms.values()])
-        self.needs_reference = any(module.needs_reference for module in self.terms)
-        self.needs_global_batch = any(getattr(module, "needs_global_batch", False) for module in self.terms)
+        self.needs = combined_needs(module.needs for module in self.terms)
 
     def forward(self, policy: PairLogps, reference: PairLogps | None, totals: GlobalTotals):
         if not self.terms:
@@ -227,13 +211,8 @@ class Objective(nn.Module):
     def __init__(self, vanilla: nn.Module, plot: nn.Module | None = None, alpha: float = 1.0):
         super().__init__()
         self.vanilla, self.plot, self.alpha = vanilla, plot, alpha
-        self.needs_reference = vanilla.needs_reference or bool(plot is not None and plot.needs_reference)
-        self.needs_global_batch = getattr(vanilla, "needs_global_batch", False)
-        # Only PLOT looks at logits beyond the log-probs: its top-k supports, read in the log-prob
-        # pass, or the [N, V] logits for the whole vocabulary (and the reference's for ref_mix).
-        self.policy_top_k = plot.support_top_k if plot is not None else 0
-        self.needs_policy_logits = plot is not None and self.policy_top_k == 0
-        self.needs_reference_logits = bool(plot is not None and plot.needs_reference)
+        # Only PLOT looks at logits beyond the log-probs (PLOTLoss.needs).
+        self.needs = combined_needs([vanilla.needs] + ([plot.needs] if plot is not None else []))
 
     def forward(self, policy: PairOutputs, reference: PairOutputs | None, totals: GlobalTotals):
         loss, metrics = self.vanilla(policy.logps, reference.logps if reference is not None else None, totals)

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from .logprobs import ResponseTokens, to_device, with_head_input
+from .pair_batch import PairBatch
 
 # Attention implementations that take a custom 4D additive mask (the shared-prompt layout).
 MASKED_ATTENTION = ("eager", "sdpa")
@@ -69,25 +70,25 @@ class PackedRows:
         return dict(cu_seq_lens_q=bounds, cu_seq_lens_k=bounds, max_length_q=longest, max_length_k=longest)
 
 
-def row_lengths(batch: dict) -> torch.Tensor:
-    return batch["attention_mask"].sum(1)
+def row_lengths(batch: PairBatch) -> torch.Tensor:
+    return batch.attention_mask.sum(1)
 
 
-def pack_rows(batch: dict, tokens: ResponseTokens) -> PackedRows:
+def pack_rows(batch: PairBatch, tokens: ResponseTokens) -> PackedRows:
     """Every row its own sequence, in row order. ``tokens``: the batch's (host) response positions."""
     lengths = row_lengths(batch)
-    ids = batch["input_ids"]
+    ids = batch.input_ids
     input_ids = torch.cat([ids[r, :n] for r, n in enumerate(lengths.tolist())])
     position_ids = torch.cat([torch.arange(n) for n in lengths.tolist()])
     offsets = lengths.cumsum(0) - lengths
     return PackedRows(input_ids[None], position_ids[None], offsets[tokens.rows] + tokens.cols, lengths)
 
 
-def pack_shared_prompt(batch: dict, tokens: ResponseTokens, prompt_lengths: torch.Tensor,
+def pack_shared_prompt(batch: PairBatch, tokens: ResponseTokens, prompt_lengths: torch.Tensor,
                        response_lengths: torch.Tensor) -> PackedRows:
     """Pair i as prompt, chosen, rejected (rows i and n + i of a prompt-sharing batch, see
     ``prompt_sharing.SharedLayout``): the rejected response's positions continue the prompt's."""
-    ids = batch["input_ids"]
+    ids = batch.input_ids
     pairs = ids.shape[0] // 2
     pieces, positions, pair_of, part = [], [], [], []
     for i in range(pairs):
@@ -107,7 +108,7 @@ def pack_shared_prompt(batch: dict, tokens: ResponseTokens, prompt_lengths: torc
                       sizes, torch.cat(pair_of), torch.cat(part))
 
 
-def packed_inputs(batch: dict, tokens: ResponseTokens, packing: Packing, dtype: torch.dtype,
+def packed_inputs(batch: PairBatch, tokens: ResponseTokens, packing: Packing, dtype: torch.dtype,
                   device="cpu") -> tuple[dict, PackedRows]:
     """The model's keyword inputs for a packed batch, on ``device``, and its (host) layout."""
     from .prompt_sharing import SharedLayout
@@ -124,7 +125,7 @@ def packed_inputs(batch: dict, tokens: ResponseTokens, packing: Packing, dtype: 
                 **inputs), packed
 
 
-def packed_logits(model, batch: dict, tokens: ResponseTokens, device, packing: Packing) -> torch.Tensor:
+def packed_logits(model, batch: PairBatch, tokens: ResponseTokens, device, packing: Packing) -> torch.Tensor:
     """[N, V] logits at the response positions of ``batch`` (``tokens``, on the host, in their
     order), from one forward over its packed rows."""
     module = getattr(model, "module", model)

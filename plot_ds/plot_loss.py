@@ -21,9 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .embedding_slice import PATH_CODES
 from .logprobs import PairOutputs, SupportLogits, top_k_support
 from .ot_solvers import SOLVERS
+from .pair_batch import EmbeddingRowSource, ForwardNeeds
 
 
 @dataclass
@@ -75,26 +75,28 @@ def pairwise_cost(left: torch.Tensor, right: torch.Tensor, cost: str) -> torch.T
 
 
 class PLOTLoss(nn.Module):
-    """Configured by the ``plot`` config section; ``embedding_rows`` fetches rows of E (an
-    ``embedding_slice.EmbeddingRows``)."""
+    """Configured by the ``plot`` config section; ``embedding_rows`` fetches rows of E (under
+    ZeRO-3 an ``embedding_slice.EmbeddingRows``)."""
 
-    def __init__(self, config, embedding_rows):
+    def __init__(self, config, embedding_rows: EmbeddingRowSource):
         super().__init__()
-        self.top_k, self.cost, self.target = config.top_k, config.cost, config.target
+        self.cost, self.target = config.cost, config.target
         self.rho, self.granularity = config.rho, config.granularity
         self.rejected_weight = config.rejected_weight
         self.config = config
         self.sinkhorn_eps, self.sinkhorn_iters = config.sinkhorn_eps, config.sinkhorn_iters
         self.embedding_rows = embedding_rows
-        self._announced: set[str] = set()
-        self.needs_reference = config.target == "ref_mix"
-        # The k of the top-k supports (read in the log-prob pass, see logprobs.SupportLogits); 0 for
-        # the whole vocabulary, which needs the [N, V] logits themselves.
-        self.support_top_k = config.top_k if config.top_k < embedding_rows.vocab_size else 0
+        # plot.top_k: the k of the top-k supports (read in the log-prob pass, see
+        # logprobs.SupportLogits); 0, or a k as large as the vocabulary, for the whole vocabulary,
+        # which needs the [N, V] logits themselves.
+        self.top_k = config.top_k if config.top_k < embedding_rows.vocab_size else 0
+        ref_mix = config.target == "ref_mix"
+        self.needs = ForwardNeeds(reference=ref_mix, reference_logits=ref_mix, policy_logits=self.top_k == 0,
+                                  top_k=self.top_k)
 
     def supports(self, policy: PairOutputs) -> Supports:
         targets = policy.tokens.targets
-        if self.support_top_k == 0:
+        if self.top_k == 0:
             return whole_vocabulary_supports(policy.logits, targets)
         top = policy.support if policy.support is not None else top_k_support(policy.logits, targets, self.top_k)
         return restricted_supports(top, targets)
@@ -138,27 +140,13 @@ class PLOTLoss(nn.Module):
             w_chosen = torch.where(chosen, w, 0.0).sum() / totals.chosen_tokens
             w_rejected = torch.where(chosen, 0.0, w).sum() / totals.rejected_tokens
         loss = w_chosen - self.rejected_weight * w_rejected
-        self._announce_path()
         metrics = {"plot/w_chosen": w_chosen.detach(), "plot/w_rejected": w_rejected.detach(),
                    "plot/slice_rows": distinct_count(support.ids) / totals.micro_batches,
                    # A fill, not a copy from the host: no wait on the device.
                    "plot/slice_bytes": torch.full((), float(moved), device=device) / totals.micro_batches,
-                   "plot/slice_path": torch.full((), float(PATH_CODES[self.embedding_rows.last_path]),
+                   "plot/slice_path": torch.full((), self.embedding_rows.last_path_code,
                                                  device=device) / totals.micro_batches}
         return loss, metrics
-
-    def _announce_path(self) -> None:
-        """One line on rank 0 the first time each way of fetching rows is taken (the choice depends on
-        the world size and the batch; plot/slice_path records it per step)."""
-        path = self.embedding_rows.last_path
-        if path == "local" or path in self._announced:
-            return
-        self._announced.add(path)
-        from .distributed import rank
-
-        if rank() == 0:
-            print(f"[plot_ds] embedding slice: {path} (plot.embedding_gather: {self.embedding_rows.path}; "
-                  "docs/method.md)", flush=True)
 
     def _token_costs(self, support, embedded, reference, chosen):
         # scatter, not F.one_hot: one_hot reads its input's range back to the host to check it.

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .data import IGNORE_INDEX
 from .ds_config import zero_stage
 from .logprobs import ResponseTokens, to_device, with_head_input
+from .pair_batch import IGNORE_INDEX, PairBatch
 
 
 @dataclass(frozen=True)
@@ -114,9 +114,9 @@ class SharedLayout:
         return self.ids.shape[0] // 2
 
     @classmethod
-    def of(cls, batch: dict) -> "SharedLayout | None":
+    def of(cls, batch: PairBatch) -> "SharedLayout | None":
         """None when the rows are not prompt-sharing pairs."""
-        ids, labels = batch["input_ids"], batch["labels"]
+        ids, labels = batch.input_ids, batch.labels
         rows, pairs = ids.shape[0], ids.shape[0] // 2
         is_response = labels != IGNORE_INDEX
         starts, lengths = is_response.int().argmax(1), is_response.sum(1)
@@ -169,7 +169,7 @@ class SharedLayout:
         return passes, source
 
 
-def shared_prompt_logits(model, batch: dict, tokens: ResponseTokens, device,
+def shared_prompt_logits(model, batch: PairBatch, tokens: ResponseTokens, device,
                          sharing: PromptSharing) -> torch.Tensor | None:
     """[N, V] logits at the response positions, computing each pair's prompt once.
 

@@ -23,7 +23,9 @@ from .distributed import all_reduce_sum, barrier
 from .ds_config import precision_of
 from .engine import build_reference_engine, destroy_engine
 from .host_memory import release_freed_memory
-from .pair_forward import forward_pairs
+from .micro_batch import PairModels, forward_micro_batch
+from .pair_batch import ForwardNeeds
+from .reference import CachedReference, LiveReference, Reference
 
 FULL_HASH_LIMIT = 1 << 30
 SAMPLE_BLOCK, SAMPLES = 1 << 20, 64
@@ -87,7 +89,7 @@ def compute_logps(engine, layout, examples, batch_size: int, pad_id: int, rank: 
     shards = eval_shards(len(examples), batch_size, rank, world_size)
     for indices in tqdm(shards, desc="reference log-probs", unit="batch", disable=rank != 0):
         batch = collate([examples[i] for i in indices], pad_id, filler=examples[0])
-        logps = forward_pairs(engine, batch, keep_logits=False, layout=layout).logps
+        logps = forward_micro_batch(PairModels(engine, layout), batch, ForwardNeeds()).policy.logps
         if indices:
             rows = torch.tensor(indices, device=engine.device)
             values[rows, 0] = logps.chosen.double()
@@ -134,9 +136,9 @@ def temporary_reference_engine(config, ds_config):
         destroy_engine(engine)
 
 
-def attach_reference_logps(config, ds_config, tokenizer, train_examples, eval_examples, reports, dist,
-                           open_reference, log=print) -> Path:
-    """Load (or compute once, then load) the cache and attach it to every example."""
+def cached_reference(config, ds_config, tokenizer, train_examples, eval_examples, reports, dist,
+                     open_reference, log=print) -> CachedReference:
+    """Load (or compute once, then load) the cache of this run's pairs."""
     expected = expected_metadata(config, tokenizer, reports, ds_config)
     path = cache_file(config, expected)
     if not path.is_file():
@@ -151,30 +153,23 @@ def attach_reference_logps(config, ds_config, tokenizer, train_examples, eval_ex
         log(f"[plot_ds] reference log-probs from {path}")
     tensors = load_checked(path, expected)
     for name, examples in (("train", train_examples), ("eval", eval_examples)):
-        if not examples:
-            continue
-        values = tensors[name]
-        if values.shape[0] != len(examples):
-            raise DataError(f"{path}: holds {values.shape[0]} {name} pairs, this run has {len(examples)}")
-        for example, (chosen, rejected) in zip(examples, values.tolist()):
-            example.reference_chosen, example.reference_rejected = chosen, rejected
-    return path
+        if examples and tensors[name].shape[0] != len(examples):
+            raise DataError(f"{path}: holds {tensors[name].shape[0]} {name} pairs, this run has {len(examples)}")
+    return CachedReference(tensors)
 
 
 def prepare_reference(config, ds_config, tokenizer, objective, train_examples, eval_examples, reports, dist,
-                      policy=None, policy_layout=None):
-    """The reference side for ``objective``, as (engine, its row layout): (None, None) when it
-    needs none, and with ``reference.mode: cache``, the log-probs being attached to the examples;
-    else the frozen reference engine, or, for adapters on their own base, the ``policy`` engine
-    with its adapters off (``adapters.BaseOfPolicy``)."""
-    if not objective.needs_reference:
-        return None, None
+                      policy=None, policy_layout=None) -> Reference | None:
+    """The reference side for ``objective``: None when it needs none; with ``reference.mode:
+    cache``, the log-probs computed once; else the frozen reference engine, or, for adapters on their
+    own base, the ``policy`` engine with its adapters off (``adapters.BaseOfPolicy``)."""
+    if not objective.needs.reference:
+        return None
     adapted = policy is not None and peft_model_of(policy.module) is not None
     base = (BaseOfPolicy(policy), policy_layout) if adapted and base_is_reference(config) else None
     if config.reference.mode == "engine":
-        return base or build_reference_engine(config, ds_config)
-    attach_reference_logps(config, ds_config, tokenizer, train_examples, eval_examples, reports, dist,
-                           open_reference=(lambda: nullcontext(base)) if base else
-                           (lambda: temporary_reference_engine(config, ds_config)),
-                           log=lambda m: print(m, flush=True) if dist.is_main else None)
-    return None, None
+        return LiveReference(*(base or build_reference_engine(config, ds_config)))
+    return cached_reference(config, ds_config, tokenizer, train_examples, eval_examples, reports, dist,
+                            open_reference=(lambda: nullcontext(base)) if base else
+                            (lambda: temporary_reference_engine(config, ds_config)),
+                            log=lambda m: print(m, flush=True) if dist.is_main else None)

@@ -8,7 +8,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 
 from .checkpointing import find_checkpoint
 from .config import Config
@@ -18,8 +17,11 @@ from .ds_config import resolve_ds_config
 from .embedding_slice import embedding_rows_for
 from .engine import build_frozen_engine, build_policy_engine
 from .models import load_tokenizer
+from .micro_batch import PairModels
 from .objectives import Objective, build_objective
+from .pair_batch import PairBatch
 from .pair_forward import RowLayout
+from .reference import Reference
 from .reference_cache import prepare_reference
 from .rng import seed_everything
 
@@ -37,25 +39,26 @@ class Run:
     policy: Any                         # the DeepSpeed engine
     policy_layout: RowLayout       # prompt sharing, packing, or None
     objective: Objective
-    reference: Any                      # a frozen engine, or None (not needed, or cached log-probs)
-    reference_layout: RowLayout
+    reference: Reference | None         # a frozen engine or cached log-probs; None when not needed
     resume_from: Path | None            # the checkpoint this run continues from
 
     @property
     def pad_id(self) -> int:
         return self.tokenizer.pad_token_id
 
-    def micro_batches(self, step: int) -> list[dict]:
+    def micro_batches(self, step: int) -> list[PairBatch]:
         """This rank's collated micro-batches of optimizer step ``step`` (0-based)."""
         return [indexed_batch(self.train_examples, indices, self.pad_id) for indices in self.sampler.micro_batches(step)]
 
+    def models(self, split: str) -> PairModels:
+        """What a micro-batch of ``split``'s pairs runs through."""
+        return PairModels(self.policy, self.policy_layout, self.reference, split)
 
-def indexed_batch(examples: list[TokenizedPair], indices: list[int], pad_id: int) -> dict:
-    """The collated batch of ``examples[indices]`` (the first example as a weightless filler where
-    ``indices`` is empty), with each pair's index in ``examples`` (``example_index``)."""
-    batch = collate([examples[i] for i in indices], pad_id, examples[0])
-    batch["example_index"] = torch.tensor(indices or [0], dtype=torch.long)
-    return batch
+
+def indexed_batch(examples: list[TokenizedPair], indices: list[int], pad_id: int) -> PairBatch:
+    """The collated batch of ``examples[indices]`` (the first example as a filler where ``indices``
+    is empty), with each pair's index in ``examples`` (``example_index``)."""
+    return collate([examples[i] for i in indices], pad_id, examples[0], indices=indices)
 
 
 def setup_run(config: Config, dist: DistInfo | None = None, frozen_model: str | None = None) -> Run:
@@ -82,7 +85,7 @@ def setup_run(config: Config, dist: DistInfo | None = None, frozen_model: str | 
         policy, policy_layout = build_frozen_engine(config, ds_config, frozen_model)
     objective = build_objective(config, embedding_rows_for(policy.module, config.plot))
     # The cache, when used, covers both splits: one file serves training and evaluation runs.
-    reference, reference_layout = prepare_reference(config, ds_config, tokenizer, objective, train_examples,
-                                                     eval_examples, reports, dist, policy, policy_layout)
+    reference = prepare_reference(config, ds_config, tokenizer, objective, train_examples, eval_examples, reports, dist,
+                                  policy, policy_layout)
     return Run(config, dist, ds_config, tokenizer, train_examples, eval_examples, reports, sampler, policy,
-               policy_layout, objective, reference, reference_layout, resume_from)
+               policy_layout, objective, reference, resume_from)

@@ -15,45 +15,28 @@ from .checkpointing import load_checkpoint, save_checkpoint
 from .config import Config
 from .distributed import DistInfo, all_reduce_sum, barrier, max_over_ranks
 from .evaluation import evaluate, generation_report, generations_markdown
-from .global_batch import gather_batch_table, pre_pass
 from .hf_export import export_hf_model
 from .host_memory import peak_resident_gb, trim_host_heap
 from .logprobs import to_device
 from .monitoring import RunMonitor, StepLog, reduce_metrics
-from .objectives import GlobalTotals
-from .pair_forward import forward_pairs, reference_pairs
+from .micro_batch import micro_batch_results
+from .pair_batch import GlobalTotals, PairBatch, PairCounts
 from .preemption import EXIT_PREEMPTED, StopRequest
 from .run import Run, setup_run
 
 
-def train_step(run: Run, micro_batches: list[dict], before_update: Optional[Callable[[], None]] = None):
+def train_step(run: Run, micro_batches: list[PairBatch], before_update: Optional[Callable[[], None]] = None):
     """Forward and backward every micro-batch of this rank's share of one global batch, then the
     optimizer step. Returns this rank's metric shares (sum over ranks = global means) and the
     global totals. ``before_update`` runs once the step's gradients are complete, before the
     optimizer uses them."""
-    policy, objective = run.policy, run.objective
-    counts = to_device(torch.stack([batch["counts"] for batch in micro_batches]).sum(0), policy.device)
+    policy = run.policy
+    counts = to_device(PairCounts.total(batch.counts for batch in micro_batches).as_tensor(), policy.device)
     totals = GlobalTotals.from_counts(all_reduce_sum(counts))
-    table, references = None, [None] * len(micro_batches)
-    if objective.needs_global_batch and len(micro_batches) > 1:
-        table, references = pre_pass(run, micro_batches, run.config.train.micro_batch_size,
-                                     keep_reference=not objective.needs_reference_logits)
     sums: dict[str, torch.Tensor] = {}
-    for index, batch in enumerate(micro_batches):
-        reference_out = references[index] or reference_pairs(run.reference, batch, objective.needs_reference_logits,
-                                                             policy.device, run.reference_layout)
-        policy_out = forward_pairs(policy, batch, objective.needs_policy_logits, objective.policy_top_k,
-                                   run.policy_layout)
-        batch_totals = totals
-        if objective.needs_global_batch:
-            if table is None:  # this rank's whole share is this one forward: gather right after it
-                table = gather_batch_table([(policy_out.logps, reference_out.logps if reference_out else None, batch)],
-                                           run.config.train.micro_batch_size, run.dist.rank)
-            batch_totals = totals.with_batch(table.for_micro_batch(index, batch))
-        loss, metrics = objective(policy_out, reference_out, batch_totals)
-        if batch["weight"] != 1.0:  # a filler batch: every rank must run it, nothing may count
-            loss = loss * batch["weight"]
-            metrics = {name: value * batch["weight"] for name, value in metrics.items()}
+    results = micro_batch_results(run.models("train"), micro_batches, run.objective, totals,
+                                  run.config.train.micro_batch_size, run.dist.rank)
+    for index, result in enumerate(results):
         if policy.device.type == "cpu":
             # The backward is the step's peak; the forward's freed blocks, resident in glibc's heap,
             # would otherwise add to it.
@@ -61,11 +44,11 @@ def train_step(run: Run, micro_batches: list[dict], before_update: Optional[Call
         # The loss is this micro-batch's share of the global mean; DeepSpeed would divide it by the
         # accumulation steps (scale_wrt_gas) and average gradients over ranks, so scale by the
         # rank count and skip the former: the step's gradient is then the global-mean gradient.
-        policy.backward(loss * run.dist.world_size, scale_wrt_gas=False)
+        policy.backward(result.loss * run.dist.world_size, scale_wrt_gas=False)
         if before_update is not None and index == len(micro_batches) - 1:
             before_update()
         policy.step()  # an optimizer update only at the accumulation boundary
-        for name, value in metrics.items():
+        for name, value in result.metrics.items():
             sums[name] = sums.get(name, 0.0) + value
     return sums, totals
 
@@ -130,7 +113,7 @@ def run_step(run: Run, state: LoopState, step: int) -> str:
     train, monitor, done = run.config.train, state.monitor, step + 1
     micro_batches = run.micro_batches(step)
     state.pair_log.write({"step": done, "epoch": run.sampler.epoch_of(step),
-                          "ids": [pair_id for batch in micro_batches for pair_id in batch["pair_ids"]]})
+                          "ids": [pair_id for batch in micro_batches for pair_id in batch.pair_ids]})
     lr = run.policy.get_lr()[0]  # the scheduler moves on inside the step
     sums, totals = train_step(run, micro_batches)
     monitor.count(float(totals.input_tokens), float(totals.pairs))

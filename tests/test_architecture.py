@@ -204,3 +204,55 @@ def test_unchecked_deepspeed_versions_are_warned_about(monkeypatch):
         warnings.simplefilter("error")
         deepspeed_patches.check_deepspeed_version()
     deepspeed_patches.check_deepspeed_version.cache_clear()
+
+
+# ------------------------------------------------------------------ one step, one contract
+LOSS_MODULES = ("plot_ds.objectives", "plot_ds.plot_loss", "plot_ds.ot_solvers")
+CONTRACT = {"plot_ds", "plot_ds.pair_batch", "plot_ds.logprobs"}
+
+
+def test_the_losses_are_leaves_on_the_contract():
+    """Importing every loss loads torch, the contract (batch, counts, totals, log-prob outputs) and
+    the losses themselves: no DeepSpeed, no transformers, nothing of the forward or the engine."""
+    import subprocess
+    import sys
+
+    script = (f"import sys; import {', '.join(LOSS_MODULES)}; "
+              "print(' '.join(sorted(m for m in sys.modules if m.split('.')[0] in "
+              "('plot_ds', 'deepspeed', 'transformers', 'datasets', 'peft'))))")
+    loaded = set(subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
+                                cwd=REPO).stdout.split())
+    assert loaded == CONTRACT | set(LOSS_MODULES), loaded - CONTRACT - set(LOSS_MODULES)
+
+
+def calls_in(path: Path, function: str) -> set[str]:
+    """Names called inside ``function`` (a module-level function of ``path``)."""
+    tree = ast.parse(path.read_text())
+    body = next(node for node in tree.body if isinstance(node, ast.FunctionDef) and node.name == function)
+    return {node.func.id if isinstance(node.func, ast.Name) else node.func.attr
+            for node in ast.walk(body) if isinstance(node, ast.Call) and isinstance(node.func, (ast.Name, ast.Attribute))}
+
+
+@pytest.mark.parametrize("module,function", [("training", "train_step"), ("evaluation", "evaluate"),
+                                             ("micro_batch", "pre_pass"), ("reference_cache", "compute_logps")])
+def test_every_micro_batch_goes_through_the_one_function(module, function):
+    """Training, evaluation, the global-batch pre-pass and the reference cache all run a micro-batch
+    through ``micro_batch.forward_micro_batch`` (``micro_batch_results`` walks a share through it);
+    only it and the reference's own forward call ``forward_pairs``."""
+    called = calls_in(PACKAGE / f"{module}.py", function)
+    assert called & {"forward_micro_batch", "micro_batch_results"}, called
+    callers = {path.relative_to(PACKAGE).as_posix() for path in PACKAGE.rglob("*.py")
+               if "forward_pairs(" in path.read_text().replace("def forward_pairs(", "")}
+    assert callers == {"micro_batch.py", "reference.py"}, callers
+
+
+def test_no_code_reads_a_batchs_counts_by_position():
+    """A batch's counts are named fields (``PairCounts``): nothing indexes ``.counts``, in the
+    package, the benchmarks or the test workers."""
+    found = []
+    for path in [*PACKAGE.rglob("*.py"), *(REPO / "bench").glob("*.py"), *(REPO / "tests" / "workers").glob("*.py")]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            value = node.value if isinstance(node, ast.Subscript) else None
+            if isinstance(value, ast.Attribute) and value.attr == "counts":
+                found.append(f"{path.relative_to(REPO)}:{node.lineno}")
+    assert found == []

@@ -1,6 +1,7 @@
 import pytest
 
 from plot_ds.data import DataError, GlobalBatchSampler, TokenizedPair, collate
+from plot_ds.pair_batch import PairCounts
 
 
 @pytest.mark.parametrize("world, micro, accum", [(1, 4, 2), (2, 2, 2), (2, 1, 4), (4, 2, 1), (3, 2, 2)])
@@ -43,8 +44,8 @@ def test_position_round_trip_and_refusal():
 def test_empty_micro_batch_becomes_a_weightless_filler():
     filler = TokenizedPair("f", [1, 2], [3], [4])
     batch = collate([], pad_id=0, filler=filler)
-    assert batch["weight"] == 0.0 and batch["pair_ids"] == []
-    assert batch["counts"].tolist() == [0, 0, 0, 0, 1]
-    assert batch["input_ids"].shape == (2, 3)
+    assert batch.filler and batch.weight == 0.0 and batch.pair_ids == []
+    assert batch.counts == PairCounts(micro_batches=1)  # counts one micro-batch, nothing else
+    assert batch.input_ids.shape == (2, 3)
     with pytest.raises(ValueError, match="filler"):
         collate([], pad_id=0)

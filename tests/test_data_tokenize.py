@@ -5,6 +5,7 @@ import pytest
 from plot_ds.assets import champ_pairs
 from plot_ds.config import DataConfig
 from plot_ds.data import IGNORE_INDEX, Pair, collate, example_counts, load_pairs, prepare_datasets, split_pairs
+from plot_ds.pair_batch import PairCounts
 from plot_ds.data.tokenize import Renderer, tokenize_pair
 
 
@@ -85,19 +86,20 @@ def test_collate_labels_only_response_tokens(tokenizer):
     examples = [tokenize_pair(tokenizer, renderer, explicit(*p), 256, 128)[0]
                 for p in [("2+2?", "4", "5 or so", "a"), ("Capital of France, please?", "Paris", "Rome", "b")]]
     batch = collate(examples, tokenizer.pad_token_id)
-    assert batch["input_ids"].shape[0] == 4 and batch["weight"] == 1.0  # chosen rows, then rejected rows
+    assert batch.input_ids.shape[0] == 4 and not batch.filler  # chosen rows, then rejected rows
     for row, (ex, response) in enumerate([(e, e.chosen_ids) for e in examples] +
                                          [(e, e.rejected_ids) for e in examples]):
-        labels = batch["labels"][row]
+        labels = batch.labels[row]
         n_prompt = len(ex.prompt_ids)
         assert (labels[:n_prompt] == IGNORE_INDEX).all()
         assert labels[n_prompt:n_prompt + len(response)].tolist() == response
         assert (labels[n_prompt + len(response):] == IGNORE_INDEX).all()
-        assert batch["attention_mask"][row].sum() == n_prompt + len(response)
+        assert batch.attention_mask[row].sum() == n_prompt + len(response)
     counts = example_counts(examples)
-    response_positions = (batch["labels"][:, 1:] != IGNORE_INDEX).sum(1)
-    assert counts.tolist() == [2, float(response_positions[:2].sum()), float(response_positions[2:].sum()),
-                               float(batch["attention_mask"].sum()), 1.0]
+    response_positions = (batch.labels[:, 1:] != IGNORE_INDEX).sum(1)
+    assert counts == batch.counts == PairCounts(
+        pairs=2, chosen_tokens=float(response_positions[:2].sum()), rejected_tokens=float(response_positions[2:].sum()),
+        input_tokens=float(batch.attention_mask.sum()), micro_batches=1)
 
 
 def test_prepare_datasets_on_the_default_data(tokenizer, tmp_path):

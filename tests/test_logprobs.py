@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from plot_ds.data import IGNORE_INDEX
+from plot_ds.pair_batch import IGNORE_INDEX, PairBatch, PairCounts
 from plot_ds.logprobs import (PairLogps, ResponseTokens, saved_by_its_own_node, target_logps, target_logps_and_support,
                               top_k_support)
 from plot_ds.pair_forward import forward_pairs
@@ -108,8 +108,7 @@ def test_forward_pairs_projects_only_response_positions_and_matches_full_logits(
     attention_mask[3, 7:] = 0
     seen = []
     model.lm_head.register_forward_hook(lambda module, args, out: seen.append(args[0].shape))
-    out = forward_pairs(model, {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels},
-                        keep_logits=True)
+    out = forward_pairs(model, PairBatch(input_ids, attention_mask, labels, [], PairCounts()), keep_logits=True)
     n_response = int((labels[:, 1:] != IGNORE_INDEX).sum())
     assert seen == [torch.Size([n_response, 16])]  # the head saw only the response positions
     full = model(input_ids=input_ids, attention_mask=attention_mask).logits
@@ -134,7 +133,7 @@ def test_forward_pairs_head_gradient_with_plot_is_the_same_in_place_allocated_or
     input_ids = torch.randint(0, 50, (4, 9), generator=torch.Generator().manual_seed(3))
     labels = input_ids.clone()
     labels[:, :4] = IGNORE_INDEX
-    batch = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": labels}
+    batch = PairBatch(input_ids, torch.ones_like(input_ids), labels, [], PairCounts())
     totals = GlobalTotals(*torch.tensor([2.0, 10.0, 10.0, 36.0, 1.0]).unbind())
     grads = []
     # PLOT reading the kept logits, over them and allocated; then its supports read in the log-prob

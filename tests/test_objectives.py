@@ -97,13 +97,13 @@ def test_build_vanilla():
     simpo = only(ObjectiveConfig(name="simpo", beta=2.0, simpo_gamma=0.3))
     assert isinstance(simpo, SimPOLoss) and simpo.gamma == 0.3
     dpo = only(ObjectiveConfig(name="dpo", beta=0.3, label_smoothing=0.1))
-    assert isinstance(dpo, DPOLoss) and dpo.beta == 0.3 and dpo.needs_reference
+    assert isinstance(dpo, DPOLoss) and dpo.beta == 0.3 and dpo.needs.reference
     aot = only(ObjectiveConfig(name="aot_unpaired", label_smoothing=0.1))
     assert isinstance(aot, AOTLoss) and not aot.paired and aot.label_smoothing == 0.1
     pro = only(ObjectiveConfig(name="pro", pro_temperature=2.0, pro_sft_weight=0.1))
-    assert isinstance(pro, PROLoss) and (pro.temperature, pro.sft_weight) == (2.0, 0.1) and not pro.needs_reference
+    assert isinstance(pro, PROLoss) and (pro.temperature, pro.sft_weight) == (2.0, 0.1) and not pro.needs.reference
     rpo = build_vanilla(ObjectiveConfig(terms={"dpo": 1.0, "sft": 0.2}))
-    assert rpo.names == ["dpo", "sft"] and rpo.weights == [1.0, 0.2] and rpo.needs_reference
+    assert rpo.names == ["dpo", "sft"] and rpo.weights == [1.0, 0.2] and rpo.needs.reference
 
 
 def test_ipo_matches_hand_computed_values():
@@ -137,7 +137,7 @@ def test_simpo_matches_hand_computed_values_without_reference():
     assert loss.item() == pytest.approx(expected, rel=1e-6)
     assert m["rewards/chosen"].item() == pytest.approx(sum(chosen) / 2)
     assert m["rewards/accuracies"].item() == pytest.approx(1.0)
-    assert not SimPOLoss.needs_reference
+    assert not SimPOLoss.needs.reference
 
 
 @pytest.mark.parametrize("margin", [1e4, -1e4])
@@ -151,7 +151,7 @@ def test_simpo_very_large_margins_stay_finite(margin):
 
 def one_batch(policy: PairLogps, reference: PairLogps, pairs: int, chosen_tokens: float, rejected_tokens: float):
     """Totals whose global batch is this one batch (one micro-batch, one rank)."""
-    rows = table_rows(policy, reference, torch.arange(pairs), 1.0, pairs)
+    rows = table_rows(policy, reference, torch.arange(pairs), False, pairs)
     return totals(pairs, chosen_tokens, rejected_tokens).with_batch(GlobalPairs(rows, torch.arange(pairs)))
 
 
@@ -223,7 +223,7 @@ def test_aot_over_micro_batches_of_one_global_table_equals_the_whole_batch(paire
                              torch.ones(n))
     whole, _ = aot(whole_policy, reference, one_batch(whole_policy, reference, n, n, n))
     whole.backward()
-    table = table_rows(whole_policy, reference, torch.arange(n), 1.0, n)
+    table = table_rows(whole_policy, reference, torch.arange(n), False, n)
     parts, grads = 0.0, []
     for piece in (slice(0, 2), slice(2, 7), slice(7, 9)):
         policy = PairLogps(chosen[piece].clone().requires_grad_(), rejected[piece].clone().requires_grad_(),
@@ -240,7 +240,7 @@ def test_aot_over_micro_batches_of_one_global_table_equals_the_whole_batch(paire
 
 def test_aot_ignores_filler_pairs_and_needs_the_global_batch():
     policy, reference = logps([-1.0, -2.0], [-2.0, -1.0]), logps([-1.5, -1.5], [-1.5, -1.5])
-    rows = table_rows(policy, reference, torch.arange(2), 0.0, 2)  # a weightless filler micro-batch
+    rows = table_rows(policy, reference, torch.arange(2), True, 2)  # a filler micro-batch
     loss, _ = AOTLoss(0.1)(policy, reference, totals(2).with_batch(GlobalPairs(rows, torch.tensor([-1, -1]))))
     assert loss.item() == 0.0
     with pytest.raises(ValueError, match="GlobalTotals.batch must be set"):

@@ -9,7 +9,8 @@ from plot_ds.data import collate
 from plot_ds.data.tokenize import TokenizedPair
 from plot_ds.embedding_slice import embedding_rows_for
 from plot_ds.logprobs import ResponseTokens
-from plot_ds.objectives import GlobalTotals, build_objective
+from plot_ds.objectives import build_objective
+from plot_ds.pair_batch import GlobalTotals, PairCounts
 from plot_ds.packing import CHOSEN, PROMPT, REJECTED, Packing, pack_rows, pack_shared_prompt, packing_for
 from plot_ds.pair_forward import forward_pairs
 from plot_ds.prompt_sharing import SharedLayout, prompt_sharing
@@ -22,7 +23,7 @@ BATCH = [TokenizedPair("a", [5, 6, 7, 8, 9], [10, 11, 12, 2], [13, 2]),
 
 def test_rows_packed_one_after_another_with_their_own_positions():
     batch = collate(BATCH[:2], pad_id=0)
-    tokens = ResponseTokens.of(batch["labels"])
+    tokens = ResponseTokens.of(batch.labels)
     packed = pack_rows(batch, tokens)
     # rows: a+chosen (9), b+chosen (4), a+rejected (7), b+rejected (8)
     assert packed.input_ids[0].tolist() == [5, 6, 7, 8, 9, 10, 11, 12, 2, 20, 21, 22, 2,
@@ -38,7 +39,7 @@ def test_rows_packed_one_after_another_with_their_own_positions():
 
 def test_shared_prompt_layout_and_its_mask():
     batch = collate(BATCH[:2], pad_id=0)
-    tokens = ResponseTokens.of(batch["labels"])
+    tokens = ResponseTokens.of(batch.labels)
     layout = SharedLayout.of(batch)
     packed = pack_shared_prompt(batch, tokens, layout.starts, layout.lengths)
     assert packed.input_ids[0].tolist() == [5, 6, 7, 8, 9, 10, 11, 12, 2, 13, 2, 20, 21, 22, 2, 23, 24, 25, 26, 27, 2]
@@ -81,10 +82,10 @@ def loss_path(model, layout, overrides):
     batch = collate(BATCH, pad_id=2)
     model.zero_grad()
     with torch.no_grad():
-        reference = forward_pairs(model, batch, objective.needs_reference_logits, 0, layout)
+        reference = forward_pairs(model, batch, objective.needs.reference_logits, 0, layout)
         reference.logps.chosen += torch.tensor([0.3, -0.2, 0.1])
-    policy = forward_pairs(model, batch, objective.needs_policy_logits, objective.policy_top_k, layout)
-    loss, metrics = objective(policy, reference, GlobalTotals.from_counts(batch["counts"].clone()))
+    policy = forward_pairs(model, batch, objective.needs.policy_logits, objective.needs.top_k, layout)
+    loss, metrics = objective(policy, reference, GlobalTotals.from_counts(batch.counts))
     loss.backward()
     grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
     return loss.detach(), policy.logps, metrics, grads
@@ -142,23 +143,23 @@ def test_a_filler_batch_packs():
     a gradient of exactly 0."""
     model = tiny_model("Llama", "sdpa")
     filler = collate([], pad_id=2, filler=BATCH[0])
-    assert filler["weight"] == 0.0 and filler["pair_ids"] == []
-    assert filler["counts"].tolist() == [0, 0, 0, 0, 1]  # no pairs or tokens, one micro-batch
+    assert filler.filler and filler.weight == 0.0 and filler.pair_ids == []
+    assert filler.counts == PairCounts(micro_batches=1)  # no pairs or tokens, one micro-batch
     real = collate(BATCH[:1], pad_id=2)
     objective = build_objective(load_config(None, PLOT), embedding_rows_for(model, load_config(None, PLOT).plot))
     for layout in (None, Packing(share_prompt=True, varlen=False), Packing(share_prompt=False, varlen=False)):
         with torch.no_grad():
             expected = forward_pairs(model, real, keep_logits=False, layout=None).logps
-            reference = forward_pairs(model, filler, objective.needs_reference_logits, 0, layout)
+            reference = forward_pairs(model, filler, objective.needs.reference_logits, 0, layout)
         model.zero_grad(set_to_none=True)
-        out = forward_pairs(model, filler, objective.needs_policy_logits, objective.policy_top_k, layout)
+        out = forward_pairs(model, filler, objective.needs.policy_logits, objective.needs.top_k, layout)
         torch.testing.assert_close(out.logps.chosen, expected.chosen, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(out.logps.rejected, expected.rejected, rtol=1e-5, atol=1e-5)
         # The totals of a global batch whose other micro-batches hold one real pair.
-        totals = GlobalTotals.from_counts(filler["counts"] + real["counts"])
+        totals = GlobalTotals.from_counts(filler.counts + real.counts)
         loss, _ = objective(out, reference, totals)
         assert torch.isfinite(loss) and loss.requires_grad
-        (loss * filler["weight"]).backward()
+        (loss * filler.weight).backward()
         grads = {name: p.grad for name, p in model.named_parameters()}
         assert all(g is not None for g in grads.values()), [n for n, g in grads.items() if g is None]
         assert all(not g.any() for g in grads.values())

@@ -11,9 +11,11 @@ from plot_ds.config import load_config
 from plot_ds.data import collate
 from plot_ds.data.tokenize import TokenizedPair
 from plot_ds.embedding_slice import embedding_rows_for
-from plot_ds.objectives import GlobalTotals, build_objective
+from plot_ds.objectives import build_objective
+from plot_ds.pair_batch import GlobalTotals
 from plot_ds.packing import Packing
-from plot_ds.pair_forward import forward_pairs, reference_pairs
+from plot_ds.micro_batch import PairModels, forward_micro_batch
+from plot_ds.reference import LiveReference
 from plot_ds.prompt_sharing import prompt_sharing
 
 
@@ -63,10 +65,10 @@ def test_the_training_loss_path_never_waits_for_the_device(monkeypatch, share, o
         Packing(share_prompt=share == "packed-shared", varlen=False)
     with HostWaits(policy, reference) as probe:
         transfer_marking(probe, monkeypatch)
-        totals = GlobalTotals.from_counts(probe.mark(batch["counts"].clone()))
-        reference_out = reference_pairs(reference, batch, objective.needs_reference_logits, policy.device, sharing)
-        policy_out = forward_pairs(policy, batch, objective.needs_policy_logits, objective.policy_top_k, sharing)
-        loss, metrics = objective(policy_out, reference_out, totals)
+        totals = GlobalTotals.from_counts(probe.mark(batch.counts.as_tensor()))
+        models = PairModels(policy, sharing, LiveReference(reference, sharing))
+        result = forward_micro_batch(models, batch, objective.needs, objective, totals)
+        loss, metrics, policy_out = result.loss, result.metrics, result.policy
         loss.backward()
         assert probe.seen == [], probe.seen
         # transformers' own mask preparation reads values back (bool of an .all()), once per forward

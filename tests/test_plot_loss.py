@@ -110,7 +110,7 @@ def compare(config, seed=0, value_tol=3e-6, grad_tol=3e-6, mutate=None, relative
     as64 = lambda x: x.detach().double()
     loss = PLOTLoss(config, EmbeddingRows(E))
     tokens = ResponseTokens.of(labels)
-    for top_k in {0, loss.support_top_k}:
+    for top_k in {0, loss.top_k}:
         ours_logits = logits.clone().requires_grad_()
         value, metrics = loss(head_outputs(tokens.select(ours_logits), tokens, top_k),
                               PairOutputs(None, tokens.select(ref_logits), tokens), totals_of(labels))

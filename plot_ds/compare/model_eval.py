@@ -31,7 +31,8 @@ from ..ds_config import resolve_ds_config
 from ..engine import build_frozen_engine
 from ..evaluation import generate
 from ..models import load_tokenizer
-from ..pair_forward import forward_pairs
+from ..micro_batch import PairModels, forward_micro_batch
+from ..pair_batch import ForwardNeeds
 from ..run import indexed_batch
 from .text_metrics import distinct_n, repeated_ngram_share
 
@@ -52,12 +53,12 @@ def kl_per_row(logits: torch.Tensor, start_logits: torch.Tensor, rows: torch.Ten
 
 def pair_records(batch: dict, model_out, start_out, beta: float) -> list[dict]:
     """The per-pair metrics of one collated batch from both models' outputs (with logits)."""
-    n = len(batch["pair_ids"])
+    n = len(batch.pair_ids)
     if n == 0:  # a filler batch
         return []
     kl = kl_per_row(model_out.logits, start_out.logits, model_out.tokens.rows, model_out.tokens.n_rows)
     records = []
-    for i, pair_id in enumerate(batch["pair_ids"]):
+    for i, pair_id in enumerate(batch.pair_ids):
         m, s = model_out.logps, start_out.logps
         chosen_tokens, rejected_tokens = float(m.chosen_tokens[i]), float(m.rejected_tokens[i])
         chosen, rejected = float(m.chosen[i]), float(m.rejected[i])
@@ -74,6 +75,9 @@ def pair_records(batch: dict, model_out, start_out, beta: float) -> list[dict]:
     return records
 
 
+WITH_LOGITS = ForwardNeeds(policy_logits=True)  # the KL to the start reads every position's distribution
+
+
 @torch.no_grad()
 def held_out_records(model, model_layout, start, start_layout, examples, batch_size, pad_id, beta,
                      rank, world_size) -> list[dict]:
@@ -81,9 +85,9 @@ def held_out_records(model, model_layout, start, start_layout, examples, batch_s
     mine = []
     for indices in eval_shards(len(examples), batch_size, rank, world_size):
         batch = indexed_batch(examples, indices, pad_id)
-        model_out = forward_pairs(model, batch, keep_logits=True, layout=model_layout)
-        start_out = model_out if start is model else forward_pairs(start, batch, keep_logits=True,
-                                                                    layout=start_layout)
+        model_out = forward_micro_batch(PairModels(model, model_layout), batch, WITH_LOGITS).policy
+        start_out = model_out if start is model else forward_micro_batch(PairModels(start, start_layout), batch,
+                                                                         WITH_LOGITS).policy
         mine.extend(pair_records(batch, model_out, start_out, beta))
     return gathered_in_order(mine, [ex.id for ex in examples], world_size)
 
@@ -106,9 +110,9 @@ def start_perplexities(start, examples, generations, batch_size, pad_id, rank, w
     mine = []
     for indices in eval_shards(len(scored), batch_size, rank, world_size) if scored else []:
         batch = indexed_batch(scored, indices, pad_id)
-        logps = forward_pairs(start, batch, keep_logits=False).logps
+        logps = forward_micro_batch(PairModels(start), batch, ForwardNeeds()).policy.logps
         mine.extend({"id": pair_id, "value": float(torch.exp(-logps.chosen[i] / logps.chosen_tokens[i]))}
-                    for i, pair_id in enumerate(batch["pair_ids"]))
+                    for i, pair_id in enumerate(batch.pair_ids))
     values = {r["id"]: r["value"] for r in gathered_in_order(mine, [p.id for p in scored], world_size)}
     return [values.get(ex.id) for ex in examples]
 

@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..assets import cache_dir as default_cache_dir
-from .batching import IGNORE_INDEX, collate, example_counts
+from ..pair_batch import IGNORE_INDEX
+from .batching import collate, example_counts
 from .formats import FORMATS, FieldNames, Pair, normalise, split_transcripts
 from .records import DataError, Defect, read_records
 from .sampler import GlobalBatchSampler, eval_shards

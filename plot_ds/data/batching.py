@@ -1,35 +1,34 @@
-"""Collating tokenised pairs into one batch: chosen rows first, then rejected rows."""
+"""Collating tokenised pairs into one ``PairBatch``: chosen rows first, then rejected rows."""
 from __future__ import annotations
 
 import torch
 
+from ..pair_batch import IGNORE_INDEX, PairBatch, PairCounts
 from .tokenize import TokenizedPair
 
-IGNORE_INDEX = -100
 
-
-def example_counts(examples: list[TokenizedPair]) -> torch.Tensor:
-    """[pairs, chosen response tokens, rejected response tokens, input tokens, batches] of some
-    pairs (one batch): the denominators of the global means (see ``objectives.GlobalTotals``)."""
+def example_counts(examples: list[TokenizedPair]) -> PairCounts:
+    """The denominators of the global means that ``examples`` (one batch) contribute."""
     chosen = sum(len(ex.chosen_ids) for ex in examples)
     rejected = sum(len(ex.rejected_ids) for ex in examples)
     prompts = sum(len(ex.prompt_ids) for ex in examples)
-    return torch.tensor([len(examples), chosen, rejected, 2 * prompts + chosen + rejected, 1],
-                        dtype=torch.float64)
+    return PairCounts(pairs=len(examples), chosen_tokens=chosen, rejected_tokens=rejected,
+                      input_tokens=2 * prompts + chosen + rejected, micro_batches=1)
 
 
-def collate(examples: list[TokenizedPair], pad_id: int, filler: TokenizedPair | None = None) -> dict:
-    """Right-padded rows, labels on response tokens only.
+def collate(examples: list[TokenizedPair], pad_id: int, filler: TokenizedPair | None = None,
+            indices: list[int] | None = None) -> PairBatch:
+    """Right-padded rows, labels on response tokens only; ``indices``: each pair's index in its
+    dataset (``PairBatch.example_index``).
 
     An empty ``examples`` (a rank with no pair left in the last global batch of an epoch) becomes
-    the ``filler`` pair with ``weight`` 0: ZeRO-3 needs every rank in every forward, but it must
-    not count.
+    the ``filler`` pair, flagged: ZeRO-3 needs every rank in every forward, but it must not count.
     """
-    weight = 1.0
-    if not examples:
+    is_filler = not examples
+    if is_filler:
         if filler is None:
             raise ValueError("an empty batch needs a filler pair")
-        examples, weight = [filler], 0.0
+        examples, indices = [filler], [0]
     sequences, labels = [], []
     for response_of in ("chosen_ids", "rejected_ids"):
         for ex in examples:
@@ -44,12 +43,8 @@ def collate(examples: list[TokenizedPair], pad_id: int, filler: TokenizedPair | 
         input_ids[row, :len(seq)] = torch.tensor(seq)
         label_ids[row, :len(lab)] = torch.tensor(lab)
         attention_mask[row, :len(seq)] = 1
-    counts = example_counts(examples)
-    if weight == 0.0:
-        counts[:-1] = 0
-    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": label_ids,
-             "pair_ids": [ex.id for ex in examples] if weight else [], "counts": counts, "weight": weight}
-    if all(ex.reference_chosen is not None for ex in examples):  # precomputed (reference.mode: cache)
-        batch["reference_logps"] = torch.tensor([[ex.reference_chosen for ex in examples],
-                                                 [ex.reference_rejected for ex in examples]])
-    return batch
+    return PairBatch(input_ids, attention_mask, label_ids,
+                     pair_ids=[] if is_filler else [ex.id for ex in examples],
+                     counts=PairCounts(micro_batches=1) if is_filler else example_counts(examples),
+                     filler=is_filler,
+                     example_index=None if indices is None else torch.tensor(indices, dtype=torch.long))

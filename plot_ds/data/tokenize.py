@@ -31,9 +31,6 @@ class TokenizedPair:
     response_truncated: bool = False
     # The reference final answer (CHAMP `answer`, or GSM8K-style "#### answer" in the chosen text).
     answer: str | None = None
-    # Summed reference log-probs, when they come from a precomputed cache (reference.mode: cache).
-    reference_chosen: float | None = None
-    reference_rejected: float | None = None
 
     @property
     def truncated(self) -> bool:

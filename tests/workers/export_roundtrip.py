@@ -30,12 +30,12 @@ def main(model_dir: str, ds_config_path: str, out: str, mode: str = "") -> None:
     batch = collate(run.eval_examples, tokenizer.pad_token_id)
     policy.eval()
     with torch.no_grad():
-        logits = policy(input_ids=batch["input_ids"].to(policy.device),
-                        attention_mask=batch["attention_mask"].to(policy.device)).logits
-        reference = run.reference(input_ids=batch["input_ids"].to(policy.device),
-                                  attention_mask=batch["attention_mask"].to(policy.device)).logits
+        logits = policy(input_ids=batch.input_ids.to(policy.device),
+                        attention_mask=batch.attention_mask.to(policy.device)).logits
+        reference = run.reference.engine(input_ids=batch.input_ids.to(policy.device),
+                                         attention_mask=batch.attention_mask.to(policy.device)).logits
     if dist.is_main:
-        torch.save({"logits": logits.cpu(), "input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
+        torch.save({"logits": logits.cpu(), "input_ids": batch.input_ids, "attention_mask": batch.attention_mask,
                     "reference_logits": reference.cpu(), "trainable": [n for n, p in policy.module.named_parameters()
                                                                       if p.requires_grad]},
                    out / "engine_logits.pt")

@@ -18,7 +18,7 @@ def train_step(run, micro_batches, before_update=None):
         wrapped = run.objective
 
         class Poisoned:
-            def __getattr__(self, name):  # needs_reference_logits, policy_top_k, ...: the objective's
+            def __getattr__(self, name):  # needs, plot, ...: the objective's
                 return getattr(wrapped, name)
 
             def __call__(self, *args):

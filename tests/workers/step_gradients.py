@@ -226,13 +226,13 @@ def step_record(run, variant: str) -> dict:
                  for name, p in policy.module.named_parameters()}
     record = {"grads": grads, "metrics": reduce_metrics(sums),
               "leaf_modules": leaf_modules(policy),
-              "reference_leaf_modules": leaf_modules(reference) if reference else None,
+              "reference_leaf_modules": leaf_modules(reference.engine) if reference else None,
               "pairs": float(totals.pairs), "partition": partition, "shared_passes": passes,
               "packed_passes": packed_passes,
-              "input_tokens": [int(batch["attention_mask"].sum()) for batch in batches],
-              "response_lengths": [batch["labels"].ne(-100).sum(1).tolist() for batch in batches],
+              "input_tokens": [int(batch.attention_mask.sum()) for batch in batches],
+              "response_lengths": [batch.labels.ne(-100).sum(1).tolist() for batch in batches],
               "global_batch": sampler.global_batch(step),
-              "batch_weights": [batch["weight"] for batch in batches]}
+              "batch_weights": [batch.weight for batch in batches]}
     if tracks_update:
         optimizer = policy.optimizer
         buffer = optimizer.grad_partitions_flat_buffer.untyped_storage().data_ptr()
