@@ -15,6 +15,7 @@ import yaml
 
 from .config_model import AdapterConfig, ModelConfig
 from .config_values import ConfigError, apply_override, flatten_sections, parse_overrides, read_yaml_file
+from .objective_terms import TERMS
 
 __all__ = ["AdapterConfig", "Config", "ConfigError", "ModelConfig", "load_config", "parse_overrides"]
 
@@ -82,8 +83,8 @@ class DataConfig:
 
 
 # The vanilla terms: whether each needs reference log-probs (docs/method.md has every formula).
-OBJECTIVE_TERMS = {"sft": False, "dpo": True, "ipo": True, "simpo": False, "pro": False, "aot": True,
-                   "aot_unpaired": True}
+# objective.name: one of the terms (objective_terms.TERMS), or none (PLOT alone).
+ObjectiveName = Literal[tuple(TERMS) + ("none",)]  # type: ignore[valid-type]
 
 
 @dataclass
@@ -91,7 +92,7 @@ class ObjectiveConfig:
     # The vanilla objective, L_vanilla; the PLOT term (section `plot`) is added to it:
     # L = L_vanilla + alpha * L_PLOT. One term (name; none = PLOT alone), or a weighted sum of terms
     # (terms, e.g. {dpo: 1.0, sft: 0.2} for RPO); not both. Default: dpo.
-    name: Optional[Literal["sft", "dpo", "ipo", "simpo", "pro", "aot", "aot_unpaired", "none"]] = None
+    name: Optional[ObjectiveName] = None
     terms: Optional[dict[str, float]] = None
     # DPO/IPO/AOT: strength of the KL anchor to the reference; SimPO: reward scale (its papers use ~2).
     beta: float = 0.1
@@ -123,7 +124,7 @@ class ObjectiveConfig:
 
     @property
     def needs_reference(self) -> bool:
-        return any(OBJECTIVE_TERMS[term] for term in self.term_weights())
+        return any(TERMS[term].reference for term in self.term_weights())
 
     def validate(self) -> None:
         if self.beta <= 0:
@@ -140,8 +141,8 @@ class ObjectiveConfig:
         if not self.terms:
             raise ConfigError("objective.terms: empty; name at least one term, or use objective.name: none")
         for term, weight in self.terms.items():
-            if term not in OBJECTIVE_TERMS:
-                raise ConfigError(f"objective.terms: unknown term '{term}' (known: {', '.join(OBJECTIVE_TERMS)})")
+            if term not in TERMS:
+                raise ConfigError(f"objective.terms: unknown term '{term}' (known: {', '.join(TERMS)})")
             if weight <= 0:
                 raise ConfigError(f"objective.terms.{term}: the weight must be > 0 (got {weight}); leave the term out "
                                   "to drop it")
@@ -337,7 +338,7 @@ class Config:
             raise ConfigError("objective.name: none leaves nothing to train unless plot.enabled is true "
                               "and plot.alpha > 0")
         if self.reference.mode == "none" and self.objective.needs_reference:
-            needing = [t for t in self.objective.term_weights() if OBJECTIVE_TERMS[t]]
+            needing = [t for t in self.objective.term_weights() if TERMS[t].reference]
             raise ConfigError(f"reference.mode: none, but the objective's {', '.join(needing)} term(s) need reference "
                               "log-probs: use reference.mode engine or cache, or drop those terms")
         if self.adapter.active and self.deepspeed.zero3_leaf_modules not in ("auto", "none"):

@@ -14,7 +14,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from .logprobs import PairLogps, PairOutputs
+from .objective_terms import TERMS
 from .pair_batch import ForwardNeeds, GlobalTotals
+
+
+def needs_of(term: str) -> ForwardNeeds:
+    """What a term's formula reads, as ``objective_terms.TERMS`` declares it."""
+    spec = TERMS[term]
+    return ForwardNeeds(reference=spec.reference, global_batch=spec.global_batch)
 
 
 def _logp_metrics(policy: PairLogps, totals: GlobalTotals) -> dict[str, torch.Tensor]:
@@ -39,7 +46,7 @@ def _mean_logps(logps: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
 
 class SFTLoss(nn.Module):
     """Mean negative log-likelihood of the chosen response tokens of the global batch."""
-    needs = ForwardNeeds()
+    needs = needs_of("sft")
 
     def forward(self, policy: PairLogps, reference: PairLogps | None, totals: GlobalTotals):
         loss = -policy.chosen.sum() / totals.chosen_tokens
@@ -49,7 +56,7 @@ class SFTLoss(nn.Module):
 class DPOLoss(nn.Module):
     """-log sigmoid(beta * (chosen log-ratio - rejected log-ratio)), with label smoothing
     (conservative DPO: a label is flipped with probability ``label_smoothing``)."""
-    needs = ForwardNeeds(reference=True)
+    needs = needs_of("dpo")
 
     def __init__(self, beta: float, label_smoothing: float = 0.0):
         super().__init__()
@@ -67,7 +74,7 @@ class DPOLoss(nn.Module):
 
 class IPOLoss(nn.Module):
     """(h - 1/(2 beta))^2 with h the difference of length-averaged log-ratios (IPO, Azar et al.)."""
-    needs = ForwardNeeds(reference=True)
+    needs = needs_of("ipo")
 
     def __init__(self, beta: float):
         super().__init__()
@@ -84,7 +91,7 @@ class IPOLoss(nn.Module):
 
 class SimPOLoss(nn.Module):
     """-log sigmoid(beta/|y+| log pi(y+) - beta/|y-| log pi(y-) - gamma): no reference model."""
-    needs = ForwardNeeds()
+    needs = needs_of("simpo")
 
     def __init__(self, beta: float, gamma: float):
         super().__init__()
@@ -103,7 +110,7 @@ class PROLoss(nn.Module):
     the paper's dynamic one needs reward-model scores) puts the preferred response first, plus
     ``sft_weight`` times the preferred response's NLL, summed over its tokens (the official code's
     sum, not a token mean) and averaged over pairs. No reference model. See docs/method.md."""
-    needs = ForwardNeeds()
+    needs = needs_of("pro")
 
     def __init__(self, temperature: float = 1.0, sft_weight: float = 0.05):
         super().__init__()
@@ -131,7 +138,7 @@ class AOTLoss(nn.Module):
     loss = mean_k -log sigmoid(beta delta_k), with label smoothing. The sorts run over the whole
     global batch (``GlobalTotals.batch``): each pair meets its partner by rank there, so summing
     micro-batches and ranks gives the global loss and gradient exactly."""
-    needs = ForwardNeeds(reference=True, global_batch=True)
+    needs = needs_of("aot")
 
     def __init__(self, beta: float, label_smoothing: float = 0.0, paired: bool = True):
         super().__init__()
@@ -181,6 +188,9 @@ def combined_needs(needs) -> ForwardNeeds:
                         top_k=max((n.top_k for n in needs), default=0))
 
 
+LOSSES = {loss.__name__: loss for loss in (SFTLoss, DPOLoss, IPOLoss, SimPOLoss, PROLoss, AOTLoss)}
+
+
 class WeightedTerms(nn.Module):
     """L_vanilla = sum_t w_t L_t. Each term logs ``loss/<term>``; other metrics (rewards, log-probs)
     are the first term's that has them."""
@@ -226,35 +236,30 @@ class Objective(nn.Module):
         return loss, metrics
 
 
-def build_term(name: str, config) -> nn.Module:
-    """One vanilla term; ``config`` is the ``objective`` section of the run config."""
-    builders = {
-        "sft": lambda: SFTLoss(),
-        "dpo": lambda: DPOLoss(config.beta, config.label_smoothing),
-        "ipo": lambda: IPOLoss(config.beta),
-        "simpo": lambda: SimPOLoss(config.beta, config.simpo_gamma),
-        "pro": lambda: PROLoss(config.pro_temperature, config.pro_sft_weight),
-        "aot": lambda: AOTLoss(config.beta, config.label_smoothing, paired=True),
-        "aot_unpaired": lambda: AOTLoss(config.beta, config.label_smoothing, paired=False),
-    }
-    if name not in builders:
+def build_term(name: str, objective_config) -> nn.Module:
+    """One vanilla term, as ``objective_terms.TERMS`` declares it, from the ``objective`` section."""
+    if name not in TERMS:
         raise ValueError(f"objective: unknown term '{name}'")
-    return builders[name]()
+    spec = TERMS[name]
+    loss = LOSSES[spec.loss]
+    return loss(*(getattr(objective_config, field) for field in spec.parameters), **dict(spec.options))
 
 
-def build_vanilla(config) -> WeightedTerms:
+def build_vanilla(objective_config) -> WeightedTerms:
     """L_vanilla of the ``objective`` config section: its terms with their weights."""
-    return WeightedTerms({name: (weight, build_term(name, config)) for name, weight in config.term_weights().items()})
+    return WeightedTerms({name: (weight, build_term(name, objective_config))
+                          for name, weight in objective_config.term_weights().items()})
 
 
-def build_objective(config, embedding_rows=None) -> Objective:
-    """``config`` is the whole run config; ``embedding_rows`` fetches rows of the policy's
-    embedding matrix (``embedding_slice.EmbeddingRows``), needed when PLOT is enabled."""
+def build_objective(run_config, embedding_rows=None) -> Objective:
+    """From the run config (``config.Config``: its ``objective`` and ``plot`` sections);
+    ``embedding_rows`` fetches rows of the policy's embedding matrix (``pair_batch.EmbeddingRowSource``),
+    needed when PLOT is enabled."""
     from .plot_loss import PLOTLoss
 
     plot = None
-    if config.plot.active:
+    if run_config.plot.active:
         if embedding_rows is None:
             raise ValueError("PLOT needs the policy's embedding rows (embedding_rows)")
-        plot = PLOTLoss(config.plot, embedding_rows)
-    return Objective(build_vanilla(config.objective), plot, config.plot.alpha)
+        plot = PLOTLoss(run_config.plot, embedding_rows)
+    return Objective(build_vanilla(run_config.objective), plot, run_config.plot.alpha)

@@ -75,22 +75,22 @@ def pairwise_cost(left: torch.Tensor, right: torch.Tensor, cost: str) -> torch.T
 
 
 class PLOTLoss(nn.Module):
-    """Configured by the ``plot`` config section; ``embedding_rows`` fetches rows of E (under
-    ZeRO-3 an ``embedding_slice.EmbeddingRows``)."""
+    """Configured by the ``plot`` config section (``config.PlotConfig``); ``embedding_rows`` fetches
+    rows of E (under ZeRO-3 an ``embedding_slice.EmbeddingRows``)."""
 
-    def __init__(self, config, embedding_rows: EmbeddingRowSource):
+    def __init__(self, plot_config, embedding_rows: EmbeddingRowSource):
         super().__init__()
-        self.cost, self.target = config.cost, config.target
-        self.rho, self.granularity = config.rho, config.granularity
-        self.rejected_weight = config.rejected_weight
-        self.config = config
-        self.sinkhorn_eps, self.sinkhorn_iters = config.sinkhorn_eps, config.sinkhorn_iters
+        self.cost, self.target = plot_config.cost, plot_config.target
+        self.rho, self.granularity = plot_config.rho, plot_config.granularity
+        self.rejected_weight = plot_config.rejected_weight
+        self.config = plot_config
+        self.sinkhorn_eps, self.sinkhorn_iters = plot_config.sinkhorn_eps, plot_config.sinkhorn_iters
         self.embedding_rows = embedding_rows
         # plot.top_k: the k of the top-k supports (read in the log-prob pass, see
         # logprobs.SupportLogits); 0, or a k as large as the vocabulary, for the whole vocabulary,
         # which needs the [N, V] logits themselves.
-        self.top_k = config.top_k if config.top_k < embedding_rows.vocab_size else 0
-        ref_mix = config.target == "ref_mix"
+        self.top_k = plot_config.top_k if plot_config.top_k < embedding_rows.vocab_size else 0
+        ref_mix = plot_config.target == "ref_mix"
         self.needs = ForwardNeeds(reference=ref_mix, reference_logits=ref_mix, policy_logits=self.top_k == 0,
                                   top_k=self.top_k)
 

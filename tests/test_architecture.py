@@ -208,12 +208,13 @@ def test_unchecked_deepspeed_versions_are_warned_about(monkeypatch):
 
 # ------------------------------------------------------------------ one step, one contract
 LOSS_MODULES = ("plot_ds.objectives", "plot_ds.plot_loss", "plot_ds.ot_solvers")
-CONTRACT = {"plot_ds", "plot_ds.pair_batch", "plot_ds.logprobs"}
+CONTRACT = {"plot_ds", "plot_ds.pair_batch", "plot_ds.logprobs", "plot_ds.objective_terms"}
 
 
 def test_the_losses_are_leaves_on_the_contract():
-    """Importing every loss loads torch, the contract (batch, counts, totals, log-prob outputs) and
-    the losses themselves: no DeepSpeed, no transformers, nothing of the forward or the engine."""
+    """Importing every loss loads torch, the contract (batch, counts, totals, log-prob outputs, the
+    terms' registry) and the losses themselves: no DeepSpeed, no transformers, nothing of the
+    forward or the engine."""
     import subprocess
     import sys
 

@@ -273,3 +273,24 @@ def test_weighted_terms_sum_their_losses_and_log_each():
     assert loss.item() == pytest.approx(dpo.item() + 0.2 * sft.item(), rel=1e-6)
     assert metrics["loss/dpo"].item() == pytest.approx(dpo.item()) and metrics["loss/sft"].item() == pytest.approx(sft.item())
     assert metrics["rewards/margins"].item() == pytest.approx(dpo_metrics["rewards/margins"].item())  # the first term's
+
+
+def test_each_term_is_declared_once_and_the_config_the_docs_and_the_builders_read_it():
+    """objective_terms.TERMS: the config's choices are its names (and none), docs/method.md's table
+    is rendered from it, each builds the loss it names with the config fields it lists, and the
+    loss's needs are the ones it declares."""
+    import typing
+
+    from conftest import REPO
+    from plot_ds.config import ObjectiveConfig, ObjectiveName
+    from plot_ds.objective_terms import TERMS, terms_table
+    from plot_ds.objectives import build_term
+
+    assert set(typing.get_args(ObjectiveName)) == set(TERMS) | {"none"}
+    assert terms_table() in (REPO / "docs" / "method.md").read_text()
+    config = ObjectiveConfig(beta=0.3, label_smoothing=0.1, simpo_gamma=0.7, pro_temperature=2.0, pro_sft_weight=0.1)
+    for name, spec in TERMS.items():
+        term = build_term(name, config)
+        assert type(term).__name__ == spec.loss
+        assert (term.needs.reference, term.needs.global_batch) == (spec.reference, spec.global_batch)
+        assert ObjectiveConfig(terms={name: 1.0}).needs_reference == spec.reference
