@@ -20,22 +20,27 @@ class ConfigError(UserError, ValueError):
     kind = "config"
 
 
+def _coerce_to_one_of(key: str, value: Any, options: tuple) -> Any:
+    """A value of a Union: the first option it converts to; else every option's complaint."""
+    if value is None and type(None) in options:
+        return None
+    errors = []
+    for option in (a for a in options if a is not type(None)):
+        try:
+            return coerce(key, value, option)
+        except ConfigError as err:
+            errors.append(str(err))
+    if not errors:
+        raise ConfigError(f"{key}: bad value {value!r}")
+    raise ConfigError("; or ".join([errors[0]] + [e.split(": ", 1)[-1] for e in errors[1:]]))
+
+
 def coerce(key: str, value: Any, expected: Any) -> Any:
     """Check one value against its annotated type; convert only where it is lossless."""
     origin = typing.get_origin(expected)
     args = typing.get_args(expected)
     if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for option in (a for a in args if a is not type(None)):
-            try:
-                return coerce(key, value, option)
-            except ConfigError as err:
-                errors.append(str(err))
-        if not errors:
-            raise ConfigError(f"{key}: bad value {value!r}")
-        raise ConfigError("; or ".join([errors[0]] + [e.split(": ", 1)[-1] for e in errors[1:]]))
+        return _coerce_to_one_of(key, value, args)
     if origin is Literal:
         if value not in args:
             raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(repr, args))}")

@@ -15,7 +15,9 @@ PATCHES = PACKAGE / "deepspeed_patches.py"
 # DeepSpeed's public surface as plot_ds uses it; everything else (deepspeed.runtime, .checkpoint,
 # .comm.torch, .utils.zero_to_fp32, ...) is an internal that only deepspeed_patches may import.
 PUBLIC_DEEPSPEED = {"deepspeed", "deepspeed.comm", "deepspeed.accelerator", "deepspeed.utils", "deepspeed.zero"}
-MAX_FUNCTION_LINES, MAX_MODULE_LINES = 60, 400
+# Counted on the formatted code (ruff format, width 120), which spends more lines on a long call
+# than hand wrapping did.
+MAX_FUNCTION_LINES, MAX_MODULE_LINES = 60, 450
 
 
 def module_name(path: Path) -> str:
@@ -257,3 +259,14 @@ def test_no_code_reads_a_batchs_counts_by_position():
             if isinstance(value, ast.Attribute) and value.attr == "counts":
                 found.append(f"{path.relative_to(REPO)}:{node.lineno}")
     assert found == []
+
+
+@pytest.mark.parametrize("check", [["format", "--check", "--diff"], ["check"]], ids=["formatted", "lint"])
+def test_the_tree_is_formatted_and_lint_free(check):
+    """ruff, as configured in pyproject.toml (width 120; pyflakes and pycodestyle's errors): run
+    ``ruff format .`` before committing."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "ruff", *check, "."], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]

@@ -165,7 +165,7 @@ def train_and_evaluate(run: PlannedRun, launcher: list[str], start_model: str, k
     if not keep_weights and run.spec is not None:
         for name in ("checkpoints", "final_model"):
             shutil.rmtree(run.directory / name, ignore_errors=True)
-    return f"{'trained and evaluated' if len(launched) == 2 else 'evaluated'} in {sum(l.seconds for l in launched):.0f} s"
+    return f"{'trained and evaluated' if len(launched) == 2 else 'evaluated'} in {sum(launch.seconds for launch in launched):.0f} s"
 
 
 def _user_error(log: Path) -> str:
