@@ -10,6 +10,7 @@ share in one micro-batch (AOT gathers its table right after the forward) and onc
 batch. Prints one JSON line: per split the median step seconds of each objective, their ratio
 (median of per-step ratios), and the bytes each rank receives for the table per step.
 """
+
 import argparse
 import dataclasses
 import json
@@ -39,11 +40,13 @@ def timed_step(run, batches) -> float:
 
 
 def measure_split(overrides: dict, micro: int, accumulation: int, steps: int, warmup: int) -> dict:
-    config = load_config(None, {**overrides, "train.micro_batch_size": micro,
-                                "train.gradient_accumulation_steps": accumulation})
+    config = load_config(
+        None, {**overrides, "train.micro_batch_size": micro, "train.gradient_accumulation_steps": accumulation}
+    )
     aot_run = setup_run(config)
-    dpo = Objective(build_vanilla(dataclasses.replace(config.objective, name="dpo")), aot_run.objective.plot,
-                    config.plot.alpha)
+    dpo = Objective(
+        build_vanilla(dataclasses.replace(config.objective, name="dpo")), aot_run.objective.plot, config.plot.alpha
+    )
     runs = {"aot": aot_run, "dpo": dataclasses.replace(aot_run, objective=dpo)}
     times = {"aot": [], "dpo": []}
     for step in range(warmup + steps):
@@ -57,13 +60,16 @@ def measure_split(overrides: dict, micro: int, accumulation: int, steps: int, wa
     for engine in (aot_run.policy, getattr(aot_run.reference, "engine", None)):
         if engine is not None:
             destroy_engine(engine)
-    return {"micro_batch_size": micro, "gradient_accumulation_steps": accumulation,
-            "step_seconds_dpo_median": statistics.median(times["dpo"]),
-            "step_seconds_aot_median": statistics.median(times["aot"]),
-            "aot_over_dpo_paired_median": statistics.median(a / d for a, d in zip(times["aot"], times["dpo"])),
-            "aot_over_dpo_by_step": [round(a / d, 4) for a, d in zip(times["aot"], times["dpo"])],
-            "table_bytes_received_per_rank": global_batch * COLUMNS * 8,
-            "pre_pass": accumulation > 1}
+    return {
+        "micro_batch_size": micro,
+        "gradient_accumulation_steps": accumulation,
+        "step_seconds_dpo_median": statistics.median(times["dpo"]),
+        "step_seconds_aot_median": statistics.median(times["aot"]),
+        "aot_over_dpo_paired_median": statistics.median(a / d for a, d in zip(times["aot"], times["dpo"])),
+        "aot_over_dpo_by_step": [round(a / d, 4) for a, d in zip(times["aot"], times["dpo"])],
+        "table_bytes_received_per_rank": global_batch * COLUMNS * 8,
+        "pre_pass": accumulation > 1,
+    }
 
 
 def main():
@@ -73,16 +79,34 @@ def main():
     parser.add_argument("--splits", default="2x1,1x2", help="per-rank micro-batch x accumulation steps")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     args, rest = parser.parse_known_args()
-    overrides = {"train.save_checkpoint": False, "train.resume": "none", "data.eval_size": 0, "plot.enabled": False,
-                 **parse_overrides(rest), "objective.name": "aot"}
-    results = [measure_split(overrides, *map(int, split.split("x")), args.steps, args.warmup)
-               for split in args.splits.split(",")]
+    overrides = {
+        "train.save_checkpoint": False,
+        "train.resume": "none",
+        "data.eval_size": 0,
+        "plot.enabled": False,
+        **parse_overrides(rest),
+        "objective.name": "aot",
+    }
+    results = [
+        measure_split(overrides, *map(int, split.split("x")), args.steps, args.warmup)
+        for split in args.splits.split(",")
+    ]
     if int(os.environ.get("RANK", "0")) == 0:
         config = load_config(None, overrides)
-        print(json.dumps({"benchmark": "global_batch_cost", "device": get_accelerator().device_name(),
-                          "ranks": int(os.environ.get("WORLD_SIZE", "1")), "model": config.model.name_or_path,
-                          "max_length": config.data.max_length, "plot": config.plot.active, "splits": results}),
-              flush=True)
+        print(
+            json.dumps(
+                {
+                    "benchmark": "global_batch_cost",
+                    "device": get_accelerator().device_name(),
+                    "ranks": int(os.environ.get("WORLD_SIZE", "1")),
+                    "model": config.model.name_or_path,
+                    "max_length": config.data.max_length,
+                    "plot": config.plot.active,
+                    "splits": results,
+                }
+            ),
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ packed here; there, a model of exactly SmolLM2-135M's shapes is rebuilt with see
     python bench/gpu_assets.py pack .gpu/assets          # here, on the CPU machine
     python bench/gpu_assets.py unpack .gpu/assets /tmp/smollm2-shaped   # there
 """
+
 import argparse
 import json
 import os
@@ -15,8 +16,14 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-MODEL_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-               "chat_template.jinja", "special_tokens_map.json")
+MODEL_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "chat_template.jinja",
+    "special_tokens_map.json",
+)
 
 
 def pack(target: Path) -> None:
@@ -36,8 +43,14 @@ def pack(target: Path) -> None:
 # SmolLM2's family, vocabulary and tokenizer at a few layers of a small width: GPU_CHECK_SHAPE=tiny
 # makes gpu_check.sh a smoke test of its own sections on a CPU (tests/test_bench.py), where the
 # real shapes' minutes of compute would check nothing more.
-TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
-        "num_key_value_heads": 2, "head_dim": 16}
+TINY = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 16,
+}
 
 
 def unpack(source: Path, target: Path, shape: str = "real") -> None:
@@ -62,8 +75,12 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("action", choices=("pack", "unpack"))
     parser.add_argument("paths", nargs="+")
-    parser.add_argument("--shape", choices=("real", "tiny"), default="real",
-                        help="tiny: a few narrow layers of SmolLM2's family and vocabulary (a CPU smoke test)")
+    parser.add_argument(
+        "--shape",
+        choices=("real", "tiny"),
+        default="real",
+        help="tiny: a few narrow layers of SmolLM2's family and vocabulary (a CPU smoke test)",
+    )
     args = parser.parse_args()
     if args.action == "pack":
         pack(Path(args.paths[0]))

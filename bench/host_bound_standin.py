@@ -10,6 +10,7 @@ which is what bounds a small model's step on a fast GPU (docs/benchmarks.md, the
 
 Not a measure of throughput on any real model: a stand-in for where the host time goes.
 """
+
 import argparse
 import json
 import os
@@ -19,11 +20,21 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-SHAPE = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2,
-         "head_dim": 16}
+SHAPE = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 16,
+}
 WORDS = {"prompt": 12, "chosen": 15, "rejected": 15}
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json",
-                   "generation_config.json")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "chat_template.jinja",
+    "special_tokens_map.json",
+    "generation_config.json",
+)
 
 
 def build(target: Path, pairs: int) -> None:
@@ -44,11 +55,14 @@ def build(target: Path, pairs: int) -> None:
             shutil.copy2(source / name, target / "model" / name)
     with open(target / "pairs.jsonl", "w") as handle:
         for pair in champ_pairs()[:pairs]:
-            handle.write(json.dumps({field: " ".join(pair[field].split()[:count])
-                                     for field, count in WORDS.items()}) + "\n")
+            handle.write(
+                json.dumps({field: " ".join(pair[field].split()[:count]) for field, count in WORDS.items()}) + "\n"
+            )
     layers, width = config.num_hidden_layers, config.hidden_size
-    print(f"wrote {target}/model ({layers} layers of width {width}, "
-          f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters) and {target}/pairs.jsonl ({pairs} pairs)")
+    print(
+        f"wrote {target}/model ({layers} layers of width {width}, "
+        f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters) and {target}/pairs.jsonl ({pairs} pairs)"
+    )
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ time on one thread on a CPU; wall time between synchronisations on a GPU, where 
 each layout is also read. Prints one JSON line: per layout the seconds, the positions the model
 computed (the embedding's inputs) and the ratios to ``padded`` (below 1: cheaper than padding).
 """
+
 import argparse
 import json
 import os
@@ -30,13 +31,16 @@ def micro_batches(tokenizer, source: str, pairs: int, micro_batch: int, max_leng
     from plot_ds.config import load_config
     from plot_ds.data import collate, load_pairs, tokenize_pairs
 
-    config = load_config(None, {"data.source": source, "data.max_length": max_length,
-                                "data.max_prompt_length": max_prompt_length})
+    config = load_config(
+        None, {"data.source": source, "data.max_length": max_length, "data.max_prompt_length": max_prompt_length}
+    )
     found, _, _ = load_pairs(source, config.data)
     examples, _ = tokenize_pairs(tokenizer, found, max_length, max_prompt_length)
     order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(0)).tolist()[:pairs]
     chosen = [examples[i] for i in order]
-    return [collate(chosen[i:i + micro_batch], pad_id=tokenizer.pad_token_id) for i in range(0, len(chosen), micro_batch)]
+    return [
+        collate(chosen[i : i + micro_batch], pad_id=tokenizer.pad_token_id) for i in range(0, len(chosen), micro_batch)
+    ]
 
 
 def layouts(model, attention: str) -> dict:
@@ -102,10 +106,10 @@ def main():
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attention).to(device)
     model.train()
     positions = [0]
-    model.get_input_embeddings().register_forward_hook(lambda _, inputs, __: positions.__setitem__(
-        0, positions[0] + inputs[0].numel()))
-    batches = micro_batches(tokenizer, args.data, args.pairs, args.micro_batch, args.max_length,
-                            args.max_prompt_length)
+    model.get_input_embeddings().register_forward_hook(
+        lambda _, inputs, __: positions.__setitem__(0, positions[0] + inputs[0].numel())
+    )
+    batches = micro_batches(tokenizer, args.data, args.pairs, args.micro_batch, args.max_length, args.max_prompt_length)
     clock = Clock(device)
     chosen = layouts(model, attention)
     names = list(chosen)
@@ -113,7 +117,7 @@ def main():
         timed_step(model, batches[0], chosen[name], clock)
     seconds, computed, peak = dict.fromkeys(names, 0.0), dict.fromkeys(names, 0), dict.fromkeys(names, 0)
     for index, batch in enumerate(batches):
-        for name in names[index % len(names):] + names[:index % len(names)]:
+        for name in names[index % len(names) :] + names[: index % len(names)]:
             positions[0] = 0
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
@@ -122,9 +126,16 @@ def main():
             if device.type == "cuda":
                 peak[name] = max(peak[name], torch.cuda.max_memory_allocated())
     tokens = sum(int(b["attention_mask"].sum()) for b in batches)
-    result = {"benchmark": "packing", "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-              "attention": attention, "precision": args.precision, "pairs": len(batches) * args.micro_batch,
-              "micro_batch": args.micro_batch, "max_length": args.max_length, "row_tokens": tokens}
+    result = {
+        "benchmark": "packing",
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "attention": attention,
+        "precision": args.precision,
+        "pairs": len(batches) * args.micro_batch,
+        "micro_batch": args.micro_batch,
+        "max_length": args.max_length,
+        "row_tokens": tokens,
+    }
     for name in names:
         result[f"{name}_s"] = round(seconds[name], 3)
         result[f"{name}_positions"] = computed[name]

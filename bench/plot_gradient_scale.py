@@ -16,6 +16,7 @@ measures, on training pairs (never the held-out ones) and with the starting mode
 Defaults are the comparison grid's (configs/grids/champ.yaml): SmolLM2-135M-Instruct, CHAMP, 160
 tokens of which the prompt takes at most 80. Prints one JSON line.
 """
+
 import argparse
 import json
 import os
@@ -42,11 +43,12 @@ def response_logits(model, example) -> tuple[torch.Tensor, torch.Tensor]:
     with torch.no_grad():
         logits = model(input_ids=ids).logits[0]
     start = len(example.prompt_ids)
-    return logits[start - 1:start - 1 + len(example.chosen_ids)].float(), torch.tensor(example.chosen_ids)
+    return logits[start - 1 : start - 1 + len(example.chosen_ids)].float(), torch.tensor(example.chosen_ids)
 
 
-def position_statistics(logits: torch.Tensor, targets: torch.Tensor, unit_rows: torch.Tensor, top_k: int,
-                        cost: str) -> dict[str, torch.Tensor]:
+def position_statistics(
+    logits: torch.Tensor, targets: torch.Tensor, unit_rows: torch.Tensor, top_k: int, cost: str
+) -> dict[str, torch.Tensor]:
     """Per position: p(y), p~(y), W, the off-target mass close to y, and the two gradient norms."""
     logits = logits.detach().requires_grad_(True)
     supports = restricted_supports(top_k_support(logits, targets, top_k), targets)
@@ -54,16 +56,21 @@ def position_statistics(logits: torch.Tensor, targets: torch.Tensor, unit_rows: 
     costs = cost_from_cosine(cosine, cost).masked_fill(~supports.valid, 0.0)
     w = (supports.probs * costs).sum(-1)
     nll = torch.nn.functional.cross_entropy(logits, targets, reduction="none")
-    grad_w, = torch.autograd.grad(w.sum(), logits, retain_graph=True)
-    grad_nll, = torch.autograd.grad(nll.sum(), logits)
+    (grad_w,) = torch.autograd.grad(w.sum(), logits, retain_graph=True)
+    (grad_nll,) = torch.autograd.grad(nll.sum(), logits)
     rows = torch.arange(len(targets))
     p_target = supports.probs[rows, supports.target_slot]
     off_target = supports.valid.clone()
     off_target[rows, supports.target_slot] = False
     close = off_target & (cosine > CLOSE_COSINE)
-    return {"p_full": nll.detach().neg().exp(), "p_restricted": p_target.detach(), "w": w.detach(),
-            "close_mass": (supports.probs * close).sum(-1).detach(),
-            "grad_w": grad_w.norm(dim=-1), "grad_nll": grad_nll.norm(dim=-1)}
+    return {
+        "p_full": nll.detach().neg().exp(),
+        "p_restricted": p_target.detach(),
+        "w": w.detach(),
+        "close_mass": (supports.probs * close).sum(-1).detach(),
+        "grad_w": grad_w.norm(dim=-1),
+        "grad_nll": grad_nll.norm(dim=-1),
+    }
 
 
 def summarise(stats: dict[str, torch.Tensor]) -> dict:
@@ -78,12 +85,17 @@ def summarise(stats: dict[str, torch.Tensor]) -> dict:
         "mean_w": float(stats["w"].mean()),
         "mean_off_target_mass": float(off_mass.mean()),
         # 1.0: the cost treats every other token alike, and W is just the off-target mass.
-        "w_over_off_target_mass": {"mean": float(kept.mean()), "p10": float(kept.quantile(0.1)),
-                                   "p90": float(kept.quantile(0.9))},
+        "w_over_off_target_mass": {
+            "mean": float(kept.mean()),
+            "p10": float(kept.quantile(0.1)),
+            "p90": float(kept.quantile(0.9)),
+        },
         "close_share_of_off_target_mass": float(stats["close_mass"][hesitant].sum() / off_mass[hesitant].sum()),
-        "grad_ratio_plot_over_nll": {"overall": float(stats["grad_w"].norm() / stats["grad_nll"].norm()),
-                                     "median_position": float(ratio.median()),
-                                     "median_hesitant_position": float(ratio[hesitant].median())},
+        "grad_ratio_plot_over_nll": {
+            "overall": float(stats["grad_w"].norm() / stats["grad_nll"].norm()),
+            "median_position": float(ratio.median()),
+            "median_hesitant_position": float(ratio[hesitant].median()),
+        },
     }
 
 
@@ -98,19 +110,28 @@ def main(argv=None) -> dict:
     tokenizer = load_tokenizer(config)
     train_examples, _, _ = prepare_datasets(config.data, tokenizer)
     source, _ = model_source(config.model.name_or_path, config.model.revision, config.model.trust_remote_code)
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32,
-                                                 trust_remote_code=config.model.trust_remote_code).eval()
-    weight = (model.get_output_embeddings() if config.plot.embedding == "output" else model.get_input_embeddings()).weight
+    model = AutoModelForCausalLM.from_pretrained(
+        source, dtype=torch.float32, trust_remote_code=config.model.trust_remote_code
+    ).eval()
+    weight = (
+        model.get_output_embeddings() if config.plot.embedding == "output" else model.get_input_embeddings()
+    ).weight
     unit_rows = torch.nn.functional.normalize(weight.detach().float(), dim=-1)
     collected: dict[str, list] = {}
-    for example in train_examples[:args.pairs]:
+    for example in train_examples[: args.pairs]:
         logits, targets = response_logits(model, example)
-        for key, value in position_statistics(logits, targets, unit_rows, config.plot.top_k or weight.shape[0],
-                                              config.plot.cost).items():
+        for key, value in position_statistics(
+            logits, targets, unit_rows, config.plot.top_k or weight.shape[0], config.plot.cost
+        ).items():
             collected.setdefault(key, []).append(value)
-    result = {"model": config.model.name_or_path, "data": config.data.source, "pairs": min(args.pairs, len(train_examples)),
-              "top_k": config.plot.top_k, "cost": config.plot.cost,
-              **summarise({key: torch.cat(values) for key, values in collected.items()})}
+    result = {
+        "model": config.model.name_or_path,
+        "data": config.data.source,
+        "pairs": min(args.pairs, len(train_examples)),
+        "top_k": config.plot.top_k,
+        "cost": config.plot.cost,
+        **summarise({key: torch.cat(values) for key, values in collected.items()}),
+    }
     print(json.dumps(result))
     return result
 

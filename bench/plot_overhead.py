@@ -13,6 +13,7 @@ logits; its extra time over the step's median gives the overhead with far less n
 Defaults are the default run's shapes (SmolLM2-135M-Instruct, DPO, CHAMP, micro-batch 2, 256 tokens).
 Prints one JSON line with the ratios; each timing is the median over the measured steps.
 """
+
 import argparse
 import dataclasses
 import json
@@ -61,8 +62,11 @@ def loss_path_seconds(run, objectives: dict, batch, repeats: int) -> dict[str, f
             head = logits.detach().clone().requires_grad_()
             get_accelerator().synchronize()
             start = time.perf_counter()
-            loss, _ = objective(pair_outputs(head * 1.0, tokens, objective.needs.policy_logits, objective.needs.top_k),
-                                reference_out, totals)
+            loss, _ = objective(
+                pair_outputs(head * 1.0, tokens, objective.needs.policy_logits, objective.needs.top_k),
+                reference_out,
+                totals,
+            )
             loss.backward()
             get_accelerator().synchronize()
             times[name].append(time.perf_counter() - start)
@@ -73,16 +77,23 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=4, help="measured steps per variant")
     parser.add_argument("--warmup", type=int, default=1, help="unmeasured steps per variant")
-    parser.add_argument("--loss-path-repeats", type=int, default=20,
-                        help="timings per variant of the loss path alone (0: skip)")
+    parser.add_argument(
+        "--loss-path-repeats", type=int, default=20, help="timings per variant of the loss path alone (0: skip)"
+    )
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     args, rest = parser.parse_known_args()
-    config = load_config(None, {"train.save_checkpoint": False, "train.resume": "none", "data.eval_size": 0,
-                                **parse_overrides(rest)})
+    config = load_config(
+        None, {"train.save_checkpoint": False, "train.resume": "none", "data.eval_size": 0, **parse_overrides(rest)}
+    )
     if not config.plot.active:
         raise SystemExit("plot.enabled must be true and plot.alpha > 0 for this benchmark")
     with_plot_run = setup_run(config)
-    dist, policy, sampler, with_plot = with_plot_run.dist, with_plot_run.policy, with_plot_run.sampler, with_plot_run.objective
+    dist, policy, sampler, with_plot = (
+        with_plot_run.dist,
+        with_plot_run.policy,
+        with_plot_run.sampler,
+        with_plot_run.objective,
+    )
     without_plot = Objective(with_plot.vanilla, None)
     # The same engines, batches and reference, with the vanilla objective only.
     runs = {"plot": with_plot_run, "vanilla": dataclasses.replace(with_plot_run, objective=without_plot)}
@@ -94,7 +105,7 @@ def main():
         batches = with_plot_run.micro_batches(step)
         # Alternate the order so that neither variant always runs on a warmer cache.
         order = ["vanilla", "plot"]
-        for name in (order if step % 2 == 0 else order[::-1]):
+        for name in order if step % 2 == 0 else order[::-1]:
             seconds, metrics = timed_step(runs[name], batches)
             if step >= args.warmup:
                 times[name].append(seconds)
@@ -117,23 +128,35 @@ def main():
     median = {name: statistics.median(values) for name, values in times.items()}
     result = {
         "benchmark": "plot_overhead",
-        "device": get_accelerator().device_name(), "ranks": dist.world_size,
-        "model": config.model.name_or_path, "objective": config.objective.label,
+        "device": get_accelerator().device_name(),
+        "ranks": dist.world_size,
+        "model": config.model.name_or_path,
+        "objective": config.objective.label,
         "micro_batch_size": config.train.micro_batch_size,
         "gradient_accumulation_steps": config.train.gradient_accumulation_steps,
-        "max_length": config.data.max_length, "top_k": config.plot.top_k,
-        "target": config.plot.target, "solver": config.plot.resolved_solver(get_accelerator().device_name()),
+        "max_length": config.data.max_length,
+        "top_k": config.plot.top_k,
+        "target": config.plot.target,
+        "solver": config.plot.resolved_solver(get_accelerator().device_name()),
         "measured_steps": args.steps,
-        "step_seconds_vanilla_median": median["vanilla"], "step_seconds_plot_median": median["plot"],
+        "step_seconds_vanilla_median": median["vanilla"],
+        "step_seconds_plot_median": median["plot"],
         "overhead_ratio": median["plot"] / median["vanilla"],
         # Both variants of a step run the same batches: the step's own ratio cancels how long its
         # batches are, which the ratio of medians does not.
         "overhead_ratio_by_step": [round(p / v, 4) for p, v in zip(times["plot"], times["vanilla"])],
         "overhead_ratio_paired_median": statistics.median(p / v for p, v in zip(times["plot"], times["vanilla"])),
-        **({"loss_path_seconds_vanilla": loss_path["vanilla"], "loss_path_seconds_plot": loss_path["plot"],
-            # PLOT's extra time per micro-batch, on the step: the overhead without the step's noise.
-            "overhead_ratio_from_loss_path": 1 + (loss_path["plot"] - loss_path["vanilla"])
-            * len(sampler.micro_batches(0)) / median["vanilla"]} if loss_path else {}),
+        **(
+            {
+                "loss_path_seconds_vanilla": loss_path["vanilla"],
+                "loss_path_seconds_plot": loss_path["plot"],
+                # PLOT's extra time per micro-batch, on the step: the overhead without the step's noise.
+                "overhead_ratio_from_loss_path": 1
+                + (loss_path["plot"] - loss_path["vanilla"]) * len(sampler.micro_batches(0)) / median["vanilla"],
+            }
+            if loss_path
+            else {}
+        ),
         "alpha": config.plot.alpha,
         "losses_by_step": losses,
         "slice_rows_per_micro_batch": statistics.mean(slice_rows),

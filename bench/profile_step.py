@@ -6,6 +6,7 @@ device's kernels). Prints the measured step times, the top host functions and th
 
 Not a ratio benchmark: a tool for finding what to make faster, on CPU or on a lent GPU.
 """
+
 import argparse
 import cProfile
 import io
@@ -30,9 +31,17 @@ from plot_ds.training import train_step  # noqa: E402
 
 # Ops whose result the host must wait for on a GPU (a value read back, or an output size that
 # depends on values), and the CUDA runtime's own waits.
-HOST_WAITS = {"aten::_local_scalar_dense", "aten::nonzero", "aten::_unique2", "aten::unique_dim",
-              "aten::unique_consecutive", "aten::masked_select", "cudaStreamSynchronize",
-              "cudaDeviceSynchronize", "cudaEventSynchronize"}
+HOST_WAITS = {
+    "aten::_local_scalar_dense",
+    "aten::nonzero",
+    "aten::_unique2",
+    "aten::unique_dim",
+    "aten::unique_consecutive",
+    "aten::masked_select",
+    "cudaStreamSynchronize",
+    "cudaDeviceSynchronize",
+    "cudaEventSynchronize",
+}
 
 
 def main():
@@ -42,8 +51,9 @@ def main():
     parser.add_argument("--top", type=int, default=25, help="rows per table")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     args, rest = parser.parse_known_args()
-    config = load_config(None, {"train.save_checkpoint": False, "train.resume": "none", "data.eval_size": 0,
-                                **parse_overrides(rest)})
+    config = load_config(
+        None, {"train.save_checkpoint": False, "train.resume": "none", "data.eval_size": 0, **parse_overrides(rest)}
+    )
     run = setup_run(config)
     dist, ds_config = run.dist, run.ds_config
     accelerator = get_accelerator()
@@ -70,13 +80,17 @@ def main():
     plain = [step(n) for n in range(args.warmup + 2 * args.steps, args.warmup + 3 * args.steps)]
     if not dist.is_main:
         return
-    print(f"device {accelerator.device_name()}, ranks {dist.world_size}, precision {config.train.precision}, "
-          f"micro-batch {config.train.micro_batch_size}, max_length {config.data.max_length}, "
-          f"objective {config.objective.label}, plot {config.plot.enabled}, deepspeed {config.deepspeed.config} "
-          f"(ZeRO-{zero_stage(ds_config)})")
-    print(f"step seconds: warmup {[round(t, 3) for t in warm]}; median unprofiled "
-          f"{statistics.median(plain):.3f}, under cProfile {statistics.median(profiled):.3f}, under "
-          f"torch.profiler {statistics.median(kernels):.3f}")
+    print(
+        f"device {accelerator.device_name()}, ranks {dist.world_size}, precision {config.train.precision}, "
+        f"micro-batch {config.train.micro_batch_size}, max_length {config.data.max_length}, "
+        f"objective {config.objective.label}, plot {config.plot.enabled}, deepspeed {config.deepspeed.config} "
+        f"(ZeRO-{zero_stage(ds_config)})"
+    )
+    print(
+        f"step seconds: warmup {[round(t, 3) for t in warm]}; median unprofiled "
+        f"{statistics.median(plain):.3f}, under cProfile {statistics.median(profiled):.3f}, under "
+        f"torch.profiler {statistics.median(kernels):.3f}"
+    )
     text = io.StringIO()
     pstats.Stats(host, stream=text).sort_stats("tottime").print_stats(args.top)
     print("== host, by own time, over", args.steps, "steps\n" + text.getvalue().split("\n\n", 1)[-1].strip())

@@ -10,6 +10,7 @@ For every batch the two ways run back to back, alternating which goes first, tim
 time (steadier than wall time on a shared VM). Prints one JSON line per prompt length with
 shared / full time ratios (below 1: sharing is faster).
 """
+
 import argparse
 import json
 import os
@@ -35,7 +36,7 @@ def batches_for(tokenizer, pairs, prompt_length, micro_batch):
             room = 256
         response = lambda text: (tokenizer(text)["input_ids"] + [tokenizer.eos_token_id])[:room]  # noqa: E731
         rows.append(TokenizedPair(str(index), prompt, response(pair["chosen"]), response(pair["rejected"])))
-    return [collate(rows[i:i + micro_batch], pad_id=tokenizer.pad_token_id) for i in range(0, len(rows), micro_batch)]
+    return [collate(rows[i : i + micro_batch], pad_id=tokenizer.pad_token_id) for i in range(0, len(rows), micro_batch)]
 
 
 def timed_step(model, batch, share):
@@ -65,22 +66,39 @@ def main():
     path = resolve_model_path(args.model)
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa")
-    pairs = champ_pairs()[:args.pairs]
+    pairs = champ_pairs()[: args.pairs]
     for length in args.prompt_lengths.split(","):
         length = length if length == "raw" else int(length)
         batches = batches_for(tokenizer, pairs, length, args.micro_batch)
         timed_step(model, batches[0], True)  # warm-up
         seconds = {True: 0.0, False: 0.0}
         for index, batch in enumerate(batches):
-            for share in ((True, False) if index % 2 else (False, True)):
+            for share in (True, False) if index % 2 else (False, True):
                 seconds[share] += timed_step(model, batch, share)
-        prompt_tokens = sum(int((b["labels"][: len(b["labels"]) // 2] == -100).logical_and(
-            b["attention_mask"][: len(b["labels"]) // 2].bool()).sum()) for b in batches)
+        prompt_tokens = sum(
+            int(
+                (b["labels"][: len(b["labels"]) // 2] == -100)
+                .logical_and(b["attention_mask"][: len(b["labels"]) // 2].bool())
+                .sum()
+            )
+            for b in batches
+        )
         tokens = sum(int(b["attention_mask"].sum()) for b in batches)
-        print(json.dumps({"benchmark": "prompt_sharing", "prompt_length": length, "pairs": args.pairs,
-                          "micro_batch": args.micro_batch, "prompt_share_of_row_tokens": prompt_tokens * 2 / tokens,
-                          "full_rows_s": round(seconds[False], 2), "shared_s": round(seconds[True], 2),
-                          "ratio_shared_over_full": round(seconds[True] / seconds[False], 3)}), flush=True)
+        print(
+            json.dumps(
+                {
+                    "benchmark": "prompt_sharing",
+                    "prompt_length": length,
+                    "pairs": args.pairs,
+                    "micro_batch": args.micro_batch,
+                    "prompt_share_of_row_tokens": prompt_tokens * 2 / tokens,
+                    "full_rows_s": round(seconds[False], 2),
+                    "shared_s": round(seconds[True], 2),
+                    "ratio_shared_over_full": round(seconds[True] / seconds[False], 3),
+                }
+            ),
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ dual potentials are not unique, so gradients are not compared). POT always runs 
 problem at a time; Sinkhorn runs batched on --device (default: DeepSpeed's accelerator).
 Prints one JSON line.
 """
+
 import argparse
 import json
 import os
@@ -32,6 +33,7 @@ def embedding_matrix(model: str) -> torch.Tensor:
     from safetensors import safe_open
 
     from plot_ds.assets import resolve_model_path
+
     folder = resolve_model_path(model)
     for name in sorted(os.listdir(folder)):
         if name.endswith(".safetensors"):
@@ -80,6 +82,7 @@ def main():
     parser.add_argument("--device", default=None, help="for Sinkhorn; default: DeepSpeed's accelerator")
     args = parser.parse_args()
     from deepspeed.accelerator import get_accelerator
+
     accelerator = get_accelerator()
     device = torch.device(args.device or accelerator.current_device_name())
 
@@ -87,18 +90,32 @@ def main():
     exact_s, exact = solve_timed(emd_pot, a, b, M, args.repeats, lambda: None)
     solve = lambda a_, b_, M_: sinkhorn_log(a_, b_, M_, eps=args.eps, n_iters=args.iters)  # noqa: E731
     solve_timed(solve, a[:8].to(device), b[:8].to(device), M[:8].to(device), 1, accelerator.synchronize)  # warm-up
-    sinkhorn_s, approx = solve_timed(solve, a.to(device), b.to(device), M.to(device), args.repeats,
-                                     accelerator.synchronize)
+    sinkhorn_s, approx = solve_timed(
+        solve, a.to(device), b.to(device), M.to(device), args.repeats, accelerator.synchronize
+    )
     error = (approx - exact).abs()
-    print(json.dumps({
-        "benchmark": "sinkhorn_vs_pot", "problems": args.problems, "k": args.k, "rho": args.rho,
-        "eps": args.eps, "iters": args.iters, "threads": torch.get_num_threads(), "device": str(device),
-        "pot_loop_seconds": exact_s, "sinkhorn_batched_seconds": sinkhorn_s,
-        "speedup_sinkhorn_over_pot_loop": exact_s / sinkhorn_s,
-        "mean_W": exact.mean().item(),
-        "abs_error_mean": error.mean().item(), "abs_error_max": error.max().item(),
-        "rel_error_mean": (error / exact.clamp_min(1e-12)).mean().item(),
-    }), flush=True)
+    print(
+        json.dumps(
+            {
+                "benchmark": "sinkhorn_vs_pot",
+                "problems": args.problems,
+                "k": args.k,
+                "rho": args.rho,
+                "eps": args.eps,
+                "iters": args.iters,
+                "threads": torch.get_num_threads(),
+                "device": str(device),
+                "pot_loop_seconds": exact_s,
+                "sinkhorn_batched_seconds": sinkhorn_s,
+                "speedup_sinkhorn_over_pot_loop": exact_s / sinkhorn_s,
+                "mean_W": exact.mean().item(),
+                "abs_error_mean": error.mean().item(),
+                "abs_error_max": error.max().item(),
+                "rel_error_mean": (error / exact.clamp_min(1e-12)).mean().item(),
+            }
+        ),
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ shapes, and the model checked against the bytes the collectives count at 2, 4 an
 
 Prints a markdown table and writes the JSON (and a PNG where matplotlib is installed).
 """
+
 import argparse
 import json
 import os
@@ -31,8 +32,12 @@ from plot_ds.slice_cost import SliceShape, cheaper_path, hot_threshold, path_byt
 
 # (vocabulary, width, bytes per element, parameters) of the real models; bf16 on GPUs but the
 # measured SmolLM2 run, fp32 on this CPU.
-SHAPES = {"SmolLM2-135M (fp32)": (49152, 576, 4, 135e6), "Llama-3-8B": (128256, 4096, 2, 8.0e9),
-          "Llama-3-70B": (128256, 8192, 2, 70.6e9), "Qwen2.5-72B": (152064, 8192, 2, 72.7e9)}
+SHAPES = {
+    "SmolLM2-135M (fp32)": (49152, 576, 4, 135e6),
+    "Llama-3-8B": (128256, 4096, 2, 8.0e9),
+    "Llama-3-70B": (128256, 8192, 2, 70.6e9),
+    "Qwen2.5-72B": (152064, 8192, 2, 72.7e9),
+}
 RANKS = (2, 4, 8, 64, 512, 4096)
 NVLINK, INFINIBAND = 900e9, 400e9 / 8  # bytes per second per GPU
 # A step's compute for comparison: 6 x parameters x tokens of one micro-batch on one H100 at 40% of
@@ -61,15 +66,16 @@ def measure(micro_batches: int) -> list[dict]:
     batches = []
     for b in range(micro_batches):
         ids, targets = [], []
-        for example in train[b * per_batch:(b + 1) * per_batch]:
+        for example in train[b * per_batch : (b + 1) * per_batch]:
             for response in (example.chosen_ids, example.rejected_ids):
                 tokens = torch.tensor([example.prompt_ids + response])
                 with torch.no_grad():
                     logits = model(input_ids=tokens).logits[0].float()
                 start = len(example.prompt_ids)
                 wanted = torch.tensor(response)
-                support = restricted_supports(top_k_support(logits[start - 1:start - 1 + len(response)], wanted,
-                                                            config.plot.top_k), wanted)
+                support = restricted_supports(
+                    top_k_support(logits[start - 1 : start - 1 + len(response)], wanted, config.plot.top_k), wanted
+                )
                 ids.append(support.ids)
                 targets.append(wanted)
         batches.append({"support": torch.cat(ids), "targets": torch.cat(targets)})
@@ -79,8 +85,12 @@ def measure(micro_batches: int) -> list[dict]:
 def sizes(batch: dict, vocab: int) -> dict:
     ids, targets = batch["support"], batch["targets"]
     needed = torch.unique(torch.cat([ids.flatten(), targets]))
-    return {"rows": needed.numel(), "targets": torch.unique(targets).numel(),
-            "pairs": torch.unique(ids * vocab + targets.unsqueeze(-1)).numel(), "needed": needed}
+    return {
+        "rows": needed.numel(),
+        "targets": torch.unique(targets).numel(),
+        "pairs": torch.unique(ids * vocab + targets.unsqueeze(-1)).numel(),
+        "needed": needed,
+    }
 
 
 def request_probability(batches: list[dict], vocab: int) -> torch.Tensor:
@@ -97,18 +107,32 @@ def modelled(shape: tuple, ranks: int, measured: dict, probability: torch.Tensor
     # Hot rows expected at R ranks: each rank's micro-batch asks for row i with the measured probability
     # (rows past SmolLM2's vocabulary never asked: a stand-in for the other tokenizers).
     requesters = torch.zeros(vocab, dtype=torch.float64)
-    requesters[:probability.numel()] = probability.double() * ranks
+    requesters[: probability.numel()] = probability.double() * ranks
     owner = torch.arange(vocab) * dim // partition
     threshold = hot_threshold(requesters, owner, ranks, dim * element_size)
     hot = requesters >= threshold
     base = SliceShape(ranks, vocab, dim, element_size, measured["rows"], measured["targets"], measured["pairs"])
-    with_hot = SliceShape(ranks, vocab, dim, element_size, measured["rows"], measured["targets"], measured["pairs"],
-                          hot_rows=float(hot.sum()), hot_wanted=float(requesters[hot].sum()) / ranks)
-    result = {path: path_bytes(with_hot if path == "all_to_all" else base, path, cosines=True)
-              for path in ("allreduce", "all_to_all", "full")}
+    with_hot = SliceShape(
+        ranks,
+        vocab,
+        dim,
+        element_size,
+        measured["rows"],
+        measured["targets"],
+        measured["pairs"],
+        hot_rows=float(hot.sum()),
+        hot_wanted=float(requesters[hot].sum()) / ranks,
+    )
+    result = {
+        path: path_bytes(with_hot if path == "all_to_all" else base, path, cosines=True)
+        for path in ("allreduce", "all_to_all", "full")
+    }
     # as EmbeddingRows decides: the all-to-all's lower bound first, then with the hot rows known
-    chosen = "allreduce" if cheaper_path(base, True) == "allreduce" or \
-        cheaper_path(with_hot, True, histogram_paid=True) == "allreduce" else "all_to_all"
+    chosen = (
+        "allreduce"
+        if cheaper_path(base, True) == "allreduce" or cheaper_path(with_hot, True, histogram_paid=True) == "allreduce"
+        else "all_to_all"
+    )
     result.update(chosen=chosen, chosen_bytes=result[chosen], hot_rows=int(hot.sum()))
     return result
 
@@ -122,8 +146,10 @@ def worker(batches_file: str, out: str) -> None:
 
     dist = init_distributed()
     batches = torch.load(batches_file, weights_only=True)
-    config = {"train_micro_batch_size_per_gpu": 1,
-              "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}
+    config = {
+        "train_micro_batch_size_per_gpu": 1,
+        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+    }
     with deepspeed.zero.Init(config_dict_or_path=config):
         embedding = torch.nn.Embedding(49152, WIDTH)
     batch = batches[dist.rank % len(batches)]
@@ -148,34 +174,67 @@ def validate(batches: list[dict], ranks: int, workdir: Path) -> dict:
     batches_file = workdir / "batches.pt"
     torch.save([{"support": b["support"], "targets": b["targets"]} for b in batches], batches_file)
     out = workdir / f"counted{ranks}"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo", "MASTER_ADDR": "127.0.0.1",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parent.parent),
-                                                        os.environ.get("PYTHONPATH")]))}
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={ranks}",
-                    "--master_addr=127.0.0.1", f"--master_port={free_port()}", __file__, "--worker", str(batches_file), str(out)],
-                   env=env, check=True, capture_output=True)
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "GLOO_SOCKET_IFNAME": "lo",
+        "MASTER_ADDR": "127.0.0.1",
+        "PYTHONPATH": os.pathsep.join(
+            filter(None, [str(Path(__file__).resolve().parent.parent), os.environ.get("PYTHONPATH")])
+        ),
+    }
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            f"--nproc_per_node={ranks}",
+            "--master_addr=127.0.0.1",
+            f"--master_port={free_port()}",
+            __file__,
+            "--worker",
+            str(batches_file),
+            str(out),
+        ],
+        env=env,
+        check=True,
+        capture_output=True,
+    )
     counted = [torch.load(f"{out}.rank{r}", weights_only=False) for r in range(ranks)]
     mine = [sizes(batches[r % len(batches)], 49152) for r in range(ranks)]
     vocab, dim = 49152, WIDTH
     partition = -(-vocab * dim // ranks)
-    remote = [int(m["rows"] - ((m["needed"] * dim >= r * partition) & ((m["needed"] + 1) * dim <= (r + 1) * partition)).sum())
-              for r, m in enumerate(mine)]
+    remote = [
+        int(m["rows"] - ((m["needed"] * dim >= r * partition) & ((m["needed"] + 1) * dim <= (r + 1) * partition)).sum())
+        for r, m in enumerate(mine)
+    ]
     requesters = torch.zeros(vocab, dtype=torch.long)
     for m in mine:
         requesters[m["needed"]] += 1
     threshold = hot_threshold(requesters, torch.arange(vocab) * dim // partition, ranks, dim * 4)
     hot = requesters >= threshold
     mean = lambda key: sum(m[key] for m in mine) / ranks  # noqa: E731
-    shape = SliceShape(ranks, vocab, dim, 4, mean("rows"), mean("targets"), mean("pairs"),
-                       hot_rows=float(hot.sum()), hot_wanted=float(requesters[hot].sum()) / ranks,
-                       remote=sum(remote) / ranks)
+    shape = SliceShape(
+        ranks,
+        vocab,
+        dim,
+        4,
+        mean("rows"),
+        mean("targets"),
+        mean("pairs"),
+        hot_rows=float(hot.sum()),
+        hot_wanted=float(requesters[hot].sum()) / ranks,
+        remote=sum(remote) / ranks,
+    )
     report = {}
     for path in ("allreduce", "all_to_all", "full"):
         model = path_bytes(shape, path, cosines=True)
         measured = sum(c[path]["bytes"] for c in counted) / ranks
         report[path] = {"counted": measured, "model": model, "model_over_counted": model / measured}
-    report["slice"] = {"counted": sum(c["slice"]["bytes"] for c in counted) / ranks,
-                       "path": sorted({c["slice"]["path"] for c in counted})}
+    report["slice"] = {
+        "counted": sum(c["slice"]["bytes"] for c in counted) / ranks,
+        "path": sorted({c["slice"]["path"] for c in counted}),
+    }
     return report
 
 
@@ -198,9 +257,11 @@ def main(argv=None) -> dict:
         models[name] = {"compute_seconds": compute, "per_ranks": {}}
         for ranks in RANKS:
             row = modelled(shape, ranks, measured, probability)
-            row.update(chosen_over_full=row["chosen_bytes"] / row["full"],
-                       nvlink_ms={p: 1e3 * row[p] / NVLINK for p in ("chosen_bytes", "full")},
-                       infiniband_ms={p: 1e3 * row[p] / INFINIBAND for p in ("chosen_bytes", "full")})
+            row.update(
+                chosen_over_full=row["chosen_bytes"] / row["full"],
+                nvlink_ms={p: 1e3 * row[p] / NVLINK for p in ("chosen_bytes", "full")},
+                infiniband_ms={p: 1e3 * row[p] / INFINIBAND for p in ("chosen_bytes", "full")},
+            )
             models[name]["per_ranks"][ranks] = row
     result = {"measured": measured, "micro_batches": len(batches), "validation": validation, "models": models}
     Path(args.out).write_text(json.dumps(result, indent=2, default=float))
@@ -210,24 +271,32 @@ def main(argv=None) -> dict:
 
 def print_tables(result: dict) -> None:
     m = result["measured"]
-    print(f"measured per micro-batch (mean of {result['micro_batches']}): |U with Y| {m['rows']:.0f}, "
-          f"|Y| {m['targets']:.0f}, pairs {m['pairs']:.0f}\n")
+    print(
+        f"measured per micro-batch (mean of {result['micro_batches']}): |U with Y| {m['rows']:.0f}, "
+        f"|Y| {m['targets']:.0f}, pairs {m['pairs']:.0f}\n"
+    )
     print("| R | path | counted bytes/rank | model | model/counted |\n| --- | --- | --- | --- | --- |")
     for ranks, report in result["validation"].items():
         for path in ("allreduce", "all_to_all", "full"):
             r = report[path]
             print(f"| {ranks} | {path} | {r['counted']:.0f} | {r['model']:.0f} | {r['model_over_counted']:.3f} |")
-        print(f"| {ranks} | slice (chose {', '.join(report['slice']['path'])}) | {report['slice']['counted']:.0f} | | |")
+        print(
+            f"| {ranks} | slice (chose {', '.join(report['slice']['path'])}) | {report['slice']['counted']:.0f} | | |"
+        )
     print()
-    print("| model | R | allreduce MB | all_to_all MB | full MB | chosen | chosen/full | chosen ms NVLink / IB | full ms NVLink / IB | compute ms |")
+    print(
+        "| model | R | allreduce MB | all_to_all MB | full MB | chosen | chosen/full | chosen ms NVLink / IB | full ms NVLink / IB | compute ms |"
+    )
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for name, model in result["models"].items():
         for ranks, row in model["per_ranks"].items():
-            print(f"| {name} | {ranks} | {row['allreduce'] / 1e6:.2f} | {row['all_to_all'] / 1e6:.2f} | "
-                  f"{row['full'] / 1e6:.1f} | {row['chosen']} | {100 * row['chosen_over_full']:.2f}% | "
-                  f"{row['nvlink_ms']['chosen_bytes']:.3f} / {row['infiniband_ms']['chosen_bytes']:.2f} | "
-                  f"{row['nvlink_ms']['full']:.2f} / {row['infiniband_ms']['full']:.1f} | "
-                  f"{1e3 * model['compute_seconds']:.0f} |")
+            print(
+                f"| {name} | {ranks} | {row['allreduce'] / 1e6:.2f} | {row['all_to_all'] / 1e6:.2f} | "
+                f"{row['full'] / 1e6:.1f} | {row['chosen']} | {100 * row['chosen_over_full']:.2f}% | "
+                f"{row['nvlink_ms']['chosen_bytes']:.3f} / {row['infiniband_ms']['chosen_bytes']:.2f} | "
+                f"{row['nvlink_ms']['full']:.2f} / {row['infiniband_ms']['full']:.1f} | "
+                f"{1e3 * model['compute_seconds']:.0f} |"
+            )
 
 
 if __name__ == "__main__":

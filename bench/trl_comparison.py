@@ -52,6 +52,7 @@ the warmup. With --rounds R each side runs R times, in the order plot_ds, TRL, T
 over all rounds' measured steps, and each round's own ratio is reported beside it. Peak memory is the child process's ru_maxrss, read
 inside it as it finishes (with rounds, the highest of a side's runs).
 """
+
 import argparse
 import importlib.util
 import json
@@ -75,28 +76,62 @@ def parse_args():
     parser.add_argument("--steps", type=int, default=8, help="measured steps per side")
     parser.add_argument("--warmup", type=int, default=2, help="unmeasured steps first, per side")
     parser.add_argument("--micro-batch", type=int, default=2, help="pairs per step")
-    parser.add_argument("--rounds", type=int, default=1, help="runs of each side, alternating (plot_ds, TRL, "
-                        "TRL, plot_ds, ...) so that a machine's drift over minutes falls on both sides alike")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="runs of each side, alternating (plot_ds, TRL, "
+        "TRL, plot_ds, ...) so that a machine's drift over minutes falls on both sides alike",
+    )
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--max-prompt-length", type=int, default=128, help="plot_ds only: TRL 1.16 has none")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads, the same on both sides (0: "
-                        "torch's own default on both, e.g. on a GPU machine whose host work should not be pinned)")
-    parser.add_argument("--reference", choices=["live", "precomputed"], default="live",
-                        help="live: a reference forward every step on both sides; precomputed: plot_ds's "
-                             "reference cache vs TRL's precompute_ref_log_probs (one pass before training)")
-    parser.add_argument("--malloc-mmap-threshold", type=int, default=None, metavar="BYTES",
-                        help="glibc's MALLOC_MMAP_THRESHOLD_ for both children (default: glibc's own, "
-                             "dynamic). 131072 makes freed tensors go back to the OS at once, so that the "
-                             "peak RSS is the peak of live tensors rather than of the heap's high-water mark")
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
-                        help="cuda: one GPU per side (DeepSpeed's accelerator must be cuda)")
-    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
-                        help="bf16: each side's mixed precision with fp32 master weights")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads, the same on both sides (0: "
+        "torch's own default on both, e.g. on a GPU machine whose host work should not be pinned)",
+    )
+    parser.add_argument(
+        "--reference",
+        choices=["live", "precomputed"],
+        default="live",
+        help="live: a reference forward every step on both sides; precomputed: plot_ds's "
+        "reference cache vs TRL's precompute_ref_log_probs (one pass before training)",
+    )
+    parser.add_argument(
+        "--malloc-mmap-threshold",
+        type=int,
+        default=None,
+        metavar="BYTES",
+        help="glibc's MALLOC_MMAP_THRESHOLD_ for both children (default: glibc's own, "
+        "dynamic). 131072 makes freed tensors go back to the OS at once, so that the "
+        "peak RSS is the peak of live tensors rather than of the heap's high-water mark",
+    )
+    parser.add_argument(
+        "--device",
+        choices=["cpu", "cuda"],
+        default="cpu",
+        help="cuda: one GPU per side (DeepSpeed's accelerator must be cuda)",
+    )
+    parser.add_argument(
+        "--precision",
+        choices=["fp32", "bf16"],
+        default="fp32",
+        help="bf16: each side's mixed precision with fp32 master weights",
+    )
     parser.add_argument("--model", default=MODEL, help="model path or hub id, the same on both sides")
-    parser.add_argument("--pairs", help="JSONL of prompt/chosen/rejected records (default: the built-in "
-                        "CHAMP pairs); the first (warmup + steps) x micro-batch are used")
-    parser.add_argument("--plot-ds-args", default="", help="extra plot_ds overrides, e.g. \"--deepspeed.config "
-                        "ds_configs/zero2.json\" (applied last; TRL does not see them)")
+    parser.add_argument(
+        "--pairs",
+        help="JSONL of prompt/chosen/rejected records (default: the built-in "
+        "CHAMP pairs); the first (warmup + steps) x micro-batch are used",
+    )
+    parser.add_argument(
+        "--plot-ds-args",
+        default="",
+        help='extra plot_ds overrides, e.g. "--deepspeed.config '
+        'ds_configs/zero2.json" (applied last; TRL does not see them)',
+    )
     parser.add_argument("--child", choices=["plot_ds", "trl"], help=argparse.SUPPRESS)
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -111,7 +146,7 @@ def log(message):
 
 
 def measured(values, args):
-    return values[args.warmup:args.warmup + args.steps]
+    return values[args.warmup : args.warmup + args.steps]
 
 
 # ------------------------------------------------------------------------------------ plot_ds side
@@ -120,19 +155,54 @@ def run_plot_ds(args, data_file, workdir):
     from plot_ds.cli import train_main
 
     output_dir = os.path.join(workdir, "plot_ds_run")
-    argv = ["--model.name_or_path", args.model, "--objective.name", "dpo", "--plot.enabled", "false",
-            "--reference.mode", "engine" if args.reference == "live" else "cache",
-            "--reference.cache_path", os.path.join(workdir, "reference_logps.safetensors"),
-            "--data.source", data_file, "--data.eval_size", "0", "--data.chat_template", "none",
-            "--data.max_length", str(args.max_length), "--data.max_prompt_length", str(args.max_prompt_length),
-            "--data.cache", "false",
-            "--train.micro_batch_size", str(args.micro_batch), "--train.gradient_accumulation_steps", "1",
-            "--train.max_steps", str(args.warmup + args.steps), "--train.warmup_steps", "0",
-            "--train.precision", args.precision, "--train.eval_every", "0", "--train.save_checkpoint", "false",
-            "--train.export_final", "false", "--train.resume", "none", "--train.output_dir", output_dir,
-            # TRL runs with report_to none: no TensorBoard writer on this side either.
-            "--train.tensorboard", "false",
-            *shlex.split(args.plot_ds_args)]
+    argv = [
+        "--model.name_or_path",
+        args.model,
+        "--objective.name",
+        "dpo",
+        "--plot.enabled",
+        "false",
+        "--reference.mode",
+        "engine" if args.reference == "live" else "cache",
+        "--reference.cache_path",
+        os.path.join(workdir, "reference_logps.safetensors"),
+        "--data.source",
+        data_file,
+        "--data.eval_size",
+        "0",
+        "--data.chat_template",
+        "none",
+        "--data.max_length",
+        str(args.max_length),
+        "--data.max_prompt_length",
+        str(args.max_prompt_length),
+        "--data.cache",
+        "false",
+        "--train.micro_batch_size",
+        str(args.micro_batch),
+        "--train.gradient_accumulation_steps",
+        "1",
+        "--train.max_steps",
+        str(args.warmup + args.steps),
+        "--train.warmup_steps",
+        "0",
+        "--train.precision",
+        args.precision,
+        "--train.eval_every",
+        "0",
+        "--train.save_checkpoint",
+        "false",
+        "--train.export_final",
+        "false",
+        "--train.resume",
+        "none",
+        "--train.output_dir",
+        output_dir,
+        # TRL runs with report_to none: no TensorBoard writer on this side either.
+        "--train.tensorboard",
+        "false",
+        *shlex.split(args.plot_ds_args),
+    ]
     code = train_main(argv)
     if code != 0:
         raise SystemExit(f"plot_ds training exited with {code}")
@@ -145,10 +215,13 @@ def run_plot_ds(args, data_file, workdir):
     tokens_per_pair = [r["throughput/tokens_per_s"] / r["throughput/pairs_per_s"] for r in history]
     with open(os.path.join(output_dir, "ds_config.json")) as handle:
         stage = json.load(handle)["zero_optimization"]["stage"]
-    return {"pairs_per_s": statistics.median(measured(pairs_per_s, args)),
-            "measured_pairs_per_s": measured(pairs_per_s, args),
-            "mean_tokens_per_pair": statistics.mean(tokens_per_pair), "zero_stage": stage,
-            "losses": [record["loss/total"] for record in history]}
+    return {
+        "pairs_per_s": statistics.median(measured(pairs_per_s, args)),
+        "measured_pairs_per_s": measured(pairs_per_s, args),
+        "mean_tokens_per_pair": statistics.mean(tokens_per_pair),
+        "zero_stage": stage,
+        "losses": [record["loss/total"] for record in history],
+    }
 
 
 # ---------------------------------------------------------------------------------------- TRL side
@@ -164,14 +237,16 @@ def run_trl(args, data_file, workdir):
 
     train = TrainConfig()  # plot_ds's defaults: the optimizer settings both sides use
     total_steps = args.warmup + args.steps
-    dataset = datasets.load_dataset("json", data_files=data_file, split="train",
-                                    cache_dir=os.path.join(workdir, "hf_datasets"))
+    dataset = datasets.load_dataset(
+        "json", data_files=data_file, split="train", cache_dir=os.path.join(workdir, "hf_datasets")
+    )
     # plot_ds shuffles with its seeded sampler; TRL reads sequentially in that same order.
     sampler = GlobalBatchSampler(len(dataset), args.micro_batch, 1, 0, 1, train.seed)
     dataset = dataset.select([i for step in range(total_steps) for i in sampler.global_batch(step)])
 
     class StepTimer(TrainerCallback):
         """Wall time between consecutive step ends, as plot_ds measures its throughput."""
+
         def __init__(self):
             self.seconds, self.last = [], None
 
@@ -186,40 +261,70 @@ def run_trl(args, data_file, workdir):
 
     config = DPOConfig(
         output_dir=os.path.join(workdir, "trl_run"),
-        per_device_train_batch_size=args.micro_batch, gradient_accumulation_steps=1, max_steps=total_steps,
-        learning_rate=train.lr, lr_scheduler_type="cosine_with_min_lr",
-        lr_scheduler_kwargs={"min_lr_rate": train.min_lr_ratio}, warmup_steps=0,
-        optim="adamw_torch_fused", adam_beta1=train.adam_betas[0], adam_beta2=train.adam_betas[1],
-        adam_epsilon=train.adam_eps, weight_decay=train.weight_decay, max_grad_norm=train.max_grad_norm,
-        beta=ObjectiveConfig().beta, loss_type=["sigmoid"], max_length=args.max_length,
+        per_device_train_batch_size=args.micro_batch,
+        gradient_accumulation_steps=1,
+        max_steps=total_steps,
+        learning_rate=train.lr,
+        lr_scheduler_type="cosine_with_min_lr",
+        lr_scheduler_kwargs={"min_lr_rate": train.min_lr_ratio},
+        warmup_steps=0,
+        optim="adamw_torch_fused",
+        adam_beta1=train.adam_betas[0],
+        adam_beta2=train.adam_betas[1],
+        adam_epsilon=train.adam_eps,
+        weight_decay=train.weight_decay,
+        max_grad_norm=train.max_grad_norm,
+        beta=ObjectiveConfig().beta,
+        loss_type=["sigmoid"],
+        max_length=args.max_length,
         precompute_ref_log_probs=args.reference == "precomputed",
         # DPOConfig defaults to bf16 and gradient checkpointing; plot_ds runs fp32 without checkpointing.
         # (activation_checkpointing is transformers 5's name; it wins over TRL's gradient_checkpointing.)
         # bf16 is TRL's mixed precision: fp32 weights (and optimizer) under bf16 autocast.
-        bf16=args.precision == "bf16", fp16=False, activation_checkpointing=False,
+        bf16=args.precision == "bf16",
+        fp16=False,
+        activation_checkpointing=False,
         model_init_kwargs={"dtype": "float32", "attn_implementation": "sdpa"},
-        use_cpu=args.device == "cpu", dataloader_num_workers=0, train_sampling_strategy="sequential", seed=train.seed,
-        eval_strategy="no", save_strategy="no", report_to="none", logging_steps=1, disable_tqdm=True,
+        use_cpu=args.device == "cpu",
+        dataloader_num_workers=0,
+        train_sampling_strategy="sequential",
+        seed=train.seed,
+        eval_strategy="no",
+        save_strategy="no",
+        report_to="none",
+        logging_steps=1,
+        disable_tqdm=True,
     )
     model_path = resolve_model_path(args.model)
     timer = StepTimer()
-    trainer = DPOTrainer(model=model_path, args=config, train_dataset=dataset,
-                         processing_class=AutoTokenizer.from_pretrained(model_path), callbacks=[timer])
+    trainer = DPOTrainer(
+        model=model_path,
+        args=config,
+        train_dataset=dataset,
+        processing_class=AutoTokenizer.from_pretrained(model_path),
+        callbacks=[timer],
+    )
     if len(trainer.train_dataset) != len(dataset):  # it drops pairs whose completions it truncated away
-        raise SystemExit(f"TRL kept {len(trainer.train_dataset)} of the {len(dataset)} pairs: the two sides would "
-                         "train on different pairs; raise --max-length")
+        raise SystemExit(
+            f"TRL kept {len(trainer.train_dataset)} of the {len(dataset)} pairs: the two sides would "
+            "train on different pairs; raise --max-length"
+        )
     # Non-padding tokens of the chosen and rejected rows, from TRL's own tokenisation and collator.
     examples = [trainer.train_dataset[i] for i in range(len(trainer.train_dataset))]
-    batches = [trainer.data_collator(examples[i:i + args.micro_batch])
-               for i in range(0, len(examples), args.micro_batch)]
+    batches = [
+        trainer.data_collator(examples[i : i + args.micro_batch]) for i in range(0, len(examples), args.micro_batch)
+    ]
     tokens = sum(int(batch["attention_mask"].sum()) for batch in batches)
     trainer.train()
     if len(timer.seconds) != total_steps:
         raise SystemExit(f"TRL ran {len(timer.seconds)} steps, expected {total_steps}")
-    return {"pairs_per_s": args.micro_batch / statistics.median(measured(timer.seconds, args)),
-            "measured_pairs_per_s": [args.micro_batch / seconds for seconds in measured(timer.seconds, args)],
-            "mean_tokens_per_pair": tokens / len(examples), "torch_threads": torch.get_num_threads(),
-            "losses": [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]}
+    return {
+        "pairs_per_s": args.micro_batch / statistics.median(measured(timer.seconds, args)),
+        "measured_pairs_per_s": [args.micro_batch / seconds for seconds in measured(timer.seconds, args)],
+        "mean_tokens_per_pair": tokens / len(examples),
+        "torch_threads": torch.get_num_threads(),
+        "losses": [entry["loss"] for entry in trainer.state.log_history if "loss" in entry],
+    }
 
 
 def keep_cuda_peaks():
@@ -288,9 +393,11 @@ def write_pairs(path, count, source=None, model=None, max_prompt_length=None):
         lengths = prompt_tokens(model, [pair["prompt"] for pair in pairs])
         pairs = [pair for pair, length in zip(pairs, lengths) if length <= max_prompt_length]
     if len(pairs) < count:
-        raise SystemExit(f"{source or 'the built-in CHAMP pairs'}: {len(pairs)} pairs with prompts of at most "
-                         f"{max_prompt_length} tokens, the run needs {count} ((warmup + steps) x micro-batch); "
-                         "raise --max-prompt-length or lower --steps or --micro-batch")
+        raise SystemExit(
+            f"{source or 'the built-in CHAMP pairs'}: {len(pairs)} pairs with prompts of at most "
+            f"{max_prompt_length} tokens, the run needs {count} ((warmup + steps) x micro-batch); "
+            "raise --max-prompt-length or lower --steps or --micro-batch"
+        )
     with open(path, "w") as handle:
         for pair in pairs[:count]:
             handle.write(json.dumps({k: pair[k] for k in ("prompt", "chosen", "rejected")}) + "\n")
@@ -305,12 +412,31 @@ def run_child(side, args, workdir):
             env.pop(name, None)
     if args.malloc_mmap_threshold is not None:
         env["MALLOC_MMAP_THRESHOLD_"] = str(args.malloc_mmap_threshold)
-    forwarded = ["--steps", args.steps, "--warmup", args.warmup, "--micro-batch", args.micro_batch,
-                 "--max-length", args.max_length, "--max-prompt-length", args.max_prompt_length,
-                 "--threads", args.threads, "--reference", args.reference, "--plot-ds-args", args.plot_ds_args,
-                 "--device", args.device, "--precision", args.precision, "--model", args.model]
-    command = [sys.executable, os.path.abspath(__file__), "--child", side, "--workdir", workdir,
-               *map(str, forwarded)]
+    forwarded = [
+        "--steps",
+        args.steps,
+        "--warmup",
+        args.warmup,
+        "--micro-batch",
+        args.micro_batch,
+        "--max-length",
+        args.max_length,
+        "--max-prompt-length",
+        args.max_prompt_length,
+        "--threads",
+        args.threads,
+        "--reference",
+        args.reference,
+        "--plot-ds-args",
+        args.plot_ds_args,
+        "--device",
+        args.device,
+        "--precision",
+        args.precision,
+        "--model",
+        args.model,
+    ]
+    command = [sys.executable, os.path.abspath(__file__), "--child", side, "--workdir", workdir, *map(str, forwarded)]
     log(f"running {side} ({args.warmup} + {args.steps} steps, {args.threads or 'default'} thread(s))")
     started = time.perf_counter()
     # The children's stdout goes to stderr: this process's stdout is the one JSON line.
@@ -351,36 +477,57 @@ def main():
 
     # The parent stays small (no torch): a child's ru_maxrss can start from its parent's size.
     with tempfile.TemporaryDirectory(prefix="trl_comparison.") as workdir:
-        write_pairs(os.path.join(workdir, "pairs.jsonl"), (args.warmup + args.steps) * args.micro_batch, args.pairs,
-                    args.model, args.max_prompt_length)
+        write_pairs(
+            os.path.join(workdir, "pairs.jsonl"),
+            (args.warmup + args.steps) * args.micro_batch,
+            args.pairs,
+            args.model,
+            args.max_prompt_length,
+        )
         runs = alternating_runs(args.rounds, lambda side: run_child(side, args, workdir))
     ours, theirs = pooled(runs["plot_ds"]), pooled(runs["trl"])
     result = {
-        "benchmark": "trl_comparison", "device": ours.get("gpu", "cpu"), "model": args.model,
+        "benchmark": "trl_comparison",
+        "device": ours.get("gpu", "cpu"),
+        "model": args.model,
         "precision": args.precision,
-        "pairs_per_step": args.micro_batch, "max_length": args.max_length,
-        "max_prompt_length_plot_ds": args.max_prompt_length, "warmup_steps": args.warmup,
-        "measured_steps": args.steps, "threads": args.threads, "reference": args.reference,
+        "pairs_per_step": args.micro_batch,
+        "max_length": args.max_length,
+        "max_prompt_length_plot_ds": args.max_prompt_length,
+        "warmup_steps": args.warmup,
+        "measured_steps": args.steps,
+        "threads": args.threads,
+        "reference": args.reference,
         "zero_stage_plot_ds": ours["zero_stage"],
-        "torch_threads_plot_ds": ours["torch_threads"], "torch_threads_trl": theirs["torch_threads"],
+        "torch_threads_plot_ds": ours["torch_threads"],
+        "torch_threads_trl": theirs["torch_threads"],
         "mean_tokens_per_pair_plot_ds": ours["mean_tokens_per_pair"],
         "mean_tokens_per_pair_trl": theirs["mean_tokens_per_pair"],
         # Same pairs, model and optimizer: the losses should agree step by step (to float noise).
         "losses_plot_ds": [round(x, 5) for x in ours["losses"]],
         "losses_trl": [round(x, 5) for x in theirs["losses"]],
-        "pairs_per_s_plot_ds": ours["pairs_per_s"], "pairs_per_s_trl": theirs["pairs_per_s"],
+        "pairs_per_s_plot_ds": ours["pairs_per_s"],
+        "pairs_per_s_trl": theirs["pairs_per_s"],
         "pairs_per_s_ratio": ours["pairs_per_s"] / theirs["pairs_per_s"],
         "rounds": args.rounds,
-        "pairs_per_s_ratio_by_round": [o["pairs_per_s"] / t["pairs_per_s"] for o, t in zip(runs["plot_ds"], runs["trl"])],
-        "peak_rss_mib_plot_ds": ours["peak_rss_mib"], "peak_rss_mib_trl": theirs["peak_rss_mib"],
+        "pairs_per_s_ratio_by_round": [
+            o["pairs_per_s"] / t["pairs_per_s"] for o, t in zip(runs["plot_ds"], runs["trl"])
+        ],
+        "peak_rss_mib_plot_ds": ours["peak_rss_mib"],
+        "peak_rss_mib_trl": theirs["peak_rss_mib"],
         "peak_rss_ratio": ours["peak_rss_mib"] / theirs["peak_rss_mib"],
-        **({"peak_gpu_allocated_mib_plot_ds": ours["peak_gpu_allocated_mib"],
-            "peak_gpu_allocated_mib_trl": theirs["peak_gpu_allocated_mib"],
-            "peak_gpu_allocated_ratio": ours["peak_gpu_allocated_mib"] / theirs["peak_gpu_allocated_mib"],
-            "peak_gpu_reserved_mib_plot_ds": ours["peak_gpu_reserved_mib"],
-            "peak_gpu_reserved_mib_trl": theirs["peak_gpu_reserved_mib"],
-            "peak_gpu_reserved_ratio": ours["peak_gpu_reserved_mib"] / theirs["peak_gpu_reserved_mib"]}
-           if args.device == "cuda" else {}),
+        **(
+            {
+                "peak_gpu_allocated_mib_plot_ds": ours["peak_gpu_allocated_mib"],
+                "peak_gpu_allocated_mib_trl": theirs["peak_gpu_allocated_mib"],
+                "peak_gpu_allocated_ratio": ours["peak_gpu_allocated_mib"] / theirs["peak_gpu_allocated_mib"],
+                "peak_gpu_reserved_mib_plot_ds": ours["peak_gpu_reserved_mib"],
+                "peak_gpu_reserved_mib_trl": theirs["peak_gpu_reserved_mib"],
+                "peak_gpu_reserved_ratio": ours["peak_gpu_reserved_mib"] / theirs["peak_gpu_reserved_mib"],
+            }
+            if args.device == "cuda"
+            else {}
+        ),
         "versions": {name: version(name) for name in ("torch", "transformers", "deepspeed", "trl")},
     }
     if args.plot_ds_args:

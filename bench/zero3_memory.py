@@ -21,6 +21,7 @@ instead compares, at each rank count, a DPO run training every weight (policy pl
 engine) with one training LoRA adapters (``adapter.method lora``, the reference its base with the
 adapters off): the same categories per rank, plus the reference engine's parameter partitions.
 """
+
 import argparse
 import json
 import os
@@ -58,13 +59,21 @@ def model_state_bytes(engine) -> dict:
     seen: set = set()
     parameters = storage_bytes([p.ds_tensor for p in model_params] + [p.data for p in model_params], seen)
     gradients = storage_bytes([zero.grad_partitions_flat_buffer], seen)
-    moments = [value for state in zero.optimizer.state.values() for value in state.values()
-               if hasattr(value, "untyped_storage") and value.dim() > 0]
+    moments = [
+        value
+        for state in zero.optimizer.state.values()
+        for value in state.values()
+        if hasattr(value, "untyped_storage") and value.dim() > 0
+    ]
     optimizer = storage_bytes(list(zero.fp32_partitioned_groups_flat) + moments, seen)
-    return {"parameters": parameters, "gradients": gradients, "optimizer": optimizer,
-            "total": parameters + gradients + optimizer,
-            "persistent_parameters": sum(p.numel() for p in model_params if getattr(p, "ds_persist", False)),
-            "trainable_parameters": sum(getattr(p, "ds_numel", p.numel()) for p in model_params if p.requires_grad)}
+    return {
+        "parameters": parameters,
+        "gradients": gradients,
+        "optimizer": optimizer,
+        "total": parameters + gradients + optimizer,
+        "persistent_parameters": sum(p.numel() for p in model_params if getattr(p, "ds_persist", False)),
+        "trainable_parameters": sum(getattr(p, "ds_numel", p.numel()) for p in model_params if p.requires_grad),
+    }
 
 
 def reference_bytes(reference) -> int:
@@ -83,17 +92,35 @@ def child(rest: list[str], out_file: str) -> None:
     from plot_ds.training import train_step
 
     # Model state does not depend on the batch: one short SFT step creates the gradients and Adam state.
-    config = load_config(None, {"train.save_checkpoint": False, "data.eval_size": 0, "objective.name": "sft",
-                                "plot.enabled": False, "data.max_length": 64, "data.max_prompt_length": 32,
-                                "train.micro_batch_size": 1, "train.precision": "fp32", "train.seed": 0,
-                                "train.resume": "none", **parse_overrides(rest)})
+    config = load_config(
+        None,
+        {
+            "train.save_checkpoint": False,
+            "data.eval_size": 0,
+            "objective.name": "sft",
+            "plot.enabled": False,
+            "data.max_length": 64,
+            "data.max_prompt_length": 32,
+            "train.micro_batch_size": 1,
+            "train.precision": "fp32",
+            "train.seed": 0,
+            "train.resume": "none",
+            **parse_overrides(rest),
+        },
+    )
     run = setup_run(config)
     dist, policy = run.dist, run.policy
     train_step(run, run.micro_batches(0))
-    measured = {**model_state_bytes(policy), "reference": reference_bytes(getattr(run.reference, "engine", None)), "rank": dist.rank, "world_size": dist.world_size,
-                "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-                "model": config.model.name_or_path, "ds_config": config.deepspeed.config,
-                "precision": config.train.precision}
+    measured = {
+        **model_state_bytes(policy),
+        "reference": reference_bytes(getattr(run.reference, "engine", None)),
+        "rank": dist.rank,
+        "world_size": dist.world_size,
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "model": config.model.name_or_path,
+        "ds_config": config.deepspeed.config,
+        "precision": config.train.precision,
+    }
     with open(f"{out_file}.rank{dist.rank}", "w") as handle:
         json.dump(measured, handle)
 
@@ -116,11 +143,18 @@ def main() -> None:
     results = {ranks: measure(ranks, rest) for ranks in counts}
     baseline = results[counts[0]][0]["total"]
     summary = {
-        "benchmark": "zero3_memory", "model": results[counts[0]][0]["model"],
-        "ds_config": results[counts[0]][0]["ds_config"], "precision": results[counts[0]][0]["precision"],
+        "benchmark": "zero3_memory",
+        "model": results[counts[0]][0]["model"],
+        "ds_config": results[counts[0]][0]["ds_config"],
+        "precision": results[counts[0]][0]["precision"],
         "persistent_parameters": results[counts[0]][0]["persistent_parameters"],
-        "per_rank": {str(n): [{k: r[k] for k in ("rank", "parameters", "gradients", "optimizer", "total",
-                                                   "peak_rss_bytes")} for r in rs] for n, rs in results.items()},
+        "per_rank": {
+            str(n): [
+                {k: r[k] for k in ("rank", "parameters", "gradients", "optimizer", "total", "peak_rss_bytes")}
+                for r in rs
+            ]
+            for n, rs in results.items()
+        },
         "ratio_to_first": {str(n): max(r["total"] for r in rs) / baseline for n, rs in results.items()},
     }
     print(json.dumps(summary), flush=True)
@@ -128,18 +162,33 @@ def main() -> None:
 
 def measure(ranks: int, rest: list[str]) -> list[dict]:
     """Each rank's measurement of one engine build and step, in a child torchrun."""
-    print(f"[bench] {ranks} rank(s) {' '.join(rest)}: building the engine and taking one step", file=sys.stderr, flush=True)
+    print(
+        f"[bench] {ranks} rank(s) {' '.join(rest)}: building the engine and taking one step",
+        file=sys.stderr,
+        flush=True,
+    )
     with tempfile.TemporaryDirectory() as scratch:
         out = os.path.join(scratch, f"ranks{ranks}")
-        subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={ranks}",
-                        "--master_addr=127.0.0.1", f"--master_port={free_port()}",
-                        os.path.abspath(__file__), "--child-out", out, *rest], check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                f"--nproc_per_node={ranks}",
+                "--master_addr=127.0.0.1",
+                f"--master_port={free_port()}",
+                os.path.abspath(__file__),
+                "--child-out",
+                out,
+                *rest,
+            ],
+            check=True,
+        )
         return [json.load(open(f"{out}.rank{r}")) for r in range(ranks)]
 
 
 def compare_adapters(counts: list[int], rest: list[str]) -> None:
-    variants = {"full": ["--objective.name", "dpo"],
-                "lora": ["--objective.name", "dpo", "--adapter.method", "lora"]}
+    variants = {"full": ["--objective.name", "dpo"], "lora": ["--objective.name", "dpo", "--adapter.method", "lora"]}
     keys = ("rank", "parameters", "gradients", "optimizer", "reference", "total", "peak_rss_bytes")
     summary = {"benchmark": "zero3_memory_adapters", "per_rank": {}, "lora_to_full": {}}
     for ranks in counts:
@@ -149,10 +198,12 @@ def compare_adapters(counts: list[int], rest: list[str]) -> None:
                 row["total"] += row["reference"]
         summary["model"] = measured["full"][0]["model"]
         summary["trainable_parameters"] = {name: rows[0]["trainable_parameters"] for name, rows in measured.items()}
-        summary["per_rank"][str(ranks)] = {name: [{k: r[k] for k in keys} for r in rows]
-                                           for name, rows in measured.items()}
-        summary["lora_to_full"][str(ranks)] = (max(r["total"] for r in measured["lora"])
-                                               / max(r["total"] for r in measured["full"]))
+        summary["per_rank"][str(ranks)] = {
+            name: [{k: r[k] for k in keys} for r in rows] for name, rows in measured.items()
+        }
+        summary["lora_to_full"][str(ranks)] = max(r["total"] for r in measured["lora"]) / max(
+            r["total"] for r in measured["full"]
+        )
     print(json.dumps(summary), flush=True)
 
 

@@ -1,7 +1,8 @@
 """Entry point: `deepspeed launch/train.py`, `torchrun ... launch/train.py` or `python launch/train.py`.
 
-    deepspeed --num_gpus 8 launch/train.py --config configs/my_run.yaml --train.lr 1e-6
+deepspeed --num_gpus 8 launch/train.py --config configs/my_run.yaml --train.lr 1e-6
 """
+
 import os
 import sys
 

@@ -9,6 +9,7 @@ adapters off and for writing the PEFT folder. Under ZeRO-3 the base is partition
 (every rank creates them from the same seed); they are cast to the base's dtype first, as
 DeepSpeed keeps one dtype per engine and its own fp32 master copies.
 """
+
 from __future__ import annotations
 
 from contextlib import contextmanager
@@ -35,24 +36,34 @@ def quantization_config(settings, dtype: torch.dtype, device_type: str, zero_sta
     if settings.quantize == "none":
         return None
     if device_type != "cuda":
-        raise ModelError(f"adapter.quantize {settings.quantize}: bitsandbytes' quantized weights need a CUDA "
-                         f"device, and this run's accelerator is {device_type}; use adapter.quantize none (LoRA on "
-                         "full-precision weights) here")
+        raise ModelError(
+            f"adapter.quantize {settings.quantize}: bitsandbytes' quantized weights need a CUDA "
+            f"device, and this run's accelerator is {device_type}; use adapter.quantize none (LoRA on "
+            "full-precision weights) here"
+        )
     import importlib.util
 
     if importlib.util.find_spec("bitsandbytes") is None:
-        raise ModelError(f"adapter.quantize {settings.quantize}: the bitsandbytes package is not installed; "
-                         "pip install bitsandbytes, or use adapter.quantize none")
+        raise ModelError(
+            f"adapter.quantize {settings.quantize}: the bitsandbytes package is not installed; "
+            "pip install bitsandbytes, or use adapter.quantize none"
+        )
     if settings.quantize == "8bit" and zero_stage == 3:
-        raise ModelError("adapter.quantize 8bit: ZeRO-3 cannot partition bitsandbytes' 8-bit weights; use "
-                         "adapter.quantize 4bit, or a ZeRO-2 config (deepspeed.config ds_configs/zero2.json)")
+        raise ModelError(
+            "adapter.quantize 8bit: ZeRO-3 cannot partition bitsandbytes' 8-bit weights; use "
+            "adapter.quantize 4bit, or a ZeRO-2 config (deepspeed.config ds_configs/zero2.json)"
+        )
     from transformers import BitsAndBytesConfig
 
     if settings.quantize == "8bit":
         return BitsAndBytesConfig(load_in_8bit=True)
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype=dtype,
-                              bnb_4bit_quant_storage=dtype if zero_stage == 3 else torch.uint8)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=dtype,
+        bnb_4bit_quant_storage=dtype if zero_stage == 3 else torch.uint8,
+    )
 
 
 def add_adapters(model, settings, dtype: torch.dtype, zero_stage: int = 0):
@@ -63,20 +74,30 @@ def add_adapters(model, settings, dtype: torch.dtype, zero_stage: int = 0):
     if settings.modules_to_save and zero_stage == 3:
         # DeepSpeed 0.19 leaves peft's copies of such modules unpartitioned, or of shape [0] at load
         # (deepspeedai/DeepSpeed#7669).
-        raise ModelError(f"adapter.modules_to_save {settings.modules_to_save}: ZeRO-3 cannot partition peft's "
-                         "trained copies of whole modules; use a ZeRO-2 config (deepspeed.config "
-                         "ds_configs/zero2.json), or train those modules' linear layers with adapters instead")
+        raise ModelError(
+            f"adapter.modules_to_save {settings.modules_to_save}: ZeRO-3 cannot partition peft's "
+            "trained copies of whole modules; use a ZeRO-2 config (deepspeed.config "
+            "ds_configs/zero2.json), or train those modules' linear layers with adapters instead"
+        )
 
     known = {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)}
     targets = settings.target_modules
     if isinstance(targets, list):
         missing = [name for name in targets if name not in known]
         if missing:
-            raise ModelError(f"adapter.target_modules: {type(model).__name__} has no linear layer named "
-                             f"{', '.join(missing)}; its linear layers are {', '.join(sorted(known))} (or use all-linear)")
-    lora = LoraConfig(r=settings.rank, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
-                      target_modules=targets, modules_to_save=settings.modules_to_save, bias="none",
-                      task_type="CAUSAL_LM")
+            raise ModelError(
+                f"adapter.target_modules: {type(model).__name__} has no linear layer named "
+                f"{', '.join(missing)}; its linear layers are {', '.join(sorted(known))} (or use all-linear)"
+            )
+    lora = LoraConfig(
+        r=settings.rank,
+        lora_alpha=settings.alpha,
+        lora_dropout=settings.dropout,
+        target_modules=targets,
+        modules_to_save=settings.modules_to_save,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
     peft_model = get_peft_model(model, lora, adapter_name=ADAPTER_NAME)
     for param in model.parameters():
         if param.requires_grad and param.dtype != dtype:

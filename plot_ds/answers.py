@@ -1,6 +1,7 @@
 """Final answers of math solutions: found in a generation, written in one canonical form, compared
 as a grader would (LaTeX and plain forms alike; numbers by value; a reference's stated
 alternatives, "252" for "C(10, 5), or equivalently 252")."""
+
 from __future__ import annotations
 
 import math
@@ -27,7 +28,7 @@ def braced(text: str, start: int) -> str | None:
         elif char == "}":
             depth -= 1
             if depth == 0:
-                return text[start + 1:index]
+                return text[start + 1 : index]
         index += 1
     return None
 
@@ -47,9 +48,24 @@ def extract_final_answer(text: str) -> str | None:
     return numbers[-1] if numbers else None
 
 
-LATEX_WORDS = {r"\pm": "±", r"\mp": "∓", r"\cdot": "*", r"\times": "*", r"\geq": "≥", r"\ge": "≥",
-               r"\leq": "≤", r"\le": "≤", r"\neq": "≠", r"\infty": "inf", r"\ldots": "...",
-               r"\cdots": "...", r"\dots": "...", r"\{": "{", r"\}": "}", r"\%": "%"}
+LATEX_WORDS = {
+    r"\pm": "±",
+    r"\mp": "∓",
+    r"\cdot": "*",
+    r"\times": "*",
+    r"\geq": "≥",
+    r"\ge": "≥",
+    r"\leq": "≤",
+    r"\le": "≤",
+    r"\neq": "≠",
+    r"\infty": "inf",
+    r"\ldots": "...",
+    r"\cdots": "...",
+    r"\dots": "...",
+    r"\{": "{",
+    r"\}": "}",
+    r"\%": "%",
+}
 DROPPED = (r"\left", r"\right", r"\displaystyle", r"\,", r"\;", r"\!", r"\ ", "$")
 # \frac{a}{b}, \frac12, \frac1{b}, \frac{a}2: each argument a brace group or one character.
 ARGUMENT = r"(\{(?:[^{}]|\{[^{}]*\})*\}|[0-9a-zA-Z])"
@@ -94,10 +110,12 @@ def from_latex(answer: str) -> str:
     answer = re.sub(r"\\(?:text|mathrm|mathbf|textbf|operatorname)\s*\{([^{}]*)\}", r"\1", answer)
     answer = re.sub(r"\\boxed\s*\{(.*)\}", r"\1", answer)
     for _ in range(4):  # nested fractions and roots, innermost first
-        answer = re.sub(r"\\frac\s*" + ARGUMENT + r"\s*" + ARGUMENT,
-                        lambda m: fraction(m[1], m[2]), answer)
-        answer = re.sub(r"\\binom\s*" + ARGUMENT + r"\s*" + ARGUMENT,
-                        lambda m: f"C({strip_group(m[1])}, {strip_group(m[2])})", answer)
+        answer = re.sub(r"\\frac\s*" + ARGUMENT + r"\s*" + ARGUMENT, lambda m: fraction(m[1], m[2]), answer)
+        answer = re.sub(
+            r"\\binom\s*" + ARGUMENT + r"\s*" + ARGUMENT,
+            lambda m: f"C({strip_group(m[1])}, {strip_group(m[2])})",
+            answer,
+        )
         answer = re.sub(r"\\sqrt\s*" + ARGUMENT, lambda m: f"sqrt({strip_group(m[1])})", answer)
         answer = re.sub(r"([\^_])\{([^{}]*)\}", r"\1(\2)", answer)
     for word, plain in LATEX_WORDS.items():
@@ -143,9 +161,11 @@ def without_explanation(form: str) -> str | None:
 
 # How CHAMP's references word a value in prose: "The limit exists and is equal to 2",
 # "3 is the only possible value", "0 roots".
-PROSE_VALUE = (re.compile(r"the\s.*?\b(?:is equal to|is)\s+(.+)", re.IGNORECASE),
-               re.compile(r"(.+?)\s+is the only possible value", re.IGNORECASE),
-               re.compile(r"(-?\d+|[a-z])\s+[a-z]+"))
+PROSE_VALUE = (
+    re.compile(r"the\s.*?\b(?:is equal to|is)\s+(.+)", re.IGNORECASE),
+    re.compile(r"(.+?)\s+is the only possible value", re.IGNORECASE),
+    re.compile(r"(-?\d+|[a-z])\s+[a-z]+"),
+)
 
 
 def reference_forms(reference: str) -> list[str]:

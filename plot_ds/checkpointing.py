@@ -13,6 +13,7 @@ checkpoint the newest complete one (``WriteError``, exit status 4). Nothing is u
 DeepSpeed's files are read with ``torch.load(weights_only=True)``
 (``deepspeed_patches.reading_checkpoints_as_data``), ours are JSON and safetensors.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -31,8 +32,14 @@ from .distributed import barrier, on_every_rank, rank as current_rank, world_siz
 from .errors import CheckpointError, WriteError
 from .rng import rng_state, set_rng_state
 
-__all__ = ["CheckpointError", "COMPLETE_MARKER", "complete_checkpoints", "find_checkpoint", "load_checkpoint",
-           "save_checkpoint"]
+__all__ = [
+    "CheckpointError",
+    "COMPLETE_MARKER",
+    "complete_checkpoints",
+    "find_checkpoint",
+    "load_checkpoint",
+    "save_checkpoint",
+]
 
 COMPLETE_MARKER = "plot_ds_complete.json"
 POINTER = "latest_complete"
@@ -51,8 +58,16 @@ def tag_for(step: int) -> str:
 
 
 # ------------------------------------------------------------------------------------ save
-def save_checkpoint(engine, output_dir: Path, step: int, rank: int, is_main: bool,
-                    data_state: dict | None = None, config=None, keep_last: int = 0) -> Path:
+def save_checkpoint(
+    engine,
+    output_dir: Path,
+    step: int,
+    rank: int,
+    is_main: bool,
+    data_state: dict | None = None,
+    config=None,
+    keep_last: int = 0,
+) -> Path:
     """Every rank writes its partitions and RNG states; rank 0 then marks the checkpoint complete
     (with every file's size and checksum), moves the pointer and prunes old checkpoints (keeping
     ``keep_last``; 0 keeps all). A failed write raises ``WriteError`` with its partial directory gone."""
@@ -65,8 +80,13 @@ def save_checkpoint(engine, output_dir: Path, step: int, rank: int, is_main: boo
         _warn_if_short_of_space(root)
     try:
         # An adapter run's frozen base is the model's own files: only what trains is saved.
-        engine.save_checkpoint(str(root), tag=tag, client_state={"step": step, "data": data_state or {}},
-                               save_latest=False, exclude_frozen_parameters=peft_model_of(engine.module) is not None)
+        engine.save_checkpoint(
+            str(root),
+            tag=tag,
+            client_state={"step": step, "data": data_state or {}},
+            save_latest=False,
+            exclude_frozen_parameters=peft_model_of(engine.module) is not None,
+        )
         tensors, plain = rng_state()
         save_file(tensors, str(directory / f"rng_rank{rank}.safetensors"))
         (directory / f"rng_rank{rank}.json").write_text(json.dumps(plain))
@@ -77,8 +97,16 @@ def save_checkpoint(engine, output_dir: Path, step: int, rank: int, is_main: boo
         _write_manifest_stripe(directory, rank, world_size())
         barrier()
         if is_main:
-            _mark_complete(directory, {"step": step, "world_size": world_size(), "time": time.time(),
-                                       "data": data_state or {}, "files": _merge_manifests(directory)})
+            _mark_complete(
+                directory,
+                {
+                    "step": step,
+                    "world_size": world_size(),
+                    "time": time.time(),
+                    "data": data_state or {},
+                    "files": _merge_manifests(directory),
+                },
+            )
     except (OSError, RuntimeError) as err:
         if isinstance(err, RuntimeError) and not any(word in str(err) for word in WRITE_FAILURE_WORDS):
             raise  # not a failed write: a bug, with its traceback
@@ -97,11 +125,16 @@ def _write_failed(directory: Path, err: Exception) -> WriteError:
     root = directory.parent
     free = shutil.disk_usage(root).free if root.exists() else 0
     complete = complete_checkpoints(root)
-    kept = (f"{complete[-1]} is still the newest complete checkpoint: rerunning the same command resumes from it"
-            if complete else "no earlier checkpoint exists")
-    return WriteError(f"writing checkpoint {directory} failed ({type(err).__name__}: {str(err).strip()}); "
-                      f"{free / 2**30:.2f} GiB free on {root}. The partial checkpoint was removed; {kept}. "
-                      "Free space (or move train.output_dir to a larger disk) and rerun")
+    kept = (
+        f"{complete[-1]} is still the newest complete checkpoint: rerunning the same command resumes from it"
+        if complete
+        else "no earlier checkpoint exists"
+    )
+    return WriteError(
+        f"writing checkpoint {directory} failed ({type(err).__name__}: {str(err).strip()}); "
+        f"{free / 2**30:.2f} GiB free on {root}. The partial checkpoint was removed; {kept}. "
+        "Free space (or move train.output_dir to a larger disk) and rerun"
+    )
 
 
 def _warn_if_short_of_space(root: Path) -> None:
@@ -111,13 +144,20 @@ def _warn_if_short_of_space(root: Path) -> None:
     needed = sum(f.stat().st_size for f in complete[-1].rglob("*") if f.is_file())
     free = shutil.disk_usage(root).free
     if free < needed:
-        print(f"[plot_ds] warning: {free / 2**30:.2f} GiB free on {root}, less than the previous checkpoint "
-              f"({needed / 2**30:.2f} GiB): this checkpoint may not fit", file=sys.stderr, flush=True)
+        print(
+            f"[plot_ds] warning: {free / 2**30:.2f} GiB free on {root}, less than the previous checkpoint "
+            f"({needed / 2**30:.2f} GiB): this checkpoint may not fit",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def _checkpoint_files(directory: Path) -> list[Path]:
-    return sorted(p for p in directory.rglob("*") if p.is_file() and p.name != COMPLETE_MARKER
-                  and not p.name.startswith(MANIFEST_PREFIX))
+    return sorted(
+        p
+        for p in directory.rglob("*")
+        if p.is_file() and p.name != COMPLETE_MARKER and not p.name.startswith(MANIFEST_PREFIX)
+    )
 
 
 def _file_digest(path: Path) -> str:
@@ -130,8 +170,10 @@ def _file_digest(path: Path) -> str:
 
 def _write_manifest_stripe(directory: Path, rank: int, world: int) -> None:
     """Rank r hashes every world-th file: the checksum cost per rank does not grow with R."""
-    stripe = {str(p.relative_to(directory)): [p.stat().st_size, _file_digest(p)]
-              for p in _checkpoint_files(directory)[rank::world]}
+    stripe = {
+        str(p.relative_to(directory)): [p.stat().st_size, _file_digest(p)]
+        for p in _checkpoint_files(directory)[rank::world]
+    }
     (directory / f"{MANIFEST_PREFIX}{rank}.json").write_text(json.dumps(stripe))
 
 
@@ -168,8 +210,11 @@ def _verified_everywhere(directory: Path) -> tuple[bool, str | None]:
     rank found). The rank that found a damaged file says which."""
     problem = damage(directory, current_rank(), world_size())
     if problem:
-        print(f"[plot_ds] [rank {current_rank()}] checkpoint {directory} is damaged: {problem}",
-              file=sys.stderr, flush=True)
+        print(
+            f"[plot_ds] [rank {current_rank()}] checkpoint {directory} is damaged: {problem}",
+            file=sys.stderr,
+            flush=True,
+        )
     return on_every_rank(problem is None), problem
 
 
@@ -181,8 +226,9 @@ def complete_checkpoints(root: Path) -> list[Path]:
     """Complete checkpoints, oldest first."""
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(TAG_PREFIX)
-             and (p / COMPLETE_MARKER).is_file()]
+    found = [
+        p for p in root.iterdir() if p.is_dir() and p.name.startswith(TAG_PREFIX) and (p / COMPLETE_MARKER).is_file()
+    ]
     return sorted(found, key=lambda p: p.name)
 
 
@@ -213,12 +259,18 @@ def find_checkpoint(resume: str, output_dir: Path) -> Path | None:
         for candidate in reversed(complete):
             if _verified_everywhere(candidate)[0]:
                 if candidate != (complete[-1] if complete else None) and current_rank() == 0:
-                    print(f"[plot_ds] train.resume auto: resuming from {candidate}, the newest checkpoint "
-                          "that verifies", file=sys.stderr, flush=True)
+                    print(
+                        f"[plot_ds] train.resume auto: resuming from {candidate}, the newest checkpoint that verifies",
+                        file=sys.stderr,
+                        flush=True,
+                    )
                 return candidate
         if complete and current_rank() == 0:
-            print("[plot_ds] train.resume auto: no checkpoint verifies; starting from the model",
-                  file=sys.stderr, flush=True)
+            print(
+                "[plot_ds] train.resume auto: no checkpoint verifies; starting from the model",
+                file=sys.stderr,
+                flush=True,
+            )
         return None
     path = Path(resume)
     if (path / COMPLETE_MARKER).is_file():
@@ -226,14 +278,17 @@ def find_checkpoint(resume: str, output_dir: Path) -> Path | None:
     else:
         complete = complete_checkpoints(path) or complete_checkpoints(checkpoint_root(path))
         if not complete:
-            raise CheckpointError(f"train.resume: {path} holds no complete plot_ds checkpoint "
-                                  f"(a step_<N> folder with {COMPLETE_MARKER})")
+            raise CheckpointError(
+                f"train.resume: {path} holds no complete plot_ds checkpoint (a step_<N> folder with {COMPLETE_MARKER})"
+            )
         chosen = complete[-1]
     verified, problem = _verified_everywhere(chosen)
     if not verified:
-        raise CheckpointError(f"train.resume: {chosen} is damaged: {problem or 'another rank found a damaged file'}"
-                              ". Resume from an earlier checkpoint (train.resume PATH) or with train.resume auto, "
-                              "which picks the newest that verifies")
+        raise CheckpointError(
+            f"train.resume: {chosen} is damaged: {problem or 'another rank found a damaged file'}"
+            ". Resume from an earlier checkpoint (train.resume PATH) or with train.resume auto, "
+            "which picks the newest that verifies"
+        )
     return chosen
 
 
@@ -251,23 +306,30 @@ def load_checkpoint(engine, directory: Path, rank: int) -> dict:
         load_universal_next(engine)
     try:
         with reading_checkpoints_as_data(engine):
-            loaded, _ = engine.load_checkpoint(str(source.parent), tag=source.name, load_optimizer_states=True,
-                                               load_lr_scheduler_states=True,
-                                               load_module_strict=peft_model_of(engine.module) is None)
+            loaded, _ = engine.load_checkpoint(
+                str(source.parent),
+                tag=source.name,
+                load_optimizer_states=True,
+                load_lr_scheduler_states=True,
+                load_module_strict=peft_model_of(engine.module) is None,
+            )
     except RuntimeError as err:
         if "Error(s) in loading state_dict" not in str(err) and "size mismatch" not in str(err):
             raise
-        raise CheckpointError(f"{directory}: its weights do not fit this model ({str(err).splitlines()[0]}); it "
-                              "was written by a run of another model. Use a new train.output_dir, or set "
-                              "train.resume none to start over in this one") from None
+        raise CheckpointError(
+            f"{directory}: its weights do not fit this model ({str(err).splitlines()[0]}); it "
+            "was written by a run of another model. Use a new train.output_dir, or set "
+            "train.resume none to start over in this one"
+        ) from None
     if loaded is None:
         raise CheckpointError(f"{directory}: DeepSpeed could not load it")
     rng_file = directory / f"rng_rank{rank}.safetensors"
     if rng_file.is_file():
         set_rng_state(load_file(str(rng_file)), json.loads((directory / f"rng_rank{rank}.json").read_text()))
     else:  # a rank the checkpoint did not have: a fresh stream, derived from rank 0's
-        set_rng_state(load_file(str(directory / "rng_rank0.safetensors")),
-                      json.loads((directory / "rng_rank0.json").read_text()))
+        set_rng_state(
+            load_file(str(directory / "rng_rank0.safetensors")), json.loads((directory / "rng_rank0.json").read_text())
+        )
         torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,)).item()) + rank)
     return info
 

@@ -1,4 +1,5 @@
 """Console entry points. Argument parsing only; the work happens in the library."""
+
 from __future__ import annotations
 
 import argparse
@@ -47,8 +48,9 @@ else 0."""
 def data_main(argv: list[str] | None = None) -> int:
     import dataclasses
 
-    config_path, overrides = parse_train_args(sys.argv[1:] if argv is None else argv, prog="plot-data",
-                                              usage=DATA_USAGE)
+    config_path, overrides = parse_train_args(
+        sys.argv[1:] if argv is None else argv, prog="plot-data", usage=DATA_USAGE
+    )
     config = load_config(config_path, overrides)
     from .data import prepare_datasets
     from .models import load_tokenizer
@@ -90,8 +92,10 @@ def eval_main(argv: list[str] | None = None) -> int:
     if (target / "config.yaml").is_file():  # a run directory
         model = target / "final_model"
         if not (model / "config.json").is_file():
-            raise ConfigError(f"{target} has no exported final_model/: plot_ds reads models from safetensors "
-                              f"only (DeepSpeed checkpoints are pickles); train with train.export_final true")
+            raise ConfigError(
+                f"{target} has no exported final_model/: plot_ds reads models from safetensors "
+                f"only (DeepSpeed checkpoints are pickles); train with train.export_final true"
+            )
         config = load_config(known.config or target / "config.yaml", overrides)
         output = Path(known.output or target / "eval" / "final_model.json")
     else:

@@ -4,6 +4,7 @@ Values are parsed with ``yaml.safe_load`` (never evaluated as code) and checked 
 dataclass field types before anything heavy (DeepSpeed, models, data) is touched, so a typo costs
 a one-line error instead of a crashed job an hour into the queue.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -23,6 +24,7 @@ __all__ = ["AdapterConfig", "Config", "ConfigError", "ModelConfig", "load_config
 @dataclass
 class ReferenceConfig:
     """Where the reference log-probs of DPO/IPO (and PLOT's ref_mix target) come from."""
+
     # engine: a frozen ZeRO-3 copy runs every step. cache: one pass before training writes them to
     # disk (keyed by data, tokenizer and reference fingerprints); no reference model is held
     # during training, and later runs on the same data reuse the file. none: never; an objective
@@ -75,7 +77,8 @@ class DataConfig:
         if self.max_prompt_length >= self.max_length:
             raise ConfigError(
                 f"data.max_prompt_length ({self.max_prompt_length}) must be smaller than "
-                f"data.max_length ({self.max_length}) to leave room for the response")
+                f"data.max_length ({self.max_length}) to leave room for the response"
+            )
         if self.eval_size < 0:
             raise ConfigError("data.eval_size: must be >= 0")
         if not self.assistant_marker:
@@ -136,21 +139,25 @@ class ObjectiveConfig:
         if self.terms is None:
             return
         if self.name is not None:
-            raise ConfigError(f"objective.name ({self.name}) and objective.terms are both set: use objective.terms "
-                              f"alone (e.g. {{{self.name}: 1.0, sft: 0.2}})")
+            raise ConfigError(
+                f"objective.name ({self.name}) and objective.terms are both set: use objective.terms "
+                f"alone (e.g. {{{self.name}: 1.0, sft: 0.2}})"
+            )
         if not self.terms:
             raise ConfigError("objective.terms: empty; name at least one term, or use objective.name: none")
         for term, weight in self.terms.items():
             if term not in TERMS:
                 raise ConfigError(f"objective.terms: unknown term '{term}' (known: {', '.join(TERMS)})")
             if weight <= 0:
-                raise ConfigError(f"objective.terms.{term}: the weight must be > 0 (got {weight}); leave the term out "
-                                  "to drop it")
+                raise ConfigError(
+                    f"objective.terms.{term}: the weight must be > 0 (got {weight}); leave the term out to drop it"
+                )
 
 
 @dataclass
 class PlotConfig:
     """The PLOT term; see docs/method.md for what each option means and costs."""
+
     enabled: bool = True
     alpha: float = 1.0
     # Support per position: the top_k tokens of p_t plus the target token; 0 = whole vocabulary.
@@ -200,8 +207,10 @@ class PlotConfig:
         if self.rejected_weight < 0:
             raise ConfigError("plot.rejected_weight: must be >= 0")
         if self.solver == "closed_form" and (self.target != "onehot" or self.granularity != "token"):
-            raise ConfigError("plot.solver: closed_form is exact only for target onehot at granularity "
-                              "token; use sinkhorn or emd (or auto)")
+            raise ConfigError(
+                "plot.solver: closed_form is exact only for target onehot at granularity "
+                "token; use sinkhorn or emd (or auto)"
+            )
 
 
 @dataclass
@@ -240,8 +249,7 @@ class TrainConfig:
     log_pair_ids: bool = False
 
     def validate(self) -> None:
-        for key in ("micro_batch_size", "gradient_accumulation_steps", "max_steps", "log_every",
-                    "eval_batch_size"):
+        for key in ("micro_batch_size", "gradient_accumulation_steps", "max_steps", "log_every", "eval_batch_size"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"train.{key}: must be >= 1 (got {getattr(self, key)})")
         if self.lr <= 0:
@@ -257,13 +265,13 @@ class TrainConfig:
         if self.eval_every < 0:
             raise ConfigError("train.eval_every: must be >= 0")
         if self.save_every < 0 or self.keep_last < 0 or self.max_consecutive_faults < 1:
-            raise ConfigError("train.save_every and train.keep_last must be >= 0, "
-                              "train.max_consecutive_faults >= 1")
+            raise ConfigError("train.save_every and train.keep_last must be >= 0, train.max_consecutive_faults >= 1")
 
 
 @dataclass
 class EvalConfig:
     """Beyond the held-out loss and rewards (train.eval_every, train.eval_batch_size)."""
+
     # Held-out prompts answered greedily and logged to TensorBoard as text.
     generations: int = 2
     # Held-out pairs with a reference answer (CHAMP `answer`, "#### answer") scored by generation.
@@ -293,10 +301,13 @@ class DeepSpeedConfig:
     zero3_leaf_modules: str = "auto"
 
     def validate(self) -> None:
-        if not self.zero3_leaf_modules.strip() or any(not name.strip().isidentifier()
-                                                      for name in self.zero3_leaf_modules.split(",")):
-            raise ConfigError(f"deepspeed.zero3_leaf_modules: {self.zero3_leaf_modules!r} is not auto, none "
-                              "or a comma-separated list of module class names")
+        if not self.zero3_leaf_modules.strip() or any(
+            not name.strip().isidentifier() for name in self.zero3_leaf_modules.split(",")
+        ):
+            raise ConfigError(
+                f"deepspeed.zero3_leaf_modules: {self.zero3_leaf_modules!r} is not auto, none "
+                "or a comma-separated list of module class names"
+            )
 
     def config_for(self, world_size: int, precision: str) -> str:
         """The DeepSpeed JSON this run uses; ``precision`` as resolved (bf16, fp16 or fp32)."""
@@ -332,26 +343,36 @@ class Config:
             if validate is not None:
                 validate()
         if self.reference.mode == "cache" and self.plot.active and self.plot.target == "ref_mix":
-            raise ConfigError("reference.mode: cache stores log-probs, but plot.target ref_mix needs the "
-                              "reference model's full distributions: use reference.mode engine")
+            raise ConfigError(
+                "reference.mode: cache stores log-probs, but plot.target ref_mix needs the "
+                "reference model's full distributions: use reference.mode engine"
+            )
         if not self.objective.term_weights() and not self.plot.active:
-            raise ConfigError("objective.name: none leaves nothing to train unless plot.enabled is true "
-                              "and plot.alpha > 0")
+            raise ConfigError(
+                "objective.name: none leaves nothing to train unless plot.enabled is true and plot.alpha > 0"
+            )
         if self.reference.mode == "none" and self.objective.needs_reference:
             needing = [t for t in self.objective.term_weights() if TERMS[t].reference]
-            raise ConfigError(f"reference.mode: none, but the objective's {', '.join(needing)} term(s) need reference "
-                              "log-probs: use reference.mode engine or cache, or drop those terms")
+            raise ConfigError(
+                f"reference.mode: none, but the objective's {', '.join(needing)} term(s) need reference "
+                "log-probs: use reference.mode engine or cache, or drop those terms"
+            )
         if self.adapter.active and self.deepspeed.zero3_leaf_modules not in ("auto", "none"):
-            raise ConfigError(f"deepspeed.zero3_leaf_modules {self.deepspeed.zero3_leaf_modules}: with adapter.method "
-                              "lora ZeRO-3 hooks every submodule (DeepSpeed 0.19's leaf gathering fails in the "
-                              "backward of frozen layers holding adapters); use auto or none")
+            raise ConfigError(
+                f"deepspeed.zero3_leaf_modules {self.deepspeed.zero3_leaf_modules}: with adapter.method "
+                "lora ZeRO-3 hooks every submodule (DeepSpeed 0.19's leaf gathering fails in the "
+                "backward of frozen layers holding adapters); use auto or none"
+            )
         if self.adapter.active and self.reference.offload and self.reference.name_or_path is None:
-            raise ConfigError("reference.offload: with adapter.method lora the reference is the policy's own base "
-                              "weights with the adapters off (nothing to offload); drop reference.offload, or "
-                              "name another reference.name_or_path")
+            raise ConfigError(
+                "reference.offload: with adapter.method lora the reference is the policy's own base "
+                "weights with the adapters off (nothing to offload); drop reference.offload, or "
+                "name another reference.name_or_path"
+            )
         if self.reference.mode == "none" and self.plot.active and self.plot.target == "ref_mix":
-            raise ConfigError("reference.mode: none, but plot.target ref_mix needs the reference model: use "
-                              "reference.mode engine")
+            raise ConfigError(
+                "reference.mode: none, but plot.target ref_mix needs the reference model: use reference.mode engine"
+            )
         return self
 
     def to_dict(self) -> dict:
@@ -359,8 +380,10 @@ class Config:
             if isinstance(value, tuple):
                 return list(value)
             return value
-        return {section: {k: plain(v) for k, v in values.items()}
-                for section, values in dataclasses.asdict(self).items()}
+
+        return {
+            section: {k: plain(v) for k, v in values.items()} for section, values in dataclasses.asdict(self).items()
+        }
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)

@@ -1,4 +1,5 @@
 """The config's model and adapter sections (``model``, ``adapter``); the rest is in ``config.py``."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ class ModelConfig:
 @dataclass
 class AdapterConfig:
     """Low-rank adapters (LoRA, through peft) on frozen base weights; plot_ds/adapters.py."""
+
     # none: every weight trains; lora: only the adapters (and modules_to_save). The reference is
     # then the base itself with the adapters off: no second copy of the weights, no second engine.
     method: Literal["none", "lora"] = "none"
@@ -58,5 +60,7 @@ class AdapterConfig:
         if isinstance(self.target_modules, list) and not self.target_modules:
             raise ConfigError("adapter.target_modules: empty; use all-linear or name modules, e.g. [q_proj, v_proj]")
         if self.quantize != "none" and not self.active:
-            raise ConfigError(f"adapter.quantize {self.quantize}: quantized base weights are frozen, so only "
-                              "adapters can train them; set adapter.method lora (QLoRA) or adapter.quantize none")
+            raise ConfigError(
+                f"adapter.quantize {self.quantize}: quantized base weights are frozen, so only "
+                "adapters can train them; set adapter.method lora (QLoRA) or adapter.quantize none"
+            )

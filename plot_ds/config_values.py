@@ -1,5 +1,6 @@
 """Config keys and values: dotted keys and YAML trees applied to a config of dataclass sections,
 each value checked against its annotated type and converted only where that is lossless."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -17,6 +18,7 @@ from .errors import UserError
 
 class ConfigError(UserError, ValueError):
     """A configuration key or value is wrong; the message names the key."""
+
     kind = "config"
 
 
@@ -49,8 +51,10 @@ def coerce(key: str, value: Any, expected: Any) -> Any:
         key_type, value_type = args
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping (e.g. {{dpo: 1.0, sft: 0.2}}), got {value!r}")
-        return {coerce(f"{key} (a name)", name, key_type): coerce(f"{key}.{name}", item, value_type)
-                for name, item in value.items()}
+        return {
+            coerce(f"{key} (a name)", name, key_type): coerce(f"{key}.{name}", item, value_type)
+            for name, item in value.items()
+        }
     if origin is list:
         if isinstance(value, str):  # a dotted override: comma-separated names
             value = [item.strip() for item in value.split(",") if item.strip()]
@@ -100,8 +104,9 @@ def apply_override(config, key: str, value: Any) -> None:
         sections = [f.name for f in dataclasses.fields(config)]
         if len(parts) == 1 and parts[0] in sections:
             raise ConfigError(f"'{key}' is a section; set its keys, e.g. '{key}.<key>'")
-        raise ConfigError(f"unknown config key '{key}': keys look like 'section.key' "
-                          f"with section one of {', '.join(sections)}")
+        raise ConfigError(
+            f"unknown config key '{key}': keys look like 'section.key' with section one of {', '.join(sections)}"
+        )
     section_name, name = parts
     section = getattr(config, section_name, None)
     if section is None or not dataclasses.is_dataclass(section):

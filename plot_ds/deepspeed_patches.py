@@ -16,6 +16,7 @@ once, naming them: DeepSpeed may have fixed what they work around, or moved what
 | ``skip_shm_op_build`` | ``deepspeed.comm.torch.build_shm_op`` | minutes of C++ compiling for an op training never calls |
 | ``tell_cpu_accelerator_local_size`` | ``LOCAL_SIZE``, read by the CPU accelerator | a subprocess per gradient bucket |
 """
+
 from __future__ import annotations
 
 import functools
@@ -31,19 +32,27 @@ import torch
 from .errors import CheckpointError
 
 CHECKED_VERSIONS = ("0.19.",)  # version prefixes: 0.19.0 to 0.19.8 read, 0.19.8 tested
-PATCHES = ("keep_one_fp32_copy", "hand_over_gradients_as_views", "forget_destroyed_engine",
-           "reading_checkpoints_as_data", "load_universal_next", "skip_shm_op_build",
-           "tell_cpu_accelerator_local_size")
+PATCHES = (
+    "keep_one_fp32_copy",
+    "hand_over_gradients_as_views",
+    "forget_destroyed_engine",
+    "reading_checkpoints_as_data",
+    "load_universal_next",
+    "skip_shm_op_build",
+    "tell_cpu_accelerator_local_size",
+)
 
 
 def version_warning(version: str) -> str | None:
     """The warning for a DeepSpeed ``version`` the patches were not checked on, else None."""
     if version.startswith(CHECKED_VERSIONS):
         return None
-    return (f"DeepSpeed {version}: plot_ds patches DeepSpeed internals ({', '.join(PATCHES)}) that were checked "
-            f"on DeepSpeed {', '.join(v + 'x' for v in CHECKED_VERSIONS)} only (plot_ds/deepspeed_patches.py "
-            "says why each exists). They are applied only where the code they wrap is found; check memory "
-            "(bench/zero3_memory.py) and the tests before trusting this version, or install deepspeed 0.19.x")
+    return (
+        f"DeepSpeed {version}: plot_ds patches DeepSpeed internals ({', '.join(PATCHES)}) that were checked "
+        f"on DeepSpeed {', '.join(v + 'x' for v in CHECKED_VERSIONS)} only (plot_ds/deepspeed_patches.py "
+        "says why each exists). They are applied only where the code they wrap is found; check memory "
+        "(bench/zero3_memory.py) and the tests before trusting this version, or install deepspeed 0.19.x"
+    )
 
 
 @functools.cache
@@ -84,6 +93,7 @@ def keep_one_fp32_copy() -> None:
                 return original(self)
             finally:
                 self.device = name
+
         return create_fp32_partitions
 
     _wrap_once(Stage3, "_create_fp32_partitions", make)
@@ -96,8 +106,12 @@ def contiguous_span(tensors: list[torch.Tensor]) -> torch.Tensor | None:
     first = tensors[0]
     storage, end = first.untyped_storage().data_ptr(), first.data_ptr()
     for tensor in tensors:
-        if (tensor.dtype != first.dtype or not tensor.is_contiguous() or tensor.data_ptr() != end
-                or tensor.untyped_storage().data_ptr() != storage):
+        if (
+            tensor.dtype != first.dtype
+            or not tensor.is_contiguous()
+            or tensor.data_ptr() != end
+            or tensor.untyped_storage().data_ptr() != storage
+        ):
             return None
         end += tensor.numel() * tensor.element_size()
     return first.as_strided((sum(t.numel() for t in tensors),), (1,))
@@ -119,11 +133,11 @@ def hand_over_gradients_as_views() -> None:
         def prepare_fp32_grad(self, sub_group_id):
             master = self.fp32_partitioned_groups_flat[sub_group_id]
             view = contiguous_span(self.averaged_gradients[sub_group_id])
-            if view is None or (view.dtype, view.device, view.numel()) != (master.dtype, master.device,
-                                                                           master.numel()):
+            if view is None or (view.dtype, view.device, view.numel()) != (master.dtype, master.device, master.numel()):
                 return original(self, sub_group_id)
             master.grad = view
             self.averaged_gradients[sub_group_id] = None
+
         return prepare_fp32_grad
 
     _wrap_once(Stage3, "_prepare_fp32_grad_for_sub_group", make)
@@ -196,7 +210,8 @@ def reading_checkpoints_as_data(engine=None) -> Iterator[None]:
     ``zero_to_fp32`` call directly, through the ``torch`` module they share."""
     if engine is not None:
         engine.checkpoint_engine.load = types.MethodType(
-            lambda self, path, map_location=None: load_as_data(path, map_location), engine.checkpoint_engine)
+            lambda self, path, map_location=None: load_as_data(path, map_location), engine.checkpoint_engine
+        )
     original, torch.load = torch.load, load_as_data
     try:
         yield
@@ -217,8 +232,15 @@ def convert_to_universal(source: str, target: str) -> None:
 
     from deepspeed.checkpoint import ds_to_universal
 
-    args = argparse.Namespace(input_folder=source, output_folder=target, num_extract_workers=1,
-                              num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=False)
+    args = argparse.Namespace(
+        input_folder=source,
+        output_folder=target,
+        num_extract_workers=1,
+        num_merge_workers=1,
+        keep_temp_folder=False,
+        strict=True,
+        inject_missing_state=False,
+    )
     with reading_checkpoints_as_data():
         ds_to_universal.main(args)
 

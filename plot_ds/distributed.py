@@ -2,6 +2,7 @@
 
 Devices and backends come from DeepSpeed's accelerator, so the same code runs on CUDA and CPU.
 """
+
 from __future__ import annotations
 
 import os
@@ -74,8 +75,9 @@ def init_distributed() -> DistInfo:
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
             os.environ.setdefault("MASTER_PORT", str(_free_port()))
     # DeepSpeed still calls the old collective names; torch warns on every call, every step.
-    warnings.filterwarnings("ignore", message=r".*is deprecated\. Please use `torch\.distributed\.",
-                            category=FutureWarning)
+    warnings.filterwarnings(
+        "ignore", message=r".*is deprecated\. Please use `torch\.distributed\.", category=FutureWarning
+    )
     accelerator = get_accelerator()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if accelerator.device_name() == "cpu":
@@ -83,12 +85,13 @@ def init_distributed() -> DistInfo:
         tell_cpu_accelerator_local_size()
     else:
         accelerator.set_device(local_rank)
-    deepspeed.init_distributed(dist_backend=accelerator.communication_backend_name(),
-                               auto_mpi_discovery=False, verbose=False)
-    device = torch.device(accelerator.device_name(local_rank) if accelerator.device_name() != "cpu"
-                          else "cpu")
-    return DistInfo(rank=int(os.environ["RANK"]), local_rank=local_rank,
-                    world_size=int(os.environ["WORLD_SIZE"]), device=device)
+    deepspeed.init_distributed(
+        dist_backend=accelerator.communication_backend_name(), auto_mpi_discovery=False, verbose=False
+    )
+    device = torch.device(accelerator.device_name(local_rank) if accelerator.device_name() != "cpu" else "cpu")
+    return DistInfo(
+        rank=int(os.environ["RANK"]), local_rank=local_rank, world_size=int(os.environ["WORLD_SIZE"]), device=device
+    )
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:

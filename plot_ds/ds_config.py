@@ -3,6 +3,7 @@ read from the working directory or from the copies shipped inside the package, a
 fields filled from the training config (a written value must agree with it). Precision is
 resolved once per run, here.
 """
+
 from __future__ import annotations
 
 import copy
@@ -33,8 +34,10 @@ def find_ds_config(path: str):
     packaged = packaged_ds_configs()
     if candidate.name in packaged and candidate.parent in (Path("."), Path(PACKAGED_FOLDER)):
         return packaged[candidate.name]
-    raise ConfigError(f"deepspeed.config: {path} not found (looked in the working directory {Path.cwd()} and, for "
-                      f"{PACKAGED_FOLDER}/<name>, among the packaged {', '.join(sorted(packaged))})")
+    raise ConfigError(
+        f"deepspeed.config: {path} not found (looked in the working directory {Path.cwd()} and, for "
+        f"{PACKAGED_FOLDER}/<name>, among the packaged {', '.join(sorted(packaged))})"
+    )
 
 
 def resolve_precision(precision: str) -> str:
@@ -54,21 +57,28 @@ def _fill(section: dict, key: str, value, where: str) -> None:
     current = section.get(key, "auto")
     if current == "auto":
         section[key] = value
-    elif current != value and not (isinstance(value, float) and isinstance(current, (int, float))
-                                   and math.isclose(current, value)):
-        raise ConfigError(f"{where}.{key} is {current!r} in the DeepSpeed config but the training "
-                          f"config gives {value!r}: set it to \"auto\" or make them agree")
+    elif current != value and not (
+        isinstance(value, float) and isinstance(current, (int, float)) and math.isclose(current, value)
+    ):
+        raise ConfigError(
+            f"{where}.{key} is {current!r} in the DeepSpeed config but the training "
+            f'config gives {value!r}: set it to "auto" or make them agree'
+        )
 
 
 # ZeRO sizes that scale with the model, as Hugging Face's integration sets them: buckets of one
 # hidden x hidden matrix, parameters below ten hidden vectors kept whole. Fixed 5e7-element buckets
 # would cost a small model more memory than its layers.
-MODEL_SIZED_ZERO = {"reduce_bucket_size": lambda h: h * h, "stage3_prefetch_bucket_size": lambda h: int(0.9 * h * h),
-                    "stage3_param_persistence_threshold": lambda h: 10 * h}
+MODEL_SIZED_ZERO = {
+    "reduce_bucket_size": lambda h: h * h,
+    "stage3_prefetch_bucket_size": lambda h: int(0.9 * h * h),
+    "stage3_param_persistence_threshold": lambda h: 10 * h,
+}
 
 
-def fill_ds_config(template: dict, train: TrainConfig, world_size: int, hidden_size: int | None = None,
-                   precision: str | None = None) -> dict:
+def fill_ds_config(
+    template: dict, train: TrainConfig, world_size: int, hidden_size: int | None = None, precision: str | None = None
+) -> dict:
     """``template`` with every "auto" field set; ``precision`` as resolved (default: resolved here)."""
     ds = copy.deepcopy(template)
     zero = ds.get("zero_optimization", {})
@@ -91,8 +101,9 @@ def fill_ds_config(template: dict, train: TrainConfig, world_size: int, hidden_s
         _fill(params, "weight_decay", float(train.weight_decay), "ds.optimizer.params")
     leftover = [k for k, v in _walk(ds) if v == "auto"]
     if leftover:
-        raise ConfigError(f"DeepSpeed config: no value known for {', '.join(leftover)}; "
-                          f"write a value instead of \"auto\"")
+        raise ConfigError(
+            f'DeepSpeed config: no value known for {", ".join(leftover)}; write a value instead of "auto"'
+        )
     return ds
 
 
@@ -157,8 +168,12 @@ def reference_ds_config(policy_ds: dict, offload: bool) -> dict:
     stage = 3 if zero_stage(policy_ds) == 3 else 0
     zero = {"stage": stage}
     if stage == 3:
-        keep = ("stage3_param_persistence_threshold", "stage3_prefetch_bucket_size",
-                "stage3_max_live_parameters", "stage3_max_reuse_distance")
+        keep = (
+            "stage3_param_persistence_threshold",
+            "stage3_prefetch_bucket_size",
+            "stage3_max_live_parameters",
+            "stage3_max_reuse_distance",
+        )
         zero.update({k: v for k, v in policy_ds["zero_optimization"].items() if k in keep})
         if offload:
             zero["offload_param"] = {"device": "cpu", "pin_memory": True}

@@ -20,6 +20,7 @@ micro-batch, the same on every rank):
 The full gather (``deepspeed.zero.GatheredParameters``) stays available as the reference path
 (``plot.embedding_gather: full``). Bytes are counted as received per rank (``slice_cost``).
 """
+
 from __future__ import annotations
 
 from dataclasses import replace
@@ -60,7 +61,7 @@ def _all_gather_varying(values: torch.Tensor, group) -> tuple[list[torch.Tensor]
     dist.all_gather(counts, count, group=group)
     counts = torch.cat(counts).tolist()
     padded = values.new_zeros(max(counts))
-    padded[:values.numel()] = values
+    padded[: values.numel()] = values
     gathered = [torch.zeros_like(padded) for _ in range(world)]
     dist.all_gather(gathered, padded, group=group)
     moved = all_gather_received(INDEX_BYTES + padded.numel() * padded.element_size(), world)
@@ -115,10 +116,18 @@ def _cosines_from_rows(rows_of, ids: torch.Tensor, targets: torch.Tensor, device
     unique, inverse = torch.unique(torch.cat([ids.flatten(), targets]), return_inverse=True)
     rows, moved = rows_of(unique)
     unit = F.normalize(rows.float(), dim=-1)
-    slots, target_slots = inverse[:ids.numel()].view_as(ids), inverse[ids.numel():]
+    slots, target_slots = inverse[: ids.numel()].view_as(ids), inverse[ids.numel() :]
     chunk = 256  # bounds the [chunk, K, d] gather
-    cosine = torch.cat([torch.einsum("nkd,nd->nk", unit[slots[i:i + chunk]], unit[target_slots[i:i + chunk]])
-                        for i in range(0, ids.shape[0], chunk)]) if ids.shape[0] else ids.new_zeros(ids.shape, dtype=torch.float32)
+    cosine = (
+        torch.cat(
+            [
+                torch.einsum("nkd,nd->nk", unit[slots[i : i + chunk]], unit[target_slots[i : i + chunk]])
+                for i in range(0, ids.shape[0], chunk)
+            ]
+        )
+        if ids.shape[0]
+        else ids.new_zeros(ids.shape, dtype=torch.float32)
+    )
     return cosine, moved
 
 
@@ -129,9 +138,14 @@ def _cosines_in_place(matrix: torch.Tensor, ids: torch.Tensor, targets: torch.Te
     bounded chunk of positions at a time, duplicates and all."""
     n, k = ids.shape
     chunk = max(1, (1 << 23) // max(1, k * matrix.shape[-1]))  # ~8M elements of [chunk, K, d] at a time
-    parts = [torch.einsum("nkd,nd->nk", F.normalize(matrix[ids[i:i + chunk]].float(), dim=-1),
-                          F.normalize(matrix[targets[i:i + chunk]].float(), dim=-1))
-             for i in range(0, n, chunk)]
+    parts = [
+        torch.einsum(
+            "nkd,nd->nk",
+            F.normalize(matrix[ids[i : i + chunk]].float(), dim=-1),
+            F.normalize(matrix[targets[i : i + chunk]].float(), dim=-1),
+        )
+        for i in range(0, n, chunk)
+    ]
     return torch.cat(parts) if parts else ids.new_zeros(ids.shape, dtype=torch.float32)
 
 
@@ -167,16 +181,16 @@ def _sliced_cosines(weight: torch.Tensor, ids: torch.Tensor, targets: torch.Tens
     here = touching[pair_slot].nonzero().squeeze(-1)  # pairs whose row has elements on this rank
     chunk = 4096
     for i in range(0, here.numel(), chunk):
-        pairs = here[i:i + chunk]
+        pairs = here[i : i + chunk]
         partial[pairs] = (owned[pair_slot[pairs]] * targets_fp32[pair_targets[pairs]]).sum(-1)
-    partial[every_key.numel():] = owned.pow(2).sum(-1)
+    partial[every_key.numel() :] = owned.pow(2).sum(-1)
     dist.all_reduce(partial, group=group)
     moved += all_reduce_received(partial.numel() * partial.element_size(), len(all_keys))
 
     start = sum(k.numel() for k in all_keys[:rank])
     mine = slice(start, start + pair_keys.numel())
     dots = partial[mine]
-    row_norms = partial[every_key.numel():].sqrt()[pair_slot[mine]]
+    row_norms = partial[every_key.numel() :].sqrt()[pair_slot[mine]]
     target_norms = targets_fp32.norm(dim=-1)[pair_targets[mine]]
     cosine = dots / (row_norms.clamp_min(1e-12) * target_norms.clamp_min(1e-12))
     return cosine[pair_of_entry].view_as(ids), moved
@@ -212,8 +226,7 @@ class EmbeddingRows:
         from .distributed import rank
 
         if rank() == 0:
-            print(f"[plot_ds] embedding slice: {path} (plot.embedding_gather: {self.path}; docs/method.md)",
-                  flush=True)
+            print(f"[plot_ds] embedding slice: {path} (plot.embedding_gather: {self.path}; docs/method.md)", flush=True)
 
     @property
     def last_path_code(self) -> float:
@@ -266,8 +279,9 @@ class EmbeddingRows:
         threshold = hot_threshold_of(self.weight, requesters)
         if shape is not None:
             hot = requesters.long() >= threshold
-            shape = replace(shape, hot_rows=float(hot.sum()),
-                            hot_wanted=float(requesters.long()[hot].sum()) / shape.ranks)
+            shape = replace(
+                shape, hot_rows=float(hot.sum()), hot_wanted=float(requesters.long()[hot].sum()) / shape.ranks
+            )
             if cheaper_path(shape, cosines, histogram_paid=True) == "allreduce":
                 return "allreduce", moved
         rows, fetched = all_to_all_rows(self.weight, ids, device, requesters, threshold)
@@ -293,8 +307,8 @@ class EmbeddingRows:
             return how[1][inverse], moved
         self.last_path = "allreduce"
         rows, rows_per_rank, fetched = _requested_rows(self.weight, ids, device)
-        start = sum(rows_per_rank[:dist.get_rank(group=self.weight.ds_process_group)])
-        return rows[start:start + ids.numel()], moved + fetched
+        start = sum(rows_per_rank[: dist.get_rank(group=self.weight.ds_process_group)])
+        return rows[start : start + ids.numel()], moved + fetched
 
     def _matrix_on(self, device: torch.device) -> torch.Tensor | None:
         """The whole matrix when this rank holds it on ``device`` and the slice path may read it in
@@ -317,7 +331,9 @@ class EmbeddingRows:
         return F.normalize(rows.float(), dim=-1)[inverse], moved
 
     @torch.no_grad()
-    def target_cosines(self, ids: torch.Tensor, targets: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, int]:
+    def target_cosines(
+        self, ids: torch.Tensor, targets: torch.Tensor, device: torch.device
+    ) -> tuple[torch.Tensor, int]:
         """cos(E_i, E_{targets[n]}) for every i in ids[n] ([N, K] -> [N, K] float32), all a point-mass
         target needs. Returns (cosines, bytes this rank's collectives moved)."""
         matrix = self._matrix_on(device)

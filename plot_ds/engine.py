@@ -3,6 +3,7 @@ evaluation). Each builder returns the engine and how its rows are laid out
 (``pair_forward.RowLayout``: prompt sharing, packing, or None), which the loss path is handed
 explicitly.
 """
+
 from __future__ import annotations
 
 import torch
@@ -42,9 +43,11 @@ def build_policy_engine(config: Config, ds_config: dict) -> tuple[object, RowLay
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     schedule = warmup_cosine(config.train)
     engine, *_ = deepspeed.initialize(
-        model=model, config=ds_config,
+        model=model,
+        config=ds_config,
         model_parameters=param_groups(model, config.train.weight_decay),
-        lr_scheduler=lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, schedule))
+        lr_scheduler=lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, schedule),
+    )
     # from_pretrained returns the model in eval mode: dropout and gradient checkpointing (which
     # transformers applies only to modules in training mode) would be silently off.
     engine.train()
@@ -53,8 +56,9 @@ def build_policy_engine(config: Config, ds_config: dict) -> tuple[object, RowLay
     return engine, row_layout(config, engine, wanted)
 
 
-def build_frozen_engine(config: Config, ds_config: dict, name_or_path: str | None = None,
-                        offload: bool = False) -> tuple[object, RowLayout]:
+def build_frozen_engine(
+    config: Config, ds_config: dict, name_or_path: str | None = None, offload: bool = False
+) -> tuple[object, RowLayout]:
     """A ZeRO-3 inference engine (no optimizer): the reference model, or a model under evaluation."""
     import deepspeed
 

@@ -17,6 +17,7 @@ line, after the same quiet wait, and leave with ``EXIT_PEER_LOST``; the rank tha
 
 This module imports nothing of plot_ds: every module may raise these.
 """
+
 from __future__ import annotations
 
 import functools
@@ -26,33 +27,42 @@ import sys
 import threading
 import time
 
-EXIT_INPUT = 2   # config, data, model or checkpoint input the user can fix
-EXIT_WRITE = 4   # a write failed: disk full, permission, quota (nothing already saved was lost)
+EXIT_INPUT = 2  # config, data, model or checkpoint input the user can fix
+EXIT_WRITE = 4  # a write failed: disk full, permission, quota (nothing already saved was lost)
 EXIT_PEER_LOST = 5  # another rank left a collective this one was in (that rank's output says why)
 QUIET_SECONDS = 5.0
 # How a collective fails when a peer process is gone (gloo, NCCL).
-PEER_LOST_WORDS = ("Connection closed by peer", "Connection reset by peer", "remote worker crashing",
-                   "remote process exited", "NCCL communicator was aborted")
+PEER_LOST_WORDS = (
+    "Connection closed by peer",
+    "Connection reset by peer",
+    "remote worker crashing",
+    "remote process exited",
+    "NCCL communicator was aborted",
+)
 
 
 class UserError(Exception):
     """An error the user can fix; the message says what, where and what to do."""
+
     kind = "input"
     exit_status = EXIT_INPUT
 
 
 class ModelError(UserError):
     """The model or tokenizer named by ``model.*`` cannot be used as configured."""
+
     kind = "model"
 
 
 class CheckpointError(UserError):
     """A checkpoint cannot be used; the message says which and why."""
+
     kind = "checkpoint"
 
 
 class WriteError(UserError):
     """Writing an output failed (full disk, permission, quota); the message names the path."""
+
     kind = "write"
     exit_status = EXIT_WRITE
 
@@ -92,21 +102,29 @@ def report(prog: str, err: UserError) -> None:
 
 def peer_lost(err: BaseException) -> bool:
     """Whether ``err`` is a collective of a multi-rank job failing because a peer process is gone."""
-    return (isinstance(err, RuntimeError) and launcher_world_size() > 1
-            and any(words in str(err) for words in PEER_LOST_WORDS))
+    return (
+        isinstance(err, RuntimeError)
+        and launcher_world_size() > 1
+        and any(words in str(err) for words in PEER_LOST_WORDS)
+    )
 
 
 def report_peer_lost(prog: str, err: RuntimeError) -> None:
     _wait_for_the_launcher()
     first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    print(f"[rank {launcher_rank()}] {prog}: stopped: another rank left a collective this one was in "
-          f"({first_line}); that rank's output says why", file=sys.stderr, flush=True)
+    print(
+        f"[rank {launcher_rank()}] {prog}: stopped: another rank left a collective this one was in "
+        f"({first_line}); that rank's output says why",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 def user_errors(prog: str):
     """Decorate an entry point (``main(argv) -> int``) with the policy. In a multi-rank job the
     process leaves with ``os._exit``: a rank whose peers wait in a collective must not wait with
     them in the process group's teardown."""
+
     def wrap(main):
         @functools.wraps(main)
         def entry(*args, **kwargs):
@@ -124,5 +142,7 @@ def user_errors(prog: str):
                 report_peer_lost(prog, err)
                 sys.stdout.flush()
                 os._exit(EXIT_PEER_LOST)
+
         return entry
+
     return wrap

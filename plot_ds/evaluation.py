@@ -1,5 +1,6 @@
 """Held-out evaluation: the objective's loss, rewards and log-probs over all held-out pairs, and
 greedy generations with final-answer accuracy where the data has reference answers."""
+
 from __future__ import annotations
 
 import json
@@ -43,8 +44,16 @@ def evaluate(run, examples: list[TokenizedPair], split: str = "eval") -> dict[st
 
 # ------------------------------------------------------------------------------ generation
 @torch.no_grad()
-def generate(policy, examples: list[TokenizedPair], pad_id: int, eos_id: int, max_new_tokens: int,
-             rank: int, world_size: int, batch_size: int) -> list[list[int]]:
+def generate(
+    policy,
+    examples: list[TokenizedPair],
+    pad_id: int,
+    eos_id: int,
+    max_new_tokens: int,
+    rank: int,
+    world_size: int,
+    batch_size: int,
+) -> list[list[int]]:
     """Greedy continuations of the examples' prompts, computed in shards on every rank (ZeRO-3
     ranks generate in lockstep: synced_gpus) and gathered on every rank, in order."""
     import torch.distributed as torch_dist
@@ -60,14 +69,21 @@ def generate(policy, examples: list[TokenizedPair], pad_id: int, eos_id: int, ma
         input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
         attention_mask = torch.zeros_like(input_ids)
         for row, prompt in enumerate(prompts):  # left padding: continuations start together
-            input_ids[row, width - len(prompt):] = torch.tensor(prompt)
-            attention_mask[row, width - len(prompt):] = 1
-        output = model.generate(input_ids=input_ids.to(policy.device), attention_mask=attention_mask.to(policy.device),
-                                max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id,
-                                eos_token_id=eos_id, synced_gpus=synced, use_cache=True)
+            input_ids[row, width - len(prompt) :] = torch.tensor(prompt)
+            attention_mask[row, width - len(prompt) :] = 1
+        output = model.generate(
+            input_ids=input_ids.to(policy.device),
+            attention_mask=attention_mask.to(policy.device),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=pad_id,
+            eos_token_id=eos_id,
+            synced_gpus=synced,
+            use_cache=True,
+        )
         for row, index in enumerate(indices):
             tokens = output[row, width:].tolist()
-            mine[index] = tokens[:tokens.index(eos_id)] if eos_id in tokens else tokens
+            mine[index] = tokens[: tokens.index(eos_id)] if eos_id in tokens else tokens
     model.train(was_training)
     if world_size > 1:
         gathered: list = [None] * world_size
@@ -77,34 +93,49 @@ def generate(policy, examples: list[TokenizedPair], pad_id: int, eos_id: int, ma
     return [mine[i] for i in range(len(examples))]
 
 
-def generation_report(policy, tokenizer, examples: list[TokenizedPair], config, rank: int,
-                      world_size: int) -> tuple[dict[str, float], list[dict]]:
+def generation_report(
+    policy, tokenizer, examples: list[TokenizedPair], config, rank: int, world_size: int
+) -> tuple[dict[str, float], list[dict]]:
     """Greedy generations for ``eval.generations`` held-out prompts, and answer accuracy on up to
     ``eval.answer_samples`` held-out pairs that carry a reference answer."""
-    with_answers = [ex for ex in examples if ex.answer][:config.eval.answer_samples]
-    shown = examples[:config.eval.generations]
+    with_answers = [ex for ex in examples if ex.answer][: config.eval.answer_samples]
+    shown = examples[: config.eval.generations]
     chosen = shown + [ex for ex in with_answers if ex not in shown]
     if not chosen:
         return {}, []
-    outputs = generate(policy, chosen, tokenizer.pad_token_id, tokenizer.eos_token_id, config.eval.max_new_tokens,
-                       rank, world_size, config.train.eval_batch_size)
+    outputs = generate(
+        policy,
+        chosen,
+        tokenizer.pad_token_id,
+        tokenizer.eos_token_id,
+        config.eval.max_new_tokens,
+        rank,
+        world_size,
+        config.train.eval_batch_size,
+    )
     texts = [tokenizer.decode(tokens, skip_special_tokens=True) for tokens in outputs]
     records, correct, extracted = [], 0, 0
     for example, text in zip(chosen, texts):
-        record = {"id": example.id, "prompt": tokenizer.decode(example.prompt_ids, skip_special_tokens=True),
-                  "generation": text}
+        record = {
+            "id": example.id,
+            "prompt": tokenizer.decode(example.prompt_ids, skip_special_tokens=True),
+            "generation": text,
+        }
         if example in with_answers:
             found = extract_final_answer(text)
-            record.update(reference_answer=example.answer, extracted_answer=found,
-                          correct=answer_matches(text, example.answer))
+            record.update(
+                reference_answer=example.answer, extracted_answer=found, correct=answer_matches(text, example.answer)
+            )
             correct += record["correct"]
             extracted += found is not None
         records.append(record)
     metrics = {}
     if with_answers:
-        metrics = {"eval/answer_accuracy": correct / len(with_answers),
-                   "eval/answer_extracted": extracted / len(with_answers),
-                   "eval/answer_samples": float(len(with_answers))}
+        metrics = {
+            "eval/answer_accuracy": correct / len(with_answers),
+            "eval/answer_extracted": extracted / len(with_answers),
+            "eval/answer_samples": float(len(with_answers)),
+        }
     return metrics, records
 
 
@@ -123,12 +154,18 @@ def evaluate_model(config, model_path: str, output: Path) -> dict:
     metrics against the configured reference, and generations with answer accuracy. Writes JSON."""
     run = setup_run(config, frozen_model=model_path)
     results = evaluate(run, run.eval_examples)
-    answer_metrics, generations = generation_report(run.policy, run.tokenizer, run.eval_examples, config,
-                                                    run.dist.rank, run.dist.world_size)
+    answer_metrics, generations = generation_report(
+        run.policy, run.tokenizer, run.eval_examples, config, run.dist.rank, run.dist.world_size
+    )
     results.update(answer_metrics)
-    report = {"model": str(model_path), "reference": config.reference.name_or_path or config.model.name_or_path,
-              "objective": config.objective.label, "held_out_pairs": len(run.eval_examples), "metrics": results,
-              "generations": generations}
+    report = {
+        "model": str(model_path),
+        "reference": config.reference.name_or_path or config.model.name_or_path,
+        "objective": config.objective.label,
+        "held_out_pairs": len(run.eval_examples),
+        "metrics": results,
+        "generations": generations,
+    }
     if run.dist.is_main:
         write_text_atomically(Path(output), json.dumps(report, indent=2))
     return report

@@ -7,6 +7,7 @@ global table, and a micro-batch knows where its own pairs sit in it. Ties in a s
 the pair's index in the dataset, so ranks (and gradients) do not depend on how the batch is split.
 The table holds the global batch's pairs, six numbers each, whatever the number of ranks.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -17,8 +18,9 @@ from .logprobs import PairLogps
 from .pair_batch import GlobalPairs, PairBatch
 
 
-def table_rows(policy: PairLogps, reference: PairLogps | None, example_index: torch.Tensor, filler: bool,
-               slots: int) -> torch.Tensor:
+def table_rows(
+    policy: PairLogps, reference: PairLogps | None, example_index: torch.Tensor, filler: bool, slots: int
+) -> torch.Tensor:
     """One micro-batch's rows of its rank's table (its pairs' indices in the dataset; a filler's
     rows invalid), padded to ``slots`` invalid rows."""
     pairs, column = policy.chosen.shape[0], GlobalPairs.COLUMNS.index
@@ -45,8 +47,9 @@ def gather_table(rows: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat(parts)
 
 
-def micro_batch_positions(rank: int, slots_per_rank: int, micro_batch: int, micro_size: int, pairs: int,
-                          filler: bool, device) -> torch.Tensor:
+def micro_batch_positions(
+    rank: int, slots_per_rank: int, micro_batch: int, micro_size: int, pairs: int, filler: bool, device
+) -> torch.Tensor:
     """The table rows of micro-batch ``micro_batch`` (``pairs`` pairs) of ``rank``."""
     if filler:
         return torch.full((pairs,), -1, dtype=torch.long, device=device)
@@ -57,20 +60,28 @@ def micro_batch_positions(rank: int, slots_per_rank: int, micro_batch: int, micr
 @dataclass
 class BatchTable:
     """The gathered table of one step (or one evaluation), and how to find a micro-batch's rows."""
+
     table: torch.Tensor
     rank: int
-    micro_size: int      # slots per micro-batch
+    micro_size: int  # slots per micro-batch
     slots_per_rank: int
 
     def for_micro_batch(self, index: int, batch: PairBatch) -> GlobalPairs:
-        return GlobalPairs(self.table, micro_batch_positions(self.rank, self.slots_per_rank, index, self.micro_size,
-                                                             batch.pairs, batch.filler, self.table.device))
+        return GlobalPairs(
+            self.table,
+            micro_batch_positions(
+                self.rank, self.slots_per_rank, index, self.micro_size, batch.pairs, batch.filler, self.table.device
+            ),
+        )
 
 
-def gather_batch_table(logps: list[tuple[PairLogps, PairLogps | None, PairBatch]], micro_size: int,
-                       rank: int) -> BatchTable:
+def gather_batch_table(
+    logps: list[tuple[PairLogps, PairLogps | None, PairBatch]], micro_size: int, rank: int
+) -> BatchTable:
     """The global table from this rank's micro-batches, in order: (policy, reference log-probs,
     the batch) each."""
-    rows = [table_rows(policy, reference, batch.example_index, batch.filler, micro_size)
-            for policy, reference, batch in logps]
+    rows = [
+        table_rows(policy, reference, batch.example_index, batch.filler, micro_size)
+        for policy, reference, batch in logps
+    ]
     return BatchTable(gather_table(rows), rank, micro_size, micro_size * len(rows))

@@ -1,5 +1,6 @@
 """Hugging Face folders (safetensors weights, config, generation config, tokenizer; tied
 embeddings stored once) from a live engine or from a checkpoint on disk, written whole or not at all."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -31,14 +32,16 @@ def export_checkpoint(directory: Path, target: Path) -> Path:
     base = resolve_model_path(config.model.name_or_path)
     if config.adapter.active:
         return _export_adapted_checkpoint(directory, config, base, state, Path(target))
-    model_config = AutoConfig.from_pretrained(base, revision=config.model.revision,
-                                              trust_remote_code=config.model.trust_remote_code)
+    model_config = AutoConfig.from_pretrained(
+        base, revision=config.model.revision, trust_remote_code=config.model.trust_remote_code
+    )
     model = AutoModelForCausalLM.from_config(model_config, trust_remote_code=config.model.trust_remote_code)
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not (model_config.tie_word_embeddings and k == "lm_head.weight")]
     if missing or unexpected:
-        raise CheckpointError(f"{directory}: weights do not fit {base}: missing {missing[:5]}, "
-                              f"unexpected {unexpected[:5]}")
+        raise CheckpointError(
+            f"{directory}: weights do not fit {base}: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
     model.tie_weights()
     with atomic_folder(target) as staging:
         model.save_pretrained(staging, safe_serialization=True)
@@ -56,14 +59,17 @@ def _export_adapted_checkpoint(directory: Path, config, base: str, state: dict, 
     is read from its own folder in fp32, the trained tensors put in, then both folders written."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(base, revision=config.model.revision, dtype=torch.float32,
-                                                 trust_remote_code=config.model.trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(
+        base, revision=config.model.revision, dtype=torch.float32, trust_remote_code=config.model.trust_remote_code
+    )
     add_adapters(model, config.adapter, torch.float32)
     trained = [name for name, param in model.named_parameters() if param.requires_grad]
     absent = [name for name in trained if name not in state]
     if absent:
-        raise CheckpointError(f"{directory}: its adapter weights do not fit adapter settings of its config.yaml "
-                              f"(missing {absent[:5]}); it was written by another adapter configuration")
+        raise CheckpointError(
+            f"{directory}: its adapter weights do not fit adapter settings of its config.yaml "
+            f"(missing {absent[:5]}); it was written by another adapter configuration"
+        )
     model.load_state_dict({name: state[name] for name in trained}, strict=False)
     tokenizer = load_tokenizer(config)
     save_adapter_folder(model, tokenizer, adapter_folder_for(target), is_main=True)

@@ -1,4 +1,5 @@
 """Host memory: freed pages handed back to the OS (and device blocks from the caching allocator), and\nthe peak a process reached."""
+
 from __future__ import annotations
 
 import functools

@@ -1,6 +1,7 @@
 """A file to hand launchers that start a script (torchrun FILE, deepspeed FILE, mpirun python FILE,
 srun --mpi=pmix python FILE): ``FILE train ARGS`` is plot-train, ``FILE compare-eval ARGS`` is plot-compare's
 evaluation of one model. Imports are absolute: the file runs as a script, outside its package."""
+
 import os
 import sys
 

@@ -5,6 +5,7 @@ keeps only the [N, V] logits for its backward (no float32 copy, no saved softmax
 top-k supports in the same pass. How a model's forward produces those logits (the LM head only on
 response positions, prompt sharing) is ``pair_forward``'s concern.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ def to_device(tensor: torch.Tensor, device) -> torch.Tensor:
 @dataclass
 class ResponseTokens:
     """The N response positions of a batch: ``logits[rows, cols]`` predicts ``targets``."""
+
     rows: torch.Tensor
     cols: torch.Tensor
     targets: torch.Tensor
@@ -42,8 +44,9 @@ class ResponseTokens:
         return cls(rows, cols, shifted[rows, cols], labels.shape[0])
 
     def to(self, device) -> "ResponseTokens":
-        return ResponseTokens(to_device(self.rows, device), to_device(self.cols, device),
-                              to_device(self.targets, device), self.n_rows)
+        return ResponseTokens(
+            to_device(self.rows, device), to_device(self.cols, device), to_device(self.targets, device), self.n_rows
+        )
 
     def select(self, per_position: torch.Tensor) -> torch.Tensor:
         """[rows, length, ...] -> [N, ...]: the entries at the response positions."""
@@ -54,14 +57,16 @@ class ResponseTokens:
 
     def row_counts(self) -> torch.Tensor:
         return torch.zeros(self.n_rows, dtype=torch.long, device=self.rows.device).index_add(
-            0, self.rows, torch.ones_like(self.rows))
+            0, self.rows, torch.ones_like(self.rows)
+        )
 
 
 @dataclass
 class SupportLogits:
     """Per response position: the ids of its ``k`` most likely tokens, then its target token, and
     their logits (float32, carrying gradient to the head): all PLOT reads of a top-k support."""
-    ids: torch.Tensor     # [N, k + 1]
+
+    ids: torch.Tensor  # [N, k + 1]
     logits: torch.Tensor  # [N, k + 1] float32
 
 
@@ -77,8 +82,9 @@ class TargetLogProb(torch.autograd.Function):
     for logits nothing reads after the backward."""
 
     @staticmethod
-    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, chunk: int, in_place_grad: bool = False,
-                top_k: int = 0):
+    def forward(
+        ctx, logits: torch.Tensor, targets: torch.Tensor, chunk: int, in_place_grad: bool = False, top_k: int = 0
+    ):
         n = logits.shape[0]
         logsumexp = torch.empty(n, device=logits.device, dtype=torch.float32)
         picked = torch.empty(n, device=logits.device, dtype=torch.float32)
@@ -132,13 +138,15 @@ def saved_by_its_own_node(tensor: torch.Tensor) -> bool:
     return False
 
 
-def target_logps(logits: torch.Tensor, targets: torch.Tensor, chunk: int = 256,
-                 in_place_grad: bool = False) -> torch.Tensor:
+def target_logps(
+    logits: torch.Tensor, targets: torch.Tensor, chunk: int = 256, in_place_grad: bool = False
+) -> torch.Tensor:
     return TargetLogProb.apply(logits, targets, chunk, in_place_grad)[0]
 
 
-def target_logps_and_support(logits: torch.Tensor, targets: torch.Tensor, top_k: int, chunk: int = 256,
-                             in_place_grad: bool = False) -> tuple[torch.Tensor, SupportLogits]:
+def target_logps_and_support(
+    logits: torch.Tensor, targets: torch.Tensor, top_k: int, chunk: int = 256, in_place_grad: bool = False
+) -> tuple[torch.Tensor, SupportLogits]:
     """``target_logps`` and the rows' top-``top_k`` ``SupportLogits`` in one pass over the logits."""
     logps, support_logits, support_ids = TargetLogProb.apply(logits, targets, chunk, in_place_grad, top_k)
     return logps, SupportLogits(support_ids, support_logits)
@@ -149,8 +157,11 @@ def top_k_support(logits: torch.Tensor, targets: torch.Tensor, top_k: int, chunk
     ``target_logps_and_support`` reads them in its log-prob pass instead. The top-k runs on bounded
     chunks without autograd."""
     with torch.no_grad():
-        top = torch.cat([logits[i:i + chunk].topk(top_k, dim=-1).indices
-                         for i in range(0, logits.shape[0], chunk)]) if logits.shape[0] else targets.new_zeros(0, top_k)
+        top = (
+            torch.cat([logits[i : i + chunk].topk(top_k, dim=-1).indices for i in range(0, logits.shape[0], chunk)])
+            if logits.shape[0]
+            else targets.new_zeros(0, top_k)
+        )
     ids = torch.cat([top, targets.unsqueeze(-1)], dim=-1)
     return SupportLogits(ids, logits.gather(-1, ids).float())
 
@@ -158,6 +169,7 @@ def top_k_support(logits: torch.Tensor, targets: torch.Tensor, top_k: int, chunk
 @dataclass
 class PairLogps:
     """Summed response log-probs and response token counts of the pairs of a micro-batch."""
+
     chosen: torch.Tensor
     rejected: torch.Tensor
     chosen_tokens: torch.Tensor
@@ -174,6 +186,7 @@ class PairLogps:
 class PairOutputs:
     """A model's outputs on a collated batch: log-probs, and where a loss needs them the [N, V]
     logits at the response positions or each position's top-k ``SupportLogits``."""
+
     logps: PairLogps
     logits: torch.Tensor | None
     tokens: ResponseTokens

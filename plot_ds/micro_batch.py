@@ -2,6 +2,7 @@
 objective, its loss and metrics. Training (``training.train_step``), evaluation, the global-batch
 pre-pass and the reference cache all call ``forward_micro_batch``; ``micro_batch_results`` walks
 one rank's share of a global batch (or of the held-out pairs) through it."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ class PairModels:
     """The models a micro-batch runs through: the policy engine laid out as ``layout``, the
     reference (none when the objective needs none), and which split's pairs they see (a cached
     reference holds each split's log-probs)."""
+
     policy: object
     layout: RowLayout = None
     reference: Reference | None = None
@@ -38,8 +40,14 @@ class MicroBatchResult:
 TotalsFor = Union[GlobalTotals, Callable[[PairOutputs, Union[PairOutputs, None]], GlobalTotals]]
 
 
-def forward_micro_batch(models: PairModels, batch: PairBatch, needs: ForwardNeeds, objective=None,
-                        totals: TotalsFor | None = None, reference_out: PairOutputs | None = None) -> MicroBatchResult:
+def forward_micro_batch(
+    models: PairModels,
+    batch: PairBatch,
+    needs: ForwardNeeds,
+    objective=None,
+    totals: TotalsFor | None = None,
+    reference_out: PairOutputs | None = None,
+) -> MicroBatchResult:
     """``batch`` through the reference (unless ``reference_out`` is given) and the policy, then, with
     an ``objective``, its loss and metrics over ``totals`` (or over what ``totals`` makes of the two
     outputs, for a global table gathered right after the forward). A filler batch's loss and metrics
@@ -59,20 +67,28 @@ def forward_micro_batch(models: PairModels, batch: PairBatch, needs: ForwardNeed
 
 
 @torch.no_grad()
-def pre_pass(models: PairModels, batches: list[PairBatch], needs: ForwardNeeds, micro_size: int,
-             rank: int) -> tuple[BatchTable, list[PairOutputs | None]]:
+def pre_pass(
+    models: PairModels, batches: list[PairBatch], needs: ForwardNeeds, micro_size: int, rank: int
+) -> tuple[BatchTable, list[PairOutputs | None]]:
     """A forward without gradients over every batch, for the global table before any loss: the
     later micro-batches of an accumulating step are not computed when the first one's loss is.
     Returns the table and the reference outputs (log-probs only: reusable unless the objective
     reads the reference's logits)."""
     results = [forward_micro_batch(models, batch, needs.logps_only()) for batch in batches]
-    table = gather_batch_table([(result.policy.logps, result.reference.logps if result.reference else None, batch)
-                                for result, batch in zip(results, batches)], micro_size, rank)
+    table = gather_batch_table(
+        [
+            (result.policy.logps, result.reference.logps if result.reference else None, batch)
+            for result, batch in zip(results, batches)
+        ],
+        micro_size,
+        rank,
+    )
     return table, [None if needs.reference_logits else result.reference for result in results]
 
 
-def micro_batch_results(models: PairModels, batches: list[PairBatch], objective, totals: GlobalTotals,
-                        micro_size: int, rank: int) -> Iterator[MicroBatchResult]:
+def micro_batch_results(
+    models: PairModels, batches: list[PairBatch], objective, totals: GlobalTotals, micro_size: int, rank: int
+) -> Iterator[MicroBatchResult]:
     """Each micro-batch's loss and metrics in turn (a training loop runs its backward before the
     next forward). A term over the global batch (``needs.global_batch``) gets the gathered table:
     from a pre-pass when this rank has several micro-batches, else right after the one forward."""
@@ -85,8 +101,11 @@ def micro_batch_results(models: PairModels, batches: list[PairBatch], objective,
         if needs.global_batch and table is not None:
             batch_totals = totals.with_batch(table.for_micro_batch(index, batch))
         elif needs.global_batch:  # this rank's whole share is this one forward: gather right after it
+
             def batch_totals(policy_out, reference_out, batch=batch, index=index):
-                gathered = gather_batch_table([(policy_out.logps, reference_out.logps if reference_out else None,
-                                                batch)], micro_size, rank)
+                gathered = gather_batch_table(
+                    [(policy_out.logps, reference_out.logps if reference_out else None, batch)], micro_size, rank
+                )
                 return totals.with_batch(gathered.for_micro_batch(index, batch))
+
         yield forward_micro_batch(models, batch, needs, objective, batch_totals, references[index])

@@ -3,6 +3,7 @@
 Metric names follow TRL (``docs/monitoring.md``: ``rewards/margins``,
 ``logps/chosen``...). Values arrive already reduced over ranks (see ``reduce_metrics``).
 """
+
 from __future__ import annotations
 
 import json
@@ -27,8 +28,12 @@ def reduce_metrics(sums: dict[str, torch.Tensor]) -> dict[str, float]:
 
 
 class RunMonitor:
-    PROGRESS_FIELDS = {"loss/total": "loss", "rewards/accuracies": "acc", "lr": "lr",
-                       "throughput/tokens_per_s": "tok/s"}
+    PROGRESS_FIELDS = {
+        "loss/total": "loss",
+        "rewards/accuracies": "acc",
+        "lr": "lr",
+        "throughput/tokens_per_s": "tok/s",
+    }
 
     def __init__(self, log_dir: Path, total_steps: int, enabled: bool, tensorboard: bool):
         self.enabled = enabled
@@ -39,13 +44,21 @@ class RunMonitor:
             return
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
+
             self.writer = SummaryWriter(log_dir=str(log_dir))
         from tqdm.auto import tqdm
+
         # A log file (Slurm, nohup) gets an ASCII bar: block characters split across the buffered
         # writes of several ranks sharing one file come out as invalid UTF-8.
         interactive = sys.stderr.isatty()
-        self.bar = tqdm(total=total_steps, desc="train", unit="step", dynamic_ncols=True,
-                        ascii=not interactive, mininterval=0.1 if interactive else 5.0)
+        self.bar = tqdm(
+            total=total_steps,
+            desc="train",
+            unit="step",
+            dynamic_ncols=True,
+            ascii=not interactive,
+            mininterval=0.1 if interactive else 5.0,
+        )
         self._tokens, self._pairs, self._steps, self._since = 0.0, 0.0, 0, time.perf_counter()
 
     def count(self, tokens: float, pairs: float) -> None:
@@ -58,8 +71,11 @@ class RunMonitor:
         """Tokens and pairs per second since the last call (all ranks' work, wall time on rank 0)."""
         now = time.perf_counter()
         seconds = max(now - self._since, 1e-9)
-        rates = {"throughput/tokens_per_s": self._tokens / seconds, "throughput/pairs_per_s": self._pairs / seconds,
-                 "throughput/seconds_per_step": seconds / max(self._steps, 1)}
+        rates = {
+            "throughput/tokens_per_s": self._tokens / seconds,
+            "throughput/pairs_per_s": self._pairs / seconds,
+            "throughput/seconds_per_step": seconds / max(self._steps, 1),
+        }
         self._tokens, self._pairs, self._steps, self._since = 0.0, 0.0, 0, now
         return rates
 
@@ -69,8 +85,7 @@ class RunMonitor:
         if self.writer is not None:
             for name, value in metrics.items():
                 self.writer.add_scalar(name, value, step)
-        shown = {label: f"{metrics[name]:.4g}" for name, label in self.PROGRESS_FIELDS.items()
-                 if name in metrics}
+        shown = {label: f"{metrics[name]:.4g}" for name, label in self.PROGRESS_FIELDS.items() if name in metrics}
         if shown:
             self.bar.set_postfix(shown, refresh=False)
 
@@ -104,8 +119,11 @@ class StepLog:
             return
         kept = []
         if self.path.is_file() and resume_step > 0:
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line)["step"] <= resume_step]
+            kept = [
+                line
+                for line in self.path.read_text().splitlines()
+                if line.strip() and json.loads(line)["step"] <= resume_step
+            ]
         self.path.write_text("".join(line + "\n" for line in kept))
         self.handle = self.path.open("a", encoding="utf-8")
 

@@ -7,6 +7,7 @@ per-pair summed log-probs of one micro-batch and ``totals`` the counts of the wh
 micro-batch divided by a global count, so summing them over micro-batches and ranks gives the exact global mean: the
 gradient of a step does not depend on how the global batch is split.
 """
+
 from __future__ import annotations
 
 import torch
@@ -25,8 +26,10 @@ def needs_of(term: str) -> ForwardNeeds:
 
 
 def _logp_metrics(policy: PairLogps, totals: GlobalTotals) -> dict[str, torch.Tensor]:
-    return {"logps/chosen": policy.chosen.detach().sum() / totals.pairs,
-            "logps/rejected": policy.rejected.detach().sum() / totals.pairs}
+    return {
+        "logps/chosen": policy.chosen.detach().sum() / totals.pairs,
+        "logps/rejected": policy.rejected.detach().sum() / totals.pairs,
+    }
 
 
 def _reward_metrics(chosen_rewards, rejected_rewards, policy, totals) -> dict[str, torch.Tensor]:
@@ -46,6 +49,7 @@ def _mean_logps(logps: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
 
 class SFTLoss(nn.Module):
     """Mean negative log-likelihood of the chosen response tokens of the global batch."""
+
     needs = needs_of("sft")
 
     def forward(self, policy: PairLogps, reference: PairLogps | None, totals: GlobalTotals):
@@ -56,6 +60,7 @@ class SFTLoss(nn.Module):
 class DPOLoss(nn.Module):
     """-log sigmoid(beta * (chosen log-ratio - rejected log-ratio)), with label smoothing
     (conservative DPO: a label is flipped with probability ``label_smoothing``)."""
+
     needs = needs_of("dpo")
 
     def __init__(self, beta: float, label_smoothing: float = 0.0):
@@ -67,13 +72,13 @@ class DPOLoss(nn.Module):
         rejected_rewards = self.beta * (policy.rejected - reference.rejected)
         logits = chosen_rewards - rejected_rewards
         # logsigmoid is stable for any margin: no overflow at |logits| >> 1.
-        losses = (-(1 - self.label_smoothing) * F.logsigmoid(logits)
-                  - self.label_smoothing * F.logsigmoid(-logits))
+        losses = -(1 - self.label_smoothing) * F.logsigmoid(logits) - self.label_smoothing * F.logsigmoid(-logits)
         return losses.sum() / totals.pairs, _reward_metrics(chosen_rewards, rejected_rewards, policy, totals)
 
 
 class IPOLoss(nn.Module):
     """(h - 1/(2 beta))^2 with h the difference of length-averaged log-ratios (IPO, Azar et al.)."""
+
     needs = needs_of("ipo")
 
     def __init__(self, beta: float):
@@ -81,16 +86,21 @@ class IPOLoss(nn.Module):
         self.beta = beta
 
     def forward(self, policy: PairLogps, reference: PairLogps, totals: GlobalTotals):
-        chosen_ratio = _mean_logps(policy.chosen, policy.chosen_tokens) - _mean_logps(reference.chosen, policy.chosen_tokens)
-        rejected_ratio = (_mean_logps(policy.rejected, policy.rejected_tokens)
-                          - _mean_logps(reference.rejected, policy.rejected_tokens))
+        chosen_ratio = _mean_logps(policy.chosen, policy.chosen_tokens) - _mean_logps(
+            reference.chosen, policy.chosen_tokens
+        )
+        rejected_ratio = _mean_logps(policy.rejected, policy.rejected_tokens) - _mean_logps(
+            reference.rejected, policy.rejected_tokens
+        )
         losses = (chosen_ratio - rejected_ratio - 1 / (2 * self.beta)) ** 2
-        return losses.sum() / totals.pairs, _reward_metrics(self.beta * chosen_ratio, self.beta * rejected_ratio,
-                                                            policy, totals)
+        return losses.sum() / totals.pairs, _reward_metrics(
+            self.beta * chosen_ratio, self.beta * rejected_ratio, policy, totals
+        )
 
 
 class SimPOLoss(nn.Module):
     """-log sigmoid(beta/|y+| log pi(y+) - beta/|y-| log pi(y-) - gamma): no reference model."""
+
     needs = needs_of("simpo")
 
     def __init__(self, beta: float, gamma: float):
@@ -110,6 +120,7 @@ class PROLoss(nn.Module):
     the paper's dynamic one needs reward-model scores) puts the preferred response first, plus
     ``sft_weight`` times the preferred response's NLL, summed over its tokens (the official code's
     sum, not a token mean) and averaged over pairs. No reference model. See docs/method.md."""
+
     needs = needs_of("pro")
 
     def __init__(self, temperature: float = 1.0, sft_weight: float = 0.05):
@@ -138,6 +149,7 @@ class AOTLoss(nn.Module):
     loss = mean_k -log sigmoid(beta delta_k), with label smoothing. The sorts run over the whole
     global batch (``GlobalTotals.batch``): each pair meets its partner by rank there, so summing
     micro-batches and ranks gives the global loss and gradient exactly."""
+
     needs = needs_of("aot")
 
     def __init__(self, beta: float, label_smoothing: float = 0.0, paired: bool = True):
@@ -152,14 +164,17 @@ class AOTLoss(nn.Module):
         partner = lambda values: batch.lookup(values).to(policy.chosen.dtype)  # noqa: E731
         if self.paired:
             _, ranks = batch.sorted_and_ranks(batch.column("policy_chosen") - batch.column("policy_rejected"))
-            reference_sorted, _ = batch.sorted_and_ranks(batch.column("reference_chosen")
-                                                         - batch.column("reference_rejected"))
+            reference_sorted, _ = batch.sorted_and_ranks(
+                batch.column("reference_chosen") - batch.column("reference_rejected")
+            )
             losses = loss_of(policy.chosen - policy.rejected - partner(reference_sorted[ranks]))
         else:
-            chosen_sorted, chosen_ranks = batch.sorted_and_ranks(batch.column("policy_chosen")
-                                                                 - batch.column("reference_chosen"))
-            rejected_sorted, rejected_ranks = batch.sorted_and_ranks(batch.column("policy_rejected")
-                                                                     - batch.column("reference_rejected"))
+            chosen_sorted, chosen_ranks = batch.sorted_and_ranks(
+                batch.column("policy_chosen") - batch.column("reference_chosen")
+            )
+            rejected_sorted, rejected_ranks = batch.sorted_and_ranks(
+                batch.column("policy_rejected") - batch.column("reference_rejected")
+            )
             chosen_ratio, rejected_ratio = policy.chosen - reference.chosen, policy.rejected - reference.rejected
             # Each sorted pair k is counted once, at its chosen member; its rejected member adds
             # only its gradient (a zero-valued term).
@@ -167,13 +182,17 @@ class AOTLoss(nn.Module):
             with_rejected = loss_of(partner(chosen_sorted[rejected_ranks]) - rejected_ratio)
             losses = with_chosen + with_rejected - with_rejected.detach()
         losses = torch.where(batch.positions >= 0, losses, torch.zeros_like(losses))
-        return losses.sum() / totals.pairs, _reward_metrics(self.beta * (policy.chosen - reference.chosen),
-                                                            self.beta * (policy.rejected - reference.rejected),
-                                                            policy, totals)
+        return losses.sum() / totals.pairs, _reward_metrics(
+            self.beta * (policy.chosen - reference.chosen),
+            self.beta * (policy.rejected - reference.rejected),
+            policy,
+            totals,
+        )
 
 
 class NoVanillaLoss(nn.Module):
     """`none`: PLOT alone."""
+
     needs = ForwardNeeds()
 
     def forward(self, policy: PairLogps, reference: PairLogps | None, totals: GlobalTotals):
@@ -183,9 +202,13 @@ class NoVanillaLoss(nn.Module):
 def combined_needs(needs) -> ForwardNeeds:
     """What a sum of terms reads: whatever any of them reads."""
     needs = list(needs)
-    return ForwardNeeds(**{name: any(getattr(n, name) for n in needs) for name in
-                           ("reference", "reference_logits", "policy_logits", "global_batch")},
-                        top_k=max((n.top_k for n in needs), default=0))
+    return ForwardNeeds(
+        **{
+            name: any(getattr(n, name) for n in needs)
+            for name in ("reference", "reference_logits", "policy_logits", "global_batch")
+        },
+        top_k=max((n.top_k for n in needs), default=0),
+    )
 
 
 LOSSES = {loss.__name__: loss for loss in (SFTLoss, DPOLoss, IPOLoss, SimPOLoss, PROLoss, AOTLoss)}
@@ -247,8 +270,9 @@ def build_term(name: str, objective_config) -> nn.Module:
 
 def build_vanilla(objective_config) -> WeightedTerms:
     """L_vanilla of the ``objective`` config section: its terms with their weights."""
-    return WeightedTerms({name: (weight, build_term(name, objective_config))
-                          for name, weight in objective_config.term_weights().items()})
+    return WeightedTerms(
+        {name: (weight, build_term(name, objective_config)) for name, weight in objective_config.term_weights().items()}
+    )
 
 
 def build_objective(run_config, embedding_rows=None) -> Objective:

@@ -7,6 +7,7 @@ ground cost, ``W`` the [N] transport costs min_P <P, M> over couplings of (a, b)
 follow POT's ``ot.emd2`` convention: dW/da and dW/db are the (mean-centred) dual potentials,
 dW/dM is the transport plan.
 """
+
 from __future__ import annotations
 
 import torch
@@ -38,11 +39,12 @@ def epsilon_schedule(eps: float, n_iters: int, start: float = 1.0) -> list[float
         return [eps] * n_iters
     decay_steps = max(1, n_iters // 2)
     ratio = (eps / start) ** (1.0 / decay_steps)
-    return [max(eps, start * ratio ** i) for i in range(n_iters)]
+    return [max(eps, start * ratio**i) for i in range(n_iters)]
 
 
-def sinkhorn_log(a: torch.Tensor, b: torch.Tensor, M: torch.Tensor, eps: float = 1e-3,
-                 n_iters: int = 200) -> torch.Tensor:
+def sinkhorn_log(
+    a: torch.Tensor, b: torch.Tensor, M: torch.Tensor, eps: float = 1e-3, n_iters: int = 200
+) -> torch.Tensor:
     """Batched log-domain Sinkhorn in float32 with a fixed iteration count (no convergence test,
     so no host synchronisation). Zero-mass entries are excluded via log(0) = -inf.
 

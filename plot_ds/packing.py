@@ -15,6 +15,7 @@ The response positions (``logprobs.ResponseTokens``) stay those of the padded ba
 every log-prob, PLOT support and per-pair or per-token reduction reads the same tokens; only where
 their predicting hidden states lie (``PackedRows.head_positions``) changes.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ PROMPT, CHOSEN, REJECTED = 0, 1, 2
 class Packing:
     """``data.packing`` for one engine: ``share_prompt`` picks the shared-prompt layout; ``varlen``
     hands flash attention its cumulative sequence lengths."""
+
     share_prompt: bool
     varlen: bool
 
@@ -41,12 +43,13 @@ class Packing:
 @dataclass
 class PackedRows:
     """A batch's rows as one packed row, all on the host."""
-    input_ids: torch.Tensor       # [1, T]
-    position_ids: torch.Tensor    # [1, T]
+
+    input_ids: torch.Tensor  # [1, T]
+    position_ids: torch.Tensor  # [1, T]
     head_positions: torch.Tensor  # [N]: the packed position predicting each response token
     sequence_lengths: torch.Tensor  # tokens of each packed sequence (a pair's, when sharing)
     pair_of: torch.Tensor | None = None  # [T] pair of each token (shared-prompt layout)
-    part: torch.Tensor | None = None     # [T] PROMPT, CHOSEN or REJECTED (shared-prompt layout)
+    part: torch.Tensor | None = None  # [T] PROMPT, CHOSEN or REJECTED (shared-prompt layout)
 
     @property
     def length(self) -> int:
@@ -84,8 +87,9 @@ def pack_rows(batch: PairBatch, tokens: ResponseTokens) -> PackedRows:
     return PackedRows(input_ids[None], position_ids[None], offsets[tokens.rows] + tokens.cols, lengths)
 
 
-def pack_shared_prompt(batch: PairBatch, tokens: ResponseTokens, prompt_lengths: torch.Tensor,
-                       response_lengths: torch.Tensor) -> PackedRows:
+def pack_shared_prompt(
+    batch: PairBatch, tokens: ResponseTokens, prompt_lengths: torch.Tensor, response_lengths: torch.Tensor
+) -> PackedRows:
     """Pair i as prompt, chosen, rejected (rows i and n + i of a prompt-sharing batch, see
     ``prompt_sharing.SharedLayout``): the rejected response's positions continue the prompt's."""
     ids = batch.input_ids
@@ -93,7 +97,7 @@ def pack_shared_prompt(batch: PairBatch, tokens: ResponseTokens, prompt_lengths:
     pieces, positions, pair_of, part = [], [], [], []
     for i in range(pairs):
         p, c, r = int(prompt_lengths[i]), int(response_lengths[i]), int(response_lengths[pairs + i])
-        pieces += [ids[i, :p + c], ids[pairs + i, p:p + r]]
+        pieces += [ids[i, : p + c], ids[pairs + i, p : p + r]]
         positions += [torch.arange(p + c), p + torch.arange(r)]
         pair_of.append(torch.full((p + c + r,), i))
         part.append(torch.tensor([PROMPT, CHOSEN, REJECTED]).repeat_interleave(torch.tensor([p, c, r])))
@@ -104,12 +108,19 @@ def pack_shared_prompt(batch: PairBatch, tokens: ResponseTokens, prompt_lengths:
     # A rejected token's predicting state: the prompt's last (shared) for its first token, else past
     # the chosen response.
     shift = torch.where((tokens.rows >= pairs) & (tokens.cols >= prompt_lengths[pair]), chosen_length, 0)
-    return PackedRows(torch.cat(pieces)[None], torch.cat(positions)[None], offsets[pair] + tokens.cols + shift,
-                      sizes, torch.cat(pair_of), torch.cat(part))
+    return PackedRows(
+        torch.cat(pieces)[None],
+        torch.cat(positions)[None],
+        offsets[pair] + tokens.cols + shift,
+        sizes,
+        torch.cat(pair_of),
+        torch.cat(part),
+    )
 
 
-def packed_inputs(batch: PairBatch, tokens: ResponseTokens, packing: Packing, dtype: torch.dtype,
-                  device="cpu") -> tuple[dict, PackedRows]:
+def packed_inputs(
+    batch: PairBatch, tokens: ResponseTokens, packing: Packing, dtype: torch.dtype, device="cpu"
+) -> tuple[dict, PackedRows]:
     """The model's keyword inputs for a packed batch, on ``device``, and its (host) layout."""
     from .prompt_sharing import SharedLayout
 
@@ -119,10 +130,17 @@ def packed_inputs(batch: PairBatch, tokens: ResponseTokens, packing: Packing, dt
         inputs = dict(attention_mask=packed.attention_mask(dtype, device))
     else:
         packed = pack_rows(batch, tokens)
-        inputs = {name: to_device(value, device) if isinstance(value, torch.Tensor) else value
-                  for name, value in packed.varlen_kwargs().items()} if packing.varlen else {}
-    return dict(input_ids=to_device(packed.input_ids, device), position_ids=to_device(packed.position_ids, device),
-                **inputs), packed
+        inputs = (
+            {
+                name: to_device(value, device) if isinstance(value, torch.Tensor) else value
+                for name, value in packed.varlen_kwargs().items()
+            }
+            if packing.varlen
+            else {}
+        )
+    return dict(
+        input_ids=to_device(packed.input_ids, device), position_ids=to_device(packed.position_ids, device), **inputs
+    ), packed
 
 
 def packed_logits(model, batch: PairBatch, tokens: ResponseTokens, device, packing: Packing) -> torch.Tensor:
@@ -131,8 +149,7 @@ def packed_logits(model, batch: PairBatch, tokens: ResponseTokens, device, packi
     module = getattr(model, "module", model)
     inputs, packed = packed_inputs(batch, tokens, packing, module.dtype, device)
     head = to_device(packed.head_positions, device)
-    return with_head_input(model, lambda states: states[0].index_select(0, head), use_cache=False,
-                           **inputs).logits
+    return with_head_input(model, lambda states: states[0].index_select(0, head), use_cache=False, **inputs).logits
 
 
 def packing_for(config, module, share_prompt: bool) -> Packing:
@@ -147,11 +164,15 @@ def packing_for(config, module, share_prompt: bool) -> Packing:
     if attention not in MASKED_ATTENTION:
         blocker = f"{attention} takes no custom mask (sdpa and eager do)"
     elif window is not None and window < config.data.max_length:
-        blocker = (f"the model's sliding window ({window}) is shorter than data.max_length "
-                   f"({config.data.max_length}) and a custom mask would ignore it")
+        blocker = (
+            f"the model's sliding window ({window}) is shorter than data.max_length "
+            f"({config.data.max_length}) and a custom mask would ignore it"
+        )
     if share_prompt and blocker and config.model.share_prompt is True:
-        raise ConfigError(f"model.share_prompt true with data.packing: {blocker}. Set model.share_prompt "
-                          f"false (or auto) to pack prompt + chosen and prompt + rejected as two sequences")
+        raise ConfigError(
+            f"model.share_prompt true with data.packing: {blocker}. Set model.share_prompt "
+            f"false (or auto) to pack prompt + chosen and prompt + rejected as two sequences"
+        )
     packing = Packing(share_prompt=share_prompt and blocker is None, varlen=attention in VARLEN_ATTENTION)
     announce(packing, attention, blocker if share_prompt else None)
     return packing
@@ -164,9 +185,14 @@ def announce(packing: Packing, attention: str, blocker: str | None) -> None:
     """One rank-0 line per layout a run uses."""
     import os
 
-    layout = ("each pair prompt, chosen, rejected in one masked sequence (each prompt once)" if packing.share_prompt
-              else "every response its own sequence" + (f" (prompts not shared: {blocker})" if blocker else ""))
-    cost = "" if packing.varlen else "; attention spans the whole row (docs/benchmarks.md: slower than padding on a CPU)"
+    layout = (
+        "each pair prompt, chosen, rejected in one masked sequence (each prompt once)"
+        if packing.share_prompt
+        else "every response its own sequence" + (f" (prompts not shared: {blocker})" if blocker else "")
+    )
+    cost = (
+        "" if packing.varlen else "; attention spans the whole row (docs/benchmarks.md: slower than padding on a CPU)"
+    )
     line = f"[plot_ds] data.packing with {attention}: one row per micro-batch, {layout}{cost}"
     if int(os.environ.get("RANK", "0")) == 0 and line not in _ANNOUNCED:
         _ANNOUNCED.add(line)

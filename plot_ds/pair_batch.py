@@ -2,6 +2,7 @@
 only torch): one micro-batch of pairs (``PairBatch``), the counts behind every global mean
 (``PairCounts``), the whole global batch as the losses see it (``GlobalTotals``, ``GlobalPairs``),
 and what PLOT asks of the distributed world (``EmbeddingRowSource``)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
@@ -16,10 +17,11 @@ IGNORE_INDEX = -100  # labels of prompt and padding positions
 class PairCounts:
     """The denominators of the global means: of one micro-batch, or summed over a global batch
     (every micro-batch of every rank). A filler micro-batch counts one micro-batch and nothing else."""
+
     pairs: float = 0.0
-    chosen_tokens: float = 0.0      # response tokens of the chosen rows
+    chosen_tokens: float = 0.0  # response tokens of the chosen rows
     rejected_tokens: float = 0.0
-    input_tokens: float = 0.0       # every token the forward reads (prompts twice)
+    input_tokens: float = 0.0  # every token the forward reads (prompts twice)
     micro_batches: float = 0.0
 
     def __add__(self, other: "PairCounts") -> "PairCounts":
@@ -44,10 +46,11 @@ class PairBatch:
     labels on response tokens only. A ``filler`` batch (a rank with no pair left in the short last
     global batch of an epoch) runs the forward and backward that ZeRO-3 needs of every rank, and
     counts nothing."""
-    input_ids: torch.Tensor         # [2 * pairs, width]
-    attention_mask: torch.Tensor    # [2 * pairs, width]
-    labels: torch.Tensor            # [2 * pairs, width], IGNORE_INDEX off the responses
-    pair_ids: list[str]             # empty for a filler
+
+    input_ids: torch.Tensor  # [2 * pairs, width]
+    attention_mask: torch.Tensor  # [2 * pairs, width]
+    labels: torch.Tensor  # [2 * pairs, width], IGNORE_INDEX off the responses
+    pair_ids: list[str]  # empty for a filler
     counts: PairCounts
     filler: bool = False
     example_index: Optional[torch.Tensor] = None  # [pairs] each pair's index in its dataset
@@ -66,11 +69,11 @@ class PairBatch:
 class GlobalPairs:
     """Per-pair log-probs of the whole global batch as one gathered table (detached), and where this
     micro-batch's pairs sit in it: for terms defined over the batch (AOT sorts its log-ratios)."""
-    table: torch.Tensor      # [ranks * slots, len(COLUMNS)] float64
+
+    table: torch.Tensor  # [ranks * slots, len(COLUMNS)] float64
     positions: torch.Tensor  # [pairs of this micro-batch] long, -1 for a filler pair
 
-    COLUMNS = ("policy_chosen", "policy_rejected", "reference_chosen", "reference_rejected", "dataset_index",
-               "valid")
+    COLUMNS = ("policy_chosen", "policy_rejected", "reference_chosen", "reference_rejected", "dataset_index", "valid")
 
     def column(self, name: str) -> torch.Tensor:
         return self.table[:, self.COLUMNS.index(name)]
@@ -85,7 +88,8 @@ class GlobalPairs:
         big = torch.finfo(values.dtype).max
         keyed = torch.where(self.valid, values, torch.full_like(values, big))
         by_index = torch.where(self.valid, self.column("dataset_index"), torch.full_like(values, big)).argsort(
-            stable=True)
+            stable=True
+        )
         order = by_index[keyed[by_index].argsort(stable=True)]
         ranks = torch.empty_like(order)
         ranks[order] = torch.arange(order.numel(), device=order.device)
@@ -100,6 +104,7 @@ class GlobalPairs:
 class GlobalTotals:
     """The counts of the whole global batch of one optimizer step (float32 on the loss's device,
     identical on every rank): each loss and metric is a micro-batch's sum over one of them."""
+
     pairs: torch.Tensor
     chosen_tokens: torch.Tensor
     rejected_tokens: torch.Tensor
@@ -124,11 +129,12 @@ class GlobalTotals:
 class ForwardNeeds:
     """What an objective reads of a micro-batch's forward beyond the policy's per-pair log-probs:
     declared by each loss term, combined by the objective, read by the one micro-batch function."""
-    reference: bool = False          # the reference's per-pair log-probs
-    reference_logits: bool = False   # the reference's [N, V] logits (PLOT's ref_mix target)
-    policy_logits: bool = False      # the policy's [N, V] logits (PLOT over the whole vocabulary)
-    top_k: int = 0                   # PLOT's top-k supports, read in the policy's log-prob pass
-    global_batch: bool = False       # the whole global batch's log-probs (AOT sorts them)
+
+    reference: bool = False  # the reference's per-pair log-probs
+    reference_logits: bool = False  # the reference's [N, V] logits (PLOT's ref_mix target)
+    policy_logits: bool = False  # the policy's [N, V] logits (PLOT over the whole vocabulary)
+    top_k: int = 0  # PLOT's top-k supports, read in the policy's log-prob pass
+    global_batch: bool = False  # the whole global batch's log-probs (AOT sorts them)
 
     def logps_only(self) -> "ForwardNeeds":
         """Log-probs of both sides and nothing more: a pass that only gathers the global table."""
@@ -139,6 +145,7 @@ class EmbeddingRowSource(Protocol):
     """Rows of the policy's embedding matrix E for token ids, wherever its shards live: all PLOT
     asks of the distributed world (``embedding_slice.EmbeddingRows`` under ZeRO-3). Each call
     returns its result and the bytes this rank received for it."""
+
     vocab_size: int
     last_path_code: float  # how the last call got its rows (embedding_slice.PATH_CODES)
 

@@ -6,6 +6,7 @@ padding positions never reach the vocabulary projection), then ``logprobs.pair_o
 How an engine lays out its rows (``RowLayout``: prompt sharing, packing or plain padded rows) is
 decided when it is built (``engine``) and handed here explicitly.
 """
+
 from __future__ import annotations
 
 import torch
@@ -20,8 +21,9 @@ RowLayout = PromptSharing | Packing | None
 
 def response_logits(model, input_ids, attention_mask, tokens: ResponseTokens) -> torch.Tensor:
     """[N, V] logits at the response positions of full rows."""
-    return with_head_input(model, tokens.select, input_ids=input_ids, attention_mask=attention_mask,
-                           use_cache=False).logits
+    return with_head_input(
+        model, tokens.select, input_ids=input_ids, attention_mask=attention_mask, use_cache=False
+    ).logits
 
 
 def head_logits(model, batch: PairBatch, layout: RowLayout = None) -> tuple[torch.Tensor, ResponseTokens]:
@@ -35,8 +37,9 @@ def head_logits(model, batch: PairBatch, layout: RowLayout = None) -> tuple[torc
         logits = shared_prompt_logits(model, batch, cpu_tokens, device, layout)
     tokens = cpu_tokens.to(device)
     if logits is None:
-        logits = response_logits(model, to_device(batch.input_ids, device), to_device(batch.attention_mask, device),
-                                 tokens)
+        logits = response_logits(
+            model, to_device(batch.input_ids, device), to_device(batch.attention_mask, device), tokens
+        )
     return logits, tokens
 
 
@@ -50,8 +53,10 @@ def check_packing(model, packing: Packing) -> None:
 
     module = getattr(model, "module", model)
     ids = [(7 * i + 3) % module.config.vocab_size for i in range(23)]
-    probe = collate([TokenizedPair("a", ids[:5], ids[5:9], ids[9:12]),
-                     TokenizedPair("b", ids[12:15], ids[15:17], ids[17:23])], pad_id=ids[0])
+    probe = collate(
+        [TokenizedPair("a", ids[:5], ids[5:9], ids[9:12]), TokenizedPair("b", ids[12:15], ids[15:17], ids[17:23])],
+        pad_id=ids[0],
+    )
     training = module.training
     module.eval()  # dropout would make the two differ
     try:
@@ -65,10 +70,12 @@ def check_packing(model, packing: Packing) -> None:
     tolerance = 1e-4 if padded.dtype == torch.float32 else 3e-2
     if not difference <= tolerance * max(scale, 1.0):
         attention = module.config._attn_implementation
-        raise ModelError(f"data.packing: {type(module).__name__} with {attention} attention does not keep "
-                         f"attention inside each packed sequence (packed logits differ from padded ones by "
-                         f"{difference:.3g}, at most {scale:.3g}); set data.packing false, or try "
-                         f"model.attn_implementation sdpa or flash_attention_2")
+        raise ModelError(
+            f"data.packing: {type(module).__name__} with {attention} attention does not keep "
+            f"attention inside each packed sequence (packed logits differ from padded ones by "
+            f"{difference:.3g}, at most {scale:.3g}); set data.packing false, or try "
+            f"model.attn_implementation sdpa or flash_attention_2"
+        )
 
 
 def forward_pairs(model, batch: PairBatch, keep_logits: bool, top_k: int = 0, layout: RowLayout = None) -> PairOutputs:

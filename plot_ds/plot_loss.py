@@ -13,6 +13,7 @@ For a top-k support PLOT never reads the [N, V] logits at the N response positio
 pass hands it each position's k + 1 support ids and logits, and takes their gradient back into its
 own backward (``logprobs.SupportLogits``). The whole vocabulary (``top_k`` 0) reads the logits.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -30,10 +31,11 @@ from .pair_batch import EmbeddingRowSource, ForwardNeeds
 class Supports:
     """Per response position t: the support S_t as token ids, which slots are real, the slot of
     the target token, and the restricted, renormalised policy distribution p~_t."""
-    ids: torch.Tensor        # [N, K] token ids
-    valid: torch.Tensor      # [N, K] bool; False for a duplicate slot
+
+    ids: torch.Tensor  # [N, K] token ids
+    valid: torch.Tensor  # [N, K] bool; False for a duplicate slot
     target_slot: torch.Tensor  # [N] index into K of y_t
-    probs: torch.Tensor      # [N, K] float32, zero on invalid slots
+    probs: torch.Tensor  # [N, K] float32, zero on invalid slots
 
 
 def restricted_supports(top: SupportLogits, targets: torch.Tensor) -> Supports:
@@ -91,8 +93,9 @@ class PLOTLoss(nn.Module):
         # which needs the [N, V] logits themselves.
         self.top_k = plot_config.top_k if plot_config.top_k < embedding_rows.vocab_size else 0
         ref_mix = plot_config.target == "ref_mix"
-        self.needs = ForwardNeeds(reference=ref_mix, reference_logits=ref_mix, policy_logits=self.top_k == 0,
-                                  top_k=self.top_k)
+        self.needs = ForwardNeeds(
+            reference=ref_mix, reference_logits=ref_mix, policy_logits=self.top_k == 0, top_k=self.top_k
+        )
 
     def supports(self, policy: PairOutputs) -> Supports:
         targets = policy.tokens.targets
@@ -134,18 +137,20 @@ class PLOTLoss(nn.Module):
                 cosine, moved = self.embedding_rows.target_cosines(support.ids, targets, device)
                 w = (support.probs * cost_from_cosine(cosine, self.cost)).sum(-1)
             else:
-                embedded, moved = self.embedding_rows.unit_rows_at(support.ids, device)   # [N, K, d]
+                embedded, moved = self.embedding_rows.unit_rows_at(support.ids, device)  # [N, K, d]
                 reference_logits = reference.logits.gather(-1, support.ids) if self.target == "ref_mix" else None
                 w = self._token_costs(support, embedded, reference_logits, chosen)
             w_chosen = torch.where(chosen, w, 0.0).sum() / totals.chosen_tokens
             w_rejected = torch.where(chosen, 0.0, w).sum() / totals.rejected_tokens
         loss = w_chosen - self.rejected_weight * w_rejected
-        metrics = {"plot/w_chosen": w_chosen.detach(), "plot/w_rejected": w_rejected.detach(),
-                   "plot/slice_rows": distinct_count(support.ids) / totals.micro_batches,
-                   # A fill, not a copy from the host: no wait on the device.
-                   "plot/slice_bytes": torch.full((), float(moved), device=device) / totals.micro_batches,
-                   "plot/slice_path": torch.full((), self.embedding_rows.last_path_code,
-                                                 device=device) / totals.micro_batches}
+        metrics = {
+            "plot/w_chosen": w_chosen.detach(),
+            "plot/w_rejected": w_rejected.detach(),
+            "plot/slice_rows": distinct_count(support.ids) / totals.micro_batches,
+            # A fill, not a copy from the host: no wait on the device.
+            "plot/slice_bytes": torch.full((), float(moved), device=device) / totals.micro_batches,
+            "plot/slice_path": torch.full((), self.embedding_rows.last_path_code, device=device) / totals.micro_batches,
+        }
         return loss, metrics
 
     def _token_costs(self, support, embedded, reference, chosen):
@@ -171,8 +176,12 @@ class PLOTLoss(nn.Module):
                 continue
             local_ids, local = torch.unique(slot_rows[at], return_inverse=True)
             count = int(at.sum())
-            a = torch.zeros(local_ids.numel(), device=local.device).index_add(
-                0, local.flatten(), support.probs[at].flatten()) / count
+            a = (
+                torch.zeros(local_ids.numel(), device=local.device).index_add(
+                    0, local.flatten(), support.probs[at].flatten()
+                )
+                / count
+            )
             target_local = local.gather(1, support.target_slot[at].unsqueeze(-1)).squeeze(-1)
             b = torch.zeros_like(a).index_add(0, target_local, torch.ones_like(target_local, dtype=a.dtype)) / count
             embedded = unit_rows[local_ids]

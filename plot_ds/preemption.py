@@ -2,6 +2,7 @@
 rank finish its step, write a checkpoint and exit with EXIT_PREEMPTED, which job scripts read as
 "requeue me" (launch/slurm.sh does). A second Ctrl-C stops at once.
 """
+
 from __future__ import annotations
 
 import signal
@@ -10,8 +11,8 @@ import torch
 
 from .distributed import all_reduce_sum
 
-EXIT_PREEMPTED = 75   # EX_TEMPFAIL: try again later
-EXIT_FAULTS = 3       # too many consecutive non-finite steps
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: try again later
+EXIT_FAULTS = 3  # too many consecutive non-finite steps
 WATCHED = ("SIGTERM", "SIGUSR1", "SIGINT")
 
 

@@ -5,6 +5,7 @@ once on the hidden states of all passes. Same logits and gradients as full rows 
 Switched on per engine when it is built (``prompt_sharing``, from ``model.share_prompt``), and
 handed to ``pair_forward.forward_pairs`` explicitly.
 """
+
 from __future__ import annotations
 
 import copy
@@ -22,6 +23,7 @@ from .pair_batch import IGNORE_INDEX, PairBatch
 @dataclass(frozen=True)
 class PromptSharing:
     """Prompt sharing is on for a model whose forward takes its key/value cache as ``cache_argument``."""
+
     cache_argument: str
 
 
@@ -55,8 +57,10 @@ def prompt_sharing(model, enabled: bool) -> PromptSharing | None:
     argument = cache_argument(module)
     sharing = enabled and argument is not None and not module.config.is_encoder_decoder
     if enabled and not sharing:
-        warnings.warn(f"model.share_prompt: {type(module).__name__} takes no key/value cache in its forward "
-                      f"(or is an encoder-decoder); chosen and rejected rows each compute their prompt")
+        warnings.warn(
+            f"model.share_prompt: {type(module).__name__} takes no key/value cache in its forward "
+            f"(or is an encoder-decoder); chosen and rejected rows each compute their prompt"
+        )
     return PromptSharing(argument) if sharing else None
 
 
@@ -69,6 +73,7 @@ def copyable(cache) -> bool:
     kinds = {DynamicLayer, DynamicSlidingWindowLayer}
     try:
         from transformers.cache_utils import DynamicIndexedLayer
+
         kinds.add(DynamicIndexedLayer)
     except ImportError:
         pass
@@ -104,8 +109,9 @@ def response_groups(lengths: torch.Tensor) -> list[torch.Tensor]:
 class SharedLayout:
     """Where each row's prompt and response lie in a collated batch of prompt-sharing pairs (chosen
     row i and rejected row n + i with the same prompt); all on the host."""
+
     ids: torch.Tensor
-    starts: torch.Tensor   # [rows] prompt length of each row
+    starts: torch.Tensor  # [rows] prompt length of each row
     lengths: torch.Tensor  # [rows] response length of each row
     pad: int
 
@@ -129,17 +135,19 @@ class SharedLayout:
     def prompt_pass(self) -> dict:
         """The prompts, left-padded so that all end in the last column (whose position predicts each
         row's first response token)."""
-        prompt_lengths = self.starts[:self.pairs]
+        prompt_lengths = self.starts[: self.pairs]
         width = int(prompt_lengths.max())
         prompt_ids = torch.full((self.pairs, width), self.pad, dtype=self.ids.dtype)
         prompt_mask = torch.zeros(self.pairs, width, dtype=torch.long)
         for i, p in enumerate(prompt_lengths.tolist()):
-            prompt_ids[i, width - p:], prompt_mask[i, width - p:] = self.ids[i, :p], 1
-        return dict(input_ids=prompt_ids, attention_mask=prompt_mask,
-                    position_ids=(prompt_mask.cumsum(1) - 1).clamp_min(0))
+            prompt_ids[i, width - p :], prompt_mask[i, width - p :] = self.ids[i, :p], 1
+        return dict(
+            input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=(prompt_mask.cumsum(1) - 1).clamp_min(0)
+        )
 
-    def response_passes(self, groups: list[torch.Tensor], prompt_mask: torch.Tensor,
-                        tokens: ResponseTokens) -> tuple[list[dict], torch.Tensor]:
+    def response_passes(
+        self, groups: list[torch.Tensor], prompt_mask: torch.Tensor, tokens: ResponseTokens
+    ) -> tuple[list[dict], torch.Tensor]:
         """One pass per group of rows over the prompt cache, and for each of the N response tokens
         (``tokens``, in their order) the index of its predicting state among the hidden states kept
         in pass order: the prompt pass's last states first, then each pass's predicting positions."""
@@ -155,22 +163,30 @@ class SharedLayout:
             response_mask = torch.zeros(len(group), span, dtype=torch.long)
             for k, (r, n) in enumerate(zip(group.tolist(), group_lengths.tolist())):
                 p = int(self.starts[r])
-                response_ids[k, :n], response_mask[k, :n] = self.ids[r, p:p + n], 1
+                response_ids[k, :n], response_mask[k, :n] = self.ids[r, p : p + n], 1
             predicting = response_mask.clone()
             predicting[torch.arange(len(group)), group_lengths - 1] = 0
             head_rows, head_cols = predicting.nonzero(as_tuple=True)
             slot[group[head_rows], head_cols] = filled + torch.arange(head_rows.numel())
             filled += head_rows.numel()
-            passes.append(dict(input_ids=response_ids, position_ids=self.starts[group, None] + torch.arange(span),
-                               attention_mask=torch.cat([prompt_mask[group % pairs], response_mask], 1),
-                               head_rows=head_rows, head_cols=head_cols, prompt_rows=group % pairs))
+            passes.append(
+                dict(
+                    input_ids=response_ids,
+                    position_ids=self.starts[group, None] + torch.arange(span),
+                    attention_mask=torch.cat([prompt_mask[group % pairs], response_mask], 1),
+                    head_rows=head_rows,
+                    head_cols=head_cols,
+                    prompt_rows=group % pairs,
+                )
+            )
         step = tokens.cols - (self.starts[tokens.rows] - 1)
         source = torch.where(step == 0, tokens.rows % pairs, slot[tokens.rows, (step - 1).clamp_min(0)])
         return passes, source
 
 
-def shared_prompt_logits(model, batch: PairBatch, tokens: ResponseTokens, device,
-                         sharing: PromptSharing) -> torch.Tensor | None:
+def shared_prompt_logits(
+    model, batch: PairBatch, tokens: ResponseTokens, device, sharing: PromptSharing
+) -> torch.Tensor | None:
     """[N, V] logits at the response positions, computing each pair's prompt once.
 
     Pass 1 runs the prompts and keeps their key/value cache. The responses then run on top of it in

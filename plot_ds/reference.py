@@ -1,6 +1,7 @@
 """The reference side of a micro-batch, one explicit object: a frozen engine (``LiveReference``: a
 reference model, or the policy's base with its adapters off) or log-probs computed once before
 training (``CachedReference``, from ``reference_cache``). Both answer ``outputs``."""
+
 from __future__ import annotations
 
 import torch
@@ -37,8 +38,9 @@ class CachedReference:
         tokens = ResponseTokens.of(batch.labels).to(device)
         chosen, rejected = to_device(self.splits[split][batch.example_index].T.contiguous(), device)
         row_tokens = tokens.row_counts()
-        return PairOutputs(PairLogps(chosen, rejected, row_tokens[:batch.pairs], row_tokens[batch.pairs:]), None,
-                           tokens)
+        return PairOutputs(
+            PairLogps(chosen, rejected, row_tokens[: batch.pairs], row_tokens[batch.pairs :]), None, tokens
+        )
 
     def destroy(self) -> None:
         """Nothing to free."""

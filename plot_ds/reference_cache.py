@@ -5,6 +5,7 @@ The file (safetensors, no pickle) records the fingerprints it was made from: the
 of each split (which includes the tokenizer), the tokenizer, the reference model and the
 precision. A file whose fingerprints differ from this run's is refused, naming what changed.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -55,8 +56,10 @@ def model_fingerprint(name_or_path: str, revision: str | None = None) -> str:
     folder = Path(resolve_model_path(name_or_path))
     if not folder.is_dir():  # a hub id: the same local snapshot from_pretrained would load
         from huggingface_hub import snapshot_download
-        folder = Path(snapshot_download(str(folder), revision=revision,
-                                        allow_patterns=["*.json", "*.safetensors", "*.bin"]))
+
+        folder = Path(
+            snapshot_download(str(folder), revision=revision, allow_patterns=["*.json", "*.safetensors", "*.bin"])
+        )
     parts = [json.loads((folder / "config.json").read_text())] if (folder / "config.json").is_file() else []
     weights = sorted(p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin"))
     if not weights:
@@ -68,9 +71,13 @@ def model_fingerprint(name_or_path: str, revision: str | None = None) -> str:
 def expected_metadata(config, tokenizer, reports, ds_config) -> dict[str, str]:
     reference = config.reference.name_or_path or config.model.name_or_path
     precision = precision_of(ds_config)
-    return {"data_train": reports[0].fingerprint, "data_eval": reports[1].fingerprint,
-            "tokenizer": tokenizer_fingerprint(tokenizer)[:32],
-            "reference_model": model_fingerprint(reference, config.model.revision), "precision": precision}
+    return {
+        "data_train": reports[0].fingerprint,
+        "data_eval": reports[1].fingerprint,
+        "tokenizer": tokenizer_fingerprint(tokenizer)[:32],
+        "reference_model": model_fingerprint(reference, config.model.revision),
+        "precision": precision,
+    }
 
 
 def cache_file(config, metadata: dict[str, str]) -> Path:
@@ -113,8 +120,10 @@ def load_checked(path: Path, expected: dict[str, str]) -> dict[str, torch.Tensor
     changed = [key for key in expected if found.get(key) != expected[key]]
     if changed:
         details = "; ".join(f"{key}: file {found.get(key)!r}, this run {expected[key]!r}" for key in changed)
-        raise DataError(f"{path}: reference log-probs were computed for other inputs ({details}). Remove "
-                        f"reference.cache_path to compute a fresh cache, or point it at the matching file")
+        raise DataError(
+            f"{path}: reference log-probs were computed for other inputs ({details}). Remove "
+            f"reference.cache_path to compute a fresh cache, or point it at the matching file"
+        )
     return tensors
 
 
@@ -122,8 +131,11 @@ def reference_pass(open_reference, splits: dict, batch_size: int, pad_id: int, d
     """Log-probs of every non-empty split; ``open_reference()`` is a context manager giving the
     (engine, row layout) for this pass only."""
     with open_reference() as (engine, layout):
-        return {name: compute_logps(engine, layout, examples, batch_size, pad_id, dist.rank, dist.world_size)
-                for name, examples in splits.items() if examples}
+        return {
+            name: compute_logps(engine, layout, examples, batch_size, pad_id, dist.rank, dist.world_size)
+            for name, examples in splits.items()
+            if examples
+        }
 
 
 @contextmanager
@@ -136,15 +148,21 @@ def temporary_reference_engine(config, ds_config):
         destroy_engine(engine)
 
 
-def cached_reference(config, ds_config, tokenizer, train_examples, eval_examples, reports, dist,
-                     open_reference, log=print) -> CachedReference:
+def cached_reference(
+    config, ds_config, tokenizer, train_examples, eval_examples, reports, dist, open_reference, log=print
+) -> CachedReference:
     """Load (or compute once, then load) the cache of this run's pairs."""
     expected = expected_metadata(config, tokenizer, reports, ds_config)
     path = cache_file(config, expected)
     if not path.is_file():
         log(f"[plot_ds] computing reference log-probs once into {path}")
-        splits = reference_pass(open_reference, {"train": train_examples, "eval": eval_examples},
-                                config.train.eval_batch_size, tokenizer.pad_token_id, dist)
+        splits = reference_pass(
+            open_reference,
+            {"train": train_examples, "eval": eval_examples},
+            config.train.eval_batch_size,
+            tokenizer.pad_token_id,
+            dist,
+        )
         release_freed_memory()  # the reference engine is unreachable now
         if dist.is_main:
             _save(path, splits, expected)
@@ -158,8 +176,18 @@ def cached_reference(config, ds_config, tokenizer, train_examples, eval_examples
     return CachedReference(tensors)
 
 
-def prepare_reference(config, ds_config, tokenizer, objective, train_examples, eval_examples, reports, dist,
-                      policy=None, policy_layout=None) -> Reference | None:
+def prepare_reference(
+    config,
+    ds_config,
+    tokenizer,
+    objective,
+    train_examples,
+    eval_examples,
+    reports,
+    dist,
+    policy=None,
+    policy_layout=None,
+) -> Reference | None:
     """The reference side for ``objective``: None when it needs none; with ``reference.mode:
     cache``, the log-probs computed once; else the frozen reference engine, or, for adapters on their
     own base, the ``policy`` engine with its adapters off (``adapters.BaseOfPolicy``)."""
@@ -169,7 +197,14 @@ def prepare_reference(config, ds_config, tokenizer, objective, train_examples, e
     base = (BaseOfPolicy(policy), policy_layout) if adapted and base_is_reference(config) else None
     if config.reference.mode == "engine":
         return LiveReference(*(base or build_reference_engine(config, ds_config)))
-    return cached_reference(config, ds_config, tokenizer, train_examples, eval_examples, reports, dist,
-                            open_reference=(lambda: nullcontext(base)) if base else
-                            (lambda: temporary_reference_engine(config, ds_config)),
-                            log=lambda m: print(m, flush=True) if dist.is_main else None)
+    return cached_reference(
+        config,
+        ds_config,
+        tokenizer,
+        train_examples,
+        eval_examples,
+        reports,
+        dist,
+        open_reference=(lambda: nullcontext(base)) if base else (lambda: temporary_reference_engine(config, ds_config)),
+        log=lambda m: print(m, flush=True) if dist.is_main else None,
+    )

@@ -1,4 +1,5 @@
 """Random number generator states: seeding a run, and every generator's state for exact resume."""
+
 from __future__ import annotations
 
 import random
@@ -24,8 +25,10 @@ def rng_state() -> tuple[dict[str, torch.Tensor], dict]:
     if accelerator.device_name() != "cpu":
         tensors["accelerator"] = accelerator.get_rng_state()
     kind, keys, pos, has_gauss, cached = numpy.random.get_state()
-    plain = {"python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
-             "numpy": [kind, keys.tolist(), pos, has_gauss, cached]}
+    plain = {
+        "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
+        "numpy": [kind, keys.tolist(), pos, has_gauss, cached],
+    }
     return tensors, plain
 
 

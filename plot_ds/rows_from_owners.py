@@ -5,6 +5,7 @@ Frequent tokens are wanted by almost every rank, and a vocabulary ordered by fre
 the first owners, which would send R copies. A histogram of requests (the same on every rank) finds
 those hot rows; they reach every rank in shares assembled from the owners' pieces and all-gathered.
 """
+
 from __future__ import annotations
 
 import torch
@@ -20,8 +21,9 @@ def request_histogram(weight: torch.Tensor, ids: torch.Tensor, device) -> tuple[
     group = weight.ds_process_group
     world = dist.get_world_size(group=group)
     element_size = histogram_element_size(world)
-    requesters = torch.zeros(int(weight.ds_shape[0]), device=device,
-                             dtype=torch.uint8 if element_size == 1 else torch.int32)
+    requesters = torch.zeros(
+        int(weight.ds_shape[0]), device=device, dtype=torch.uint8 if element_size == 1 else torch.int32
+    )
     requesters[ids.to(device=device, dtype=torch.long)] = 1
     dist.all_reduce(requesters, group=group)
     return requesters, int(all_reduce_received(requesters.numel() * element_size, world))
@@ -33,12 +35,14 @@ def hot_threshold_of(weight: torch.Tensor, requesters: torch.Tensor) -> int:
     _, _, size = partition_of(weight)
     vocab, dim = (int(n) for n in weight.ds_shape)
     owner = torch.arange(vocab, device=requesters.device) * dim // size
-    return hot_threshold(requesters.long(), owner, dist.get_world_size(group=weight.ds_process_group),
-                         dim * weight.element_size())
+    return hot_threshold(
+        requesters.long(), owner, dist.get_world_size(group=weight.ds_process_group), dim * weight.element_size()
+    )
 
 
-def all_to_all_rows(weight: torch.Tensor, ids: torch.Tensor, device, requesters: torch.Tensor,
-                     threshold: int) -> tuple[torch.Tensor, int]:
+def all_to_all_rows(
+    weight: torch.Tensor, ids: torch.Tensor, device, requesters: torch.Tensor, threshold: int
+) -> tuple[torch.Tensor, int]:
     """Rows E[ids] fetched from their owners: the rows at least ``threshold`` ranks ask for
     (``requesters``, the same on every rank) to every rank, the others by one all-to-all of ids to
     the owners and one of rows back. Every rank of the group calls, with any number of ids (also
@@ -79,13 +83,17 @@ def all_to_all_rows(weight: torch.Tensor, ids: torch.Tensor, device, requesters:
     answers = answer_block.new_empty(request_ids.numel(), dim)
     dist.all_to_all_single(answers, answer_block, output_split_sizes=sends, input_split_sizes=receives, group=group)
     rows.index_add_(0, request_slot, answers)
-    moved += ((world - 1) * INDEX_BYTES + (sum(receives) - receives[rank]) * INDEX_BYTES
-              + (sum(sends) - sends[rank]) * row_bytes)
+    moved += (
+        (world - 1) * INDEX_BYTES
+        + (sum(receives) - receives[rank]) * INDEX_BYTES
+        + (sum(sends) - sends[rank]) * row_bytes
+    )
     return rows, int(moved)
 
 
-def rows_to_everyone(partition: torch.Tensor, low: int, size: int, shape: tuple[int, int], row_ids: torch.Tensor,
-                      group, device) -> tuple[torch.Tensor, int]:
+def rows_to_everyone(
+    partition: torch.Tensor, low: int, size: int, shape: tuple[int, int], row_ids: torch.Tensor, group, device
+) -> tuple[torch.Tensor, int]:
     """Rows ``row_ids`` (sorted, the same on every rank) on every rank: each owner sends its pieces to
     the rank that assembles that share of the rows (an all-to-all; no ids travel, every rank knows who
     holds what), then one all-gather of the assembled shares. A rank receives about the rows once,
@@ -113,4 +121,4 @@ def rows_to_everyone(partition: torch.Tensor, low: int, size: int, shape: tuple[
     dist.all_gather(everyone, assembled, group=group)
     row_bytes = dim * partition.element_size()
     moved = (sum(receives) - receives[rank]) * row_bytes + all_gather_received(share * row_bytes, world)
-    return torch.cat(everyone)[:row_ids.numel()], int(moved)
+    return torch.cat(everyone)[: row_ids.numel()], int(moved)

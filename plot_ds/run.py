@@ -2,6 +2,7 @@
 tokenizer, the datasets and their reports, the sampler, the policy engine, the objective and the
 reference. Training, ``plot-eval``, the benchmarks and the test workers all start here.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -36,11 +37,11 @@ class Run:
     eval_examples: list[TokenizedPair]
     reports: list[DataReport]
     sampler: GlobalBatchSampler | None  # None for a frozen policy
-    policy: Any                         # the DeepSpeed engine
-    policy_layout: RowLayout       # prompt sharing, packing, or None
+    policy: Any  # the DeepSpeed engine
+    policy_layout: RowLayout  # prompt sharing, packing, or None
     objective: Objective
-    reference: Reference | None         # a frozen engine or cached log-probs; None when not needed
-    resume_from: Path | None            # the checkpoint this run continues from
+    reference: Reference | None  # a frozen engine or cached log-probs; None when not needed
+    resume_from: Path | None  # the checkpoint this run continues from
 
     @property
     def pad_id(self) -> int:
@@ -48,7 +49,9 @@ class Run:
 
     def micro_batches(self, step: int) -> list[PairBatch]:
         """This rank's collated micro-batches of optimizer step ``step`` (0-based)."""
-        return [indexed_batch(self.train_examples, indices, self.pad_id) for indices in self.sampler.micro_batches(step)]
+        return [
+            indexed_batch(self.train_examples, indices, self.pad_id) for indices in self.sampler.micro_batches(step)
+        ]
 
     def models(self, split: str) -> PairModels:
         """What a micro-batch of ``split``'s pairs runs through."""
@@ -71,21 +74,42 @@ def setup_run(config: Config, dist: DistInfo | None = None, frozen_model: str | 
     resume_from = find_checkpoint(config.train.resume, Path(config.train.output_dir)) if trains else None
     config.deepspeed.config, ds_config = resolve_ds_config(config, dist.world_size, resume_from)
     tokenizer = load_tokenizer(config)
-    train_examples, eval_examples, reports = prepare_datasets(config.data, tokenizer,
-                                                              preparer=dist.local_rank == 0, sync=barrier)
+    train_examples, eval_examples, reports = prepare_datasets(
+        config.data, tokenizer, preparer=dist.local_rank == 0, sync=barrier
+    )
     if not trains and not eval_examples:
         raise DataError("no held-out pairs to evaluate on: set data.eval_source, data.eval_split or data.eval_size")
     sampler = None
     if trains:
         train = config.train
-        sampler = GlobalBatchSampler(len(train_examples), train.micro_batch_size, train.gradient_accumulation_steps,
-                                     dist.rank, dist.world_size, train.seed)
+        sampler = GlobalBatchSampler(
+            len(train_examples),
+            train.micro_batch_size,
+            train.gradient_accumulation_steps,
+            dist.rank,
+            dist.world_size,
+            train.seed,
+        )
         policy, policy_layout = build_policy_engine(config, ds_config)
     else:
         policy, policy_layout = build_frozen_engine(config, ds_config, frozen_model)
     objective = build_objective(config, embedding_rows_for(policy.module, config.plot))
     # The cache, when used, covers both splits: one file serves training and evaluation runs.
-    reference = prepare_reference(config, ds_config, tokenizer, objective, train_examples, eval_examples, reports, dist,
-                                  policy, policy_layout)
-    return Run(config, dist, ds_config, tokenizer, train_examples, eval_examples, reports, sampler, policy,
-               policy_layout, objective, reference, resume_from)
+    reference = prepare_reference(
+        config, ds_config, tokenizer, objective, train_examples, eval_examples, reports, dist, policy, policy_layout
+    )
+    return Run(
+        config,
+        dist,
+        ds_config,
+        tokenizer,
+        train_examples,
+        eval_examples,
+        reports,
+        sampler,
+        policy,
+        policy_layout,
+        objective,
+        reference,
+        resume_from,
+    )

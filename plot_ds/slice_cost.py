@@ -17,11 +17,12 @@ Paths (``plot.embedding_gather``):
   so that no owner sends R copies. Constant in R but for the split counts (R integers).
 - ``full``: the whole matrix gathered (``deepspeed.zero.GatheredParameters``).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-INDEX_BYTES = 8   # int64 token ids, counts and pair keys
+INDEX_BYTES = 8  # int64 token ids, counts and pair keys
 SCALAR_BYTES = 4  # float32 partial dot products and squared norms
 
 
@@ -42,13 +43,14 @@ def histogram_element_size(ranks: int) -> int:
 @dataclass(frozen=True)
 class SliceShape:
     """One micro-batch's sizes, per rank (means over ranks), and the matrix's."""
+
     ranks: int
     vocab: int
     dim: int
     element_size: int  # bytes per element of E (4 float32, 2 bf16)
-    rows: float        # distinct rows a rank needs: U (rows) or U with Y (cosines)
+    rows: float  # distinct rows a rank needs: U (rows) or U with Y (cosines)
     targets: float = 0.0  # distinct target tokens Y (cosines only)
-    pairs: float = 0.0    # distinct (row, target) pairs (cosines only)
+    pairs: float = 0.0  # distinct (row, target) pairs (cosines only)
     hot_rows: float = 0.0  # rows the all-to-all path sends to every rank by one all-reduce
     hot_wanted: float = 0.0  # how many of a rank's rows are among them
     remote: float | None = None  # how many of a rank's rows live (partly) elsewhere; None: (R - 1) / R
@@ -64,8 +66,9 @@ class SliceShape:
 
 def allreduce_rows_bytes(s: SliceShape) -> float:
     """Rows by the all-reduce path: the index lists all-gathered, every rank's rows all-reduced."""
-    return (all_gather_received(INDEX_BYTES + s.rows * INDEX_BYTES, s.ranks)
-            + all_reduce_received(s.ranks * s.rows * s.row_bytes, s.ranks))
+    return all_gather_received(INDEX_BYTES + s.rows * INDEX_BYTES, s.ranks) + all_reduce_received(
+        s.ranks * s.rows * s.row_bytes, s.ranks
+    )
 
 
 def allreduce_cosines_bytes(s: SliceShape) -> float:
@@ -73,10 +76,12 @@ def allreduce_cosines_bytes(s: SliceShape) -> float:
     then one all-reduce of a partial dot product per pair of every rank and a partial squared norm per
     distinct row (at most V)."""
     norms = min(s.vocab, s.ranks * s.rows)
-    return (all_gather_received(INDEX_BYTES + s.targets * INDEX_BYTES, s.ranks)
-            + all_reduce_received(s.ranks * s.targets * s.row_bytes, s.ranks)
-            + all_gather_received(INDEX_BYTES + s.pairs * INDEX_BYTES, s.ranks)
-            + all_reduce_received((s.ranks * s.pairs + norms) * SCALAR_BYTES, s.ranks))
+    return (
+        all_gather_received(INDEX_BYTES + s.targets * INDEX_BYTES, s.ranks)
+        + all_reduce_received(s.ranks * s.targets * s.row_bytes, s.ranks)
+        + all_gather_received(INDEX_BYTES + s.pairs * INDEX_BYTES, s.ranks)
+        + all_reduce_received((s.ranks * s.pairs + norms) * SCALAR_BYTES, s.ranks)
+    )
 
 
 def hot_rows_received(hot_rows: float, ranks: int, row_bytes: int) -> float:
@@ -98,10 +103,12 @@ def all_to_all_bytes(s: SliceShape) -> float:
     received back, plus the split counts exchanged with every other rank. Cut rows (two per
     partition boundary at most) are counted once."""
     cold = s.remote_rows * (max(s.rows - s.hot_wanted, 0.0) / s.rows if s.rows else 0.0)
-    return (histogram_bytes(s)
-            + hot_rows_received(s.hot_rows, s.ranks, s.row_bytes)
-            + (s.ranks - 1) * INDEX_BYTES
-            + cold * (INDEX_BYTES + s.row_bytes))
+    return (
+        histogram_bytes(s)
+        + hot_rows_received(s.hot_rows, s.ranks, s.row_bytes)
+        + (s.ranks - 1) * INDEX_BYTES
+        + cold * (INDEX_BYTES + s.row_bytes)
+    )
 
 
 def full_gather_bytes(s: SliceShape) -> float:
@@ -153,8 +160,10 @@ def hot_threshold(requesters, owner_of_row, ranks: int, row_bytes: int) -> int:
         sends = torch.zeros(ranks, dtype=torch.float64, device=requesters.device)
         sends.index_add_(0, owner_of_row, cold_requests)
         hot = float((asked & ~cold).sum())
-        received = hot_rows_received(hot, ranks, row_bytes) + \
-            float(cold_requests.sum()) / ranks * (ranks - 1) / ranks * row_bytes
+        received = (
+            hot_rows_received(hot, ranks, row_bytes)
+            + float(cold_requests.sum()) / ranks * (ranks - 1) / ranks * row_bytes
+        )
         cost = max(received, float(sends.max()) * row_bytes)
         if best_cost is None or cost < best_cost:
             best, best_cost = h, cost

@@ -1,5 +1,6 @@
 """The training loop, explicit in one place: ``train`` = setup (``run.setup_run``) -> ``start``
 (run files, monitor, resume) -> the loop over steps -> ``finish`` (final eval, checkpoint, export)."""
+
 from __future__ import annotations
 
 import json
@@ -34,8 +35,9 @@ def train_step(run: Run, micro_batches: list[PairBatch], before_update: Optional
     counts = to_device(PairCounts.total(batch.counts for batch in micro_batches).as_tensor(), policy.device)
     totals = GlobalTotals.from_counts(all_reduce_sum(counts))
     sums: dict[str, torch.Tensor] = {}
-    results = micro_batch_results(run.models("train"), micro_batches, run.objective, totals,
-                                  run.config.train.micro_batch_size, run.dist.rank)
+    results = micro_batch_results(
+        run.models("train"), micro_batches, run.objective, totals, run.config.train.micro_batch_size, run.dist.rank
+    )
     for index, result in enumerate(results):
         if policy.device.type == "cpu":
             # The backward is the step's peak; the forward's freed blocks, resident in glibc's heap,
@@ -60,8 +62,8 @@ class LoopState:
     pair_log: StepLog
     start_step: int
     stop: StopRequest = field(default_factory=StopRequest)
-    faults: int = 0       # non-finite steps in a row
-    skipped: int = 0      # non-finite steps in all
+    faults: int = 0  # non-finite steps in a row
+    skipped: int = 0  # non-finite steps in all
     saved: Path | None = None
     started: float = field(default_factory=time.perf_counter)
 
@@ -86,25 +88,33 @@ def start(run: Run) -> LoopState:
         config.save(output_dir / "config.yaml")
         (output_dir / "ds_config.json").write_text(json.dumps(run.ds_config, indent=2))
         (output_dir / "data_report.json").write_text(json.dumps([r.to_dict() for r in run.reports], indent=2))
-        print(f"[plot_ds] {dist.world_size} rank(s) on {dist.device.type}, rendezvous "
-              f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}; config:\n{config.to_yaml()}", flush=True)
+        print(
+            f"[plot_ds] {dist.world_size} rank(s) on {dist.device.type}, rendezvous "
+            f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}; config:\n{config.to_yaml()}",
+            flush=True,
+        )
         for report in run.reports:
             print(f"[plot_ds] data {report.summary()}", flush=True)
     train, sampler = config.train, run.sampler
     monitor = RunMonitor(output_dir / "tensorboard", train.max_steps, dist.is_main, train.tensorboard)
-    monitor.message(f"[plot_ds] {len(run.train_examples)} training pairs, {len(run.eval_examples)} held out; "
-                    f"global batch {sampler.global_batch_size}, {sampler.steps_per_epoch} steps per epoch "
-                    f"(the last one with {sampler.last_batch_size} pairs); {train.max_steps} steps = "
-                    f"{train.max_steps / sampler.steps_per_epoch:.2f} epochs")
+    monitor.message(
+        f"[plot_ds] {len(run.train_examples)} training pairs, {len(run.eval_examples)} held out; "
+        f"global batch {sampler.global_batch_size}, {sampler.steps_per_epoch} steps per epoch "
+        f"(the last one with {sampler.last_batch_size} pairs); {train.max_steps} steps = "
+        f"{train.max_steps / sampler.steps_per_epoch:.2f} epochs"
+    )
     start_step = 0
     if run.resume_from is not None:
         info = load_checkpoint(run.policy, run.resume_from, dist.rank)
         start_step = sampler.load_state_dict(info["data"])
         monitor.message(f"[plot_ds] resumed from {run.resume_from} at step {start_step}")
         monitor.advance(start_step)
-    return LoopState(monitor, StepLog(output_dir / "train_history.jsonl", start_step, enabled=dist.is_main),
-                     StepLog(output_dir / f"pair_ids.rank{dist.rank}.jsonl", start_step,
-                             enabled=train.log_pair_ids), start_step)
+    return LoopState(
+        monitor,
+        StepLog(output_dir / "train_history.jsonl", start_step, enabled=dist.is_main),
+        StepLog(output_dir / f"pair_ids.rank{dist.rank}.jsonl", start_step, enabled=train.log_pair_ids),
+        start_step,
+    )
 
 
 def run_step(run: Run, state: LoopState, step: int) -> str:
@@ -112,8 +122,13 @@ def run_step(run: Run, state: LoopState, step: int) -> str:
     and evaluation). Returns "completed" to go on, or why the run stops: "faults", "preempted"."""
     train, monitor, done = run.config.train, state.monitor, step + 1
     micro_batches = run.micro_batches(step)
-    state.pair_log.write({"step": done, "epoch": run.sampler.epoch_of(step),
-                          "ids": [pair_id for batch in micro_batches for pair_id in batch.pair_ids]})
+    state.pair_log.write(
+        {
+            "step": done,
+            "epoch": run.sampler.epoch_of(step),
+            "ids": [pair_id for batch in micro_batches for pair_id in batch.pair_ids],
+        }
+    )
     lr = run.policy.get_lr()[0]  # the scheduler moves on inside the step
     sums, totals = train_step(run, micro_batches)
     monitor.count(float(totals.input_tokens), float(totals.pairs))
@@ -121,22 +136,28 @@ def run_step(run: Run, state: LoopState, step: int) -> str:
     state.faults = 0 if run.policy.was_step_applied() else state.faults + 1
     state.skipped += state.faults > 0
     if state.faults:
-        monitor.message(f"[plot_ds] step {done}: non-finite loss or gradient; the update was skipped on every "
-                        f"rank ({state.faults} in a row, at most {train.max_consecutive_faults})")
+        monitor.message(
+            f"[plot_ds] step {done}: non-finite loss or gradient; the update was skipped on every "
+            f"rank ({state.faults} in a row, at most {train.max_consecutive_faults})"
+        )
     if done % train.log_every == 0 or done == train.max_steps or state.faults:
         log_step(run, state, done, sums, lr)
     monitor.advance()
     if state.faults >= train.max_consecutive_faults:
         # Skipped updates left the weights as they were before the first fault.
         state.saved = checkpoint(run, done)
-        monitor.message(f"[plot_ds] stopping: {state.faults} consecutive non-finite steps (last {done}). The "
-                        f"weights in {state.saved} are those from before step {done - state.faults + 1}. Lower "
-                        f"train.lr, check the data around these steps, or use fp32/bf16 over fp16.")
+        monitor.message(
+            f"[plot_ds] stopping: {state.faults} consecutive non-finite steps (last {done}). The "
+            f"weights in {state.saved} are those from before step {done - state.faults + 1}. Lower "
+            f"train.lr, check the data around these steps, or use fp32/bf16 over fp16."
+        )
         return "faults"
     if state.stop.agreed(run.policy.device):
         state.saved = checkpoint(run, done)
-        monitor.message(f"[plot_ds] {state.stop.signal_name or 'a stop signal on another rank'}: checkpoint "
-                        f"{state.saved} written at step {done}; exiting with {EXIT_PREEMPTED} (requeue to resume)")
+        monitor.message(
+            f"[plot_ds] {state.stop.signal_name or 'a stop signal on another rank'}: checkpoint "
+            f"{state.saved} written at step {done}; exiting with {EXIT_PREEMPTED} (requeue to resume)"
+        )
         return "preempted"
     if train.save_every and done % train.save_every == 0 and done != train.max_steps:
         state.saved = checkpoint(run, done)
@@ -165,21 +186,32 @@ def log_step(run: Run, state: LoopState, done: int, sums: dict, lr: float) -> No
 
 def checkpoint(run: Run, step: int) -> Path:
     train = run.config.train
-    return save_checkpoint(run.policy, Path(train.output_dir), step, run.dist.rank, run.dist.is_main,
-                           run.sampler.state_dict(step), run.config, train.keep_last)
+    return save_checkpoint(
+        run.policy,
+        Path(train.output_dir),
+        step,
+        run.dist.rank,
+        run.dist.is_main,
+        run.sampler.state_dict(step),
+        run.config,
+        train.keep_last,
+    )
 
 
 def run_eval(run: Run, monitor: RunMonitor, step: int) -> dict:
     """Held-out metrics and generations, logged at ``step``."""
     results = evaluate(run, run.eval_examples)
-    answer_metrics, generations = generation_report(run.policy, run.tokenizer, run.eval_examples, run.config,
-                                                    run.dist.rank, run.dist.world_size)
+    answer_metrics, generations = generation_report(
+        run.policy, run.tokenizer, run.eval_examples, run.config, run.dist.rank, run.dist.world_size
+    )
     results.update(answer_metrics)
     monitor.log(step, results)
     if generations:
         monitor.log_text("eval/generations", generations_markdown(generations), step)
     if results:
-        monitor.message("[plot_ds] step {}: {}".format(step, ", ".join(f"{k}={v:.4g}" for k, v in sorted(results.items()))))
+        monitor.message(
+            "[plot_ds] step {}: {}".format(step, ", ".join(f"{k}={v:.4g}" for k, v in sorted(results.items())))
+        )
     return {**results, "generations": generations}
 
 
@@ -197,7 +229,9 @@ def finish(run: Run, state: LoopState, outcome: str) -> dict:
     eval_results = run_eval(run, state.monitor, train.max_steps)
     if train.save_checkpoint:
         state.saved = checkpoint(run, train.max_steps)
-    exported = export_hf_model(run.policy, run.tokenizer, output_dir / "final_model", is_main) if train.export_final else []
+    exported = (
+        export_hf_model(run.policy, run.tokenizer, output_dir / "final_model", is_main) if train.export_final else []
+    )
     barrier()
     state.monitor.close()
     summary.update(eval=eval_results, checkpoint=str(state.saved) if state.saved else None)
@@ -216,8 +250,10 @@ def report_locations(output_dir: Path, saved: Path | None, exported: list[Path],
     if exported:
         print(f"[plot_ds] final model:    {exported[0].resolve()}  (Hugging Face, safetensors)", flush=True)
     if len(exported) > 1:
-        print(f"[plot_ds] adapter:        {exported[1].resolve()}  (PEFT: PeftModel.from_pretrained(base, path))",
-              flush=True)
+        print(
+            f"[plot_ds] adapter:        {exported[1].resolve()}  (PEFT: PeftModel.from_pretrained(base, path))",
+            flush=True,
+        )
     if tensorboard:
         print(f"[plot_ds] TensorBoard:    tensorboard --logdir {(output_dir / 'tensorboard').resolve()}", flush=True)
     print(f"[plot_ds] eval results:   {(output_dir / 'eval_results.json').resolve()}", flush=True)

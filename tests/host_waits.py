@@ -9,13 +9,21 @@ read back (item, int(), bool(), tolist(), numpy()), copies to the host (.cpu()) 
 charged to the code that asked for it: the innermost frame outside torch, so that plot_ds's own
 waits (``seen``) are told apart from those inside transformers' model code (``elsewhere``).
 """
+
 import traceback
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-VALUE_DEPENDENT = {"nonzero", "_unique2", "unique_dim", "unique_consecutive", "masked_select", "_local_scalar_dense",
-                   "equal"}
+VALUE_DEPENDENT = {
+    "nonzero",
+    "_unique2",
+    "unique_dim",
+    "unique_consecutive",
+    "masked_select",
+    "_local_scalar_dense",
+    "equal",
+}
 READ_BACK = ("item", "tolist", "numpy", "cpu", "__bool__", "__int__", "__float__")
 
 
@@ -31,13 +39,13 @@ def caller() -> str:
 class HostWaits(TorchDispatchMode):
     def __init__(self, *devices):
         super().__init__()
-        self.seen: list[str] = []       # waits asked for by plot_ds or the test itself
+        self.seen: list[str] = []  # waits asked for by plot_ds or the test itself
         self.elsewhere: list[str] = []  # waits inside transformers (or other libraries' code)
         # Marked tensors by identity, held alive for the probe's life so that no id is reused.
         self._marked_ids: set[int] = set()
         self._held: list[torch.Tensor] = []
         for owner in devices:
-            for tensor in (owner.parameters() if hasattr(owner, "parameters") else [owner]):
+            for tensor in owner.parameters() if hasattr(owner, "parameters") else [owner]:
                 self.mark(tensor)
             for buffer in getattr(owner, "buffers", lambda: [])():
                 self.mark(buffer)
@@ -66,7 +74,8 @@ class HostWaits(TorchDispatchMode):
         name = func._schema.name.split("::")[-1]
         if on_device:
             boolean_index = name in ("index", "index_put", "index_put_") and any(
-                isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (args[1] or []))
+                isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (args[1] or [])
+            )
             if name in VALUE_DEPENDENT or boolean_index:
                 self.record(name)
         out = func(*args, **kwargs)
@@ -86,6 +95,7 @@ class HostWaits(TorchDispatchMode):
                 if probe._is_marked(tensor):
                     probe.record(_method)
                 return _original(tensor, *args, **kwargs)
+
             setattr(torch.Tensor, method, recorded)
         return super().__enter__()
 

@@ -1,6 +1,7 @@
 """A real one-host Slurm cluster on loopback for the launch tests (the distribution's slurmctld,
 slurmd and munge, started by hand: CI machines have no systemd). Needs root. See
 ../shared/notes/slurm-one-host.md for why each setting is there."""
+
 from __future__ import annotations
 
 import os
@@ -67,23 +68,39 @@ class SlurmCluster:
         _ensure_munge()
         for sub in ("state", "spool", "log"):
             (self.dir / sub).mkdir(parents=True, exist_ok=True)
-        self.conf.write_text("\n".join([
-            "ClusterName=plotds",
-            f"SlurmctldHost={self.host}(127.0.0.1)",
-            f"SlurmctldPort={free_port()}", f"SlurmdPort={free_port()}",
-            "SlurmUser=root", "AuthType=auth/munge", "CryptoType=crypto/munge",
-            "ProctrackType=proctrack/linuxproc", "TaskPlugin=task/none",
-            "SelectType=select/cons_tres", "SelectTypeParameters=CR_Core",
-            "ReturnToService=2", "JobAcctGatherType=jobacct_gather/none",
-            "AccountingStorageType=accounting_storage/none", "MailProg=/bin/true",
-            "SchedulerType=sched/backfill", "MinJobAge=600", "KillWait=30",
-            f"StateSaveLocation={self.dir / 'state'}", f"SlurmdSpoolDir={self.dir / 'spool'}",
-            f"SlurmctldPidFile={self.dir / 'slurmctld.pid'}", f"SlurmdPidFile={self.dir / 'slurmd.pid'}",
-            f"SlurmctldLogFile={self.dir / 'log' / 'slurmctld.log'}",
-            f"SlurmdLogFile={self.dir / 'log' / 'slurmd.log'}",
-            f"NodeName={self.host} NodeAddr=127.0.0.1 {_node_layout()} State=UNKNOWN",
-            f"PartitionName=debug Nodes={self.host} Default=YES MaxTime=INFINITE State=UP",
-        ]) + "\n")
+        self.conf.write_text(
+            "\n".join(
+                [
+                    "ClusterName=plotds",
+                    f"SlurmctldHost={self.host}(127.0.0.1)",
+                    f"SlurmctldPort={free_port()}",
+                    f"SlurmdPort={free_port()}",
+                    "SlurmUser=root",
+                    "AuthType=auth/munge",
+                    "CryptoType=crypto/munge",
+                    "ProctrackType=proctrack/linuxproc",
+                    "TaskPlugin=task/none",
+                    "SelectType=select/cons_tres",
+                    "SelectTypeParameters=CR_Core",
+                    "ReturnToService=2",
+                    "JobAcctGatherType=jobacct_gather/none",
+                    "AccountingStorageType=accounting_storage/none",
+                    "MailProg=/bin/true",
+                    "SchedulerType=sched/backfill",
+                    "MinJobAge=600",
+                    "KillWait=30",
+                    f"StateSaveLocation={self.dir / 'state'}",
+                    f"SlurmdSpoolDir={self.dir / 'spool'}",
+                    f"SlurmctldPidFile={self.dir / 'slurmctld.pid'}",
+                    f"SlurmdPidFile={self.dir / 'slurmd.pid'}",
+                    f"SlurmctldLogFile={self.dir / 'log' / 'slurmctld.log'}",
+                    f"SlurmdLogFile={self.dir / 'log' / 'slurmd.log'}",
+                    f"NodeName={self.host} NodeAddr=127.0.0.1 {_node_layout()} State=UNKNOWN",
+                    f"PartitionName=debug Nodes={self.host} Default=YES MaxTime=INFINITE State=UP",
+                ]
+            )
+            + "\n"
+        )
         subprocess.run(["slurmctld", "-f", str(self.conf)], check=True, env=self.env)
         subprocess.run(["slurmd", "-f", str(self.conf), "-N", self.host], check=True, env=self.env)
         deadline = time.time() + 60
@@ -118,8 +135,9 @@ class SlurmCluster:
         text = _run(["scontrol", "show", "job", str(job_id)], env=self.env).stdout
         return dict(re.findall(r"(\w+)=(\S*)", text))
 
-    def wait(self, job_id: int, until=("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"),
-             timeout: float = 900) -> dict:
+    def wait(
+        self, job_id: int, until=("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"), timeout: float = 900
+    ) -> dict:
         deadline = time.time() + timeout
         while time.time() < deadline:
             job = self.job(job_id)

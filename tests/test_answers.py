@@ -1,23 +1,27 @@
 """Final answers as a grader reads them: found in a generation (nested braces whole), LaTeX and
 plain forms alike, numbers by value, a reference's stated alternatives; on CHAMP's references."""
+
 import pytest
 
 from plot_ds.answers import answer_matches, extract_final_answer, normalise_answer, reference_forms
 
 
-@pytest.mark.parametrize("text, expected", [
-    ("so the total is 12 apples\n#### 12", "12"),
-    ("We get $\\boxed{\\frac{1}{2}}$ hmm", "\\frac{1}{2}"),
-    ("so $\\boxed{\\sqrt{2}}$", "\\sqrt{2}"),
-    ("the set $\\boxed{\\{1, 2\\}}$.", "\\{1, 2\\}"),
-    ("first \\boxed{3}, then \\boxed{2^{n-1}}", "2^{n-1}"),
-    ("Thus \\boxed{239}.", "239"),
-    ("The final answer is 3/4.", "3/4."),
-    ("Answer: 1,024", "1,024"),
-    ("first 3 then 7 and finally 42 items", "42"),
-    ("an unclosed \\boxed{7 and 8", "8"),
-    ("no digits at all", None),
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("so the total is 12 apples\n#### 12", "12"),
+        ("We get $\\boxed{\\frac{1}{2}}$ hmm", "\\frac{1}{2}"),
+        ("so $\\boxed{\\sqrt{2}}$", "\\sqrt{2}"),
+        ("the set $\\boxed{\\{1, 2\\}}$.", "\\{1, 2\\}"),
+        ("first \\boxed{3}, then \\boxed{2^{n-1}}", "2^{n-1}"),
+        ("Thus \\boxed{239}.", "239"),
+        ("The final answer is 3/4.", "3/4."),
+        ("Answer: 1,024", "1,024"),
+        ("first 3 then 7 and finally 42 items", "42"),
+        ("an unclosed \\boxed{7 and 8", "8"),
+        ("no digits at all", None),
+    ],
+)
 def test_extract_final_answer(text, expected):
     assert extract_final_answer(text) == expected
 
@@ -46,8 +50,7 @@ CHAMP_EQUIVALENTS = [
     ("\\boxed{\\frac{a^3+2b}{3a}}", "(a^3+2b)/(3a)"),
     ("\\boxed{\\frac{(2n)!}{2^n n!}}", "(2n)!/(2^n*n!)"),
     ("\\boxed{1 - \\frac{1}{2^{1/n}}}", "1-1/2^(1/n)"),
-    ("\\boxed{\\frac{(-1)^{n+1}+n+1}{n+2}}",
-     "((-1)^(n+1)+n+1)/(n+2) (i.e., 1 if for odd n, and n/(n+2) for even n)"),
+    ("\\boxed{\\frac{(-1)^{n+1}+n+1}{n+2}}", "((-1)^(n+1)+n+1)/(n+2) (i.e., 1 if for odd n, and n/(n+2) for even n)"),
     ("\\boxed{252}", "C(10, 5), or equivalently 252"),
     ("\\boxed{\\binom{10}{5}}", "C(10, 5), or equivalently 252"),
     ("\\boxed{2\\binom{10}{5}}", "2*C(10, 5), or equivalently 504"),
@@ -70,17 +73,20 @@ def test_equivalent_forms_of_champ_answers_match(generated, reference):
     assert answer_matches(generated, reference)
 
 
-@pytest.mark.parametrize("generated, reference", [
-    ("\\boxed{\\frac{1}{2}}", "2"),          # the old extractor's "2": a fraction is not its denominator
-    ("\\boxed{0.33}", "1/3"),                # close is not equal
-    ("\\boxed{1/4}", "1/3"),
-    ("\\boxed{(-1)^n}", "-1^n"),
-    ("\\boxed{2 \\cdot 3}", "23"),           # no digits run together when a product sign goes
-    ("\\boxed{(x=1, y=2)}", "(x=1, y=2) and (x=2, y=1)"),  # half the solutions
-    ("The answer is 41", "42"),
-    ("I do not know", "42"),
-    ("\\boxed{1}", "0 (i.e., no such values)"),
-])
+@pytest.mark.parametrize(
+    "generated, reference",
+    [
+        ("\\boxed{\\frac{1}{2}}", "2"),  # the old extractor's "2": a fraction is not its denominator
+        ("\\boxed{0.33}", "1/3"),  # close is not equal
+        ("\\boxed{1/4}", "1/3"),
+        ("\\boxed{(-1)^n}", "-1^n"),
+        ("\\boxed{2 \\cdot 3}", "23"),  # no digits run together when a product sign goes
+        ("\\boxed{(x=1, y=2)}", "(x=1, y=2) and (x=2, y=1)"),  # half the solutions
+        ("The answer is 41", "42"),
+        ("I do not know", "42"),
+        ("\\boxed{1}", "0 (i.e., no such values)"),
+    ],
+)
 def test_different_answers_do_not_match(generated, reference):
     assert not answer_matches(generated, reference)
 

@@ -1,5 +1,6 @@
 """The shape of the house: no import cycles inside plot_ds, DeepSpeed's internals touched from one
 module only, functions and modules small enough to read, the DeepSpeed JSONs shipped in the package."""
+
 import ast
 import json
 import re
@@ -35,7 +36,7 @@ def imported_modules(path: Path, known: set[str]) -> set[str]:
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
-                anchor = package.split(".")[:len(package.split(".")) - node.level + 1]
+                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
                 base = ".".join(anchor + ([base] if base else []))
             names = [base] + [f"{base}.{alias.name}" for alias in node.names]
         else:
@@ -131,16 +132,27 @@ def reaches_into_deepspeed(path: Path, private: set[str]) -> list[str]:
         where = f"{path.relative_to(REPO)}:{getattr(node, 'lineno', 0)}"
         if isinstance(node, ast.ImportFrom) and not node.level and (node.module or "").startswith("deepspeed"):
             modules = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
-            if node.module not in PUBLIC_DEEPSPEED or any(m.startswith("deepspeed.utils.zero_to_fp32") for m in modules):
+            if node.module not in PUBLIC_DEEPSPEED or any(
+                m.startswith("deepspeed.utils.zero_to_fp32") for m in modules
+            ):
                 found.append(f"{where} imports {node.module}")
         elif isinstance(node, ast.Import):
-            found += [f"{where} imports {a.name}" for a in node.names
-                      if a.name.startswith("deepspeed.") and a.name not in PUBLIC_DEEPSPEED]
-        elif isinstance(node, ast.Attribute) and node.attr in private and not (
-                isinstance(node.value, ast.Name) and node.value.id in ("self", "cls", "os", "sys")):
+            found += [
+                f"{where} imports {a.name}"
+                for a in node.names
+                if a.name.startswith("deepspeed.") and a.name not in PUBLIC_DEEPSPEED
+            ]
+        elif (
+            isinstance(node, ast.Attribute)
+            and node.attr in private
+            and not (isinstance(node.value, ast.Name) and node.value.id in ("self", "cls", "os", "sys"))
+        ):
             found.append(f"{where} names .{node.attr}")
-        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and (
-                node.value in private or is_internal_module(node.value)):
+        elif (
+            isinstance(node, ast.Constant)
+            and isinstance(node.value, str)
+            and (node.value in private or is_internal_module(node.value))
+        ):
             found.append(f"{where} names {node.value!r}")
     return found
 
@@ -150,11 +162,19 @@ def test_only_the_patches_module_reaches_into_deepspeed_internals():
     assert {"_config", "_create_fp32_partitions", "_prepare_fp32_grad_for_sub_group"} <= private
     # The check finds what the patches module does on purpose: it can fail.
     patches_uses = "\n".join(reaches_into_deepspeed(PATCHES, private))
-    for expected in ("imports deepspeed.runtime.zero.stage3", "names ._config", "'deepspeed.comm.torch'",
-                     "imports deepspeed.checkpoint"):
+    for expected in (
+        "imports deepspeed.runtime.zero.stage3",
+        "names ._config",
+        "'deepspeed.comm.torch'",
+        "imports deepspeed.checkpoint",
+    ):
         assert expected in patches_uses, patches_uses
-    others = [hit for path in sorted(PACKAGE.rglob("*.py")) if path != PATCHES
-              for hit in reaches_into_deepspeed(path, private)]
+    others = [
+        hit
+        for path in sorted(PACKAGE.rglob("*.py"))
+        if path != PATCHES
+        for hit in reaches_into_deepspeed(path, private)
+    ]
     assert others == []
 
 
@@ -220,11 +240,16 @@ def test_the_losses_are_leaves_on_the_contract():
     import subprocess
     import sys
 
-    script = (f"import sys; import {', '.join(LOSS_MODULES)}; "
-              "print(' '.join(sorted(m for m in sys.modules if m.split('.')[0] in "
-              "('plot_ds', 'deepspeed', 'transformers', 'datasets', 'peft'))))")
-    loaded = set(subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
-                                cwd=REPO).stdout.split())
+    script = (
+        f"import sys; import {', '.join(LOSS_MODULES)}; "
+        "print(' '.join(sorted(m for m in sys.modules if m.split('.')[0] in "
+        "('plot_ds', 'deepspeed', 'transformers', 'datasets', 'peft'))))"
+    )
+    loaded = set(
+        subprocess.run(
+            [sys.executable, "-c", script], capture_output=True, text=True, check=True, cwd=REPO
+        ).stdout.split()
+    )
     assert loaded == CONTRACT | set(LOSS_MODULES), loaded - CONTRACT - set(LOSS_MODULES)
 
 
@@ -232,20 +257,33 @@ def calls_in(path: Path, function: str) -> set[str]:
     """Names called inside ``function`` (a module-level function of ``path``)."""
     tree = ast.parse(path.read_text())
     body = next(node for node in tree.body if isinstance(node, ast.FunctionDef) and node.name == function)
-    return {node.func.id if isinstance(node.func, ast.Name) else node.func.attr
-            for node in ast.walk(body) if isinstance(node, ast.Call) and isinstance(node.func, (ast.Name, ast.Attribute))}
+    return {
+        node.func.id if isinstance(node.func, ast.Name) else node.func.attr
+        for node in ast.walk(body)
+        if isinstance(node, ast.Call) and isinstance(node.func, (ast.Name, ast.Attribute))
+    }
 
 
-@pytest.mark.parametrize("module,function", [("training", "train_step"), ("evaluation", "evaluate"),
-                                             ("micro_batch", "pre_pass"), ("reference_cache", "compute_logps")])
+@pytest.mark.parametrize(
+    "module,function",
+    [
+        ("training", "train_step"),
+        ("evaluation", "evaluate"),
+        ("micro_batch", "pre_pass"),
+        ("reference_cache", "compute_logps"),
+    ],
+)
 def test_every_micro_batch_goes_through_the_one_function(module, function):
     """Training, evaluation, the global-batch pre-pass and the reference cache all run a micro-batch
     through ``micro_batch.forward_micro_batch`` (``micro_batch_results`` walks a share through it);
     only it and the reference's own forward call ``forward_pairs``."""
     called = calls_in(PACKAGE / f"{module}.py", function)
     assert called & {"forward_micro_batch", "micro_batch_results"}, called
-    callers = {path.relative_to(PACKAGE).as_posix() for path in PACKAGE.rglob("*.py")
-               if "forward_pairs(" in path.read_text().replace("def forward_pairs(", "")}
+    callers = {
+        path.relative_to(PACKAGE).as_posix()
+        for path in PACKAGE.rglob("*.py")
+        if "forward_pairs(" in path.read_text().replace("def forward_pairs(", "")
+    }
     assert callers == {"micro_batch.py", "reference.py"}, callers
 
 

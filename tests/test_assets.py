@@ -1,4 +1,5 @@
 """The built-in real assets: SmolLM2-135M-Instruct (GGUF -> safetensors) and CHAMP."""
+
 import json
 from pathlib import Path
 

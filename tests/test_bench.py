@@ -1,4 +1,5 @@
 """The benchmark scripts run (tiny model, one step): they must not rot between measurements."""
+
 import importlib.util
 import json
 import math
@@ -12,10 +13,26 @@ from conftest import REPO, run_command
 
 
 def test_plot_overhead_benchmark_runs_and_reports_ratios(tiny_model_dir, zero3_test_config):
-    proc = run_command([sys.executable, str(REPO / "bench" / "plot_overhead.py"), "--steps", "1",
-                        "--warmup", "0", "--loss-path-repeats", "2", "--model.name_or_path", tiny_model_dir,
-                        "--deepspeed.config", zero3_test_config, "--data.max_length", "64",
-                        "--data.max_prompt_length", "32"])
+    proc = run_command(
+        [
+            sys.executable,
+            str(REPO / "bench" / "plot_overhead.py"),
+            "--steps",
+            "1",
+            "--warmup",
+            "0",
+            "--loss-path-repeats",
+            "2",
+            "--model.name_or_path",
+            tiny_model_dir,
+            "--deepspeed.config",
+            zero3_test_config,
+            "--data.max_length",
+            "64",
+            "--data.max_prompt_length",
+            "32",
+        ]
+    )
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["ranks"] == 1 and len(result["overhead_ratio_by_step"]) == 1
     # The two variants ran the same batches (each step updating the one policy), one with PLOT's
@@ -26,7 +43,8 @@ def test_plot_overhead_benchmark_runs_and_reports_ratios(tiny_model_dir, zero3_t
     assert vanilla["loss/total"] == pytest.approx(vanilla["loss/vanilla"], rel=1e-6)
     # The ratios are the measured times' ratios.
     assert result["overhead_ratio"] == pytest.approx(
-        result["step_seconds_plot_median"] / result["step_seconds_vanilla_median"], rel=1e-9)
+        result["step_seconds_plot_median"] / result["step_seconds_vanilla_median"], rel=1e-9
+    )
     assert result["overhead_ratio_by_step"][0] == pytest.approx(result["overhead_ratio"], abs=1e-4)
     assert result["overhead_ratio_paired_median"] == pytest.approx(result["overhead_ratio_by_step"][0], rel=1e-3)
     assert 0 < result["loss_path_seconds_vanilla"] < result["step_seconds_vanilla_median"]
@@ -37,9 +55,24 @@ def test_plot_overhead_benchmark_runs_and_reports_ratios(tiny_model_dir, zero3_t
 
 
 def test_global_batch_cost_benchmark_compares_aot_with_dpo_per_split(tiny_model_dir, zero3_test_config):
-    proc = run_command([sys.executable, str(REPO / "bench" / "global_batch_cost.py"), "--steps", "1", "--warmup", "0",
-                        "--model.name_or_path", tiny_model_dir, "--deepspeed.config", zero3_test_config,
-                        "--data.max_length", "64", "--data.max_prompt_length", "32"])
+    proc = run_command(
+        [
+            sys.executable,
+            str(REPO / "bench" / "global_batch_cost.py"),
+            "--steps",
+            "1",
+            "--warmup",
+            "0",
+            "--model.name_or_path",
+            tiny_model_dir,
+            "--deepspeed.config",
+            zero3_test_config,
+            "--data.max_length",
+            "64",
+            "--data.max_prompt_length",
+            "32",
+        ]
+    )
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     one_forward, accumulating = result["splits"]
     assert (one_forward["gradient_accumulation_steps"], accumulating["gradient_accumulation_steps"]) == (1, 2)
@@ -50,8 +83,18 @@ def test_global_batch_cost_benchmark_compares_aot_with_dpo_per_split(tiny_model_
 
 
 def test_zero3_memory_benchmark_halves_model_state_at_two_ranks(tiny_model_dir, zero3_test_config):
-    proc = run_command([sys.executable, str(REPO / "bench" / "zero3_memory.py"), "--ranks", "1,2",
-                        "--model.name_or_path", tiny_model_dir, "--deepspeed.config", zero3_test_config])
+    proc = run_command(
+        [
+            sys.executable,
+            str(REPO / "bench" / "zero3_memory.py"),
+            "--ranks",
+            "1,2",
+            "--model.name_or_path",
+            tiny_model_dir,
+            "--deepspeed.config",
+            zero3_test_config,
+        ]
+    )
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     one, two = result["per_rank"]["1"][0], result["per_rank"]["2"]
     assert one["parameters"] >= 4 * 49152 * 32  # fp32, the whole model on the one rank
@@ -63,8 +106,18 @@ def test_zero3_memory_benchmark_halves_model_state_at_two_ranks(tiny_model_dir, 
 
 
 def test_sinkhorn_vs_pot_benchmark_reports_speed_ratio_and_error(real_model_dir):
-    proc = run_command([sys.executable, str(REPO / "bench" / "sinkhorn_vs_pot.py"), "--problems", "16",
-                        "--repeats", "1", "--model", real_model_dir])
+    proc = run_command(
+        [
+            sys.executable,
+            str(REPO / "bench" / "sinkhorn_vs_pot.py"),
+            "--problems",
+            "16",
+            "--repeats",
+            "1",
+            "--model",
+            real_model_dir,
+        ]
+    )
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["speedup_sinkhorn_over_pot_loop"] > 0 and result["device"] == "cpu"
     assert 0.0 < result["mean_W"] < 2.0
@@ -73,8 +126,18 @@ def test_sinkhorn_vs_pot_benchmark_reports_speed_ratio_and_error(real_model_dir)
 
 def test_prompt_sharing_benchmark_reports_the_ratio(tiny_model_dir):
     """On the tiny model with SmolLM2's tokenizer: the token counts are the real pairs' own."""
-    proc = run_command([sys.executable, str(REPO / "bench" / "prompt_sharing.py"), "--pairs", "2",
-                        "--prompt-lengths", "raw,64", "--model", tiny_model_dir])
+    proc = run_command(
+        [
+            sys.executable,
+            str(REPO / "bench" / "prompt_sharing.py"),
+            "--pairs",
+            "2",
+            "--prompt-lengths",
+            "raw,64",
+            "--model",
+            tiny_model_dir,
+        ]
+    )
     raw, stretched = [json.loads(line) for line in proc.stdout.strip().splitlines()[-2:]]
     assert raw["prompt_length"] == "raw" and stretched["prompt_length"] == 64
     assert stretched["prompt_share_of_row_tokens"] > raw["prompt_share_of_row_tokens"] > 0
@@ -85,8 +148,22 @@ def test_packing_benchmark_reports_positions_and_ratios(tiny_model_dir):
     """Real pairs, SmolLM2's tokenizer (on the tiny model): packed rows compute exactly the rows'
     tokens, no padding; sharing the prompt in the packed row computes each prompt once, fewer still;
     every layout timed."""
-    proc = run_command([sys.executable, str(REPO / "bench" / "packing.py"), "--pairs", "4", "--micro-batch", "2",
-                        "--max-length", "64", "--max-prompt-length", "32", "--model", tiny_model_dir])
+    proc = run_command(
+        [
+            sys.executable,
+            str(REPO / "bench" / "packing.py"),
+            "--pairs",
+            "4",
+            "--micro-batch",
+            "2",
+            "--max-length",
+            "64",
+            "--max-prompt-length",
+            "32",
+            "--model",
+            tiny_model_dir,
+        ]
+    )
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["device"] == "cpu" and result["attention"] == "sdpa" and result["pairs"] == 4
     assert result["packed_positions"] == result["row_tokens"] <= result["padded_positions"]  # real tokens only
@@ -104,17 +181,28 @@ def test_gpu_check_script_runs_end_to_end_on_cpu(tmp_path):
     assets = tmp_path / "assets"
     run_command([sys.executable, str(REPO / "bench" / "gpu_assets.py"), "pack", str(assets)])
     out = tmp_path / "out"
-    proc = run_command(["bash", str(REPO / "bench" / "gpu_check.sh")], timeout=1200, PYTHON=sys.executable,
-                       OUT=str(out), GPU_CHECK_ASSETS=str(assets), GPU_CHECK_MODEL=str(tmp_path / "model"), GPU_CHECK_SHAPE="tiny",
-                       GPU_CHECK_RUN_DIR=str(tmp_path / "run"), GPU_CHECK_STEPS="1", GPU_CHECK_BENCH_STEPS="1",
-                       GPU_CHECK_PRECISION="fp32", GPU_CHECK_PROBLEMS="8", GPU_CHECK_TRL_STEPS="2",
-                       GPU_CHECK_WHEELS=str(tmp_path / "no_wheels"),  # the packages of this machine
-                       GPU_CHECK_ARGS="--data.max_length 48 --data.max_prompt_length 24 --data.eval_size 0",
-                       GPU_CHECK_TRL_ARGS="--max-length 80 --max-prompt-length 48 --warmup 0",
-                       GPU_CHECK_PACKING_ARGS="--pairs 2 --micro-batch 2 --max-length 48 --max-prompt-length 24",
-                       GPU_CHECK_COMPARE_ARGS="--variants dpo,dpo+plot --train.max_steps 1 --train.warmup_steps 0 "
-                                              "--data.eval_size 4 --eval.generations 1 --eval.max_new_tokens 4 "
-                                              "--data.max_length 48 --data.max_prompt_length 24")
+    proc = run_command(
+        ["bash", str(REPO / "bench" / "gpu_check.sh")],
+        timeout=1200,
+        PYTHON=sys.executable,
+        OUT=str(out),
+        GPU_CHECK_ASSETS=str(assets),
+        GPU_CHECK_MODEL=str(tmp_path / "model"),
+        GPU_CHECK_SHAPE="tiny",
+        GPU_CHECK_RUN_DIR=str(tmp_path / "run"),
+        GPU_CHECK_STEPS="1",
+        GPU_CHECK_BENCH_STEPS="1",
+        GPU_CHECK_PRECISION="fp32",
+        GPU_CHECK_PROBLEMS="8",
+        GPU_CHECK_TRL_STEPS="2",
+        GPU_CHECK_WHEELS=str(tmp_path / "no_wheels"),  # the packages of this machine
+        GPU_CHECK_ARGS="--data.max_length 48 --data.max_prompt_length 24 --data.eval_size 0",
+        GPU_CHECK_TRL_ARGS="--max-length 80 --max-prompt-length 48 --warmup 0",
+        GPU_CHECK_PACKING_ARGS="--pairs 2 --micro-batch 2 --max-length 48 --max-prompt-length 24",
+        GPU_CHECK_COMPARE_ARGS="--variants dpo,dpo+plot --train.max_steps 1 --train.warmup_steps 0 "
+        "--data.eval_size 4 --eval.generations 1 --eval.max_new_tokens 4 "
+        "--data.max_length 48 --data.max_prompt_length 24",
+    )
     assert "== done" in proc.stdout, proc.stdout[-3000:]
     assert json.loads((tmp_path / "run" / "ds_config.json").read_text())["zero_optimization"]["stage"] == 3
     step = json.loads((out / "train_last_step.json").read_text())
@@ -138,7 +226,10 @@ def test_gpu_check_script_runs_end_to_end_on_cpu(tmp_path):
     assert importlib.util.find_spec("trl") is not None, "TRL is a test dependency (setup.cfg, extras test)"
     runs = results["trl_comparison"]
     assert [(r["pairs_per_step"], r.get("plot_ds_args"), r["zero_stage_plot_ds"]) for r in runs] == [
-        (2, None, 3), (2, "--model.share_prompt false", 3), (8, None, 3)]  # fp32: auto is ZeRO-3
+        (2, None, 3),
+        (2, "--model.share_prompt false", 3),
+        (8, None, 3),
+    ]  # fp32: auto is ZeRO-3
     for run in runs:
         assert run["pairs_per_s_ratio"] > 0 and run["peak_rss_ratio"] > 0
         # The same pairs, model and update: DPO's log 2 at step 1, then the same loss after the update
@@ -159,7 +250,10 @@ def test_host_bound_standin_is_built_with_the_real_vocabulary_and_short_pairs(re
     config = json.loads((tmp_path / "model" / "config.json").read_text())
     real = json.loads((Path(real_model_dir) / "config.json").read_text())
     assert (config["hidden_size"], config["num_hidden_layers"], config["vocab_size"]) == (
-        64, real["num_hidden_layers"], real["vocab_size"])
+        64,
+        real["num_hidden_layers"],
+        real["vocab_size"],
+    )
     assert (tmp_path / "model" / "tokenizer.json").is_file()
     pairs = [json.loads(line) for line in (tmp_path / "pairs.jsonl").read_text().splitlines()]
     assert len(pairs) == 6 and all(0 < len(p["chosen"].split()) <= 15 and p["prompt"] for p in pairs)
@@ -174,8 +268,13 @@ def test_trl_comparison_alternates_the_sides_and_pools_their_rounds():
     def run(side):
         order.append(side)
         fast = [4.0, 5.0] if side == "plot_ds" else [3.0, 2.0]
-        return {"pairs_per_s": sum(fast) / 2, "measured_pairs_per_s": [x + len(order) for x in fast],
-                "peak_rss_mib": 100.0 * len(order), "losses": [0.69], "zero_stage": 3}
+        return {
+            "pairs_per_s": sum(fast) / 2,
+            "measured_pairs_per_s": [x + len(order) for x in fast],
+            "peak_rss_mib": 100.0 * len(order),
+            "losses": [0.69],
+            "zero_stage": 3,
+        }
 
     runs = bench.alternating_runs(3, run)
     assert order == ["plot_ds", "trl", "trl", "plot_ds", "plot_ds", "trl"]
@@ -223,8 +322,16 @@ def test_plot_gradient_scale_statistics_match_hand_computation():
 
 
 def test_plot_gradient_scale_runs_on_training_pairs(tiny_model_dir):
-    proc = run_command([sys.executable, str(REPO / "bench" / "plot_gradient_scale.py"), "--pairs", "3",
-                        "--model.name_or_path", tiny_model_dir])
+    proc = run_command(
+        [
+            sys.executable,
+            str(REPO / "bench" / "plot_gradient_scale.py"),
+            "--pairs",
+            "3",
+            "--model.name_or_path",
+            tiny_model_dir,
+        ]
+    )
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["pairs"] == 3 and result["positions"] > 3
     assert 0 <= result["mean_w"] <= 2 and 0 < result["mean_p_target"] < 1

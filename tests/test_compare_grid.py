@@ -1,5 +1,6 @@
 """plot_ds/compare/grid.py: variants, seeds and sweeps expand into validated, comparable runs; every
 mistake is refused before anything trains, naming the variant and key."""
+
 import pytest
 import yaml
 
@@ -29,9 +30,15 @@ def test_the_standard_grid_is_the_papers_comparison_and_runs_seed_major():
 
 def test_a_grid_file_with_a_base_config_overrides_and_sweeps(tmp_path):
     (tmp_path / "base.yaml").write_text("train:\n  lr: 2.0e-6\n")
-    path = write_grid(tmp_path, config="base.yaml", overrides={"train.max_steps": 7}, seeds=[3], baseline="a",
-                      variants={"a": {"plot.enabled": False}, "b": {"plot.alpha": 0.5}},
-                      sweeps={"b": {"plot.alpha": [0.1, 3]}})
+    path = write_grid(
+        tmp_path,
+        config="base.yaml",
+        overrides={"train.max_steps": 7},
+        seeds=[3],
+        baseline="a",
+        variants={"a": {"plot.enabled": False}, "b": {"plot.alpha": 0.5}},
+        sweeps={"b": {"plot.alpha": [0.1, 3]}},
+    )
     grid = build_grid(path, overrides={"data.eval_size": 12}, sweeps=["a:train.lr=1e-6"])
     assert list(grid.variants) == ["a", "b", "b[plot.alpha=0.1]", "b[plot.alpha=3]", "a[train.lr=1e-6]"]
     configs = {r.variant: grid.config_of(r, tmp_path / r.variant) for r in grid.runs()}
@@ -48,12 +55,18 @@ def test_parse_sweep():
         parse_sweep("plot.alpha")
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"only": ["dpo", "dpo+plto"]}, "unknown variant\\(s\\) dpo\\+plto"),
-    ({"baseline": "ipo"}, "baseline 'ipo' is not a variant"),
-    ({"overrides": {"plot.alpah": 1.0}}, "variant 'dpo' \\(seed 1\\): unknown config key 'plot.alpah' \\(did you mean 'plot.alpha'"),
-    ({"sweeps": ["ipo:plot.alpha=1,2"]}, "sweep over 'ipo': no such variant"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"only": ["dpo", "dpo+plto"]}, "unknown variant\\(s\\) dpo\\+plto"),
+        ({"baseline": "ipo"}, "baseline 'ipo' is not a variant"),
+        (
+            {"overrides": {"plot.alpah": 1.0}},
+            "variant 'dpo' \\(seed 1\\): unknown config key 'plot.alpah' \\(did you mean 'plot.alpha'",
+        ),
+        ({"sweeps": ["ipo:plot.alpha=1,2"]}, "sweep over 'ipo': no such variant"),
+    ],
+)
 def test_mistakes_are_refused_naming_what_is_wrong(kwargs, message):
     with pytest.raises(ConfigError, match=message):
         build_grid(**kwargs)

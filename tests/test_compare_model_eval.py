@@ -1,5 +1,6 @@
 """plot_ds/compare/model_eval.py: every metric of a model measured against the starting model equals
 a hand computation with plain transformers, on one process and on 2 ZeRO-3 ranks."""
+
 import json
 import math
 import sys
@@ -27,7 +28,9 @@ def test_kl_per_row_is_zero_for_identical_logits_and_the_formula_otherwise():
 @pytest.fixture(scope="module")
 def two_models(real_model_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("compare_models")
-    return make_tiny_llama(root / "start", real_model_dir, seed=0), make_tiny_llama(root / "trained", real_model_dir, seed=1)
+    return make_tiny_llama(root / "start", real_model_dir, seed=0), make_tiny_llama(
+        root / "trained", real_model_dir, seed=1
+    )
 
 
 @pytest.fixture(scope="module")
@@ -36,8 +39,16 @@ def reward_model(real_model_dir, tmp_path_factory):
     from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
 
     target = tmp_path_factory.mktemp("reward_model")
-    config = LlamaConfig(vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=4, num_key_value_heads=2, num_labels=1, pad_token_id=2)
+    config = LlamaConfig(
+        vocab_size=49152,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_labels=1,
+        pad_token_id=2,
+    )
     torch.manual_seed(3)
     LlamaForSequenceClassification(config).save_pretrained(target)
     AutoTokenizer.from_pretrained(real_model_dir).save_pretrained(target)
@@ -45,10 +56,13 @@ def reward_model(real_model_dir, tmp_path_factory):
 
 
 def evaluation_config(tmp_path, start, zero3_config=None, reward=None):
-    lines = [f"model: {{name_or_path: {start}}}",
-             "data: {eval_size: 4, max_length: 64, max_prompt_length: 32, cache: false}",
-             "train: {precision: fp32, eval_batch_size: 3}", "objective: {beta: 0.2}",
-             f"eval: {{generations: 3, max_new_tokens: 6, reward_model: {reward or 'null'}}}"]
+    lines = [
+        f"model: {{name_or_path: {start}}}",
+        "data: {eval_size: 4, max_length: 64, max_prompt_length: 32, cache: false}",
+        "train: {precision: fp32, eval_batch_size: 3}",
+        "objective: {beta: 0.2}",
+        f"eval: {{generations: 3, max_new_tokens: 6, reward_model: {reward or 'null'}}}",
+    ]
     if zero3_config:
         lines.append(f"deepspeed: {{config: {zero3_config}}}")
     path = tmp_path / "config.yaml"
@@ -57,8 +71,22 @@ def evaluation_config(tmp_path, start, zero3_config=None, reward=None):
 
 
 def run_evaluation(launcher, model, start, config, output):
-    run_command([*launcher, str(ENTRY), "compare-eval", model, "--config", str(config), "--start-model", start,
-                 "--output", str(output)], timeout=600, output=output)
+    run_command(
+        [
+            *launcher,
+            str(ENTRY),
+            "compare-eval",
+            model,
+            "--config",
+            str(config),
+            "--start-model",
+            start,
+            "--output",
+            str(output),
+        ],
+        timeout=600,
+        output=output,
+    )
     return json.loads(output.read_text())
 
 
@@ -88,20 +116,27 @@ def hand_computed(model_dir, start_dir, config_path, generations):
                 if name == "chosen":
                     values["kl"] = float((log_p.exp() * (log_p - log_q)).sum(-1).clamp_min(0).sum()) / len(response)
             n_c, n_r = len(ex.chosen_ids), len(ex.rejected_ids)
-            pairs[ex.id] = {"chosen_nll": -values["chosen"] / n_c,
-                            "chosen_nll_change": (values["start_chosen"] - values["chosen"]) / n_c,
-                            "reward_margin": 0.2 * ((values["chosen"] - values["start_chosen"])
-                                                    - (values["rejected"] - values["start_rejected"])),
-                            "preference_accuracy": float(values["chosen"] / n_c > values["rejected"] / n_r),
-                            "kl_to_start": values["kl"]}
+            pairs[ex.id] = {
+                "chosen_nll": -values["chosen"] / n_c,
+                "chosen_nll_change": (values["start_chosen"] - values["chosen"]) / n_c,
+                "reward_margin": 0.2
+                * ((values["chosen"] - values["start_chosen"]) - (values["rejected"] - values["start_rejected"])),
+                "preference_accuracy": float(values["chosen"] / n_c > values["rejected"] / n_r),
+                "kl_to_start": values["kl"],
+            }
         perplexities = {}
         for ex, record in zip(examples, generations):
-            generated = model.generate(torch.tensor([ex.prompt_ids]), max_new_tokens=6, do_sample=False,
-                                       pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-            new = generated[0, len(ex.prompt_ids):].tolist()
-            new = new[:new.index(tokenizer.eos_token_id)] if tokenizer.eos_token_id in new else new
+            generated = model.generate(
+                torch.tensor([ex.prompt_ids]),
+                max_new_tokens=6,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+            )
+            new = generated[0, len(ex.prompt_ids) :].tolist()
+            new = new[: new.index(tokenizer.eos_token_id)] if tokenizer.eos_token_id in new else new
             ids = torch.tensor([ex.prompt_ids + new])
-            log_q = start(ids).logits[0, len(ex.prompt_ids) - 1:-1].log_softmax(-1)
+            log_q = start(ids).logits[0, len(ex.prompt_ids) - 1 : -1].log_softmax(-1)
             nll = -log_q[range(len(new)), torch.tensor(new)].mean()
             perplexities[ex.id] = (tokenizer.decode(new, skip_special_tokens=True), len(new), math.exp(float(nll)))
     return pairs, perplexities
@@ -129,8 +164,9 @@ def hand_rewards(reward_model, records):
     tokenizer = AutoTokenizer.from_pretrained(reward_model)
     model = AutoModelForSequenceClassification.from_pretrained(reward_model).eval()
     with torch.no_grad():
-        return [float(model(**tokenizer(r["prompt"] + r["generation"], return_tensors="pt")).logits[0, 0])
-                for r in records]
+        return [
+            float(model(**tokenizer(r["prompt"] + r["generation"], return_tensors="pt")).logits[0, 0]) for r in records
+        ]
 
 
 def test_every_metric_equals_a_hand_computation(two_models, reward_model, tmp_path):
@@ -151,8 +187,14 @@ def test_every_metric_equals_a_hand_computation(two_models, reward_model, tmp_pa
 def test_two_zero3_ranks_give_the_same_records(two_models, tmp_path, zero3_test_config):
     start, trained = two_models
     config = evaluation_config(tmp_path, start, zero3_test_config)
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-                f"--master_port={free_port()}"]
+    launcher = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--master_addr=127.0.0.1",
+        f"--master_port={free_port()}",
+    ]
     report = run_evaluation(launcher, trained, start, config, tmp_path / "eval.json")
     pairs, perplexities = hand_computed(trained, start, config, report["generations"])
     check_against_hand(report, pairs, perplexities)

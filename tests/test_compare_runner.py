@@ -1,6 +1,7 @@
 """plot-compare end to end on a tiny model: a grid of two variants x two seeds finishes with every
 cell of the table; a grid killed mid-run resumes without retraining what finished; a failed run is
 reported and the others go on."""
+
 import json
 import sys
 import time
@@ -9,13 +10,40 @@ import yaml
 
 from conftest import run_command, start
 
-FAST = ["--train.max_steps", "2", "--data.eval_size", "4", "--data.max_length", "64", "--data.max_prompt_length",
-        "32", "--eval.generations", "2", "--eval.max_new_tokens", "4", "--train.precision", "fp32"]
+FAST = [
+    "--train.max_steps",
+    "2",
+    "--data.eval_size",
+    "4",
+    "--data.max_length",
+    "64",
+    "--data.max_prompt_length",
+    "32",
+    "--eval.generations",
+    "2",
+    "--eval.max_new_tokens",
+    "4",
+    "--train.precision",
+    "fp32",
+]
 
 
 def compare_command(tmp_path, model, grid, *extra):
-    return [sys.executable, "-m", "plot_ds.compare", "--grid", str(grid), "--output", str(tmp_path / "out"),
-            "--model.name_or_path", model, "--data.cache_dir", str(tmp_path / "cache"), *FAST, *extra]
+    return [
+        sys.executable,
+        "-m",
+        "plot_ds.compare",
+        "--grid",
+        str(grid),
+        "--output",
+        str(tmp_path / "out"),
+        "--model.name_or_path",
+        model,
+        "--data.cache_dir",
+        str(tmp_path / "cache"),
+        *FAST,
+        *extra,
+    ]
 
 
 def write_grid(tmp_path, variants, seeds):
@@ -34,8 +62,11 @@ def wait_for(predicate, process, timeout=600):
 
 
 def test_a_killed_grid_resumes_without_retraining_finished_runs(tiny_model_dir, tmp_path):
-    grid = write_grid(tmp_path, {"dpo": {"plot.enabled": False}, "sft+plot": {"objective.name": "sft",
-                                                                               "reference.mode": "none"}}, [1, 2])
+    grid = write_grid(
+        tmp_path,
+        {"dpo": {"plot.enabled": False}, "sft+plot": {"objective.name": "sft", "reference.mode": "none"}},
+        [1, 2],
+    )
     runs = tmp_path / "out" / "runs"
     first = start(compare_command(tmp_path, tiny_model_dir, grid), merge_output=True)
     # Killed (the driver and its run, SIGKILL) while the second trained run is training.
@@ -53,8 +84,10 @@ def test_a_killed_grid_resumes_without_retraining_finished_runs(tiny_model_dir, 
     assert finished.stat().st_mtime_ns == stamp
     # every (variant, seed) trained on the same pairs per seed, and every cell of the table is filled
     for seed in (1, 2):
-        ids = [json.loads((runs / v / f"seed{seed}" / "compare_eval.json").read_text())["held_out_ids"]
-               for v in ("dpo", "sft+plot")]
+        ids = [
+            json.loads((runs / v / f"seed{seed}" / "compare_eval.json").read_text())["held_out_ids"]
+            for v in ("dpo", "sft+plot")
+        ]
         assert ids[0] == ids[1]
     summary = json.loads((tmp_path / "out" / "compare.json").read_text())
     for variant in ("dpo", "sft+plot"):
@@ -69,8 +102,13 @@ def test_a_killed_grid_resumes_without_retraining_finished_runs(tiny_model_dir, 
     assert "TensorBoard, every run overlaid" in second.stdout
     # a second report on a subset of the same runs leaves the first one as it was
     before = table
-    subset = run_command(compare_command(tmp_path, tiny_model_dir, grid, "--variants", "dpo", "--seeds", "1",
-                                         "--report-only", "--report", "dpo_only"), check=False, timeout=300)
+    subset = run_command(
+        compare_command(
+            tmp_path, tiny_model_dir, grid, "--variants", "dpo", "--seeds", "1", "--report-only", "--report", "dpo_only"
+        ),
+        check=False,
+        timeout=300,
+    )
     assert subset.returncode == 0, subset.stdout + subset.stderr
     assert json.loads((tmp_path / "out" / "dpo_only.json").read_text())["variants"]["dpo"]["seeds"] == [1]
     assert "| sft+plot |" not in (tmp_path / "out" / "dpo_only.md").read_text()
@@ -78,9 +116,18 @@ def test_a_killed_grid_resumes_without_retraining_finished_runs(tiny_model_dir, 
 
 
 def test_a_failed_run_is_reported_and_the_others_go_on(tiny_model_dir, tmp_path):
-    grid = write_grid(tmp_path, {"sft": {"objective.name": "sft", "reference.mode": "none"},
-                                 "broken": {"objective.name": "sft", "reference.mode": "none",
-                                            "model.attn_implementation": "no_such_attention"}}, [1])
+    grid = write_grid(
+        tmp_path,
+        {
+            "sft": {"objective.name": "sft", "reference.mode": "none"},
+            "broken": {
+                "objective.name": "sft",
+                "reference.mode": "none",
+                "model.attn_implementation": "no_such_attention",
+            },
+        },
+        [1],
+    )
     proc = run_command(compare_command(tmp_path, tiny_model_dir, grid), check=False)
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "/3 broken/seed1: FAILED: training exited 2 after" in proc.stdout
@@ -94,9 +141,12 @@ def test_unknown_keys_and_variants_are_refused_before_anything_trains(tiny_model
     grid = write_grid(tmp_path, {"dpo": {"plot.alpah": 1.0}}, [1])
     proc = run_command(compare_command(tmp_path, tiny_model_dir, grid), check=False, timeout=300)
     assert proc.returncode == 2
-    assert proc.stderr.strip() == ("plot-compare: config error: variant 'dpo' (seed 1): unknown config key "
-                                   "'plot.alpah' (did you mean 'plot.alpha'?)")
-    proc = run_command(compare_command(tmp_path, tiny_model_dir, grid, "--variants", "dpo+plot"), check=False,
-                       timeout=300)
+    assert proc.stderr.strip() == (
+        "plot-compare: config error: variant 'dpo' (seed 1): unknown config key "
+        "'plot.alpah' (did you mean 'plot.alpha'?)"
+    )
+    proc = run_command(
+        compare_command(tmp_path, tiny_model_dir, grid, "--variants", "dpo+plot"), check=False, timeout=300
+    )
     assert proc.returncode == 2 and "unknown variant(s) dpo+plot (variants: dpo)" in proc.stderr
     assert not (tmp_path / "out" / "runs").exists()

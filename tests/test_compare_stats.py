@@ -1,5 +1,6 @@
 """plot_ds/compare/stats.py, text_metrics.py and the summary of report.py against hand computations
 on fixed numbers and strings."""
+
 import math
 
 import numpy as np
@@ -7,7 +8,7 @@ import pytest
 
 from plot_ds.compare.grid import build_grid
 from plot_ds.compare.report import RunResult, markdown, summarise
-from plot_ds.compare.stats import (bootstrap_interval, mean_and_spread, paired_differences, run_value, win_rates)
+from plot_ds.compare.stats import bootstrap_interval, mean_and_spread, paired_differences, run_value, win_rates
 from plot_ds.compare.text_metrics import distinct_n, repeated_ngram_share
 
 
@@ -40,11 +41,13 @@ def test_bootstrap_interval_matches_a_hand_computation_with_the_same_seed():
     rng = np.random.default_rng(7)
     indices = rng.integers(0, 5, size=(500, 5))
     means = sorted(sum(differences[i] for i in row) / 5 for row in indices)
+
     # numpy's default percentile: linear between order statistics at (n - 1) * q
     def percentile(q):
         position = (len(means) - 1) * q
         low, high = math.floor(position), math.ceil(position)
         return means[low] + (means[high] - means[low]) * (position - low)
+
     assert result["mean"] == pytest.approx(0.16)
     assert result["low"] == pytest.approx(percentile(0.025)) and result["high"] == pytest.approx(percentile(0.975))
     assert result["low"] < 0.16 < result["high"] and result["n"] == 5
@@ -53,19 +56,33 @@ def test_bootstrap_interval_matches_a_hand_computation_with_the_same_seed():
 
 
 def test_win_rates_count_ties_as_half():
-    assert win_rates({"a": 1.0, "b": 0.0, "c": 2.0, "d": 5.0}, {"a": 0.0, "b": 1.0, "c": 2.0}) == \
-        {"a": 1.0, "b": 0.0, "c": 0.5}
+    assert win_rates({"a": 1.0, "b": 0.0, "c": 2.0, "d": 5.0}, {"a": 0.0, "b": 1.0, "c": 2.0}) == {
+        "a": 1.0,
+        "b": 0.0,
+        "c": 0.5,
+    }
 
 
 def fake_run(variant, seed, accuracy, nll):
-    return RunResult(variant, seed, {"preference_accuracy": dict(zip("abcd", accuracy)),
-                                     "chosen_nll": dict(zip("abcd", nll)), "step_seconds": {"run": 2.0 + seed}})
+    return RunResult(
+        variant,
+        seed,
+        {
+            "preference_accuracy": dict(zip("abcd", accuracy)),
+            "chosen_nll": dict(zip("abcd", nll)),
+            "step_seconds": {"run": 2.0 + seed},
+        },
+    )
 
 
 def test_the_summary_and_table_on_fixed_runs():
     grid = build_grid(seeds=[1, 2], only=["dpo", "dpo+plot"])
-    results = [fake_run("dpo", 1, [1, 0, 0, 1], [2.0, 2.0, 2.0, 2.0]), fake_run("dpo", 2, [1, 1, 0, 0], [3.0] * 4),
-               fake_run("dpo+plot", 1, [1, 1, 1, 1], [1.0] * 4), fake_run("dpo+plot", 2, [1, 1, 1, 0], [2.0] * 4)]
+    results = [
+        fake_run("dpo", 1, [1, 0, 0, 1], [2.0, 2.0, 2.0, 2.0]),
+        fake_run("dpo", 2, [1, 1, 0, 0], [3.0] * 4),
+        fake_run("dpo+plot", 1, [1, 1, 1, 1], [1.0] * 4),
+        fake_run("dpo+plot", 2, [1, 1, 1, 0], [2.0] * 4),
+    ]
     start = {"pairs": [{"id": i, "preference_accuracy": 0.0, "chosen_nll": 4.0} for i in "abcd"], "generations": []}
     summary = summarise(grid, start, results)
     accuracy = summary["variants"]["dpo+plot"]["metrics"]["preference_accuracy"]

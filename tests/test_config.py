@@ -26,22 +26,30 @@ def test_yaml_then_overrides(tmp_path):
     assert config.train.adam_betas == (0.9, 0.99)
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--train.lrr", "1"], "unknown config key 'train.lrr' (did you mean 'train.lr'?)"),
-    (["--trian.lr", "1"], "unknown config key 'trian.lr' (did you mean 'train.lr'?)"),
-    (["--train.lr", "fast"], "train.lr: expected a number, got 'fast'"),
-    (["--train.max_steps", "1.5"], "train.max_steps: expected an integer, got 1.5"),
-    (["--objective.name", "ppo"], "objective.name: 'ppo' is not one of 'sft', 'dpo'"),
-    (["--model.trust_remote_code", "maybe"], "model.trust_remote_code: expected true or false"),
-    (["--model.share_prompt", "maybe"], "model.share_prompt: expected true or false, got 'maybe'; "
-                                        "or 'maybe' is not one of 'auto'"),
-    (["--train.micro_batch_size", "0"], "train.micro_batch_size: must be >= 1"),
-    (["--data.max_prompt_length", "400"], "data.max_prompt_length (400) must be smaller"),
-    (["--train.lr"], "train.lr: missing value"),
-    (["train.lr", "1"], "unexpected argument 'train.lr'"),
-    (["--deepspeed.zero3_leaf_modules", "LlamaDecoderLayer;rm -rf"], "deepspeed.zero3_leaf_modules: "
-     "'LlamaDecoderLayer;rm -rf' is not auto, none or a comma-separated list of module class names"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--train.lrr", "1"], "unknown config key 'train.lrr' (did you mean 'train.lr'?)"),
+        (["--trian.lr", "1"], "unknown config key 'trian.lr' (did you mean 'train.lr'?)"),
+        (["--train.lr", "fast"], "train.lr: expected a number, got 'fast'"),
+        (["--train.max_steps", "1.5"], "train.max_steps: expected an integer, got 1.5"),
+        (["--objective.name", "ppo"], "objective.name: 'ppo' is not one of 'sft', 'dpo'"),
+        (["--model.trust_remote_code", "maybe"], "model.trust_remote_code: expected true or false"),
+        (
+            ["--model.share_prompt", "maybe"],
+            "model.share_prompt: expected true or false, got 'maybe'; or 'maybe' is not one of 'auto'",
+        ),
+        (["--train.micro_batch_size", "0"], "train.micro_batch_size: must be >= 1"),
+        (["--data.max_prompt_length", "400"], "data.max_prompt_length (400) must be smaller"),
+        (["--train.lr"], "train.lr: missing value"),
+        (["train.lr", "1"], "unexpected argument 'train.lr'"),
+        (
+            ["--deepspeed.zero3_leaf_modules", "LlamaDecoderLayer;rm -rf"],
+            "deepspeed.zero3_leaf_modules: "
+            "'LlamaDecoderLayer;rm -rf' is not auto, none or a comma-separated list of module class names",
+        ),
+    ],
+)
 def test_bad_values_name_the_key(args, message):
     with pytest.raises(ConfigError) as err:
         load_config(None, parse_overrides(args))
@@ -67,11 +75,13 @@ def test_round_trip_through_saved_yaml(tmp_path):
 
 
 def test_cli_reports_a_bad_key_in_one_line_before_anything_heavy():
-    proc = run_command([sys.executable, str(REPO / "launch" / "train.py"), "--train.lrr", "1"], check=False,
-                       timeout=120)
+    proc = run_command(
+        [sys.executable, str(REPO / "launch" / "train.py"), "--train.lrr", "1"], check=False, timeout=120
+    )
     assert proc.returncode == 2
-    assert proc.stderr.strip() == ("plot-train: config error: unknown config key 'train.lrr' "
-                                   "(did you mean 'train.lr'?)")
+    assert proc.stderr.strip() == (
+        "plot-train: config error: unknown config key 'train.lrr' (did you mean 'train.lr'?)"
+    )
     assert "deepspeed" not in proc.stdout.lower()
 
 
@@ -82,15 +92,21 @@ def test_example_config_lists_every_key_with_its_default():
     assert {s: set(v) for s, v in listed.items()} == {s: set(v) for s, v in Config().to_dict().items()}
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--objective.terms", "{dpo: 1.0, ppo: 0.2}"], "objective.terms: unknown term 'ppo' (known: sft, dpo,"),
-    (["--objective.terms", "{dpo: 1.0, sft: -0.2}"], "objective.terms.sft: the weight must be > 0"),
-    (["--objective.terms", "{dpo: 1.0}", "--objective.name", "sft"], "objective.name (sft) and objective.terms are both set"),
-    (["--objective.terms", "dpo"], "objective.terms: expected a mapping"),
-    (["--objective.terms", "{}"], "objective.terms: empty"),
-    (["--objective.name", "aot", "--reference.mode", "none"], "reference.mode: none, but the objective's aot term"),
-    (["--objective.terms", "{simpo: 1, ipo: 0.5}", "--reference.mode", "none"], "objective's ipo term(s) need"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--objective.terms", "{dpo: 1.0, ppo: 0.2}"], "objective.terms: unknown term 'ppo' (known: sft, dpo,"),
+        (["--objective.terms", "{dpo: 1.0, sft: -0.2}"], "objective.terms.sft: the weight must be > 0"),
+        (
+            ["--objective.terms", "{dpo: 1.0}", "--objective.name", "sft"],
+            "objective.name (sft) and objective.terms are both set",
+        ),
+        (["--objective.terms", "dpo"], "objective.terms: expected a mapping"),
+        (["--objective.terms", "{}"], "objective.terms: empty"),
+        (["--objective.name", "aot", "--reference.mode", "none"], "reference.mode: none, but the objective's aot term"),
+        (["--objective.terms", "{simpo: 1, ipo: 0.5}", "--reference.mode", "none"], "objective's ipo term(s) need"),
+    ],
+)
 def test_bad_objective_terms_are_one_line_errors_naming_the_key(args, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
         load_config(None, parse_overrides(args))
@@ -102,8 +118,9 @@ def test_weighted_terms_from_yaml_and_the_command_line(tmp_path):
     config = load_config(path)
     assert config.objective.term_weights() == {"dpo": 1.0, "sft": 0.2} and config.objective.label == "1*dpo+0.2*sft"
     assert config.objective.needs_reference
-    assert not load_config(None, parse_overrides(["--objective.terms", "{pro: 1, sft: 0.5}",
-                                                  "--reference.mode", "none"])).objective.needs_reference
+    assert not load_config(
+        None, parse_overrides(["--objective.terms", "{pro: 1, sft: 0.5}", "--reference.mode", "none"])
+    ).objective.needs_reference
     saved = tmp_path / "saved.yaml"
     config.save(saved)
     assert load_config(saved).objective.term_weights() == {"dpo": 1.0, "sft": 0.2}  # a run's config reloads
@@ -115,4 +132,5 @@ def test_every_shipped_config_loads(path):
     if path.stem != "example":
         assert config.plot.active == path.stem.endswith("_plot")
         assert config.objective.label == {"rpo": "1*dpo+0.2*sft", "sft_plot": "sft", "dpo_plot": "dpo"}.get(
-            path.stem, path.stem)
+            path.stem, path.stem
+        )

@@ -15,8 +15,13 @@ def test_global_batch_does_not_depend_on_the_split_and_every_pair_is_used_once(w
         assert shares == reference.global_batch(step)
         assert all(len(s.micro_batches(step)) == accum for s in samplers)
     for epoch in range(3):
-        seen = [i for step in range(epoch * per_epoch, (epoch + 1) * per_epoch)
-                for s in samplers for mb in s.micro_batches(step) for i in mb]
+        seen = [
+            i
+            for step in range(epoch * per_epoch, (epoch + 1) * per_epoch)
+            for s in samplers
+            for mb in s.micro_batches(step)
+            for i in mb
+        ]
         assert sorted(seen) == list(range(37))  # every pair once: none twice, none dropped
     first = [i for step in range(per_epoch) for i in reference.global_batch(step)]
     second = [i for step in range(per_epoch, 2 * per_epoch) for i in reference.global_batch(step)]

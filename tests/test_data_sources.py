@@ -1,4 +1,5 @@
 """Every source and format, and every kind of defect, reported as specified with nothing valid lost."""
+
 import dataclasses
 import gzip
 import json
@@ -8,8 +9,9 @@ import pytest
 from plot_ds.config import DataConfig
 from plot_ds.data import DataError, load_pairs, prepare_datasets, split_transcripts
 
-RECORDS = [{"id": f"p{i}", "prompt": f"What is {i}+{i}?", "chosen": f"{2 * i}", "rejected": f"{2 * i + 1}"}
-           for i in range(5)]
+RECORDS = [
+    {"id": f"p{i}", "prompt": f"What is {i}+{i}?", "chosen": f"{2 * i}", "rejected": f"{2 * i + 1}"} for i in range(5)
+]
 
 
 def triples(pairs):
@@ -29,6 +31,7 @@ def write(path, kind):
         path.write_text(json.dumps(RECORDS))
     elif kind == "csv":
         import csv
+
         with path.open("w", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=list(RECORDS[0]))
             writer.writeheader()
@@ -36,6 +39,7 @@ def write(path, kind):
     elif kind == "parquet":
         import pyarrow as pa
         import pyarrow.parquet as pq
+
         pq.write_table(pa.Table.from_pylist(RECORDS), path)
 
 
@@ -60,8 +64,11 @@ def test_folder_of_files_and_saved_dataset(tmp_path):
     assert triples(pairs) == EXPECTED and not defects
 
     from datasets import Dataset, DatasetDict
+
     saved = tmp_path / "saved"
-    DatasetDict({"train": Dataset.from_list(RECORDS[:3]), "test": Dataset.from_list(RECORDS[3:])}).save_to_disk(str(saved))
+    DatasetDict({"train": Dataset.from_list(RECORDS[:3]), "test": Dataset.from_list(RECORDS[3:])}).save_to_disk(
+        str(saved)
+    )
     train, _, _ = load_pairs(str(saved), split="train")
     test, _, _ = load_pairs(str(saved), split="test")
     assert triples(train) == EXPECTED[:3] and triples(test) == EXPECTED[3:]
@@ -84,11 +91,15 @@ def test_field_name_mapping(tmp_path):
 
 
 HH = [
-    {"chosen": "\n\nHuman: Hi there\n\nAssistant: Hello! How can I help?\n\nHuman: Name a fruit.\n\nAssistant: An apple.",
-     "rejected": "\n\nHuman: Hi there\n\nAssistant: Hello! How can I help?\n\nHuman: Name a fruit.\n\nAssistant: A rock."},
+    {
+        "chosen": "\n\nHuman: Hi there\n\nAssistant: Hello! How can I help?\n\nHuman: Name a fruit.\n\nAssistant: An apple.",
+        "rejected": "\n\nHuman: Hi there\n\nAssistant: Hello! How can I help?\n\nHuman: Name a fruit.\n\nAssistant: A rock.",
+    },
     # The responses share their first word: the prompt still ends at the turn boundary.
-    {"chosen": "\n\nHuman: Capital of France?\n\nAssistant: Paris is the capital.",
-     "rejected": "\n\nHuman: Capital of France?\n\nAssistant: Paris? No, Lyon."},
+    {
+        "chosen": "\n\nHuman: Capital of France?\n\nAssistant: Paris is the capital.",
+        "rejected": "\n\nHuman: Capital of France?\n\nAssistant: Paris? No, Lyon.",
+    },
 ]
 
 
@@ -105,10 +116,15 @@ def test_hh_implicit_prompt_file(tmp_path):
 
 
 CONVERSATIONS = [
-    {"prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"}],
-     "chosen": [{"role": "assistant", "content": "4"}], "rejected": [{"role": "assistant", "content": "5"}]},
-    {"chosen": [{"role": "user", "content": "Sky colour?"}, {"role": "assistant", "content": "Blue."}],
-     "rejected": [{"role": "user", "content": "Sky colour?"}, {"role": "assistant", "content": "Green."}]},
+    {
+        "prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"}],
+        "chosen": [{"role": "assistant", "content": "4"}],
+        "rejected": [{"role": "assistant", "content": "5"}],
+    },
+    {
+        "chosen": [{"role": "user", "content": "Sky colour?"}, {"role": "assistant", "content": "Blue."}],
+        "rejected": [{"role": "user", "content": "Sky colour?"}, {"role": "assistant", "content": "Green."}],
+    },
 ]
 
 
@@ -139,8 +155,10 @@ def test_conversational_without_template_is_a_clear_error(tmp_path, tiny_model_d
     with pytest.raises(DataError, match="chat.jsonl:1: conversational data needs a chat template.*data.chat_template"):
         prepare_datasets(config, tokenizer)
     template = tmp_path / "template.jinja"
-    template.write_text("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
-                        "{% if add_generation_prompt %}<assistant>{% endif %}")
+    template.write_text(
+        "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}<assistant>{% endif %}"
+    )
     train, _, _ = prepare_datasets(dataclasses.replace(config, chat_template=str(template)), tokenizer)
     assert tokenizer.decode(train[0].prompt_ids) == "<system>Be brief.\n<user>2+2?\n<assistant>"
 
@@ -151,11 +169,19 @@ DEFECTS = [
     (b'{"prompt": "q", "chosen": "a"}', "line 3: field 'rejected': is missing"),
     (b'{"prompt": "q", "chosen": 7, "rejected": "b"}', "line 4: field 'chosen': must be a string, got int"),
     (b'{"prompt": "q", "chosen": "   ", "rejected": "b"}', "line 5: field 'chosen': is empty"),
-    (b'{"prompt": "q", "chosen": "same", "rejected": "same"}', "line 6: field 'chosen/rejected': chosen and rejected are identical"),
+    (
+        b'{"prompt": "q", "chosen": "same", "rejected": "same"}',
+        "line 6: field 'chosen/rejected': chosen and rejected are identical",
+    ),
     (b'{"prompt": "q", "chosen": "\xff\xfe bad bytes", "rejected": "b"}', "line 7: undecodable bytes"),
-    (b'{"prompt": [{"role": "wizard", "content": "hi"}], "chosen": "a", "rejected": "b"}', "line 8: field 'prompt[0].role': 'wizard' is not one of"),
-    (b'{"prompt": "q", "chosen": "' + b"x " * 300 + b'A", "rejected": "' + b"x " * 300 + b'B"}',
-     "line 9: field 'chosen/rejected': identical after truncation"),
+    (
+        b'{"prompt": [{"role": "wizard", "content": "hi"}], "chosen": "a", "rejected": "b"}',
+        "line 8: field 'prompt[0].role': 'wizard' is not one of",
+    ),
+    (
+        b'{"prompt": "q", "chosen": "' + b"x " * 300 + b'A", "rejected": "' + b"x " * 300 + b'B"}',
+        "line 9: field 'chosen/rejected': identical after truncation",
+    ),
     (b'{"prompt": "q2", "chosen": "c", "rejected": "d", "id": "good2"}', None),
 ]
 
@@ -171,8 +197,9 @@ def test_strict_reports_every_bad_record_and_trains_nothing(defect_file, tiny_mo
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    config = DataConfig(source=str(defect_file), eval_size=0, max_length=64, max_prompt_length=32,
-                        cache_dir=str(tmp_path / "cache"))
+    config = DataConfig(
+        source=str(defect_file), eval_size=0, max_length=64, max_prompt_length=32, cache_dir=str(tmp_path / "cache")
+    )
     with pytest.raises(DataError) as err:
         prepare_datasets(config, tokenizer)
     message = str(err.value)
@@ -187,8 +214,14 @@ def test_skip_keeps_every_valid_pair_and_reports_the_rest(defect_file, tiny_mode
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    config = DataConfig(source=str(defect_file), eval_size=0, max_length=64, max_prompt_length=32,
-                        on_bad_record="skip", cache_dir=str(tmp_path / "cache"))
+    config = DataConfig(
+        source=str(defect_file),
+        eval_size=0,
+        max_length=64,
+        max_prompt_length=32,
+        on_bad_record="skip",
+        cache_dir=str(tmp_path / "cache"),
+    )
     train, _, reports = prepare_datasets(config, tokenizer)
     assert [e.id for e in train] == ["good1", "good2"]
     # 10 lines: 2 never became records (bad JSON, bad bytes), 6 records were bad, 2 were good.

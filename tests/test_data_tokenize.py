@@ -36,8 +36,9 @@ def test_split_keeps_every_prompt_on_one_side():
         train, held = split_pairs(pairs, size, seed)
         assert len(held) == size and len(train) + size == len(pairs)
         assert not {p.prompt for p in train} & {p.prompt for p in held}
-    conversational = [Pair(str(i), "f", "conversational", [{"role": "user", "content": f"q{i % 3}"}], "a", "b")
-                      for i in range(9)]
+    conversational = [
+        Pair(str(i), "f", "conversational", [{"role": "user", "content": f"q{i % 3}"}], "a", "b") for i in range(9)
+    ]
     train, held = split_pairs(conversational, 3, seed=0)
     assert len(held) == 3 and len({json.dumps(p.prompt) for p in held}) == 1
 
@@ -45,6 +46,7 @@ def test_split_keeps_every_prompt_on_one_side():
 @pytest.fixture(scope="module")
 def tokenizer(real_model_dir):
     from transformers import AutoTokenizer
+
     return AutoTokenizer.from_pretrained(real_model_dir)
 
 
@@ -68,8 +70,14 @@ def test_tokenize_uses_chat_template_truncates_and_ends_with_eos(tokenizer):
 def test_chat_template_none_keeps_explicit_prompts_raw(tokenizer):
     ex, _ = tokenize_pair(tokenizer, Renderer(tokenizer, "none"), explicit("What is 2+2?", " 4", " 5"), 128, 64)
     assert tokenizer.decode(ex.prompt_ids) == "What is 2+2?"
-    conversational = Pair("c", "test:c", "conversational", [{"role": "user", "content": "hi"}],
-                          [{"role": "assistant", "content": "a"}], [{"role": "assistant", "content": "b"}])
+    conversational = Pair(
+        "c",
+        "test:c",
+        "conversational",
+        [{"role": "user", "content": "hi"}],
+        [{"role": "assistant", "content": "a"}],
+        [{"role": "assistant", "content": "b"}],
+    )
     with pytest.raises(Exception, match="needs a chat template"):
         tokenize_pair(tokenizer, Renderer(tokenizer, "none"), conversational, 128, 64)
 
@@ -83,23 +91,34 @@ def test_implicit_prompts_are_not_templated(tokenizer):
 
 def test_collate_labels_only_response_tokens(tokenizer):
     renderer = Renderer(tokenizer)
-    examples = [tokenize_pair(tokenizer, renderer, explicit(*p), 256, 128)[0]
-                for p in [("2+2?", "4", "5 or so", "a"), ("Capital of France, please?", "Paris", "Rome", "b")]]
+    examples = [
+        tokenize_pair(tokenizer, renderer, explicit(*p), 256, 128)[0]
+        for p in [("2+2?", "4", "5 or so", "a"), ("Capital of France, please?", "Paris", "Rome", "b")]
+    ]
     batch = collate(examples, tokenizer.pad_token_id)
     assert batch.input_ids.shape[0] == 4 and not batch.filler  # chosen rows, then rejected rows
-    for row, (ex, response) in enumerate([(e, e.chosen_ids) for e in examples] +
-                                         [(e, e.rejected_ids) for e in examples]):
+    for row, (ex, response) in enumerate(
+        [(e, e.chosen_ids) for e in examples] + [(e, e.rejected_ids) for e in examples]
+    ):
         labels = batch.labels[row]
         n_prompt = len(ex.prompt_ids)
         assert (labels[:n_prompt] == IGNORE_INDEX).all()
-        assert labels[n_prompt:n_prompt + len(response)].tolist() == response
-        assert (labels[n_prompt + len(response):] == IGNORE_INDEX).all()
+        assert labels[n_prompt : n_prompt + len(response)].tolist() == response
+        assert (labels[n_prompt + len(response) :] == IGNORE_INDEX).all()
         assert batch.attention_mask[row].sum() == n_prompt + len(response)
     counts = example_counts(examples)
     response_positions = (batch.labels[:, 1:] != IGNORE_INDEX).sum(1)
-    assert counts == batch.counts == PairCounts(
-        pairs=2, chosen_tokens=float(response_positions[:2].sum()), rejected_tokens=float(response_positions[2:].sum()),
-        input_tokens=float(batch.attention_mask.sum()), micro_batches=1)
+    assert (
+        counts
+        == batch.counts
+        == PairCounts(
+            pairs=2,
+            chosen_tokens=float(response_positions[:2].sum()),
+            rejected_tokens=float(response_positions[2:].sum()),
+            input_tokens=float(batch.attention_mask.sum()),
+            micro_batches=1,
+        )
+    )
 
 
 def test_prepare_datasets_on_the_default_data(tokenizer, tmp_path):

@@ -1,5 +1,6 @@
 """The default run's pieces on the real model and data: SmolLM2-135M-Instruct, DPO, CHAMP pairs,
 as one plain `python launch/train.py` process (shortened: 2 steps, shorter sequences)."""
+
 import json
 import math
 import sys
@@ -13,16 +14,36 @@ pytestmark = pytest.mark.slow
 
 def test_default_run_on_the_real_model(tmp_path, real_model_dir):
     out = tmp_path / "default"
-    proc = run_command([sys.executable, str(REPO / "launch" / "train.py"),
-                        "--train.max_steps", "2", "--data.eval_size", "4", "--data.max_length", "160",
-                        "--data.max_prompt_length", "96", "--eval.max_new_tokens", "24",
-                        "--eval.answer_samples", "2", "--train.output_dir", str(out)],
-                       timeout=1200, OMP_NUM_THREADS="2")
+    proc = run_command(
+        [
+            sys.executable,
+            str(REPO / "launch" / "train.py"),
+            "--train.max_steps",
+            "2",
+            "--data.eval_size",
+            "4",
+            "--data.max_length",
+            "160",
+            "--data.max_prompt_length",
+            "96",
+            "--eval.max_new_tokens",
+            "24",
+            "--eval.answer_samples",
+            "2",
+            "--train.output_dir",
+            str(out),
+        ],
+        timeout=1200,
+        OMP_NUM_THREADS="2",
+    )
     from plot_ds.config import load_config
 
     saved = load_config(out / "config.yaml")
     assert (saved.model.name_or_path, saved.data.source, saved.objective.label) == (
-        "builtin:smollm2-135m-instruct", "builtin:champ", "dpo")
+        "builtin:smollm2-135m-instruct",
+        "builtin:champ",
+        "dpo",
+    )
     assert "440 training pairs" in proc.stdout + proc.stderr  # 444 real pairs, 4 held out
     history = json.loads((out / "train_history.json").read_text())
     assert history[0]["loss/vanilla"] == pytest.approx(math.log(2), abs=1e-4)  # policy == reference
@@ -40,9 +61,20 @@ def test_default_run_on_the_real_model(tmp_path, real_model_dir):
     assert len(evaluated["generations"]) == 2 and evaluated["eval/answer_samples"] == 2
 
     # plot-eval on the run: its exported final model against the run's starting model.
-    proc = run_command([sys.executable, "-c", "import sys; from plot_ds.cli import eval_main; sys.exit(eval_main())",
-                        str(out), "--eval.answer_samples", "4", "--eval.max_new_tokens", "48"],
-                       timeout=1200, OMP_NUM_THREADS="2")
+    proc = run_command(
+        [
+            sys.executable,
+            "-c",
+            "import sys; from plot_ds.cli import eval_main; sys.exit(eval_main())",
+            str(out),
+            "--eval.answer_samples",
+            "4",
+            "--eval.max_new_tokens",
+            "48",
+        ],
+        timeout=1200,
+        OMP_NUM_THREADS="2",
+    )
     report = json.loads((out / "eval" / "final_model.json").read_text())
     assert report["model"] == str(out / "final_model") and report["held_out_pairs"] == 4
     assert report["metrics"]["eval/loss/vanilla"] == pytest.approx(evaluated["eval/loss/vanilla"], rel=1e-4)
@@ -61,7 +93,8 @@ def assert_answer_accuracy_is_the_scored_generations(metrics, generations, sampl
     assert all(g["correct"] == answer_matches(g["generation"], g["reference_answer"]) for g in scored)
     assert metrics["eval/answer_accuracy"] == pytest.approx(sum(g["correct"] for g in scored) / samples)
     assert metrics["eval/answer_extracted"] == pytest.approx(
-        sum(g["extracted_answer"] is not None for g in scored) / samples)
+        sum(g["extracted_answer"] is not None for g in scored) / samples
+    )
 
 
 def test_plot_run_on_the_real_model_lowers_the_transport_cost(tmp_path, real_model_dir):
@@ -73,12 +106,36 @@ def test_plot_run_on_the_real_model_lowers_the_transport_cost(tmp_path, real_mod
     data = tmp_path / "four_pairs.jsonl"
     data.write_text("".join(json.dumps(p) + "\n" for p in champ_pairs()[:4]))
     out = tmp_path / "plot"
-    run_command([sys.executable, str(REPO / "launch" / "train.py"), "--objective.name", "none",
-                 "--data.source", str(data), "--data.eval_size", "0", "--data.max_length", "128",
-                 "--data.max_prompt_length", "64", "--train.gradient_accumulation_steps", "2",
-                 "--train.max_steps", "4", "--train.lr", "5e-5", "--train.warmup_steps", "0",
-                 "--train.save_checkpoint", "false", "--train.output_dir", str(out)],
-                timeout=1200, OMP_NUM_THREADS="2")
+    run_command(
+        [
+            sys.executable,
+            str(REPO / "launch" / "train.py"),
+            "--objective.name",
+            "none",
+            "--data.source",
+            str(data),
+            "--data.eval_size",
+            "0",
+            "--data.max_length",
+            "128",
+            "--data.max_prompt_length",
+            "64",
+            "--train.gradient_accumulation_steps",
+            "2",
+            "--train.max_steps",
+            "4",
+            "--train.lr",
+            "5e-5",
+            "--train.warmup_steps",
+            "0",
+            "--train.save_checkpoint",
+            "false",
+            "--train.output_dir",
+            str(out),
+        ],
+        timeout=1200,
+        OMP_NUM_THREADS="2",
+    )
     history = json.loads((out / "train_history.json").read_text())
     w = [h["plot/w_chosen"] for h in history]
     assert all(math.isfinite(v) for h in history for v in h.values())

@@ -4,16 +4,30 @@ import pytest
 
 from conftest import REPO
 from plot_ds.config import ConfigError, TrainConfig, load_config, parse_overrides
-from plot_ds.ds_config import (choose_ds_config, fill_ds_config, find_ds_config, load_ds_config,
-                               reference_ds_config)
+from plot_ds.ds_config import choose_ds_config, fill_ds_config, find_ds_config, load_ds_config, reference_ds_config
 
 
 @pytest.mark.parametrize("name", ["zero3.json", "zero3_offload.json", "zero2.json"])
 def test_shipped_configs_fill_every_auto_field(name):
-    config = load_config(None, parse_overrides([
-        "--deepspeed.config", f"ds_configs/{name}", "--train.micro_batch_size", "3",
-        "--train.gradient_accumulation_steps", "5", "--train.max_grad_norm", "0.5",
-        "--train.lr", "2e-6", "--train.precision", "bf16"]))
+    config = load_config(
+        None,
+        parse_overrides(
+            [
+                "--deepspeed.config",
+                f"ds_configs/{name}",
+                "--train.micro_batch_size",
+                "3",
+                "--train.gradient_accumulation_steps",
+                "5",
+                "--train.max_grad_norm",
+                "0.5",
+                "--train.lr",
+                "2e-6",
+                "--train.precision",
+                "bf16",
+            ]
+        ),
+    )
     ds = load_ds_config(config, world_size=4)
     assert "auto" not in json.dumps(ds)
     assert ds["train_micro_batch_size_per_gpu"] == 3
@@ -42,7 +56,9 @@ def test_zero_buffers_are_sized_from_the_model():
     assert zero["stage3_prefetch_bucket_size"] == int(0.9 * 576 * 576)
     assert zero["stage3_param_persistence_threshold"] == 5760
     template["zero_optimization"]["reduce_bucket_size"] = 1000  # a written value stays
-    assert fill_ds_config(template, TrainConfig(), 1, hidden_size=576)["zero_optimization"]["reduce_bucket_size"] == 1000
+    assert (
+        fill_ds_config(template, TrainConfig(), 1, hidden_size=576)["zero_optimization"]["reduce_bucket_size"] == 1000
+    )
 
 
 def test_unknown_auto_field_is_refused():
@@ -56,8 +72,9 @@ def test_missing_ds_config_names_the_file():
         find_ds_config("nope.json")
 
 
-@pytest.mark.parametrize("precision, ranks, stage", [("bf16", 1, 2), ("fp16", 1, 2), ("fp32", 1, 3),
-                                                     ("bf16", 2, 3), ("fp32", 2, 3)])
+@pytest.mark.parametrize(
+    "precision, ranks, stage", [("bf16", 1, 2), ("fp16", 1, 2), ("fp32", 1, 3), ("bf16", 2, 3), ("fp32", 2, 3)]
+)
 def test_auto_config_is_zero2_only_on_one_rank_with_16_bit_weights(precision, ranks, stage):
     config = load_config(None, {"train.precision": precision})
     assert config.deepspeed.config == "auto"

@@ -1,5 +1,6 @@
 """The embedding-slice arithmetic that needs no ranks: owner-filled rows of ZeRO-3's flat partitions.
 (Rows and cosines fetched across real ranks are tested in test_training_distributed.)"""
+
 import pytest
 import torch
 
@@ -12,7 +13,7 @@ def flat_partitions(matrix: torch.Tensor, ranks: int) -> list[tuple[torch.Tensor
     flat = matrix.flatten()
     size = -(-flat.numel() // ranks)
     padded = torch.cat([flat, torch.full((size * ranks - flat.numel(),), float("nan"))])
-    return [(padded[r * size:(r + 1) * size].clone(), r * size, size) for r in range(ranks)]
+    return [(padded[r * size : (r + 1) * size].clone(), r * size, size) for r in range(ranks)]
 
 
 @pytest.mark.parametrize("vocab,dim,ranks", [(7, 5, 3), (8, 4, 2), (3, 16, 5), (11, 3, 4), (2, 2, 7)])
@@ -61,12 +62,15 @@ def run_paths(tmp_path, mode: str, ranks: int) -> list[dict]:
 @pytest.fixture(scope="module")
 def path_results(tmp_path_factory) -> dict:
     tmp = tmp_path_factory.mktemp("slice_paths")
-    return {(mode, ranks): run_paths(tmp, mode, ranks)
-            for mode, ranks in (("plain", 2), ("plain", 3), ("plain", 4), ("plain", 8), ("hpz", 4), ("offload", 2))}
+    return {
+        (mode, ranks): run_paths(tmp, mode, ranks)
+        for mode, ranks in (("plain", 2), ("plain", 3), ("plain", 4), ("plain", 8), ("hpz", 4), ("offload", 2))
+    }
 
 
-@pytest.mark.parametrize("mode,ranks", [("plain", 2), ("plain", 3), ("plain", 4), ("plain", 8), ("hpz", 4),
-                                        ("offload", 2)])
+@pytest.mark.parametrize(
+    "mode,ranks", [("plain", 2), ("plain", 3), ("plain", 4), ("plain", 8), ("hpz", 4), ("offload", 2)]
+)
 def test_every_path_gives_the_rows_and_cosines_of_the_unpartitioned_matrix(path_results, mode, ranks):
     # Partition ends inside rows (1001 x 64 split in 2, 3, 4, 8), a rank asking for nothing, ranks
     # whose rows all live elsewhere, the same hot rows on every rank.
@@ -109,8 +113,12 @@ def test_all_to_all_bytes_per_rank_do_not_grow_with_the_ranks_and_slice_picks_th
         bound = 2 * 1001 * 4 + 8 * ranks + 60 * (8 + 64 * 4)
         for rank_result in results:
             assert rank_result["uniform"]["all_to_all"]["rows_bytes"] <= bound
-    assert mean_bytes(eight, "uniform", "all_to_all", "rows_bytes") < 2 * mean_bytes(two, "uniform", "all_to_all", "rows_bytes")
-    assert mean_bytes(eight, "uniform", "allreduce", "rows_bytes") > 3 * mean_bytes(two, "uniform", "allreduce", "rows_bytes")
+    assert mean_bytes(eight, "uniform", "all_to_all", "rows_bytes") < 2 * mean_bytes(
+        two, "uniform", "all_to_all", "rows_bytes"
+    )
+    assert mean_bytes(eight, "uniform", "allreduce", "rows_bytes") > 3 * mean_bytes(
+        two, "uniform", "allreduce", "rows_bytes"
+    )
     for results in path_results.values():
         for case in CASES:
             for kind, path_kind in (("rows_bytes", "rows_path"), ("cosine_bytes", "cosine_path")):

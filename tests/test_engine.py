@@ -1,4 +1,5 @@
 """DeepSpeed engines: loaded partitioned, and a destroyed ZeRO-3 engine lets its weights go."""
+
 import pytest
 import torch
 
@@ -40,16 +41,20 @@ def test_destroyed_zero3_engine_lets_its_model_go(tiny_model_dir, zero3_test_con
 
     from conftest import run_command
 
-    proc = run_command([sys.executable, "-c", DESTROY_AND_CHECK, tiny_model_dir, zero3_test_config],
-                       timeout=300, MASTER_ADDR="127.0.0.1")
+    proc = run_command(
+        [sys.executable, "-c", DESTROY_AND_CHECK, tiny_model_dir, zero3_test_config],
+        timeout=300,
+        MASTER_ADDR="127.0.0.1",
+    )
     plain_model, plain_weight, model, weight = proc.stdout.split("ALIVE")[-1].split()[:4]
     assert (model, weight) == ("False", "False"), f"outlived destroy_engine: model {model}, weights {weight}"
     assert plain_weight == "True"  # DeepSpeed's destroy() alone keeps them: what this guards against
 
 
 @pytest.mark.distributed
-def test_zero3_loads_policy_and_reference_partitioned_with_no_full_copy_on_any_rank(tiny_model_dir,
-                                                                                 zero3_test_config, tmp_path):
+def test_zero3_loads_policy_and_reference_partitioned_with_no_full_copy_on_any_rank(
+    tiny_model_dir, zero3_test_config, tmp_path
+):
     """A 140 MB model (many mid-sized tensors, none above 4 MB) loaded on 2 ranks: each rank's
     anonymous memory rises by about its half while the policy's model loads and while the frozen
     reference engine is built, never by a full copy; and each holds half of the elements."""
@@ -62,16 +67,37 @@ def test_zero3_loads_policy_and_reference_partitioned_with_no_full_copy_on_any_r
 
     model_dir = tmp_path / "llama_140mb"
     torch.manual_seed(0)
-    LlamaForCausalLM(LlamaConfig(vocab_size=2048, hidden_size=512, intermediate_size=2048, num_hidden_layers=8,
-                                 num_attention_heads=8, num_key_value_heads=8, tie_word_embeddings=True)
-                     ).save_pretrained(model_dir, safe_serialization=True)
+    LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=2048,
+            hidden_size=512,
+            intermediate_size=2048,
+            num_hidden_layers=8,
+            num_attention_heads=8,
+            num_key_value_heads=8,
+            tie_word_embeddings=True,
+        )
+    ).save_pretrained(model_dir, safe_serialization=True)
     AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(model_dir)
     # glibc would otherwise keep freed mid-sized blocks resident (its mmap threshold rises as they are
     # freed), which would count freed memory as held: every block of 64 kB or more is mmapped here.
-    run_command([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-                 f"--master_port={free_port()}", str(WORKERS / "load_memory.py"), str(model_dir), zero3_test_config,
-                 str(tmp_path / "memory")], output=tmp_path / "memory.rank0", MALLOC_MMAP_THRESHOLD_="65536",
-                MALLOC_TRIM_THRESHOLD_="0")
+    run_command(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node=2",
+            "--master_addr=127.0.0.1",
+            f"--master_port={free_port()}",
+            str(WORKERS / "load_memory.py"),
+            str(model_dir),
+            zero3_test_config,
+            str(tmp_path / "memory"),
+        ],
+        output=tmp_path / "memory.rank0",
+        MALLOC_MMAP_THRESHOLD_="65536",
+        MALLOC_TRIM_THRESHOLD_="0",
+    )
     ranks = [json.loads((tmp_path / f"memory.rank{r}").read_text()) for r in (0, 1)]
     model_bytes = ranks[0]["model_elements"] * 4
     assert model_bytes > 130e6
@@ -113,8 +139,11 @@ def test_the_policy_trains_in_training_mode_and_gradient_checkpointing_recompute
 
     from conftest import run_command
 
-    proc = run_command([sys.executable, "-c", COUNT_LAYER_FORWARDS, tiny_model_dir, zero3_test_config, "off,on"],
-                       timeout=300, MASTER_ADDR="127.0.0.1")
+    proc = run_command(
+        [sys.executable, "-c", COUNT_LAYER_FORWARDS, tiny_model_dir, zero3_test_config, "off,on"],
+        timeout=300,
+        MASTER_ADDR="127.0.0.1",
+    )
     seen = {}
     for line in proc.stdout.splitlines():
         if line.startswith("CHECKPOINTING "):

@@ -1,6 +1,7 @@
 """The error policy (plot_ds/errors.py): every input mistake a user can make, run as the user runs
 it (one process, and 2 real ranks under the deepspeed launcher and torchrun), ends in one message
 with its key words, the documented exit status, and no traceback."""
+
 import json
 import re
 import shutil
@@ -14,8 +15,22 @@ from conftest import REPO, child_env, free_port, run_command, start
 from plot_ds import errors
 
 TRAIN = str(REPO / "launch" / "train.py")
-FAST = ["--train.max_steps", "1", "--data.eval_size", "2", "--data.max_length", "64", "--data.max_prompt_length",
-        "32", "--eval.generations", "0", "--eval.answer_samples", "0", "--train.precision", "fp32"]
+FAST = [
+    "--train.max_steps",
+    "1",
+    "--data.eval_size",
+    "2",
+    "--data.max_length",
+    "64",
+    "--data.max_prompt_length",
+    "32",
+    "--eval.generations",
+    "0",
+    "--eval.answer_samples",
+    "0",
+    "--train.precision",
+    "fp32",
+]
 
 
 @pytest.fixture(scope="module")
@@ -26,13 +41,26 @@ def inputs(tiny_model_dir, real_model_dir, tmp_path_factory):
     from transformers import AutoTokenizer, Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForSequenceClassification
 
     root = tmp_path_factory.mktemp("inputs")
-    good = [json.dumps({"prompt": f"What is {i} + 2?", "chosen": str(i + 2), "rejected": str(i + 3)}) for i in range(12)]
+    good = [
+        json.dumps({"prompt": f"What is {i} + 2?", "chosen": str(i + 2), "rejected": str(i + 3)}) for i in range(12)
+    ]
     (root / "good.jsonl").write_text("\n".join(good) + "\n")
-    (root / "bad.jsonl").write_text("\n".join(good[:6] + [json.dumps({"prompt": "Hi", "chosen": "", "rejected": "x"})]
-                                              + good[6:]) + "\n")
+    (root / "bad.jsonl").write_text(
+        "\n".join(good[:6] + [json.dumps({"prompt": "Hi", "chosen": "", "rejected": "x"})] + good[6:]) + "\n"
+    )
     tokenizer = AutoTokenizer.from_pretrained(real_model_dir)
-    small = dict(vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, max_position_embeddings=512, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    small = dict(
+        vocab_size=49152,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
+    )
     torch.manual_seed(0)
     Gemma2ForCausalLM(Gemma2Config(head_dim=8, **small)).save_pretrained(root / "gemma2")
     LlamaForSequenceClassification(LlamaConfig(num_labels=1, **small)).save_pretrained(root / "classifier")
@@ -47,23 +75,61 @@ def inputs(tiny_model_dir, real_model_dir, tmp_path_factory):
 
 # (case, arguments, status, words the message must hold); {root} and {tiny} are filled in.
 CASES = [
-    ("unknown config key", ["--model.name_or_path", "{tiny}", "--data.source", "{root}/good.jsonl", "--train.lrr", "1"],
-     2, ["config error", "train.lrr", "train.lr"]),
-    ("bad record, strict", ["--model.name_or_path", "{tiny}", "--data.source", "{root}/bad.jsonl",
-                            "--data.on_bad_record", "strict"], 2, ["data error", "bad.jsonl:7", "chosen", "skip"]),
-    ("missing data file", ["--model.name_or_path", "{tiny}", "--data.source", "{root}/absent.jsonl"],
-     2, ["data error", "absent.jsonl", "no such file or folder"]),
-    ("missing model folder", ["--model.name_or_path", "{root}/no_such_model", "--data.source", "{root}/good.jsonl"],
-     2, ["model error", "no_such_model", "no such folder"]),
-    ("hub id offline", ["--model.name_or_path", "gpt2", "--data.source", "{root}/good.jsonl"],
-     2, ["model error", "'gpt2'", "HF_HUB_OFFLINE", "hf download gpt2"]),
-    ("no causal-LM head", ["--model.name_or_path", "{root}/classifier", "--data.source", "{root}/good.jsonl"],
-     2, ["model error", "LlamaForSequenceClassification", "not a causal language model"]),
-    ("tokenizer without pad or EOS", ["--model.name_or_path", "{root}/no_eos", "--data.source", "{root}/good.jsonl"],
-     2, ["model error", "neither a pad nor an EOS token", "tokenizer_config.json"]),
-    ("attention the model lacks", ["--model.name_or_path", "{root}/gemma2", "--data.source", "{root}/good.jsonl",
-                                   "--model.attn_implementation", "sdpa"],
-     2, ["model error", "Gemma2ForCausalLM does not support it", "auto", "eager"]),
+    (
+        "unknown config key",
+        ["--model.name_or_path", "{tiny}", "--data.source", "{root}/good.jsonl", "--train.lrr", "1"],
+        2,
+        ["config error", "train.lrr", "train.lr"],
+    ),
+    (
+        "bad record, strict",
+        ["--model.name_or_path", "{tiny}", "--data.source", "{root}/bad.jsonl", "--data.on_bad_record", "strict"],
+        2,
+        ["data error", "bad.jsonl:7", "chosen", "skip"],
+    ),
+    (
+        "missing data file",
+        ["--model.name_or_path", "{tiny}", "--data.source", "{root}/absent.jsonl"],
+        2,
+        ["data error", "absent.jsonl", "no such file or folder"],
+    ),
+    (
+        "missing model folder",
+        ["--model.name_or_path", "{root}/no_such_model", "--data.source", "{root}/good.jsonl"],
+        2,
+        ["model error", "no_such_model", "no such folder"],
+    ),
+    (
+        "hub id offline",
+        ["--model.name_or_path", "gpt2", "--data.source", "{root}/good.jsonl"],
+        2,
+        ["model error", "'gpt2'", "HF_HUB_OFFLINE", "hf download gpt2"],
+    ),
+    (
+        "no causal-LM head",
+        ["--model.name_or_path", "{root}/classifier", "--data.source", "{root}/good.jsonl"],
+        2,
+        ["model error", "LlamaForSequenceClassification", "not a causal language model"],
+    ),
+    (
+        "tokenizer without pad or EOS",
+        ["--model.name_or_path", "{root}/no_eos", "--data.source", "{root}/good.jsonl"],
+        2,
+        ["model error", "neither a pad nor an EOS token", "tokenizer_config.json"],
+    ),
+    (
+        "attention the model lacks",
+        [
+            "--model.name_or_path",
+            "{root}/gemma2",
+            "--data.source",
+            "{root}/good.jsonl",
+            "--model.attn_implementation",
+            "sdpa",
+        ],
+        2,
+        ["model error", "Gemma2ForCausalLM does not support it", "auto", "eager"],
+    ),
 ]
 
 
@@ -73,7 +139,7 @@ def fill(arguments, inputs):
 
 def assert_one_clean_message(output: str, words: list[str]) -> None:
     assert output.count("plot-train: ") == 1, output[-4000:]
-    message = output[output.index("plot-train: "):]
+    message = output[output.index("plot-train: ") :]
     for word in words:
         assert word in message, (word, message)
     assert "Traceback" not in output, output[-4000:]
@@ -82,9 +148,19 @@ def assert_one_clean_message(output: str, words: list[str]) -> None:
 def test_one_process(inputs, tmp_path):
     """Every case as one plain process; the cases run side by side (each exits at its mistake, on
     one core), each checked on its own."""
-    launches = {case: start([sys.executable, TRAIN, *fill(arguments, inputs), *FAST,
-                             "--train.output_dir", str(tmp_path / f"run{index}")])
-                for index, (case, arguments, _, _) in enumerate(CASES)}
+    launches = {
+        case: start(
+            [
+                sys.executable,
+                TRAIN,
+                *fill(arguments, inputs),
+                *FAST,
+                "--train.output_dir",
+                str(tmp_path / f"run{index}"),
+            ]
+        )
+        for index, (case, arguments, _, _) in enumerate(CASES)
+    }
     finished = {case: launch.finish(timeout=300) for case, launch in launches.items()}
     for case, _, status, words in CASES:
         proc = finished[case]
@@ -96,8 +172,20 @@ def test_one_process(inputs, tmp_path):
 @pytest.mark.parametrize("case,arguments,status,words", CASES, ids=[c[0] for c in CASES])
 def test_two_ranks_under_deepspeed(inputs, tmp_path, case, arguments, status, words):
     """Both ranks meet the mistake; the message appears once and the job ends with its status."""
-    command = ["deepspeed", "--num_gpus", "2", "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-               TRAIN, *fill(arguments, inputs), *FAST, "--train.output_dir", str(tmp_path / "run")]
+    command = [
+        "deepspeed",
+        "--num_gpus",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(free_port()),
+        TRAIN,
+        *fill(arguments, inputs),
+        *FAST,
+        "--train.output_dir",
+        str(tmp_path / "run"),
+    ]
     proc = run_command(command, check=False, timeout=300)
     assert proc.returncode == status, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert_one_clean_message(proc.stdout + proc.stderr, words)
@@ -108,10 +196,22 @@ def test_torchrun_reports_the_status_and_the_other_rank_leaves_promptly(inputs, 
     """torchrun exits 1 for any failed worker and prints its own summary (with a traceback of the
     launcher itself); the worker's message is still the only one of ours, and the rank that did not
     fail is stopped within seconds of the error, not left in a collective."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-               f"--master_port={free_port()}", TRAIN, "--model.name_or_path", inputs["tiny"],
-               "--data.source", str(inputs["root"] / "absent.jsonl"), *FAST,
-               "--train.output_dir", str(tmp_path / "run")]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--master_addr=127.0.0.1",
+        f"--master_port={free_port()}",
+        TRAIN,
+        "--model.name_or_path",
+        inputs["tiny"],
+        "--data.source",
+        str(inputs["root"] / "absent.jsonl"),
+        *FAST,
+        "--train.output_dir",
+        str(tmp_path / "run"),
+    ]
     proc = start(command, merge_output=True)
     seen_at, output = None, []
     for line in proc.stdout:
@@ -159,17 +259,36 @@ def test_auto_attention_picks_what_the_model_supports():
         attention_for("sdpaa", LlamaForCausalLM, torch.float32, "cpu")
 
 
-@pytest.mark.parametrize("program,arguments,words", [
-    ("plot-data", ["--model.name_or_path", "{tiny}", "--data.source", "{root}/absent.jsonl"],
-     ["plot-data: data error: ", "absent.jsonl: no such file or folder"]),
-    ("plot-eval", ["{root}/no_such_model", "--data.source", "{root}/good.jsonl"],
-     ["plot-eval: model error: ", "no such folder"]),
-    ("plot-export", ["{root}"], ["plot-export: checkpoint error: ", "holds no complete plot_ds checkpoint"]),
-], ids=["plot-data", "plot-eval", "plot-export"])
+@pytest.mark.parametrize(
+    "program,arguments,words",
+    [
+        (
+            "plot-data",
+            ["--model.name_or_path", "{tiny}", "--data.source", "{root}/absent.jsonl"],
+            ["plot-data: data error: ", "absent.jsonl: no such file or folder"],
+        ),
+        (
+            "plot-eval",
+            ["{root}/no_such_model", "--data.source", "{root}/good.jsonl"],
+            ["plot-eval: model error: ", "no such folder"],
+        ),
+        ("plot-export", ["{root}"], ["plot-export: checkpoint error: ", "holds no complete plot_ds checkpoint"]),
+    ],
+    ids=["plot-data", "plot-eval", "plot-export"],
+)
 def test_every_entry_point_follows_the_policy(inputs, tmp_path, program, arguments, words):
     main = {"plot-data": "data_main", "plot-eval": "eval_main", "plot-export": "export_main"}[program]
-    proc = run_command([sys.executable, "-c", f"import sys; from plot_ds.cli import {main}; sys.exit({main}())",
-                        *fill(arguments, inputs)], cwd=tmp_path, check=False, timeout=300)
+    proc = run_command(
+        [
+            sys.executable,
+            "-c",
+            f"import sys; from plot_ds.cli import {main}; sys.exit({main}())",
+            *fill(arguments, inputs),
+        ],
+        cwd=tmp_path,
+        check=False,
+        timeout=300,
+    )
     assert proc.returncode == 2, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert proc.stderr.count(words[0]) == 1 and words[1] in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
 

@@ -20,11 +20,32 @@ def test_generations_export_and_plot_eval_agree(tiny_model_dir, zero3_test_confi
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     out = tmp_path / "run"
-    run_command([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-                 f"--master_port={free_port()}", str(REPO / "launch" / "train.py"),
-                 *tiny_run_args(tiny_model_dir, zero3_test_config, out, "--train.max_steps", "2",
-                                "--train.lr", "1e-3", "--eval.max_new_tokens", "8", "--eval.generations", "3",
-                                "--eval.answer_samples", "5")])
+    run_command(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node=2",
+            "--master_addr=127.0.0.1",
+            f"--master_port={free_port()}",
+            str(REPO / "launch" / "train.py"),
+            *tiny_run_args(
+                tiny_model_dir,
+                zero3_test_config,
+                out,
+                "--train.max_steps",
+                "2",
+                "--train.lr",
+                "1e-3",
+                "--eval.max_new_tokens",
+                "8",
+                "--eval.generations",
+                "3",
+                "--eval.answer_samples",
+                "5",
+            ),
+        ]
+    )
     trained = json.loads((out / "eval_results.json").read_text())
     assert len(trained["generations"]) == 5  # 3 shown (all with CHAMP answers) + 2 more scored
     from test_default_run import assert_answer_accuracy_is_the_scored_generations
@@ -35,11 +56,20 @@ def test_generations_export_and_plot_eval_agree(tiny_model_dir, zero3_test_confi
     assert "eval/generations/text_summary" in events.Tags()["tensors"]
 
     from transformers import AutoModelForCausalLM
+
     exported = AutoModelForCausalLM.from_pretrained(out / "final_model")
     assert exported.get_input_embeddings().weight.data_ptr() == exported.get_output_embeddings().weight.data_ptr()
     # The exported weights reproduce the trained engine's held-out metrics and generations exactly.
-    run_command([sys.executable, "-c", "import sys; from plot_ds.cli import eval_main; sys.exit(eval_main())",
-                 str(out), "--output", str(tmp_path / "eval.json")])
+    run_command(
+        [
+            sys.executable,
+            "-c",
+            "import sys; from plot_ds.cli import eval_main; sys.exit(eval_main())",
+            str(out),
+            "--output",
+            str(tmp_path / "eval.json"),
+        ]
+    )
     evaluated = json.loads((tmp_path / "eval.json").read_text())
     for name in ("eval/loss/total", "eval/loss/plot", "eval/rewards/margins", "eval/logps/chosen"):
         assert evaluated["metrics"][name] == pytest.approx(trained[name], rel=1e-4, abs=1e-6), name

@@ -1,4 +1,5 @@
 """Runs that die, are preempted or hit non-finite steps lose nothing and resume exactly."""
+
 import json
 import math
 import os
@@ -54,7 +55,9 @@ def assert_same_run(out, reference):
         assert len(seen) == len(set(seen)) == 10
 
 
-def test_sigkill_mid_training_then_resume_is_exact(uninterrupted, tiny_model_dir, zero3_test_config, data_file, tmp_path):
+def test_sigkill_mid_training_then_resume_is_exact(
+    uninterrupted, tiny_model_dir, zero3_test_config, data_file, tmp_path
+):
     out = tmp_path / "run"
     cmd = torchrun_cmd(TRAIN, *run_args(tiny_model_dir, zero3_test_config, out, "--data.source", data_file))
     proc = start(cmd, merge_output=True)
@@ -87,7 +90,8 @@ def test_lora_run_sigkilled_then_resumed_is_exact(tiny_model_dir, zero3_test_con
 
 
 def test_killed_while_writing_a_checkpoint_resumes_from_the_previous_one(
-        uninterrupted, tiny_model_dir, zero3_test_config, data_file, tmp_path):
+    uninterrupted, tiny_model_dir, zero3_test_config, data_file, tmp_path
+):
     out = tmp_path / "run"
     args = run_args(tiny_model_dir, zero3_test_config, out, "--data.source", data_file)
     # The worker runs the trainer but makes rank 0 die after the step-4 files are written and
@@ -103,7 +107,8 @@ def test_killed_while_writing_a_checkpoint_resumes_from_the_previous_one(
 
 
 def test_a_rank_other_than_0_killed_while_writing_leaves_the_checkpoint_incomplete(
-        uninterrupted, tiny_model_dir, zero3_test_config, data_file, tmp_path):
+    uninterrupted, tiny_model_dir, zero3_test_config, data_file, tmp_path
+):
     """Rank 1 dies after writing its DeepSpeed partitions of checkpoint 4 but before its RNG states:
     rank 0, which marks checkpoints complete, must not mark this one."""
     out = tmp_path / "run"
@@ -144,12 +149,34 @@ def test_a_checkpoint_file_that_runs_code_when_unpickled_is_refused(uninterrupte
     torch.save({"optimizer_state_dict": RunsCodeWhenUnpickled(marker)}, tampered)
     # Whoever can replace a checkpoint file can rewrite its checksum too: the reader is the defence.
     rewrite_checksum(tampered)
-    resumed = run_command([sys.executable, TRAIN, "--config", str(out / "config.yaml"), "--train.max_steps", "9",
-                              "--train.gradient_accumulation_steps", "4", "--train.output_dir", str(out)], check=False)
+    resumed = run_command(
+        [
+            sys.executable,
+            TRAIN,
+            "--config",
+            str(out / "config.yaml"),
+            "--train.max_steps",
+            "9",
+            "--train.gradient_accumulation_steps",
+            "4",
+            "--train.output_dir",
+            str(out),
+        ],
+        check=False,
+    )
     assert resumed.returncode != 0 and not marker.exists()
     assert f"{tampered}: not loadable as plain data (weights_only=True)" in resumed.stdout + resumed.stderr
-    exported = run_command([sys.executable, "-c", "import sys; from plot_ds.cli import export_main; "
-                               "sys.exit(export_main())", str(tampered.parent), "--output", str(tmp_path / "hf")], check=False)
+    exported = run_command(
+        [
+            sys.executable,
+            "-c",
+            "import sys; from plot_ds.cli import export_main; sys.exit(export_main())",
+            str(tampered.parent),
+            "--output",
+            str(tmp_path / "hf"),
+        ],
+        check=False,
+    )
     assert exported.returncode != 0 and not marker.exists()
     assert "not loadable as plain data (weights_only=True)" in exported.stdout + exported.stderr
 
@@ -174,7 +201,8 @@ def damage(path, how: str) -> None:
 
 @pytest.mark.parametrize("how", ["truncated", "flipped"])
 def test_a_checkpoint_damaged_after_completion_is_skipped_by_auto_resume(
-        how, uninterrupted, tiny_model_dir, zero3_test_config, data_file, tmp_path):
+    how, uninterrupted, tiny_model_dir, zero3_test_config, data_file, tmp_path
+):
     """A shard of the newest complete checkpoint is damaged after it was marked complete: resume
     auto names the file, resumes from the previous checkpoint, and steps 7-8 equal the
     uninterrupted run's; an explicit train.resume of the damaged one is an error (exit 2)."""
@@ -205,8 +233,9 @@ def small_disk(tmp_path):
     def mount(size_bytes: int):
         point = tmp_path / f"disk{len(mounted)}"
         point.mkdir()
-        proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_bytes}", "tmpfs", str(point)],
-                              capture_output=True, text=True)
+        proc = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size_bytes}", "tmpfs", str(point)], capture_output=True, text=True
+        )
         if proc.returncode != 0:
             pytest.skip(f"cannot mount a tmpfs here ({proc.stderr.strip()}): needs root with CAP_SYS_ADMIN")
         mounted.append(point)
@@ -217,8 +246,9 @@ def small_disk(tmp_path):
         subprocess.run(["umount", "-l", str(point)], capture_output=True)
 
 
-def test_a_full_disk_while_checkpointing_loses_nothing(uninterrupted, tiny_model_dir, zero3_test_config, data_file,
-                                                       tmp_path, small_disk):
+def test_a_full_disk_while_checkpointing_loses_nothing(
+    uninterrupted, tiny_model_dir, zero3_test_config, data_file, tmp_path, small_disk
+):
     """Output on a disk with room for one checkpoint and a half: writing the second one fails. The
     run exits 4 naming the path and the free space, the partial checkpoint is gone, the first is
     still the newest complete one; moved to a larger disk, the run resumes and equals the
@@ -229,8 +259,9 @@ def test_a_full_disk_while_checkpointing_loses_nothing(uninterrupted, tiny_model
     logs = sum(f.stat().st_size for f in uninterrupted.glob("*") if f.is_file())  # histories, configs
     disk = small_disk(int(1.5 * one) + logs + (1 << 20))
     out = disk / "run"
-    args = run_args(tiny_model_dir, zero3_test_config, out, "--data.source", data_file, "--data.cache_dir",
-                    tmp_path / "cache")
+    args = run_args(
+        tiny_model_dir, zero3_test_config, out, "--data.source", data_file, "--data.cache_dir", tmp_path / "cache"
+    )
     full = run_command(torchrun_cmd(TRAIN, *args), check=False)
     text = full.stdout + full.stderr
     assert "exitcode  : 4" in text and text.count("plot-train: write error: writing checkpoint ") == 1, text[-3000:]
@@ -241,8 +272,20 @@ def test_a_full_disk_while_checkpointing_loses_nothing(uninterrupted, tiny_model
     assert (out / "checkpoints" / "latest_complete").read_text().strip() == "step_00000002"
     moved = tmp_path / "larger_disk" / "run"
     shutil.copytree(out, moved)
-    resumed = run_command(torchrun_cmd(TRAIN, *run_args(tiny_model_dir, zero3_test_config, moved, "--data.source",
-                                                        data_file, "--data.cache_dir", tmp_path / "cache")))
+    resumed = run_command(
+        torchrun_cmd(
+            TRAIN,
+            *run_args(
+                tiny_model_dir,
+                zero3_test_config,
+                moved,
+                "--data.source",
+                data_file,
+                "--data.cache_dir",
+                tmp_path / "cache",
+            ),
+        )
+    )
     assert "step_00000002 at step 2" in resumed.stdout
     assert_same_run(moved, uninterrupted)
 
@@ -259,15 +302,32 @@ def stop_with(signal_number, cmd, out, after_steps: int) -> int:
     return int((out / "checkpoints" / "latest_complete").read_text().strip().split("_")[1])
 
 
-def test_ctrl_c_checkpoints_and_exits_75_and_a_second_one_stops_at_once(tiny_model_dir, zero3_test_config,
-                                                                        data_file, tmp_path):
+def test_ctrl_c_checkpoints_and_exits_75_and_a_second_one_stops_at_once(
+    tiny_model_dir, zero3_test_config, data_file, tmp_path
+):
     # Steps of a few seconds (16 micro-batches of real 256-token pairs), so that the second Ctrl-C
     # lands while the step the first one asked to finish is still running.
-    args = ["--data.source", "builtin:champ", "--train.save_every", "0", "--train.max_steps", "40",
-            "--train.gradient_accumulation_steps", "16", "--data.max_length", "256", "--data.max_prompt_length", "128"]
+    args = [
+        "--data.source",
+        "builtin:champ",
+        "--train.save_every",
+        "0",
+        "--train.max_steps",
+        "40",
+        "--train.gradient_accumulation_steps",
+        "16",
+        "--data.max_length",
+        "256",
+        "--data.max_prompt_length",
+        "128",
+    ]
     first = tmp_path / "once"
-    step = stop_with(signal.SIGINT, [sys.executable, TRAIN, *run_args(tiny_model_dir, zero3_test_config, first, *args)],
-                     first, after_steps=2)
+    step = stop_with(
+        signal.SIGINT,
+        [sys.executable, TRAIN, *run_args(tiny_model_dir, zero3_test_config, first, *args)],
+        first,
+        after_steps=2,
+    )
     assert 2 <= step < 40 and logged_steps(first) == step  # the step in flight finished, then it stopped
 
     twice = tmp_path / "twice"
@@ -312,11 +372,15 @@ def test_random_streams_are_restored_on_resume_with_dropout_on(tiny_model_dir, z
             assert a[name] == pytest.approx(b[name], rel=1e-6, abs=1e-9), (a["step"], name)
 
 
-def test_sigterm_checkpoints_exits_for_requeue_and_resumes(uninterrupted, tiny_model_dir, zero3_test_config,
-                                                            data_file, tmp_path):
+def test_sigterm_checkpoints_exits_for_requeue_and_resumes(
+    uninterrupted, tiny_model_dir, zero3_test_config, data_file, tmp_path
+):
     out = tmp_path / "run"
-    cmd = [sys.executable, TRAIN, *run_args(tiny_model_dir, zero3_test_config, out, "--data.source", data_file,
-                                            "--train.save_every", "0")]
+    cmd = [
+        sys.executable,
+        TRAIN,
+        *run_args(tiny_model_dir, zero3_test_config, out, "--data.source", data_file, "--train.save_every", "0"),
+    ]
     # One process holds the same global batch (micro 1 x accumulation 4) as 2 ranks x 2.
     cmd += ["--train.gradient_accumulation_steps", "4"]
     step = stop_with(signal.SIGTERM, cmd, out, after_steps=3)
@@ -341,8 +405,19 @@ def test_non_finite_steps_are_skipped_then_the_run_stops(tiny_model_dir, zero3_t
     import torch
 
     out = tmp_path / "run"
-    args = run_args(tiny_model_dir, zero3_test_config, out, "--data.source", data_file, "--train.save_every", "1",
-                    "--train.keep_last", "0", "--train.max_consecutive_faults", "2")
+    args = run_args(
+        tiny_model_dir,
+        zero3_test_config,
+        out,
+        "--data.source",
+        data_file,
+        "--train.save_every",
+        "1",
+        "--train.keep_last",
+        "0",
+        "--train.max_consecutive_faults",
+        "2",
+    )
     # Step 3, then steps 6 and 7, get a NaN loss on rank 1 only.
     proc = run_command(torchrun_cmd(WORKERS / "nan_at_steps.py", "3,6,7", TRAIN, *args), check=False)
     records = [json.loads(line) for line in (out / "train_history.jsonl").read_text().splitlines()]
@@ -370,13 +445,26 @@ def test_export_round_trip_with_tied_embeddings(tiny_model_dir, zero3_test_confi
     out = tmp_path / "run"
     out.mkdir()
     run_command(torchrun_cmd(WORKERS / "export_roundtrip.py", tiny_model_dir, zero3_test_config, out))
-    exported = run_command([sys.executable, "-c", "import sys; from plot_ds.cli import export_main; "
-                               "sys.exit(export_main())", str(out), "--output", str(tmp_path / "from_checkpoint")], check=False)
+    exported = run_command(
+        [
+            sys.executable,
+            "-c",
+            "import sys; from plot_ds.cli import export_main; sys.exit(export_main())",
+            str(out),
+            "--output",
+            str(tmp_path / "from_checkpoint"),
+        ],
+        check=False,
+    )
     assert exported.returncode == 0, exported.stderr
     engine = torch.load(out / "engine_logits.pt", weights_only=True)
     for folder in (out / "live_export", tmp_path / "from_checkpoint"):
-        assert {p.name for p in folder.iterdir()} >= {"config.json", "generation_config.json",
-                                                     "model.safetensors", "tokenizer.json"}
+        assert {p.name for p in folder.iterdir()} >= {
+            "config.json",
+            "generation_config.json",
+            "model.safetensors",
+            "tokenizer.json",
+        }
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
         assert model.config.tie_word_embeddings
         assert model.get_input_embeddings().weight.data_ptr() == model.get_output_embeddings().weight.data_ptr()
@@ -397,8 +485,18 @@ def test_resume_with_another_number_of_ranks_through_a_universal_checkpoint(unin
     shutil.rmtree(out / "checkpoints" / "step_00000008")  # the newest complete one is now step 6
     config = out / "config.yaml"
     # One rank now: the same global batch of 4 as micro 1 x accumulation 4.
-    resumed = run_command([sys.executable, TRAIN, "--config", str(config), "--train.gradient_accumulation_steps",
-                           "4", "--train.output_dir", str(out)])
+    resumed = run_command(
+        [
+            sys.executable,
+            TRAIN,
+            "--config",
+            str(config),
+            "--train.gradient_accumulation_steps",
+            "4",
+            "--train.output_dir",
+            str(out),
+        ]
+    )
     assert "step_00000006 at step 6" in resumed.stdout
     assert (out / "checkpoints" / "step_00000006.universal" / "plot_ds_complete.json").is_file()
     got, want = history(out), history(uninterrupted)
@@ -422,12 +520,40 @@ def test_one_rank_bf16_default_is_zero2_and_resumes_exactly(tiny_model_dir, data
     import yaml
 
     # A constant lr, so that a run cut short at step 4 and one of 6 steps share their schedule.
-    args = ["--model.name_or_path", tiny_model_dir, "--data.source", data_file, "--objective.name", "dpo",
-            "--data.max_length", "96", "--data.max_prompt_length", "48", "--data.eval_size", "0",
-            "--train.precision", "bf16", "--train.micro_batch_size", "2", "--train.lr", "1e-3",
-            "--train.warmup_steps", "0", "--train.min_lr_ratio", "1.0", "--train.save_every", "2",
-            "--train.export_final", "false", "--eval.generations", "0", "--eval.answer_samples", "0",
-            "--adapter.method", adapter]
+    args = [
+        "--model.name_or_path",
+        tiny_model_dir,
+        "--data.source",
+        data_file,
+        "--objective.name",
+        "dpo",
+        "--data.max_length",
+        "96",
+        "--data.max_prompt_length",
+        "48",
+        "--data.eval_size",
+        "0",
+        "--train.precision",
+        "bf16",
+        "--train.micro_batch_size",
+        "2",
+        "--train.lr",
+        "1e-3",
+        "--train.warmup_steps",
+        "0",
+        "--train.min_lr_ratio",
+        "1.0",
+        "--train.save_every",
+        "2",
+        "--train.export_final",
+        "false",
+        "--eval.generations",
+        "0",
+        "--eval.answer_samples",
+        "0",
+        "--adapter.method",
+        adapter,
+    ]
     import shutil
 
     # One run of 6 steps; a copy without its checkpoints after step 4 resumes from there.
@@ -449,7 +575,15 @@ def test_one_rank_bf16_default_is_zero2_and_resumes_exactly(tiny_model_dir, data
         for name in ("loss/total", "loss/plot", "plot/w_chosen", "grad_norm"):
             assert a[name] == pytest.approx(b[name], rel=1e-5, abs=1e-9), (a["step"], name)
     assert got[-1]["loss/plot"] > 0 and got[-1]["plot/slice_bytes"] == 0  # the whole matrix is here
-    exported = run_command([sys.executable, "-c", "import sys; from plot_ds.cli import export_main; "
-                            "sys.exit(export_main())", str(cut), "--output", str(tmp_path / "exported")])
+    exported = run_command(
+        [
+            sys.executable,
+            "-c",
+            "import sys; from plot_ds.cli import export_main; sys.exit(export_main())",
+            str(cut),
+            "--output",
+            str(tmp_path / "exported"),
+        ]
+    )
     assert exported.returncode == 0 and (tmp_path / "exported" / "model.safetensors").is_file()
     assert (tmp_path / "exported_adapter" / "adapter_model.safetensors").is_file() == (adapter == "lora")

@@ -1,4 +1,5 @@
 """launch/train.py end to end under the deepspeed launcher and torchrun: 2 real ranks, ZeRO-3."""
+
 import json
 import math
 
@@ -13,23 +14,57 @@ TRAIN = str(REPO / "launch" / "train.py")
 
 def scalars(log_dir):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     events = EventAccumulator(str(log_dir))
     events.Reload()
     return {tag: [e.value for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
 
 
 def tiny_run_args(model_dir, ds_config, output_dir, *extra):
-    return ["--model.name_or_path", model_dir, "--deepspeed.config", ds_config,
-            "--data.max_length", "96", "--data.max_prompt_length", "48", "--data.eval_size", "8",
-            "--train.warmup_steps", "0", "--train.output_dir", str(output_dir), *extra]
+    return [
+        "--model.name_or_path",
+        model_dir,
+        "--deepspeed.config",
+        ds_config,
+        "--data.max_length",
+        "96",
+        "--data.max_prompt_length",
+        "48",
+        "--data.eval_size",
+        "8",
+        "--train.warmup_steps",
+        "0",
+        "--train.output_dir",
+        str(output_dir),
+        *extra,
+    ]
 
 
 def test_deepspeed_launcher_sft_run_learns_and_writes_everything(tiny_model_dir, zero3_test_config, tmp_path):
     out = tmp_path / "run"
-    proc = run_command(["deepspeed", "--num_gpus", "2", "--master_addr", "127.0.0.1",
-                        "--master_port", str(free_port()), TRAIN,
-                        *tiny_run_args(tiny_model_dir, zero3_test_config, out, "--objective.name", "sft",
-                                       "--train.lr", "1e-2", "--train.max_steps", "10")])
+    proc = run_command(
+        [
+            "deepspeed",
+            "--num_gpus",
+            "2",
+            "--master_addr",
+            "127.0.0.1",
+            "--master_port",
+            str(free_port()),
+            TRAIN,
+            *tiny_run_args(
+                tiny_model_dir,
+                zero3_test_config,
+                out,
+                "--objective.name",
+                "sft",
+                "--train.lr",
+                "1e-2",
+                "--train.max_steps",
+                "10",
+            ),
+        ]
+    )
     history = json.loads((out / "train_history.json").read_text())
     losses = [h["loss/vanilla"] for h in history]
     assert len(losses) == 10
@@ -51,13 +86,28 @@ def test_deepspeed_launcher_sft_run_learns_and_writes_everything(tiny_model_dir,
     for rank in (0, 1):  # one partition per rank: ZeRO-3 state really is sharded
         assert (checkpoint / f"zero_pp_rank_{rank}_mp_rank_00_model_states.pt").is_file()
         assert (checkpoint / f"rng_rank{rank}.safetensors").is_file()
-        assert (checkpoint / f"bf16_zero_pp_rank_{rank}_mp_rank_00_optim_states.pt").is_file() or \
-               (checkpoint / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt").is_file()
+        assert (checkpoint / f"bf16_zero_pp_rank_{rank}_mp_rank_00_optim_states.pt").is_file() or (
+            checkpoint / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"
+        ).is_file()
 
     logged = scalars(out / "tensorboard")
-    for name in ("loss/total", "loss/vanilla", "loss/plot", "plot/w_chosen", "plot/w_rejected",
-                 "plot/slice_rows", "plot/slice_bytes", "logps/chosen", "logps/rejected", "lr", "grad_norm",
-                 "throughput/tokens_per_s", "memory/peak_host_gb", "eval/loss/total", "eval/plot/w_chosen"):
+    for name in (
+        "loss/total",
+        "loss/vanilla",
+        "loss/plot",
+        "plot/w_chosen",
+        "plot/w_rejected",
+        "plot/slice_rows",
+        "plot/slice_bytes",
+        "logps/chosen",
+        "logps/rejected",
+        "lr",
+        "grad_norm",
+        "throughput/tokens_per_s",
+        "memory/peak_host_gb",
+        "eval/loss/total",
+        "eval/plot/w_chosen",
+    ):
         assert name in logged, f"{name} missing from TensorBoard: {sorted(logged)}"
     assert all(0.05 < gb < 24 for gb in logged["memory/peak_host_gb"])  # a real resident size, in GiB
     assert logged["loss/vanilla"] == pytest.approx(losses, rel=1e-6)
@@ -80,8 +130,15 @@ def test_torchrun_dpo_run_with_reference_engine(uninterrupted):
     assert history[-1]["rewards/margins"] > history[0]["rewards/margins"]  # DPO widens the margin it trains on
     assert all(math.isfinite(v) for h in history for v in h.values())
     logged = scalars(out / "tensorboard")
-    for name in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
-                 "eval/rewards/accuracies", "eval/rewards/margins", "eval/loss/total"):
+    for name in (
+        "rewards/chosen",
+        "rewards/rejected",
+        "rewards/margins",
+        "rewards/accuracies",
+        "eval/rewards/accuracies",
+        "eval/rewards/margins",
+        "eval/loss/total",
+    ):
         assert name in logged, f"{name} missing from TensorBoard: {sorted(logged)}"
     assert len(logged["eval/loss/total"]) == 2  # at step 4 and at the end
     evaluated = json.loads((out / "eval_results.json").read_text())

@@ -5,6 +5,7 @@ These need system tools (Slurm, munge, Open MPI) and root for the Slurm daemons.
 missing the tests are skipped with the command that installs them; CI installs them and sets
 PLOT_DS_CLUSTER_TESTS=require, which turns every such skip into a failure.
 """
+
 import importlib.util
 import json
 import os
@@ -34,10 +35,13 @@ def require(condition: bool, why: str) -> None:
 
 def tiny_config(path: Path, model_dir: str, ds_config: str, output_dir: Path, **train) -> Path:
     """One training config, the same whichever launcher runs it."""
-    config = {"model": {"name_or_path": model_dir}, "deepspeed": {"config": ds_config},
-              "data": {"max_length": 96, "max_prompt_length": 48, "eval_size": 8},
-              "objective": {"name": "dpo"},
-              "train": {"output_dir": str(output_dir), "warmup_steps": 0, "lr": 1e-3, **train}}
+    config = {
+        "model": {"name_or_path": model_dir},
+        "deepspeed": {"config": ds_config},
+        "data": {"max_length": 96, "max_prompt_length": 48, "eval_size": 8},
+        "objective": {"name": "dpo"},
+        "train": {"output_dir": str(output_dir), "warmup_steps": 0, "lr": 1e-3, **train},
+    }
     path.write_text(yaml.safe_dump(config))
     return path
 
@@ -59,8 +63,9 @@ def assert_finished_with_checkpoint(run_dir: Path, steps: int, ranks: int = 2) -
     assert (checkpoint / "plot_ds_complete.json").is_file()
     for rank in range(ranks):
         assert (checkpoint / f"zero_pp_rank_{rank}_mp_rank_00_model_states.pt").is_file()
-    assert (run_dir / "final_model" / "model.safetensors").is_file() or \
-           any((run_dir / "final_model").glob("*.safetensors"))
+    assert (run_dir / "final_model" / "model.safetensors").is_file() or any(
+        (run_dir / "final_model").glob("*.safetensors")
+    )
 
 
 @pytest.fixture(scope="module")
@@ -71,19 +76,29 @@ def slurm(tmp_path_factory):
         yield cluster
 
 
-def test_slurm_template_checkpoints_on_warning_requeues_and_resumes(slurm, tiny_model_dir, zero3_test_config,
-                                                                    tmp_path):
+def test_slurm_template_checkpoints_on_warning_requeues_and_resumes(slurm, tiny_model_dir, zero3_test_config, tmp_path):
     """sbatch launch/slurm.sh as a user would (only the marked settings overridden on the command
     line: one node, no GPUs, 2 CPU ranks); USR1 as Slurm sends it before the time limit; the job
     checkpoints, requeues itself, resumes and finishes with every step exactly once."""
     steps = 40
     run_dir = tmp_path / "run"
-    config = tiny_config(tmp_path / "tiny.yaml", tiny_model_dir, zero3_test_config, run_dir,
-                         max_steps=steps, save_every=1000)
-    job = slurm.sbatch("--nodes=1", "--gpus-per-node=0", "--cpus-per-task=2", "--partition=debug",
-                       "--time=20", f"--output={tmp_path}/%x-%j.out", "launch/slurm.sh", config,
-                       "--train.eval_every", "0",
-                       env=child_env(PROCS_PER_NODE="2", RUN_DIR=str(run_dir)), cwd=REPO)
+    config = tiny_config(
+        tmp_path / "tiny.yaml", tiny_model_dir, zero3_test_config, run_dir, max_steps=steps, save_every=1000
+    )
+    job = slurm.sbatch(
+        "--nodes=1",
+        "--gpus-per-node=0",
+        "--cpus-per-task=2",
+        "--partition=debug",
+        "--time=20",
+        f"--output={tmp_path}/%x-%j.out",
+        "launch/slurm.sh",
+        config,
+        "--train.eval_every",
+        "0",
+        env=child_env(PROCS_PER_NODE="2", RUN_DIR=str(run_dir)),
+        cwd=REPO,
+    )
     log = tmp_path / f"plot_ds-{job}.out"
     deadline = time.time() + 600
     while not (run_dir / "train_history.jsonl").exists() or not read_history(run_dir):
@@ -123,11 +138,40 @@ def test_slurm_template_checkpoints_on_warning_requeues_and_resumes(slurm, tiny_
 def node_launchers(launcher: str, hostfile: Path, port: str) -> list[list[str]]:
     """What each node runs without Slurm, for two nodes of one rank each."""
     if launcher == "deepspeed":  # the same hostfile everywhere, one --node_rank per node
-        return [["deepspeed", "--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(node),
-                 "--master_addr", "127.0.0.1", "--master_port", port, TRAIN] for node in (0, 1)]
-    return [[sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
-             "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}", "--rdzv_id", "two-nodes",
-             TRAIN]] * 2
+        return [
+            [
+                "deepspeed",
+                "--hostfile",
+                str(hostfile),
+                "--no_ssh",
+                "--node_rank",
+                str(node),
+                "--master_addr",
+                "127.0.0.1",
+                "--master_port",
+                port,
+                TRAIN,
+            ]
+            for node in (0, 1)
+        ]
+    return [
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nnodes",
+            "2",
+            "--nproc_per_node",
+            "1",
+            "--rdzv_backend",
+            "c10d",
+            "--rdzv_endpoint",
+            f"127.0.0.1:{port}",
+            "--rdzv_id",
+            "two-nodes",
+            TRAIN,
+        ]
+    ] * 2
 
 
 @pytest.mark.parametrize("launcher", ["deepspeed", "torchrun"])
@@ -136,8 +180,10 @@ def test_two_node_launchers_on_loopback_finish(launcher, tiny_model_dir, zero3_t
     hostfile.write_text("node-a slots=1\nnode-b slots=1\n")
     run_dir = tmp_path / "run"
     config = tiny_config(tmp_path / "tiny.yaml", tiny_model_dir, zero3_test_config, run_dir, max_steps=3)
-    nodes = [start([*command, "--config", str(config)], merge_output=True)
-             for command in node_launchers(launcher, hostfile, str(free_port()))]
+    nodes = [
+        start([*command, "--config", str(config)], merge_output=True)
+        for command in node_launchers(launcher, hostfile, str(free_port()))
+    ]
     outputs = [node.finish(timeout=900).stdout for node in nodes]
     for index, (node, output) in enumerate(zip(nodes, outputs)):
         assert node.returncode == 0, f"node {index} exited {node.returncode}:\n{output[-6000:]}"
@@ -152,9 +198,28 @@ def test_mpirun_run_finishes_on_loopback(tiny_model_dir, zero3_test_config, tmp_
     config = tiny_config(tmp_path / "tiny.yaml", tiny_model_dir, zero3_test_config, run_dir, max_steps=3)
     # No MASTER_ADDR: the ranks find each other through MPI and must pick loopback on one host.
     env = {key: value for key, value in child_env().items() if key not in ("MASTER_ADDR", "MASTER_PORT")}
-    proc = run_command(["mpirun", "-np", "2", "--allow-run-as-root", "--oversubscribe",
-                        "--mca", "btl_tcp_if_include", "lo", "--mca", "oob_tcp_if_include", "lo",
-                        sys.executable, TRAIN, "--config", str(config)], env=env, check=False, output=run_dir)
+    proc = run_command(
+        [
+            "mpirun",
+            "-np",
+            "2",
+            "--allow-run-as-root",
+            "--oversubscribe",
+            "--mca",
+            "btl_tcp_if_include",
+            "lo",
+            "--mca",
+            "oob_tcp_if_include",
+            "lo",
+            sys.executable,
+            TRAIN,
+            "--config",
+            str(config),
+        ],
+        env=env,
+        check=False,
+        output=run_dir,
+    )
     assert proc.returncode == 0, f"mpirun exited {proc.returncode}:\n{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}"
     assert "[plot_ds] 2 rank(s) on cpu, rendezvous 127.0.0.1:" in proc.stdout, proc.stdout[-3000:]
     assert_finished_with_checkpoint(run_dir, 3)
@@ -173,24 +238,55 @@ def test_mpirun_passes_an_input_error_through_once(tiny_model_dir, zero3_test_co
     require(importlib.util.find_spec("mpi4py") is not None, "mpi4py is not installed")
     config = tiny_config(tmp_path / "tiny.yaml", tiny_model_dir, zero3_test_config, tmp_path / "run", max_steps=3)
     env = {key: value for key, value in child_env().items() if key not in ("MASTER_ADDR", "MASTER_PORT")}
-    proc = run_command(["mpirun", "-np", "2", "--allow-run-as-root", "--oversubscribe",
-                        "--mca", "btl_tcp_if_include", "lo", "--mca", "oob_tcp_if_include", "lo",
-                        sys.executable, TRAIN, "--config", str(config), "--data.source", str(tmp_path / "absent.jsonl")],
-                       env=env, check=False, timeout=600)
+    proc = run_command(
+        [
+            "mpirun",
+            "-np",
+            "2",
+            "--allow-run-as-root",
+            "--oversubscribe",
+            "--mca",
+            "btl_tcp_if_include",
+            "lo",
+            "--mca",
+            "oob_tcp_if_include",
+            "lo",
+            sys.executable,
+            TRAIN,
+            "--config",
+            str(config),
+            "--data.source",
+            str(tmp_path / "absent.jsonl"),
+        ],
+        env=env,
+        check=False,
+        timeout=600,
+    )
     assert proc.returncode == 2, f"mpirun exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     assert_one_message(proc.stdout + proc.stderr, ["absent.jsonl: no such file or folder"])
 
 
-def test_slurm_job_with_an_input_error_fails_with_its_status_and_one_message(slurm, tiny_model_dir,
-                                                                             zero3_test_config, tmp_path):
+def test_slurm_job_with_an_input_error_fails_with_its_status_and_one_message(
+    slurm, tiny_model_dir, zero3_test_config, tmp_path
+):
     """sbatch launch/slurm.sh (srun --kill-on-bad-exit, one deepspeed launcher per node, 2 ranks)
     with a data file that does not exist: the job FAILS with exit code 2, the log holds the message
     once and no traceback, and no rank is left waiting."""
     config = tiny_config(tmp_path / "tiny.yaml", tiny_model_dir, zero3_test_config, tmp_path / "run", max_steps=3)
-    job = slurm.sbatch("--nodes=1", "--gpus-per-node=0", "--cpus-per-task=2", "--partition=debug", "--time=10",
-                       f"--output={tmp_path}/%x-%j.out", "launch/slurm.sh", config,
-                       "--data.source", str(tmp_path / "absent.jsonl"),
-                       env=child_env(PROCS_PER_NODE="2", RUN_DIR=str(tmp_path / "run")), cwd=REPO)
+    job = slurm.sbatch(
+        "--nodes=1",
+        "--gpus-per-node=0",
+        "--cpus-per-task=2",
+        "--partition=debug",
+        "--time=10",
+        f"--output={tmp_path}/%x-%j.out",
+        "launch/slurm.sh",
+        config,
+        "--data.source",
+        str(tmp_path / "absent.jsonl"),
+        env=child_env(PROCS_PER_NODE="2", RUN_DIR=str(tmp_path / "run")),
+        cwd=REPO,
+    )
     final = slurm.wait(job, timeout=600)
     text = _read_log(tmp_path / f"plot_ds-{job}.out")
     assert final["JobState"] == "FAILED" and final["ExitCode"].startswith("2:"), (final, text[-3000:])

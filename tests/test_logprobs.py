@@ -2,8 +2,14 @@ import pytest
 import torch
 
 from plot_ds.pair_batch import IGNORE_INDEX, PairBatch, PairCounts
-from plot_ds.logprobs import (PairLogps, ResponseTokens, saved_by_its_own_node, target_logps, target_logps_and_support,
-                              top_k_support)
+from plot_ds.logprobs import (
+    PairLogps,
+    ResponseTokens,
+    saved_by_its_own_node,
+    target_logps,
+    target_logps_and_support,
+    top_k_support,
+)
 from plot_ds.pair_forward import forward_pairs
 
 
@@ -42,8 +48,9 @@ def test_target_logps_value_and_gradient_match_log_softmax():
     exact = tokens.select(logits).float().requires_grad_()
     (tokens.row_sums(target_logps(exact, tokens.targets, chunk=2)) * weights).sum().backward()
     reference = tokens.select(logits).float().requires_grad_()
-    (tokens.row_sums(torch.log_softmax(reference, -1).gather(-1, tokens.targets[:, None]).squeeze(-1))
-     * weights).sum().backward()
+    (
+        tokens.row_sums(torch.log_softmax(reference, -1).gather(-1, tokens.targets[:, None]).squeeze(-1)) * weights
+    ).sum().backward()
     torch.testing.assert_close(exact.grad, reference.grad, rtol=0, atol=1e-6)
 
 
@@ -77,10 +84,12 @@ def test_support_logits_read_in_the_log_prob_pass_equal_reading_them_apart(read)
     assert torch.equal(support.ids, separate.ids) and support.ids[0, 0] == support.ids[0, -1] == targets[0]
     assert torch.equal(support.logits, separate.logits)
     torch.testing.assert_close(logps, target_logps(logits, targets), rtol=0, atol=0)
+
     # An output no loss reads gets no gradient at all (None), not zeros.
     def loss(logps, support_logits):
-        return ((logps.sum() if read != "support" else 0.0)
-                + ((support_logits * weights).sum() if read != "logps" else 0.0))
+        return (logps.sum() if read != "support" else 0.0) + (
+            (support_logits * weights).sum() if read != "logps" else 0.0
+        )
 
     loss(logps, support.logits).backward()
     loss(target_logps(apart, targets), separate.logits).backward()
@@ -91,15 +100,24 @@ def test_in_place_gradient_is_refused_where_the_logits_are_saved_by_their_own_op
     x = torch.randn(5, 7, requires_grad=True)
     assert not saved_by_its_own_node(x @ torch.randn(7, 9))  # a linear head saves its inputs
     assert saved_by_its_own_node(torch.tanh(x) * 1.0) is False  # the product is not what tanh saved
-    assert saved_by_its_own_node(torch.tanh(x))                 # tanh keeps its result
+    assert saved_by_its_own_node(torch.tanh(x))  # tanh keeps its result
     assert not saved_by_its_own_node(x.detach())
 
 
 def test_forward_pairs_projects_only_response_positions_and_matches_full_logits():
     from transformers import LlamaConfig, LlamaForCausalLM
+
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                         num_attention_heads=2, num_key_value_heads=1))
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=50,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+        )
+    )
     input_ids = torch.randint(0, 50, (4, 9))
     labels = input_ids.clone()
     labels[:, :4] = IGNORE_INDEX
@@ -113,8 +131,9 @@ def test_forward_pairs_projects_only_response_positions_and_matches_full_logits(
     assert seen == [torch.Size([n_response, 16])]  # the head saw only the response positions
     full = model(input_ids=input_ids, attention_mask=attention_mask).logits
     expected, counts = direct_row_logps(full.detach(), labels)
-    torch.testing.assert_close(torch.cat([out.logps.chosen, out.logps.rejected]).double(), expected,
-                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        torch.cat([out.logps.chosen, out.logps.rejected]).double(), expected, rtol=1e-5, atol=1e-5
+    )
     torch.testing.assert_close(out.logits, out.tokens.select(full), rtol=1e-5, atol=1e-5)
     assert torch.cat([out.logps.chosen_tokens, out.logps.rejected_tokens]).tolist() == counts
 
@@ -141,12 +160,22 @@ def test_forward_pairs_head_gradient_with_plot_is_the_same_in_place_allocated_or
     for in_place, top_k in ((True, 0), (False, 0), (True, 5)):
         monkeypatch.setattr(logprobs, "saved_by_its_own_node", lambda tensor: not in_place)
         torch.manual_seed(0)
-        model = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                             num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True))
+        model = LlamaForCausalLM(
+            LlamaConfig(
+                vocab_size=50,
+                hidden_size=16,
+                intermediate_size=32,
+                num_hidden_layers=1,
+                num_attention_heads=2,
+                num_key_value_heads=1,
+                tie_word_embeddings=True,
+            )
+        )
         out = forward_pairs(model, batch, keep_logits=not top_k, top_k=top_k)
         assert (out.logits is None) == bool(top_k) and (out.support is None) != bool(top_k)
-        plot, _ = PLOTLoss(PlotConfig(top_k=5, rejected_weight=0.3), EmbeddingRows(model.get_input_embeddings().weight))(
-            out, None, totals)
+        plot, _ = PLOTLoss(
+            PlotConfig(top_k=5, rejected_weight=0.3), EmbeddingRows(model.get_input_embeddings().weight)
+        )(out, None, totals)
         (plot + out.logps.chosen.sum() - 0.5 * out.logps.rejected.sum()).backward()
         grads.append({name: param.grad.clone() for name, param in model.named_parameters()})
     for name in grads[0]:

@@ -1,4 +1,5 @@
 """Run monitoring: the progress bar in log files, TensorBoard scalars, the per-step history."""
+
 import io
 import json
 

@@ -6,8 +6,17 @@ import torch
 from plot_ds.config import ObjectiveConfig
 from plot_ds.logprobs import PairLogps
 from plot_ds.global_batch import GlobalPairs, table_rows
-from plot_ds.objectives import (AOTLoss, DPOLoss, GlobalTotals, IPOLoss, PROLoss, SFTLoss, SimPOLoss, WeightedTerms,
-                                build_vanilla)
+from plot_ds.objectives import (
+    AOTLoss,
+    DPOLoss,
+    GlobalTotals,
+    IPOLoss,
+    PROLoss,
+    SFTLoss,
+    SimPOLoss,
+    WeightedTerms,
+    build_vanilla,
+)
 
 
 def logps(chosen, rejected, chosen_tokens=(1.0,), rejected_tokens=(1.0,)):
@@ -172,13 +181,21 @@ def tied_groups(values: torch.Tensor) -> list[list[int]]:
     return list(groups.values())
 
 
-@pytest.mark.parametrize("trl_types, weights, label_smoothing", [
-    # TRL 1.16's sigmoid takes no label smoothing (conservative DPO is checked by hand above).
-    (["sigmoid"], [1.0], 0.0), (["ipo"], [1.0], 0.0),
-    (["aot"], [1.0], 0.0), (["aot"], [1.0], 0.15), (["aot_unpaired"], [1.0], 0.0), (["aot_unpaired"], [1.0], 0.15),
-    (["sigmoid", "sft"], [1.0, 0.2], 0.0),  # RPO: DPO plus NLL on the chosen response
-    (["aot", "ipo"], [0.7, 0.3], 0.1), (["aot_unpaired", "sft"], [1.0, 0.5], 0.0),
-])
+@pytest.mark.parametrize(
+    "trl_types, weights, label_smoothing",
+    [
+        # TRL 1.16's sigmoid takes no label smoothing (conservative DPO is checked by hand above).
+        (["sigmoid"], [1.0], 0.0),
+        (["ipo"], [1.0], 0.0),
+        (["aot"], [1.0], 0.0),
+        (["aot"], [1.0], 0.15),
+        (["aot_unpaired"], [1.0], 0.0),
+        (["aot_unpaired"], [1.0], 0.15),
+        (["sigmoid", "sft"], [1.0, 0.2], 0.0),  # RPO: DPO plus NLL on the chosen response
+        (["aot", "ipo"], [0.7, 0.3], 0.1),
+        (["aot_unpaired", "sft"], [1.0, 0.5], 0.0),
+    ],
+)
 def test_objectives_match_trls_loss_on_identical_log_probs(trl_types, weights, label_smoothing):
     """TRL's DPOTrainer loss (trl_reference) against plot_ds's on the same batch: values, and the
     gradients of every sequence log-prob (AOT's tied entries by their group sums: a sort may hand
@@ -188,19 +205,27 @@ def test_objectives_match_trls_loss_on_identical_log_probs(trl_types, weights, l
     beta = 0.1
     t = lambda v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
     tokens = t(CHOSEN_TOKENS), t(REJECTED_TOKENS)
-    expected, trl_chosen_grad, trl_rejected_grad = trl_loss(trl_types, weights, t(CHOSEN), t(REJECTED), t(REF_CHOSEN),
-                                                            t(REF_REJECTED), *tokens, beta, label_smoothing)
+    expected, trl_chosen_grad, trl_rejected_grad = trl_loss(
+        trl_types, weights, t(CHOSEN), t(REJECTED), t(REF_CHOSEN), t(REF_REJECTED), *tokens, beta, label_smoothing
+    )
     chosen, rejected = t(CHOSEN).requires_grad_(), t(REJECTED).requires_grad_()
     policy, reference = PairLogps(chosen, rejected, *tokens), PairLogps(t(REF_CHOSEN), t(REF_REJECTED), *tokens)
-    config = ObjectiveConfig(terms={OURS_FOR_TRL[name]: w for name, w in zip(trl_types, weights)}, beta=beta,
-                             label_smoothing=label_smoothing)
-    loss, metrics = build_vanilla(config)(policy, reference, one_batch(policy, reference, 6, sum(CHOSEN_TOKENS),
-                                                                        sum(REJECTED_TOKENS)))
+    config = ObjectiveConfig(
+        terms={OURS_FOR_TRL[name]: w for name, w in zip(trl_types, weights)}, beta=beta, label_smoothing=label_smoothing
+    )
+    loss, metrics = build_vanilla(config)(
+        policy, reference, one_batch(policy, reference, 6, sum(CHOSEN_TOKENS), sum(REJECTED_TOKENS))
+    )
     loss.backward()
     assert loss.item() == pytest.approx(expected.item(), rel=1e-12, abs=1e-12)
     assert all(f"loss/{OURS_FOR_TRL[name]}" in metrics for name in trl_types)
-    ties = tied_groups(t(CHOSEN) - t(REJECTED)) + tied_groups(t(CHOSEN) - t(REF_CHOSEN)) + tied_groups(
-        t(REJECTED) - t(REF_REJECTED)) if any(name.startswith("aot") for name in trl_types) else []
+    ties = (
+        tied_groups(t(CHOSEN) - t(REJECTED))
+        + tied_groups(t(CHOSEN) - t(REF_CHOSEN))
+        + tied_groups(t(REJECTED) - t(REF_REJECTED))
+        if any(name.startswith("aot") for name in trl_types)
+        else []
+    )
     assert any(len(group) > 1 for group in ties) or not ties  # the data has ties where AOT sorts
     for ours, theirs in ((chosen.grad, trl_chosen_grad), (rejected.grad, trl_rejected_grad)):
         untied = [i for i in range(6) if not any(i in g and len(g) > 1 for g in ties)]
@@ -216,18 +241,24 @@ def test_aot_over_micro_batches_of_one_global_table_equals_the_whole_batch(paire
     generator = torch.Generator().manual_seed(0)
     n = 9
     chosen, rejected = -torch.rand(n, generator=generator) * 10, -torch.rand(n, generator=generator) * 10
-    reference = PairLogps(-torch.rand(n, generator=generator) * 10, -torch.rand(n, generator=generator) * 10,
-                          torch.ones(n), torch.ones(n))
+    reference = PairLogps(
+        -torch.rand(n, generator=generator) * 10, -torch.rand(n, generator=generator) * 10, torch.ones(n), torch.ones(n)
+    )
     aot = AOTLoss(0.5, 0.1, paired)
-    whole_policy = PairLogps(chosen.clone().requires_grad_(), rejected.clone().requires_grad_(), torch.ones(n),
-                             torch.ones(n))
+    whole_policy = PairLogps(
+        chosen.clone().requires_grad_(), rejected.clone().requires_grad_(), torch.ones(n), torch.ones(n)
+    )
     whole, _ = aot(whole_policy, reference, one_batch(whole_policy, reference, n, n, n))
     whole.backward()
     table = table_rows(whole_policy, reference, torch.arange(n), False, n)
     parts, grads = 0.0, []
     for piece in (slice(0, 2), slice(2, 7), slice(7, 9)):
-        policy = PairLogps(chosen[piece].clone().requires_grad_(), rejected[piece].clone().requires_grad_(),
-                           torch.ones(n)[piece], torch.ones(n)[piece])
+        policy = PairLogps(
+            chosen[piece].clone().requires_grad_(),
+            rejected[piece].clone().requires_grad_(),
+            torch.ones(n)[piece],
+            torch.ones(n)[piece],
+        )
         ref = PairLogps(reference.chosen[piece], reference.rejected[piece], torch.ones(n)[piece], torch.ones(n)[piece])
         part, _ = aot(policy, ref, totals(n, n, n).with_batch(GlobalPairs(table, torch.arange(n)[piece])))
         part.backward()
@@ -256,9 +287,19 @@ def test_pro_for_two_responses_by_hand():
     ranking = sum(-math.log(math.exp(c / 0.5) / (math.exp(c / 0.5) + math.exp(r / 0.5))) for c, r in scores) / 2
     assert loss.item() == pytest.approx(ranking + 0.1 * (6.0 + 2.0) / 2, rel=1e-6)
     # Split into two micro-batches of the same global batch: the parts add up.
-    halves = [PROLoss(0.5, 0.1)(PairLogps(policy.chosen[i:i + 1], policy.rejected[i:i + 1], policy.chosen_tokens[i:i + 1],
-                                          policy.rejected_tokens[i:i + 1]), None, totals(2, chosen_tokens=5.0))[0]
-              for i in range(2)]
+    halves = [
+        PROLoss(0.5, 0.1)(
+            PairLogps(
+                policy.chosen[i : i + 1],
+                policy.rejected[i : i + 1],
+                policy.chosen_tokens[i : i + 1],
+                policy.rejected_tokens[i : i + 1],
+            ),
+            None,
+            totals(2, chosen_tokens=5.0),
+        )[0]
+        for i in range(2)
+    ]
     assert sum(halves).item() == pytest.approx(loss.item(), rel=1e-6)
     assert metrics["rewards/accuracies"].item() == 1.0
 
@@ -271,7 +312,9 @@ def test_weighted_terms_sum_their_losses_and_log_each():
     dpo, dpo_metrics = DPOLoss(0.1)(policy, reference, whole)
     sft, _ = SFTLoss()(policy, reference, whole)
     assert loss.item() == pytest.approx(dpo.item() + 0.2 * sft.item(), rel=1e-6)
-    assert metrics["loss/dpo"].item() == pytest.approx(dpo.item()) and metrics["loss/sft"].item() == pytest.approx(sft.item())
+    assert metrics["loss/dpo"].item() == pytest.approx(dpo.item()) and metrics["loss/sft"].item() == pytest.approx(
+        sft.item()
+    )
     assert metrics["rewards/margins"].item() == pytest.approx(dpo_metrics["rewards/margins"].item())  # the first term's
 
 

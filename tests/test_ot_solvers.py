@@ -1,4 +1,5 @@
 """Every solver against POT's exact ot.emd2: values and gradients, random and degenerate problems."""
+
 import ot
 import pytest
 import torch
@@ -43,8 +44,13 @@ def linear_program(a, b, M):
     n, m = M.shape
     rows = numpy.kron(numpy.eye(n), numpy.ones(m))
     cols = numpy.kron(numpy.ones(n), numpy.eye(m))
-    result = linprog(M.flatten().numpy(), A_eq=numpy.vstack([rows, cols]),
-                     b_eq=numpy.concatenate([a.numpy(), b.numpy()]), bounds=(0, None), method="highs")
+    result = linprog(
+        M.flatten().numpy(),
+        A_eq=numpy.vstack([rows, cols]),
+        b_eq=numpy.concatenate([a.numpy(), b.numpy()]),
+        bounds=(0, None),
+        method="highs",
+    )
     assert result.status == 0
     f = torch.from_numpy(result.eqlin.marginals[:n])
     return torch.tensor(result.fun, dtype=M.dtype), torch.from_numpy(result.x).reshape(n, m), f - f.mean()
@@ -89,13 +95,13 @@ def test_sinkhorn_default_settings_are_close_to_emd():
 def test_onehot_targets_closed_form_equals_sinkhorn_equals_emd(case):
     a, _, M = problems(n=5, k=9, seed=7)
     target = torch.tensor([0, 3, 8, 4, 4])
-    if case == "target_only":       # all mass already on the target: W = 0
+    if case == "target_only":  # all mass already on the target: W = 0
         a = F.one_hot(target, 9).double()
-    elif case == "concentrated":    # all mass on one other token
+    elif case == "concentrated":  # all mass on one other token
         a = F.one_hot((target + 1) % 9, 9).double()
     elif case == "ties":
         a = torch.full_like(a, 1 / 9)
-    elif case == "single":          # k = 1 plus the target: two-point supports
+    elif case == "single":  # k = 1 plus the target: two-point supports
         a, M = a[:, :2] / a[:, :2].sum(-1, keepdim=True), M[:, :2, :2]
         target = torch.tensor([0, 1, 1, 0, 1])
     b = F.one_hot(target, a.shape[-1]).double()

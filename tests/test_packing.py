@@ -1,6 +1,7 @@
 """Padding-free batches (plot_ds/packing.py): layouts by hand, and packed == padded for the
 log-probs, PLOT's losses and every gradient, across model families and attention implementations,
 in one process (1 and 2 ZeRO-3 ranks: tests/test_training_distributed.py)."""
+
 import pytest
 import torch
 
@@ -16,9 +17,11 @@ from plot_ds.pair_forward import forward_pairs
 from plot_ds.prompt_sharing import SharedLayout, prompt_sharing
 
 # Prompts, chosen and rejected responses of different lengths (a one-token response among them).
-BATCH = [TokenizedPair("a", [5, 6, 7, 8, 9], [10, 11, 12, 2], [13, 2]),
-         TokenizedPair("b", [20, 21], [22, 2], [23, 24, 25, 26, 27, 2]),
-         TokenizedPair("c", [30, 31, 32], [2], [33, 34, 2])]
+BATCH = [
+    TokenizedPair("a", [5, 6, 7, 8, 9], [10, 11, 12, 2], [13, 2]),
+    TokenizedPair("b", [20, 21], [22, 2], [23, 24, 25, 26, 27, 2]),
+    TokenizedPair("c", [30, 31, 32], [2], [33, 34, 2]),
+]
 
 
 def test_rows_packed_one_after_another_with_their_own_positions():
@@ -26,8 +29,36 @@ def test_rows_packed_one_after_another_with_their_own_positions():
     tokens = ResponseTokens.of(batch.labels)
     packed = pack_rows(batch, tokens)
     # rows: a+chosen (9), b+chosen (4), a+rejected (7), b+rejected (8)
-    assert packed.input_ids[0].tolist() == [5, 6, 7, 8, 9, 10, 11, 12, 2, 20, 21, 22, 2,
-                                            5, 6, 7, 8, 9, 13, 2, 20, 21, 23, 24, 25, 26, 27, 2]
+    assert packed.input_ids[0].tolist() == [
+        5,
+        6,
+        7,
+        8,
+        9,
+        10,
+        11,
+        12,
+        2,
+        20,
+        21,
+        22,
+        2,
+        5,
+        6,
+        7,
+        8,
+        9,
+        13,
+        2,
+        20,
+        21,
+        23,
+        24,
+        25,
+        26,
+        27,
+        2,
+    ]
     assert packed.position_ids[0].tolist() == [*range(9), *range(4), *range(7), *range(8)]
     assert packed.sequence_lengths.tolist() == [9, 4, 7, 8]
     assert packed.varlen_kwargs()["cu_seq_lens_q"].tolist() == [0, 9, 13, 20, 28]
@@ -45,8 +76,10 @@ def test_shared_prompt_layout_and_its_mask():
     assert packed.input_ids[0].tolist() == [5, 6, 7, 8, 9, 10, 11, 12, 2, 13, 2, 20, 21, 22, 2, 23, 24, 25, 26, 27, 2]
     # The rejected response continues the prompt's positions, not the chosen response's.
     assert packed.position_ids[0].tolist() == [*range(9), 5, 6, 0, 1, 2, 3, *range(2, 8)]
-    assert packed.part.tolist() == [PROMPT] * 5 + [CHOSEN] * 4 + [REJECTED] * 2 + [PROMPT] * 2 + [CHOSEN] * 2 + \
-        [REJECTED] * 6
+    assert (
+        packed.part.tolist()
+        == [PROMPT] * 5 + [CHOSEN] * 4 + [REJECTED] * 2 + [PROMPT] * 2 + [CHOSEN] * 2 + [REJECTED] * 6
+    )
     mask = packed.attention_mask(torch.float32)[0, 0] == 0
     rejected_first = 9  # pair a's rejected "13": sees its prompt and itself only
     assert mask[rejected_first].nonzero().flatten().tolist() == [0, 1, 2, 3, 4, 9]
@@ -57,17 +90,33 @@ def test_shared_prompt_layout_and_its_mask():
     ids, head = packed.input_ids[0], packed.head_positions
     first_rejected = (tokens.rows >= 2) & (tokens.cols == layout.starts[tokens.rows] - 1)
     assert first_rejected.sum() == 2
-    assert (packed.part[head[first_rejected]] == PROMPT).all() and (packed.part[head[first_rejected] + 1] == CHOSEN).all()
+    assert (packed.part[head[first_rejected]] == PROMPT).all() and (
+        packed.part[head[first_rejected] + 1] == CHOSEN
+    ).all()
     assert ids[head[~first_rejected] + 1].tolist() == tokens.targets[~first_rejected].tolist()
 
 
 def tiny_model(family: str, attention: str, **settings):
     import transformers
 
-    small = dict(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-                 num_key_value_heads=1, pad_token_id=2, eos_token_id=2, bos_token_id=1, tie_word_embeddings=True)
-    extra = {"Gemma2": dict(head_dim=8), "Qwen3": dict(head_dim=8), "Mixtral": dict(num_local_experts=4),
-             "Phi3": dict(tie_word_embeddings=False)}.get(family, {})
+    small = dict(
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        pad_token_id=2,
+        eos_token_id=2,
+        bos_token_id=1,
+        tie_word_embeddings=True,
+    )
+    extra = {
+        "Gemma2": dict(head_dim=8),
+        "Qwen3": dict(head_dim=8),
+        "Mixtral": dict(num_local_experts=4),
+        "Phi3": dict(tie_word_embeddings=False),
+    }.get(family, {})
     config = getattr(transformers, f"{family}Config")(**{**small, **extra, **settings})
     config._attn_implementation = attention
     torch.manual_seed(0)
@@ -92,8 +141,16 @@ def loss_path(model, layout, overrides):
 
 
 PLOT = {"objective.name": "dpo", "plot.top_k": 5, "plot.rejected_weight": 0.5}
-FAMILIES = [("Llama", "sdpa"), ("Llama", "eager"), ("Qwen2", "sdpa"), ("Qwen3", "sdpa"), ("Mistral", "sdpa"),
-            ("Phi3", "eager"), ("Mixtral", "sdpa"), ("Gemma2", "eager")]
+FAMILIES = [
+    ("Llama", "sdpa"),
+    ("Llama", "eager"),
+    ("Qwen2", "sdpa"),
+    ("Qwen3", "sdpa"),
+    ("Mistral", "sdpa"),
+    ("Phi3", "eager"),
+    ("Mixtral", "sdpa"),
+    ("Gemma2", "eager"),
+]
 
 
 @pytest.mark.parametrize("share_prompt", [False, True], ids=["rows", "shared-prompt"])
@@ -111,8 +168,9 @@ def test_packed_equals_padded(family, attention, share_prompt):
         assert float(packed[2][metric]) == pytest.approx(float(padded[2][metric]), rel=1e-5, abs=1e-7)
     assert packed[3].keys() == padded[3].keys()
     for name, grad in padded[3].items():
-        torch.testing.assert_close(packed[3][name], grad, rtol=1e-4, atol=1e-5 * grad.abs().max().item(),
-                                   msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(
+            packed[3][name], grad, rtol=1e-4, atol=1e-5 * grad.abs().max().item(), msg=lambda m: f"{name}: {m}"
+        )
 
 
 def test_packed_rows_respect_a_sliding_window_shorter_than_the_rows():
@@ -196,9 +254,15 @@ def test_varlen_attention_gets_the_sequence_bounds():
         seen.append(bounds)
         key = key.repeat_interleave(query.shape[1] // key.shape[1], dim=1)
         value = value.repeat_interleave(query.shape[1] // value.shape[1], dim=1)
-        out = torch.cat([torch.nn.functional.scaled_dot_product_attention(
-            query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], is_causal=True, scale=scaling)
-            for a, b in zip(bounds[:-1], bounds[1:])], dim=2)
+        out = torch.cat(
+            [
+                torch.nn.functional.scaled_dot_product_attention(
+                    query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], is_causal=True, scale=scaling
+                )
+                for a, b in zip(bounds[:-1], bounds[1:])
+            ],
+            dim=2,
+        )
         return out.transpose(1, 2).contiguous(), None
 
     AttentionInterface.register("test_varlen", varlen_attention)
@@ -234,7 +298,9 @@ def test_a_model_that_attends_across_packed_sequences_is_refused():
     check_packing(model, Packing(share_prompt=False, varlen=False))
     check_packing(model, Packing(share_prompt=True, varlen=False))
     model.config._attn_implementation = "test_causal_only"
-    with pytest.raises(ModelError, match="data.packing: LlamaForCausalLM with test_causal_only attention does not keep"):
+    with pytest.raises(
+        ModelError, match="data.packing: LlamaForCausalLM with test_causal_only attention does not keep"
+    ):
         check_packing(model, Packing(share_prompt=False, varlen=False))
 
 

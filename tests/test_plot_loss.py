@@ -1,4 +1,5 @@
 """The PLOT loss against an independent per-position implementation on POT's exact ot.emd2."""
+
 import dataclasses
 
 import ot
@@ -22,8 +23,8 @@ def make_batch(seed=0, pairs=2, length=9, prompt=3):
     logits = torch.randn(2 * pairs, length, VOCAB, generator=g, dtype=torch.float64) * 2
     labels = torch.randint(0, VOCAB, (2 * pairs, length), generator=g)
     labels[:, :prompt] = IGNORE_INDEX
-    labels[1, length - 2:] = IGNORE_INDEX        # padding on a chosen row
-    labels[pairs, length - 3:] = IGNORE_INDEX    # and on a rejected row
+    labels[1, length - 2 :] = IGNORE_INDEX  # padding on a chosen row
+    labels[pairs, length - 3 :] = IGNORE_INDEX  # and on a rejected row
     embedding = torch.nn.Parameter(torch.randn(VOCAB, DIM, generator=g, dtype=torch.float64))
     return logits, labels, embedding
 
@@ -31,8 +32,9 @@ def make_batch(seed=0, pairs=2, length=9, prompt=3):
 def totals_of(labels):
     pairs = labels.shape[0] // 2
     response = (labels[:, 1:] != IGNORE_INDEX).sum(1).double()
-    return GlobalTotals(torch.tensor(float(pairs)), response[:pairs].sum(), response[pairs:].sum(),
-                        torch.tensor(0.0), torch.tensor(1.0))
+    return GlobalTotals(
+        torch.tensor(float(pairs)), response[:pairs].sum(), response[pairs:].sum(), torch.tensor(0.0), torch.tensor(1.0)
+    )
 
 
 def cost_matrix(E, ids, cost):
@@ -76,7 +78,8 @@ def reference_loss(logits, labels, E, config, ref_logits=None):
             b = torch.zeros(len(union), dtype=torch.float64)
             for p, y, support in zip(dists, targets, supports):
                 a = a + torch.zeros(len(union), dtype=torch.float64).index_add(
-                    0, torch.tensor([union.index(i) for i in support]), p)
+                    0, torch.tensor([union.index(i) for i in support]), p
+                )
                 b[union.index(y)] += 1
             seq_w[chosen].append(ot.emd2(a / len(dists), b / len(dists), cost_matrix(E, union, config.cost)))
     if config.granularity == "sequence":
@@ -112,8 +115,11 @@ def compare(config, seed=0, value_tol=3e-6, grad_tol=3e-6, mutate=None, relative
     tokens = ResponseTokens.of(labels)
     for top_k in {0, loss.top_k}:
         ours_logits = logits.clone().requires_grad_()
-        value, metrics = loss(head_outputs(tokens.select(ours_logits), tokens, top_k),
-                              PairOutputs(None, tokens.select(ref_logits), tokens), totals_of(labels))
+        value, metrics = loss(
+            head_outputs(tokens.select(ours_logits), tokens, top_k),
+            PairOutputs(None, tokens.select(ref_logits), tokens),
+            totals_of(labels),
+        )
         value.backward()
         tol = dict(rtol=value_tol, atol=0) if relative else dict(atol=value_tol, rtol=0)
         torch.testing.assert_close(as64(value), as64(expected), **tol)
@@ -153,6 +159,7 @@ def test_degenerate_supports(solver, tol, degenerate):
             logits[:, :, :10] = 1.0
         elif degenerate == "concentrated":
             logits[rows, cols, (targets[rows, cols] + 1) % VOCAB] = 60.0
+
     config = PlotConfig(top_k=top_k, solver=solver, rejected_weight=0.5, sinkhorn_eps=1e-3, sinkhorn_iters=50)
     compare(config, seed=1, value_tol=tol, grad_tol=tol, mutate=mutate)
 
@@ -160,21 +167,25 @@ def test_degenerate_supports(solver, tol, degenerate):
 # Sinkhorn (float32, as the loss runs) at eps = 1e-5 and 40000 iterations against the exact
 # reference: relative tolerances that a 10% error would break (test_ot_solvers shows what these
 # settings reach on single problems in float64).
-NON_POINT_MASS = [("emd", dict(value_tol=3e-6, grad_tol=3e-6)),
-                  ("sinkhorn", dict(value_tol=1e-2, grad_tol=0.05, relative=True))]
+NON_POINT_MASS = [
+    ("emd", dict(value_tol=3e-6, grad_tol=3e-6)),
+    ("sinkhorn", dict(value_tol=1e-2, grad_tol=0.05, relative=True)),
+]
 
 
 @pytest.mark.parametrize("solver, tolerances", NON_POINT_MASS)
 def test_ref_mix_target(solver, tolerances):
-    config = PlotConfig(top_k=6, target="ref_mix", rho=0.4, solver=solver, sinkhorn_eps=1e-5,
-                        sinkhorn_iters=40000, rejected_weight=0.2)
+    config = PlotConfig(
+        top_k=6, target="ref_mix", rho=0.4, solver=solver, sinkhorn_eps=1e-5, sinkhorn_iters=40000, rejected_weight=0.2
+    )
     compare(config, seed=2, **tolerances)
 
 
 @pytest.mark.parametrize("solver, tolerances", NON_POINT_MASS)
 def test_sequence_granularity(solver, tolerances):
-    config = PlotConfig(top_k=3, granularity="sequence", solver=solver, sinkhorn_eps=1e-5,
-                        sinkhorn_iters=40000, rejected_weight=0.5)
+    config = PlotConfig(
+        top_k=3, granularity="sequence", solver=solver, sinkhorn_eps=1e-5, sinkhorn_iters=40000, rejected_weight=0.5
+    )
     compare(config, seed=3, **tolerances)
 
 
@@ -204,9 +215,16 @@ def test_metrics_report_the_slice():
 # The loss path's host waits are probed along the whole training path: tests/test_pair_forward.py.
 
 
-@pytest.mark.parametrize("bad", [{"solver": "closed_form", "target": "ref_mix"},
-                                 {"solver": "closed_form", "granularity": "sequence"},
-                                 {"top_k": -1}, {"rho": 1.0}, {"alpha": -1.0}])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"solver": "closed_form", "target": "ref_mix"},
+        {"solver": "closed_form", "granularity": "sequence"},
+        {"top_k": -1},
+        {"rho": 1.0},
+        {"alpha": -1.0},
+    ],
+)
 def test_invalid_plot_settings_are_refused(bad):
     with pytest.raises(ConfigError, match="plot\\."):
         dataclasses.replace(PlotConfig(), **bad).validate()
@@ -224,8 +242,17 @@ def test_embedding_option_picks_input_or_lm_head_rows():
     from transformers import LlamaConfig, LlamaForCausalLM
     from plot_ds.embedding_slice import embedding_rows_for
 
-    untied = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
-                                          num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=False))
+    untied = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=50,
+            hidden_size=8,
+            intermediate_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            tie_word_embeddings=False,
+        )
+    )
     rows_in = embedding_rows_for(untied, PlotConfig(embedding="input"))
     rows_out = embedding_rows_for(untied, PlotConfig(embedding="output"))
     assert rows_in.weight is untied.get_input_embeddings().weight

@@ -1,5 +1,6 @@
 """Prompt sharing: the prompt once, the responses over copies of its cache, the same logits and
 gradients as full rows."""
+
 import pytest
 import torch
 
@@ -9,16 +10,16 @@ from plot_ds.data import collate
 from plot_ds.ds_config import load_ds_config, reference_ds_config
 from plot_ds.data.tokenize import TokenizedPair
 from plot_ds.pair_forward import forward_pairs
-from plot_ds.prompt_sharing import (cache_argument, cache_rows, copyable, prompt_sharing, response_groups,
-                                    shares_prompt)
+from plot_ds.prompt_sharing import cache_argument, cache_rows, copyable, prompt_sharing, response_groups, shares_prompt
 
 
 def record_passes(monkeypatch) -> list:
     """The input shapes of the shared-prompt passes that really ran (full rows record nothing)."""
     passes = []
     real = prompt_sharing_module.with_head_input
-    monkeypatch.setattr(prompt_sharing_module, "with_head_input",
-                        lambda *a, **k: passes.append(k["input_ids"].shape) or real(*a, **k))
+    monkeypatch.setattr(
+        prompt_sharing_module, "with_head_input", lambda *a, **k: passes.append(k["input_ids"].shape) or real(*a, **k)
+    )
     return passes
 
 
@@ -35,9 +36,11 @@ def test_shared_prompt_forward_equals_the_full_rows(tiny_model_dir, monkeypatch,
         monkeypatch.setattr(prompt_sharing_module, "copyable", lambda cache: False)
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32, attn_implementation="sdpa")
-    pairs = [TokenizedPair("a", [5, 6, 7, 8, 9], [10, 11, 12, 2], [13, 2]),
-             TokenizedPair("b", [20, 21], [22, 2], [23, 24, 25, 26, 27, 2]),
-             TokenizedPair("c", [30, 31, 32], [2], [33, 34, 2])]
+    pairs = [
+        TokenizedPair("a", [5, 6, 7, 8, 9], [10, 11, 12, 2], [13, 2]),
+        TokenizedPair("b", [20, 21], [22, 2], [23, 24, 25, 26, 27, 2]),
+        TokenizedPair("c", [30, 31, 32], [2], [33, 34, 2]),
+    ]
     batch = collate(pairs, pad_id=2)
     results = {}
     for shared in (False, True):
@@ -68,17 +71,31 @@ def test_shared_prompt_over_a_sliding_window_cache_equals_the_full_rows(window, 
     from transformers import MistralConfig, MistralForCausalLM
 
     torch.manual_seed(0)
-    config = MistralConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                           num_attention_heads=4, num_key_value_heads=2, sliding_window=window,
-                           max_position_embeddings=128, pad_token_id=2, eos_token_id=2)
+    config = MistralConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        sliding_window=window,
+        max_position_embeddings=128,
+        pad_token_id=2,
+        eos_token_id=2,
+    )
     model = MistralForCausalLM(config)
     model.config._attn_implementation = "sdpa"
     cache = getattr(model(input_ids=torch.tensor([[5, 6, 7, 8, 9]]), use_cache=True), cache_argument(model))
     assert {type(layer).__name__ for layer in cache.layers} == {"DynamicSlidingWindowLayer"} and copyable(cache)
     passes = record_passes(monkeypatch)
-    batch = collate([TokenizedPair("a", [5, 6, 7, 8, 9], [10, 11, 12, 2], [13, 2]),
-                     TokenizedPair("b", [20, 21], [22, 2], [23, 24, 25, 26, 27, 2]),
-                     TokenizedPair("c", [30, 31, 32], [2], [33, 34, 2])], pad_id=2)
+    batch = collate(
+        [
+            TokenizedPair("a", [5, 6, 7, 8, 9], [10, 11, 12, 2], [13, 2]),
+            TokenizedPair("b", [20, 21], [22, 2], [23, 24, 25, 26, 27, 2]),
+            TokenizedPair("c", [30, 31, 32], [2], [33, 34, 2]),
+        ],
+        pad_id=2,
+    )
     results = {}
     for shared in (False, True):
         model.zero_grad()
@@ -152,13 +169,20 @@ def test_prompt_sharing_is_refused_aloud_without_a_cache_argument(tiny_model_dir
     assert prompt_sharing(llama, False) is None
 
 
-@pytest.mark.parametrize("setting, ds_file, ranks, shared", [
-    ("auto", "zero2.json", 1, True), ("auto", "zero2.json", 4, True),
-    ("auto", "zero3.json", 1, True),   # one rank: ZeRO-3's gathers are local copies
-    ("auto", "zero3.json", 2, False),  # each pass would all-gather and reduce-scatter again
-    (True, "zero3.json", 2, True), (False, "zero2.json", 1, False)])
-def test_prompt_sharing_auto_is_off_where_zero3_fetches_the_weights_per_pass(monkeypatch, setting, ds_file,
-                                                                            ranks, shared):
+@pytest.mark.parametrize(
+    "setting, ds_file, ranks, shared",
+    [
+        ("auto", "zero2.json", 1, True),
+        ("auto", "zero2.json", 4, True),
+        ("auto", "zero3.json", 1, True),  # one rank: ZeRO-3's gathers are local copies
+        ("auto", "zero3.json", 2, False),  # each pass would all-gather and reduce-scatter again
+        (True, "zero3.json", 2, True),
+        (False, "zero2.json", 1, False),
+    ],
+)
+def test_prompt_sharing_auto_is_off_where_zero3_fetches_the_weights_per_pass(
+    monkeypatch, setting, ds_file, ranks, shared
+):
     import deepspeed.comm
 
     monkeypatch.setattr(deepspeed.comm, "is_initialized", lambda: True)

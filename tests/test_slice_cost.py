@@ -1,12 +1,21 @@
 """The byte model of the embedding slice's paths (plot_ds/slice_cost.py), by hand computation. Its
 agreement with the bytes real ranks count is tested in test_embedding_slice (and measured at 2, 4
 and 8 ranks by bench/slice_scaling.py)."""
+
 import pytest
 import torch
 
-from plot_ds.slice_cost import (SliceShape, all_gather_received, all_reduce_received, all_to_all_bytes,
-                                allreduce_rows_bytes, cheaper_path, full_gather_bytes, hot_rows_received,
-                                hot_threshold)
+from plot_ds.slice_cost import (
+    SliceShape,
+    all_gather_received,
+    all_reduce_received,
+    all_to_all_bytes,
+    allreduce_rows_bytes,
+    cheaper_path,
+    full_gather_bytes,
+    hot_rows_received,
+    hot_threshold,
+)
 
 
 def test_ring_collectives_receive_what_a_ring_moves():
@@ -32,7 +41,9 @@ def test_the_cheaper_path_moves_from_allreduce_to_all_to_all_as_ranks_grow():
     # all_to_all is flat in R (but for the split counts); allreduce grows linearly
     small, large = (all_to_all_bytes(SliceShape(ranks=r, **shape)) for r in (64, 4096))
     assert large < 1.05 * small
-    assert allreduce_rows_bytes(SliceShape(ranks=4096, **shape)) > 50 * allreduce_rows_bytes(SliceShape(ranks=64, **shape))
+    assert allreduce_rows_bytes(SliceShape(ranks=4096, **shape)) > 50 * allreduce_rows_bytes(
+        SliceShape(ranks=64, **shape)
+    )
 
 
 def test_hot_rows_where_one_owner_would_send_many_copies_and_none_where_requests_spread():

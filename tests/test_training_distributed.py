@@ -1,4 +1,5 @@
 """Real ranks (torchrun, gloo, ZeRO-3 on CPU) through plot_ds.training.train_step."""
+
 import pytest
 import torch
 
@@ -18,12 +19,23 @@ def step_results(tiny_model_dir, zero3_test_config, tmp_path_factory):
     torchrun(1, worker, tiny_model_dir, zero3_test_config, out / "one", "8x1", reference, output=out)
     torchrun(2, worker, tiny_model_dir, zero3_test_config, out / "two", ",".join(SPLITS), reference, output=out)
     load = lambda p: torch.load(p, weights_only=True)
-    return {"one": load(out / "one.rank0"),
-            "two": [load(out / "two.rank0"), load(out / "two.rank1")]}
+    return {"one": load(out / "one.rank0"), "two": [load(out / "two.rank0"), load(out / "two.rank1")]}
 
 
-@pytest.mark.parametrize("objective", ["sft", "dpo", "dpo_shared_prompt", "aot", "aot_unpaired", "rpo",
-                                       "dpo_uneven", "aot_uneven", "dpo+plot_packed_shared_uneven"])
+@pytest.mark.parametrize(
+    "objective",
+    [
+        "sft",
+        "dpo",
+        "dpo_shared_prompt",
+        "aot",
+        "aot_unpaired",
+        "rpo",
+        "dpo_uneven",
+        "aot_uneven",
+        "dpo+plot_packed_shared_uneven",
+    ],
+)
 @pytest.mark.parametrize("split", SPLITS)
 def test_step_gradient_equals_one_process_run(step_results, objective, split):
     """1x4 and 2x2 accumulate (AOT's global table then comes from a forward before the first loss),
@@ -38,8 +50,13 @@ def test_step_gradient_equals_one_process_run(step_results, objective, split):
         assert two["grads"].keys() == single["grads"].keys()
         for name, grad in single["grads"].items():
             assert grad.abs().max() > 0, f"{name}: zero gradient, nothing was compared"
-            torch.testing.assert_close(two["grads"][name], grad, rtol=1e-4, atol=1e-5 * grad.abs().max().item(),
-                                       msg=lambda m: f"{objective} {split} {name}: {m}")
+            torch.testing.assert_close(
+                two["grads"][name],
+                grad,
+                rtol=1e-4,
+                atol=1e-5 * grad.abs().max().item(),
+                msg=lambda m: f"{objective} {split} {name}: {m}",
+            )
         # AOT's beta of 10 amplifies float32 rounding of the summed log-probs tenfold.
         rel = 1e-4 if objective.startswith("aot") else 1e-5
         assert two["metrics"]["loss/total"] == pytest.approx(single["metrics"]["loss/total"], rel=rel)
@@ -101,15 +118,20 @@ def test_shared_prompt_passes_give_the_full_rows_gradient(step_results):
             passes = shared["shared_passes"]
             assert len(passes) == 6 * accumulation
             for index, lengths in enumerate(shared["response_lengths"]):
-                reference, policy = passes[6 * index:6 * index + 3], passes[6 * index + 3:6 * index + 6]
+                reference, policy = passes[6 * index : 6 * index + 3], passes[6 * index + 3 : 6 * index + 6]
                 lengths = torch.tensor(lengths)
                 assert reference == policy and policy[0][0] == len(lengths) // 2  # one prompt row per pair
                 responses = policy[1:]
                 assert responses == [(len(group), int(lengths[group].max())) for group in response_groups(lengths)]
                 widths_differ |= responses[0][1] != responses[1][1]
             for name, grad in full["grads"].items():
-                torch.testing.assert_close(shared["grads"][name], grad, rtol=1e-4, atol=1e-5 * grad.abs().max().item(),
-                                           msg=lambda m: f"{split} {name}: {m}")
+                torch.testing.assert_close(
+                    shared["grads"][name],
+                    grad,
+                    rtol=1e-4,
+                    atol=1e-5 * grad.abs().max().item(),
+                    msg=lambda m: f"{split} {name}: {m}",
+                )
             assert shared["metrics"]["loss/total"] == pytest.approx(full["metrics"]["loss/total"], rel=1e-5)
     assert widths_differ  # the length split was not trivial
 
@@ -127,8 +149,13 @@ def test_decoder_layers_are_gathered_whole_and_give_the_same_gradients(step_resu
             assert leaves["leaf_modules"] == leaves["reference_leaf_modules"] == {"LlamaDecoderLayer": layers}
             assert per_submodule["leaf_modules"] == per_submodule["reference_leaf_modules"] == {}
             for name, grad in per_submodule["grads"].items():
-                torch.testing.assert_close(leaves["grads"][name], grad, rtol=1e-5, atol=1e-6 * grad.abs().max().item(),
-                                           msg=lambda m: f"{split} {name}: {m}")
+                torch.testing.assert_close(
+                    leaves["grads"][name],
+                    grad,
+                    rtol=1e-5,
+                    atol=1e-6 * grad.abs().max().item(),
+                    msg=lambda m: f"{split} {name}: {m}",
+                )
             assert leaves["metrics"]["loss/total"] == pytest.approx(per_submodule["metrics"]["loss/total"], rel=1e-6)
 
 
@@ -165,8 +192,13 @@ def test_plot_step_gradient_equals_one_process_run(step_results, variant, split)
     for rank_results in step_results["two"]:
         two = rank_results[f"{variant}:{split}"]
         for name, grad in single["grads"].items():
-            torch.testing.assert_close(two["grads"][name], grad, rtol=1e-4, atol=1e-5 * grad.abs().max().item(),
-                                       msg=lambda m: f"{variant} {split} {name}: {m}")
+            torch.testing.assert_close(
+                two["grads"][name],
+                grad,
+                rtol=1e-4,
+                atol=1e-5 * grad.abs().max().item(),
+                msg=lambda m: f"{variant} {split} {name}: {m}",
+            )
         for metric in ("loss/total", "loss/plot", "plot/w_chosen", "plot/w_rejected"):
             assert two["metrics"][metric] == pytest.approx(single["metrics"][metric], rel=1e-5, abs=1e-7)
 
@@ -184,15 +216,20 @@ def test_packed_step_equals_the_padded_one_at_1_and_2_ranks(step_results, varian
         # Per micro-batch the reference's pass, then the policy's.
         assert len(got["packed_passes"]) == 2 * micro_batches and got["shared_passes"] == []
         for index, tokens in enumerate(got["input_tokens"]):
-            for (shape, mask) in got["packed_passes"][2 * index:2 * index + 2]:
+            for shape, mask in got["packed_passes"][2 * index : 2 * index + 2]:
                 assert shape[0] == 1
                 if variant == "dpo+plot_packed":
                     assert shape[1] == tokens and mask is None
                 else:  # each prompt once: fewer tokens than the rows hold
                     assert shape[1] < tokens and mask == (1, 1, shape[1], shape[1])
         for name, grad in padded["grads"].items():
-            torch.testing.assert_close(got["grads"][name], grad, rtol=1e-4, atol=1e-5 * grad.abs().max().item(),
-                                       msg=lambda m: f"{variant} {where} {split} {name}: {m}")
+            torch.testing.assert_close(
+                got["grads"][name],
+                grad,
+                rtol=1e-4,
+                atol=1e-5 * grad.abs().max().item(),
+                msg=lambda m: f"{variant} {where} {split} {name}: {m}",
+            )
         for metric in ("loss/total", "loss/plot", "loss/dpo", "plot/w_chosen", "plot/w_rejected"):
             assert got["metrics"][metric] == pytest.approx(padded["metrics"][metric], rel=1e-5, abs=1e-7)
 
@@ -206,7 +243,9 @@ def test_lora_trains_only_the_adapters_against_the_base(step_results):
     assert all(grad.abs().max() > 0 for grad in single["grads"].values())
     assert any("lora_A" in name for name in single["grads"]) and any("lora_B" in name for name in single["grads"])
     assert single["metrics"]["plot/w_chosen"] > 0
-    assert single["metrics"]["rewards/margins"] != 0 and single["metrics"]["loss/dpo"] != pytest.approx(0.6931, abs=1e-4)
+    assert single["metrics"]["rewards/margins"] != 0 and single["metrics"]["loss/dpo"] != pytest.approx(
+        0.6931, abs=1e-4
+    )
 
 
 def test_sliced_and_full_gather_paths_agree(step_results):
@@ -236,8 +275,18 @@ def many_rank_plot_results(tiny_model_dir, zero3_test_config, tmp_path_factory):
     variants = "dpo+plot,dpo+plot_all_to_all"
     results = {}
     for ranks, split in ((4, "2x1"), (8, "1x1")):
-        torchrun(ranks, WORKERS / "step_gradients.py", tiny_model_dir, zero3_test_config, out / f"r{ranks}", split,
-                 tiny_model_dir, variants, timeout=1200, output=out)
+        torchrun(
+            ranks,
+            WORKERS / "step_gradients.py",
+            tiny_model_dir,
+            zero3_test_config,
+            out / f"r{ranks}",
+            split,
+            tiny_model_dir,
+            variants,
+            timeout=1200,
+            output=out,
+        )
         results[ranks] = (split, [torch.load(out / f"r{ranks}.rank{r}", weights_only=True) for r in range(ranks)])
     return results
 
@@ -260,6 +309,7 @@ def test_plot_step_at_4_and_8_ranks_equals_one_process(step_results, many_rank_p
 
 def test_slice_equals_rows_of_the_unpartitioned_matrix(step_results, tiny_model_dir):
     from safetensors.torch import load_file
+
     matrix = load_file(f"{tiny_model_dir}/model.safetensors")["model.embed_tokens.weight"]
     vocab, dim = matrix.shape
     for rank, rank_results in enumerate(step_results["two"]):
@@ -278,6 +328,7 @@ def test_slice_equals_rows_of_the_unpartitioned_matrix(step_results, tiny_model_
 
 def test_target_cosines_from_partial_dot_products(step_results, tiny_model_dir):
     from safetensors.torch import load_file
+
     matrix = load_file(f"{tiny_model_dir}/model.safetensors")["model.embed_tokens.weight"]
     unit = torch.nn.functional.normalize(matrix.float(), dim=-1)
     for rank_results in step_results["two"]:

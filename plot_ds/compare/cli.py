@@ -1,4 +1,5 @@
 """``plot-compare`` (also ``python -m plot_ds.compare``) and the evaluation step it launches."""
+
 from __future__ import annotations
 
 import argparse
@@ -33,11 +34,18 @@ def parse_args(argv: list[str]):
     parser.add_argument("--sweep", action="append", default=[])
     parser.add_argument("--baseline", default=None)
     parser.add_argument("--launcher", default=None, help="the command each run starts under (default: python)")
-    parser.add_argument("--discard-weights", action="store_true",
-                        help="delete each run's checkpoints and final model once it is evaluated")
+    parser.add_argument(
+        "--discard-weights",
+        action="store_true",
+        help="delete each run's checkpoints and final model once it is evaluated",
+    )
     parser.add_argument("--report-only", action="store_true", help="write the report of the runs evaluated so far")
-    parser.add_argument("--report", default="compare", metavar="NAME",
-                        help="the report's file names: NAME.md, NAME.json, NAME.png (default: compare)")
+    parser.add_argument(
+        "--report",
+        default="compare",
+        metavar="NAME",
+        help="the report's file names: NAME.md, NAME.json, NAME.png (default: compare)",
+    )
     known, rest = parser.parse_known_args(argv)
     return known, parse_overrides(rest)
 
@@ -76,17 +84,23 @@ def main(argv: list[str] | None = None) -> int:
 
     statuses = {}
     if not args.report_only:
-        print(f"[plot-compare] {len(grid.variants)} variant(s) x {len(grid.seeds)} seed(s) into {output.resolve()}; "
-              f"baseline {grid.baseline}; each run under: {' '.join(launcher)}", flush=True)
+        print(
+            f"[plot-compare] {len(grid.variants)} variant(s) x {len(grid.seeds)} seed(s) into {output.resolve()}; "
+            f"baseline {grid.baseline}; each run under: {' '.join(launcher)}",
+            flush=True,
+        )
         try:
-            statuses = run_grid(grid, output, launcher, keep_weights=not args.discard_weights,
-                                say=lambda line: print(line, flush=True))
+            statuses = run_grid(
+                grid, output, launcher, keep_weights=not args.discard_weights, say=lambda line: print(line, flush=True)
+            )
         except KeyboardInterrupt:
             print("[plot-compare] interrupted; the same command resumes the grid", file=sys.stderr)
             return 130
     write_report(grid, output, args.report)
-    print(f"[plot-compare] report: {(output / f'{args.report}.md').resolve()} "
-          f"(also {args.report}.json, {args.report}.png)")
+    print(
+        f"[plot-compare] report: {(output / f'{args.report}.md').resolve()} "
+        f"(also {args.report}.json, {args.report}.png)"
+    )
     print(f"[plot-compare] TensorBoard, every run overlaid: tensorboard --logdir {(output / 'runs').resolve()}")
     failed = [name for name, status in statuses.items() if status == "failed"]
     if failed:

@@ -1,5 +1,6 @@
 """compare.png: one bar chart per metric (mean over seeds, error bars one standard deviation, the
 starting model as a dashed line), and the training curves of every run overlaid."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -26,18 +27,29 @@ def draw(summary: dict, results: list, path: Path) -> None:
     for ax, metric in zip(axes, metrics):
         cells = [summary["variants"][n]["metrics"][metric.name] for n in names]
         means = [c["mean"] if c["mean"] is not None else 0.0 for c in cells]
-        ax.bar(range(len(names)), means, yerr=[c["std"] or 0.0 for c in cells], capsize=3,
-               color=[colours[n] for n in names])
+        ax.bar(
+            range(len(names)),
+            means,
+            yerr=[c["std"] or 0.0 for c in cells],
+            capsize=3,
+            color=[colours[n] for n in names],
+        )
         start = summary["start"].get(metric.name)
         if start is not None:
             ax.axhline(start, color="black", linestyle="--", linewidth=1, label="start")
         ax.set_title(metric.label, fontsize=9)
         ax.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=7)
-    for ax, curve in zip(axes[len(metrics):], CURVES):
+    for ax, curve in zip(axes[len(metrics) :], CURVES):
         for result in results:
             steps = [h["step"] for h in result.history if curve in h]
-            ax.plot(steps, [h[curve] for h in result.history if curve in h], color=colours[result.variant],
-                    alpha=0.7, linewidth=1, label=result.variant)
+            ax.plot(
+                steps,
+                [h[curve] for h in result.history if curve in h],
+                color=colours[result.variant],
+                alpha=0.7,
+                linewidth=1,
+                label=result.variant,
+            )
         handles, labels = ax.get_legend_handles_labels()
         unique = dict(zip(labels, handles))
         ax.legend(unique.values(), unique.keys(), fontsize=6)

@@ -14,6 +14,7 @@ A grid file (YAML)::
     sweeps:                        # more variants, one per value: dpo+plot[plot.alpha=0.3]
       dpo+plot: {plot.alpha: [0.3, 3]}
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -27,8 +28,14 @@ from ..config_values import read_yaml_file
 
 # What must be equal for two runs to be compared: the starting model, the data and its held-out
 # carve, the steps and the batch. A variant or sweep that changes one of these is refused.
-SHARED_KEYS = ("model.name_or_path", "model.revision", "data.*", "train.max_steps", "train.micro_batch_size",
-               "train.gradient_accumulation_steps")
+SHARED_KEYS = (
+    "model.name_or_path",
+    "model.revision",
+    "data.*",
+    "train.max_steps",
+    "train.micro_batch_size",
+    "train.gradient_accumulation_steps",
+)
 GRID_KEYS = {"config", "overrides", "seeds", "baseline", "variants", "sweeps"}
 
 # The paper's comparison: DPO and SFT with and without PLOT, and the plain NLL term at PLOT's weight.
@@ -54,7 +61,7 @@ class RunSpec:
 
 @dataclass
 class Grid:
-    base: str | None           # the base config file
+    base: str | None  # the base config file
     overrides: dict[str, Any]  # for every run
     variants: dict[str, dict]
     seeds: list[int]
@@ -63,8 +70,11 @@ class Grid:
     def runs(self) -> list[RunSpec]:
         """Seed-major: the first seed of every variant finishes before the second starts, so an
         interrupted grid already compares every variant."""
-        return [RunSpec(variant, seed, {**self.overrides, **overrides, "train.seed": seed})
-                for seed in self.seeds for variant, overrides in self.variants.items()]
+        return [
+            RunSpec(variant, seed, {**self.overrides, **overrides, "train.seed": seed})
+            for seed in self.seeds
+            for variant, overrides in self.variants.items()
+        ]
 
     def config_of(self, spec: RunSpec, output_dir: Path) -> Config:
         return load_config(self.base, {**spec.overrides, "train.output_dir": str(output_dir)})
@@ -102,14 +112,22 @@ def _read_grid_file(path: Path) -> dict:
     tree = read_yaml_file(path, "grid file")
     if not isinstance(tree, dict) or set(tree) - GRID_KEYS:
         unknown = sorted(set(tree) - GRID_KEYS) if isinstance(tree, dict) else ["(not a mapping)"]
-        raise ConfigError(f"{path}: unknown grid key(s) {', '.join(map(str, unknown))}; "
-                          f"a grid file has {', '.join(sorted(GRID_KEYS))}")
+        raise ConfigError(
+            f"{path}: unknown grid key(s) {', '.join(map(str, unknown))}; "
+            f"a grid file has {', '.join(sorted(GRID_KEYS))}"
+        )
     return tree
 
 
-def build_grid(grid_file: str | Path | None = None, base: str | None = None, overrides: dict | None = None,
-               seeds: list[int] | None = None, only: list[str] | None = None, sweeps: list[str] = (),
-               baseline: str | None = None) -> Grid:
+def build_grid(
+    grid_file: str | Path | None = None,
+    base: str | None = None,
+    overrides: dict | None = None,
+    seeds: list[int] | None = None,
+    only: list[str] | None = None,
+    sweeps: list[str] = (),
+    baseline: str | None = None,
+) -> Grid:
     """The grid of a grid file (default: the standard variants on the default config), with the
     command line's base config, overrides, seeds, variant selection and sweeps on top; every run
     validated and the whole grid checked comparable."""
@@ -130,16 +148,20 @@ def build_grid(grid_file: str | Path | None = None, base: str | None = None, ove
     baseline = baseline or tree.get("baseline") or next(iter(variants))
     if baseline not in variants:
         raise ConfigError(f"baseline '{baseline}' is not a variant of the grid (variants: {', '.join(variants)})")
-    grid = Grid(base, {**(tree.get("overrides") or {}), **(overrides or {})}, variants,
-                [int(s) for s in (seeds or tree.get("seeds") or [1])], baseline)
+    grid = Grid(
+        base,
+        {**(tree.get("overrides") or {}), **(overrides or {})},
+        variants,
+        [int(s) for s in (seeds or tree.get("seeds") or [1])],
+        baseline,
+    )
     check_comparable(grid)
     return grid
 
 
 def _shared_values(config: Config) -> dict[str, Any]:
     flat = {f"{section}.{key}": value for section, values in config.to_dict().items() for key, value in values.items()}
-    return {key: value for key, value in flat.items()
-            if key in SHARED_KEYS or f"{key.split('.')[0]}.*" in SHARED_KEYS}
+    return {key: value for key, value in flat.items() if key in SHARED_KEYS or f"{key.split('.')[0]}.*" in SHARED_KEYS}
 
 
 def check_comparable(grid: Grid) -> None:
@@ -161,7 +183,8 @@ def check_comparable(grid: Grid) -> None:
             raise ConfigError(
                 f"variants '{shared[0]}' and '{spec.variant}' differ in {', '.join(differing)} "
                 f"({shared[1][key]!r} vs {values[key]!r}): runs that differ in model, data, held-out pairs, steps "
-                "or batch are not comparable; set these in the grid's overrides, for every run")
+                "or batch are not comparable; set these in the grid's overrides, for every run"
+            )
 
 
 def differences(saved: dict, wanted: dict) -> list[str]:

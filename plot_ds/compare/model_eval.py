@@ -15,6 +15,7 @@ Per generation (greedy, the first eval.generations held-out prompts, the same fo
   tokens under the starting model), answer_correct (where the pair has a reference answer), reward
   (with eval.reward_model).
 """
+
 from __future__ import annotations
 
 import json
@@ -37,17 +38,18 @@ from ..run import indexed_batch
 from .text_metrics import distinct_n, repeated_ngram_share
 
 
-def kl_per_row(logits: torch.Tensor, start_logits: torch.Tensor, rows: torch.Tensor, n_rows: int,
-               chunk: int = 256) -> torch.Tensor:
+def kl_per_row(
+    logits: torch.Tensor, start_logits: torch.Tensor, rows: torch.Tensor, n_rows: int, chunk: int = 256
+) -> torch.Tensor:
     """Per row: the sum over its positions of KL(softmax(logits) || softmax(start_logits)), float32,
     a chunk of positions at a time."""
     sums = torch.zeros(n_rows, dtype=torch.float32, device=logits.device)
     for begin in range(0, logits.shape[0], chunk):
-        log_p = torch.log_softmax(logits[begin:begin + chunk].float(), dim=-1)
-        log_q = torch.log_softmax(start_logits[begin:begin + chunk].float(), dim=-1)
+        log_p = torch.log_softmax(logits[begin : begin + chunk].float(), dim=-1)
+        log_q = torch.log_softmax(start_logits[begin : begin + chunk].float(), dim=-1)
         # Non-negative in exact arithmetic; float32 rounding can leave identical rows at -1e-8.
         kl = (log_p.exp() * (log_p - log_q)).sum(-1).clamp_min(0.0)
-        sums.index_add_(0, rows[begin:begin + chunk], kl)
+        sums.index_add_(0, rows[begin : begin + chunk], kl)
     return sums
 
 
@@ -65,13 +67,21 @@ def pair_records(batch: dict, model_out, start_out, beta: float) -> list[dict]:
         start_chosen, start_rejected = float(s.chosen[i]), float(s.rejected[i])
         normalised = chosen / chosen_tokens - rejected / rejected_tokens
         margin = beta * ((chosen - start_chosen) - (rejected - start_rejected))
-        records.append({
-            "id": pair_id, "chosen_logp": chosen, "rejected_logp": rejected, "chosen_tokens": chosen_tokens,
-            "rejected_tokens": rejected_tokens,
-            "preference_accuracy": 1.0 if normalised > 0 else 0.5 if normalised == 0 else 0.0,
-            "reward_accuracy": float(margin > 0), "reward_margin": margin,
-            "chosen_nll": -chosen / chosen_tokens, "chosen_nll_change": (start_chosen - chosen) / chosen_tokens,
-            "kl_to_start": float(kl[i]) / chosen_tokens})
+        records.append(
+            {
+                "id": pair_id,
+                "chosen_logp": chosen,
+                "rejected_logp": rejected,
+                "chosen_tokens": chosen_tokens,
+                "rejected_tokens": rejected_tokens,
+                "preference_accuracy": 1.0 if normalised > 0 else 0.5 if normalised == 0 else 0.0,
+                "reward_accuracy": float(margin > 0),
+                "reward_margin": margin,
+                "chosen_nll": -chosen / chosen_tokens,
+                "chosen_nll_change": (start_chosen - chosen) / chosen_tokens,
+                "kl_to_start": float(kl[i]) / chosen_tokens,
+            }
+        )
     return records
 
 
@@ -79,15 +89,19 @@ WITH_LOGITS = ForwardNeeds(policy_logits=True)  # the KL to the start reads ever
 
 
 @torch.no_grad()
-def held_out_records(model, model_layout, start, start_layout, examples, batch_size, pad_id, beta,
-                     rank, world_size) -> list[dict]:
+def held_out_records(
+    model, model_layout, start, start_layout, examples, batch_size, pad_id, beta, rank, world_size
+) -> list[dict]:
     """Per-pair records of every held-out pair, computed in shards and gathered on every rank."""
     mine = []
     for indices in eval_shards(len(examples), batch_size, rank, world_size):
         batch = indexed_batch(examples, indices, pad_id)
         model_out = forward_micro_batch(PairModels(model, model_layout), batch, WITH_LOGITS).policy
-        start_out = model_out if start is model else forward_micro_batch(PairModels(start, start_layout), batch,
-                                                                         WITH_LOGITS).policy
+        start_out = (
+            model_out
+            if start is model
+            else forward_micro_batch(PairModels(start, start_layout), batch, WITH_LOGITS).policy
+        )
         mine.extend(pair_records(batch, model_out, start_out, beta))
     return gathered_in_order(mine, [ex.id for ex in examples], world_size)
 
@@ -106,13 +120,17 @@ def gathered_in_order(mine: list[dict], ids: list[str], world_size: int) -> list
 @torch.no_grad()
 def start_perplexities(start, examples, generations, batch_size, pad_id, rank, world_size) -> list[float | None]:
     """exp(mean NLL) of each generation's tokens given its prompt, under the starting model."""
-    scored = [TokenizedPair(ex.id, ex.prompt_ids, tokens, tokens) for ex, tokens in zip(examples, generations) if tokens]
+    scored = [
+        TokenizedPair(ex.id, ex.prompt_ids, tokens, tokens) for ex, tokens in zip(examples, generations) if tokens
+    ]
     mine = []
     for indices in eval_shards(len(scored), batch_size, rank, world_size) if scored else []:
         batch = indexed_batch(scored, indices, pad_id)
         logps = forward_micro_batch(PairModels(start), batch, ForwardNeeds()).policy.logps
-        mine.extend({"id": pair_id, "value": float(torch.exp(-logps.chosen[i] / logps.chosen_tokens[i]))}
-                    for i, pair_id in enumerate(batch.pair_ids))
+        mine.extend(
+            {"id": pair_id, "value": float(torch.exp(-logps.chosen[i] / logps.chosen_tokens[i]))}
+            for i, pair_id in enumerate(batch.pair_ids)
+        )
     values = {r["id"]: r["value"] for r in gathered_in_order(mine, [p.id for p in scored], world_size)}
     return [values.get(ex.id) for ex in examples]
 
@@ -134,13 +152,16 @@ def reward_scores(reward_model, prompts: list[str], texts: list[str]) -> list[fl
     """The scalar reward (first logit) of each prompt + generation, one text at a time so that no
     padding convention matters."""
     tokenizer, model = reward_model
-    return [float(model(**tokenizer(prompt + text, return_tensors="pt", truncation=True).to(model.device)).logits[0, 0])
-            for prompt, text in zip(prompts, texts)]
+    return [
+        float(model(**tokenizer(prompt + text, return_tensors="pt", truncation=True).to(model.device)).logits[0, 0])
+        for prompt, text in zip(prompts, texts)
+    ]
 
 
-def generation_records(model, start, tokenizer, examples, config: Config, rank, world_size,
-                       reward_model=None) -> list[dict]:
-    shown = examples[:config.eval.generations]
+def generation_records(
+    model, start, tokenizer, examples, config: Config, rank, world_size, reward_model=None
+) -> list[dict]:
+    shown = examples[: config.eval.generations]
     if not shown:
         return []
     size, pad_id = config.train.eval_batch_size, tokenizer.pad_token_id
@@ -149,10 +170,16 @@ def generation_records(model, start, tokenizer, examples, config: Config, rank, 
     records = []
     for example, tokens, perplexity in zip(shown, outputs, perplexities):
         text = tokenizer.decode(tokens, skip_special_tokens=True)
-        record = {"id": example.id, "prompt": tokenizer.decode(example.prompt_ids, skip_special_tokens=True),
-                  "generation": text, "length": float(len(tokens)), "distinct_1": distinct_n(text, 1),
-                  "distinct_2": distinct_n(text, 2), "repeated_4gram_share": repeated_ngram_share(text, 4),
-                  "start_perplexity": perplexity}
+        record = {
+            "id": example.id,
+            "prompt": tokenizer.decode(example.prompt_ids, skip_special_tokens=True),
+            "generation": text,
+            "length": float(len(tokens)),
+            "distinct_1": distinct_n(text, 1),
+            "distinct_2": distinct_n(text, 2),
+            "repeated_4gram_share": repeated_ngram_share(text, 4),
+            "start_perplexity": perplexity,
+        }
         if example.answer:
             record["answer_correct"] = float(answer_matches(text, example.answer))
         records.append(record)
@@ -172,19 +199,41 @@ def evaluate_against_start(config: Config, model_path: str, start_path: str, out
     _, examples, _ = prepare_datasets(config.data, tokenizer, preparer=dist.local_rank == 0, sync=barrier)
     if not examples:
         from ..data import DataError
+
         raise DataError("no held-out pairs to compare on: set data.eval_size (or data.eval_source/eval_split)")
-    reward_model = load_reward_model(config.eval.reward_model, config.model.trust_remote_code) \
-        if config.eval.reward_model and dist.is_main else None
+    reward_model = (
+        load_reward_model(config.eval.reward_model, config.model.trust_remote_code)
+        if config.eval.reward_model and dist.is_main
+        else None
+    )
     model, model_layout = build_frozen_engine(config, ds_config, model_path)
-    start, start_layout = (model, model_layout) if model_path == start_path else \
-        build_frozen_engine(config, ds_config, start_path)
-    pairs = held_out_records(model, model_layout, start, start_layout, examples, config.train.eval_batch_size,
-                             tokenizer.pad_token_id, config.objective.beta, dist.rank, dist.world_size)
-    generations = generation_records(model, start, tokenizer, examples, config, dist.rank, dist.world_size,
-                                     reward_model)
-    report = {"model": str(model_path), "start_model": str(start_path), "objective": config.objective.label,
-              "plot": config.plot.active, "held_out_ids": [ex.id for ex in examples], "pairs": pairs,
-              "generations": generations}
+    start, start_layout = (
+        (model, model_layout) if model_path == start_path else build_frozen_engine(config, ds_config, start_path)
+    )
+    pairs = held_out_records(
+        model,
+        model_layout,
+        start,
+        start_layout,
+        examples,
+        config.train.eval_batch_size,
+        tokenizer.pad_token_id,
+        config.objective.beta,
+        dist.rank,
+        dist.world_size,
+    )
+    generations = generation_records(
+        model, start, tokenizer, examples, config, dist.rank, dist.world_size, reward_model
+    )
+    report = {
+        "model": str(model_path),
+        "start_model": str(start_path),
+        "objective": config.objective.label,
+        "plot": config.plot.active,
+        "held_out_ids": [ex.id for ex in examples],
+        "pairs": pairs,
+        "generations": generations,
+    }
     if dist.is_main:
         write_text_atomically(Path(output), json.dumps(report, indent=2))
     return report

@@ -1,6 +1,7 @@
 """The comparison's results: every evaluated run read back, checked comparable (the same held-out
 pairs and prompts), summarised (``stats``) and written as compare.json, compare.md and compare.png.
 """
+
 from __future__ import annotations
 
 import json
@@ -12,8 +13,17 @@ from ..atomic import write_text_atomically
 from ..config import ConfigError
 from .grid import Grid
 from .runner import run_directory
-from .stats import (METRICS, bootstrap_interval, finite, item_values, mean_and_spread, paired_differences, run_value,
-                    shown_metrics, win_rates)
+from .stats import (
+    METRICS,
+    bootstrap_interval,
+    finite,
+    item_values,
+    mean_and_spread,
+    paired_differences,
+    run_value,
+    shown_metrics,
+    win_rates,
+)
 
 
 @dataclass
@@ -70,10 +80,15 @@ def collect(grid: Grid, output: Path) -> tuple[dict | None, list[RunResult]]:
         if evaluation is None:
             continue
         if start is not None and evaluation["held_out_ids"] != start["held_out_ids"]:
-            raise ConfigError(f"{directory} was evaluated on other held-out pairs than the starting model: the runs "
-                              "are not comparable (were data settings changed between runs?)")
-        history = [json.loads(line) for line in (directory / "train_history.jsonl").read_text().splitlines()
-                   if line.strip()] if (directory / "train_history.jsonl").is_file() else []
+            raise ConfigError(
+                f"{directory} was evaluated on other held-out pairs than the starting model: the runs "
+                "are not comparable (were data settings changed between runs?)"
+            )
+        history = (
+            [json.loads(line) for line in (directory / "train_history.jsonl").read_text().splitlines() if line.strip()]
+            if (directory / "train_history.jsonl").is_file()
+            else []
+        )
         items = {**run_items(evaluation, start_rewards), **run_costs(directory, history)}
         results.append(RunResult(spec.variant, spec.seed, items, history))
     return start, results
@@ -102,14 +117,22 @@ def summarise(grid: Grid, start: dict | None, results: list[RunResult]) -> dict:
         for metric in METRICS:
             if metric.source == "run":
                 continue
-            differences = paired_differences({s: r.items.get(metric.name, {}) for s, r in runs.items()},
-                                             {s: r.items.get(metric.name, {}) for s, r in baseline_runs.items()})
+            differences = paired_differences(
+                {s: r.items.get(metric.name, {}) for s, r in runs.items()},
+                {s: r.items.get(metric.name, {}) for s, r in baseline_runs.items()},
+            )
             versus[variant][metric.name] = bootstrap_interval(differences)
-    return {"baseline": grid.baseline, "seeds": grid.seeds,
-            "metrics": [{"name": m.name, "label": m.label, "higher_is_better": m.higher_is_better, "source": m.source}
-                        for m in METRICS],
-            "start": {m.name: run_value(start_items.get(m.name, {})) for m in METRICS if m.source != "run"},
-            "variants": variants, "versus_baseline": versus}
+    return {
+        "baseline": grid.baseline,
+        "seeds": grid.seeds,
+        "metrics": [
+            {"name": m.name, "label": m.label, "higher_is_better": m.higher_is_better, "source": m.source}
+            for m in METRICS
+        ],
+        "start": {m.name: run_value(start_items.get(m.name, {})) for m in METRICS if m.source != "run"},
+        "variants": variants,
+        "versus_baseline": versus,
+    }
 
 
 def _number(value: float | None, digits: int = 3) -> str:
@@ -132,8 +155,12 @@ def markdown(summary: dict) -> str:
         rows.append(f"| {variant} | {len(values['seeds'])} | " + " | ".join(cells) + " |")
     lines = ["## Mean ± standard deviation over seeds", "", *rows, ""]
     paired = [m for m in metrics if m.source != "run"]
-    lines += [f"## Paired difference from {summary['baseline']} over held-out items (95% bootstrap interval)", "",
-              "| variant | " + " | ".join(m.label for m in paired) + " |", "|" + " --- |" * (len(paired) + 1)]
+    lines += [
+        f"## Paired difference from {summary['baseline']} over held-out items (95% bootstrap interval)",
+        "",
+        "| variant | " + " | ".join(m.label for m in paired) + " |",
+        "|" + " --- |" * (len(paired) + 1),
+    ]
     for variant, values in summary["versus_baseline"].items():
         cells = []
         for m in paired:

@@ -7,6 +7,7 @@ refuses a run directory whose saved settings differ from what the grid now asks 
     <output>/runs/<variant>/seed<k>/          grid_run.yaml, train.log, the run's own files,
                                               compare_eval.json, compare_run.json
 """
+
 from __future__ import annotations
 
 import json
@@ -53,8 +54,10 @@ class PlannedRun:
 
     @property
     def trained(self) -> bool:
-        return self.spec is None or ((self.directory / "final_model" / "config.json").is_file()
-                                     and (self.directory / "eval_results.json").is_file())
+        return self.spec is None or (
+            (self.directory / "final_model" / "config.json").is_file()
+            and (self.directory / "eval_results.json").is_file()
+        )
 
 
 def plan(grid: Grid, output: Path) -> list[PlannedRun]:
@@ -69,9 +72,11 @@ def plan(grid: Grid, output: Path) -> list[PlannedRun]:
         if saved.is_file():
             changed = differences(yaml.safe_load(saved.read_text()) or {}, run.config.to_dict())
             if changed:
-                raise ConfigError(f"{run.directory} holds a run of other settings ({'; '.join(changed[:3])}"
-                                  f"{'; ...' if len(changed) > 3 else ''}): it would not be comparable. Use "
-                                  "another --output, or delete that directory to retrain it")
+                raise ConfigError(
+                    f"{run.directory} holds a run of other settings ({'; '.join(changed[:3])}"
+                    f"{'; ...' if len(changed) > 3 else ''}): it would not be comparable. Use "
+                    "another --output, or delete that directory to retrain it"
+                )
     return planned
 
 
@@ -146,18 +151,45 @@ def train_and_evaluate(run: PlannedRun, launcher: list[str], start_model: str, k
     launched = []
     if not run.trained:
         # The comparison generates once, in its own evaluation; the run's final evaluation need not.
-        training = launch([*launcher, str(ENTRY), "train", "--config", str(config_path), "--eval.generations", "0",
-                           "--eval.answer_samples", "0"], log)
+        training = launch(
+            [
+                *launcher,
+                str(ENTRY),
+                "train",
+                "--config",
+                str(config_path),
+                "--eval.generations",
+                "0",
+                "--eval.answer_samples",
+                "0",
+            ],
+            log,
+        )
         launched.append(training)
         if training.returncode == EXIT_PREEMPTED:
             raise KeyboardInterrupt
         if training.returncode != 0:
-            return (f"FAILED: training exited {training.returncode} after {training.seconds:.0f} s"
-                    f"{_user_error(log)} (log: {log})")
+            return (
+                f"FAILED: training exited {training.returncode} after {training.seconds:.0f} s"
+                f"{_user_error(log)} (log: {log})"
+            )
         _record(run, train_seconds=training.seconds, train_peak_rss_mb=training.peak_rss_mb)
     model = start_model if run.spec is None else str(run.directory / "final_model")
-    evaluation = launch([*launcher, str(ENTRY), "compare-eval", model, "--config", str(config_path),
-                         "--start-model", start_model, "--output", str(run.evaluation)], log)
+    evaluation = launch(
+        [
+            *launcher,
+            str(ENTRY),
+            "compare-eval",
+            model,
+            "--config",
+            str(config_path),
+            "--start-model",
+            start_model,
+            "--output",
+            str(run.evaluation),
+        ],
+        log,
+    )
     launched.append(evaluation)
     if evaluation.returncode != 0 or not run.evaluation.is_file():
         return f"FAILED: evaluation exited {evaluation.returncode}{_user_error(log)} (log: {log})"
@@ -174,8 +206,13 @@ def _user_error(log: Path) -> str:
     return f": {lines[-1].strip()[:300]}" if lines else ""
 
 
-def run_grid(grid: Grid, output: Path, launcher: list[str] | None = None, keep_weights: bool = True,
-             say: Callable[[str], None] = print) -> dict[str, str]:
+def run_grid(
+    grid: Grid,
+    output: Path,
+    launcher: list[str] | None = None,
+    keep_weights: bool = True,
+    say: Callable[[str], None] = print,
+) -> dict[str, str]:
     """Train and evaluate every run of ``grid`` under ``output``; returns each run's status
     ("done", "skipped", or why it failed). A failed run is reported and the others go on."""
     launcher = launcher or [sys.executable]

@@ -6,6 +6,7 @@ A run's value of a metric is the mean over its items (items without a value, e.g
 short for a 4-gram, left out). The paired difference of an item is the variant's value minus the
 baseline's, averaged over the seeds both have; the bootstrap resamples items.
 """
+
 from __future__ import annotations
 
 import math
@@ -19,7 +20,7 @@ class Metric:
     name: str
     label: str
     higher_is_better: bool | None  # None: neither direction is better in itself
-    source: str                    # "pairs", "generations" or "run"
+    source: str  # "pairs", "generations" or "run"
 
 
 METRICS = (
@@ -86,8 +87,11 @@ def bootstrap_interval(differences: np.ndarray, samples: int = 2000, seed: int =
 
 def win_rates(rewards: dict[str, float], start_rewards: dict[str, float]) -> dict[str, float]:
     """Per prompt: 1 where the generation's reward beats the starting model's, 1/2 on a tie."""
-    return {item: 1.0 if r > start_rewards[item] else 0.5 if r == start_rewards[item] else 0.0
-            for item, r in rewards.items() if item in start_rewards}
+    return {
+        item: 1.0 if r > start_rewards[item] else 0.5 if r == start_rewards[item] else 0.0
+        for item, r in rewards.items()
+        if item in start_rewards
+    }
 
 
 def finite(value: float | None) -> bool:

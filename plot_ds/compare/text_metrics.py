@@ -1,10 +1,11 @@
 """Metrics of one generated text, the same for every model: word n-gram diversity and repetition.
 Words are whitespace-separated; a text too short for any n-gram has no value (None)."""
+
 from __future__ import annotations
 
 
 def ngrams(words: list[str], n: int) -> list[tuple[str, ...]]:
-    return [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+    return [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
 
 
 def distinct_n(text: str, n: int) -> float | None:

@@ -2,6 +2,7 @@
 
 ``prepare_datasets`` is the one entry point the trainer and ``plot-data`` use.
 """
+
 from __future__ import annotations
 
 import json
@@ -18,14 +19,32 @@ from .records import DataError, Defect, read_records
 from .sampler import GlobalBatchSampler, eval_shards
 from .tokenize import Renderer, TokenizedPair, cache_key, load_cache, save_cache, tokenize_pair
 
-__all__ = ["IGNORE_INDEX", "DataError", "DataReport", "Defect", "FieldNames", "GlobalBatchSampler", "Pair",
-           "TokenizedPair", "collate", "eval_shards", "example_counts", "load_pairs", "normalise", "prepare_datasets",
-           "split_pairs", "split_transcripts", "tokenize_pairs", "FORMATS"]
+__all__ = [
+    "IGNORE_INDEX",
+    "DataError",
+    "DataReport",
+    "Defect",
+    "FieldNames",
+    "GlobalBatchSampler",
+    "Pair",
+    "TokenizedPair",
+    "collate",
+    "eval_shards",
+    "example_counts",
+    "load_pairs",
+    "normalise",
+    "prepare_datasets",
+    "split_pairs",
+    "split_transcripts",
+    "tokenize_pairs",
+    "FORMATS",
+]
 
 
 @dataclass
 class DataReport:
     """What one split of a source held, what was used, and what was wrong with the rest."""
+
     name: str
     source: str
     records: int = 0
@@ -41,8 +60,10 @@ class DataReport:
     def summary(self) -> str:
         formats = ", ".join(f"{k} {v}" for k, v in sorted(self.formats.items())) or "none"
         origin = f"from {self.records} records of {self.source}" if self.records else f"({self.source})"
-        return (f"{self.name}: {self.pairs} pairs {origin} ({formats}); {len(self.defects)} skipped; "
-                f"truncated: {self.prompt_truncated} prompts, {self.response_truncated} pairs' responses")
+        return (
+            f"{self.name}: {self.pairs} pairs {origin} ({formats}); {len(self.defects)} skipped; "
+            f"truncated: {self.prompt_truncated} prompts, {self.response_truncated} pairs' responses"
+        )
 
     def histogram(self, bins: int = 8) -> list[tuple[int, int, int]]:
         if not self.lengths:
@@ -64,12 +85,17 @@ class DataReport:
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "source": self.source, "records": self.records, "pairs": self.pairs,
-                "formats": self.formats, "prompt_truncated": self.prompt_truncated,
-                "response_truncated": self.response_truncated,
-                "skipped": [{"location": d.location, "field": d.field, "problem": d.problem}
-                            for d in self.defects],
-                "histogram": [{"tokens": f"{lo}-{hi}", "pairs": n} for lo, hi, n in self.histogram()]}
+        return {
+            "name": self.name,
+            "source": self.source,
+            "records": self.records,
+            "pairs": self.pairs,
+            "formats": self.formats,
+            "prompt_truncated": self.prompt_truncated,
+            "response_truncated": self.response_truncated,
+            "skipped": [{"location": d.location, "field": d.field, "problem": d.problem} for d in self.defects],
+            "histogram": [{"tokens": f"{lo}-{hi}", "pairs": n} for lo, hi, n in self.histogram()],
+        }
 
 
 def field_names(data_config) -> FieldNames:
@@ -110,8 +136,7 @@ def split_pairs(pairs: list, eval_size: int, seed: int) -> tuple[list, list]:
             held_out.update(group)
         if len(held_out) == eval_size:
             break
-    return ([p for i, p in enumerate(pairs) if i not in held_out],
-            [p for i, p in enumerate(pairs) if i in held_out])
+    return ([p for i, p in enumerate(pairs) if i not in held_out], [p for i, p in enumerate(pairs) if i in held_out])
 
 
 NO_TEMPLATE = "none"  # data.chat_template: none renders explicit prompts as raw text
@@ -129,8 +154,9 @@ def _chat_template(data_config) -> str | None:
     return template
 
 
-def tokenize_pairs(tokenizer, pairs: list[Pair], max_length: int, max_prompt_length: int,
-                   chat_template: str | None = None) -> tuple[list[TokenizedPair], list[Defect]]:
+def tokenize_pairs(
+    tokenizer, pairs: list[Pair], max_length: int, max_prompt_length: int, chat_template: str | None = None
+) -> tuple[list[TokenizedPair], list[Defect]]:
     from tqdm.auto import tqdm
 
     renderer = Renderer(tokenizer, chat_template)
@@ -148,19 +174,22 @@ def _tokenize_cached(tokenizer, pairs, data_config, preparer: bool, sync) -> tup
     """Tokenise once per dataset version: the preparing rank writes the cache, the others read it.
     Returns the examples, the defects and the data fingerprint (the cache key)."""
     template = _chat_template(data_config)
-    settings = {"max_length": data_config.max_length, "max_prompt_length": data_config.max_prompt_length,
-                "chat_template": template}
+    settings = {
+        "max_length": data_config.max_length,
+        "max_prompt_length": data_config.max_prompt_length,
+        "chat_template": template,
+    }
     key = cache_key(pairs, tokenizer, settings)
     if not data_config.cache:
-        return (*tokenize_pairs(tokenizer, pairs, data_config.max_length, data_config.max_prompt_length,
-                                template), key)
+        return (*tokenize_pairs(tokenizer, pairs, data_config.max_length, data_config.max_prompt_length, template), key)
     root = Path(data_config.cache_dir) if data_config.cache_dir else default_cache_dir() / "tokenized"
     path = root / f"{key}.safetensors"
     failure = None
     if preparer and not path.is_file():
         try:
-            examples, defects = tokenize_pairs(tokenizer, pairs, data_config.max_length,
-                                               data_config.max_prompt_length, template)
+            examples, defects = tokenize_pairs(
+                tokenizer, pairs, data_config.max_length, data_config.max_prompt_length, template
+            )
             save_cache(path, examples, defects)
         except Exception as err:  # reach the barrier anyway, so that no rank waits forever
             failure = err
@@ -183,20 +212,26 @@ def prepare_datasets(data_config, tokenizer, preparer: bool = True, sync=lambda:
     train_report = DataReport("train", data_config.source, records=n_records, defects=defects)
     if data_config.eval_source or data_config.eval_split:
         eval_source = data_config.eval_source or data_config.source
-        eval_pairs, eval_defects, n_eval = load_pairs(eval_source, data_config,
-                                                      data_config.eval_split or data_config.split)
+        eval_pairs, eval_defects, n_eval = load_pairs(
+            eval_source, data_config, data_config.eval_split or data_config.split
+        )
         eval_report = DataReport("eval", eval_source, records=n_eval, defects=eval_defects)
         train_pairs = pairs
     else:
-        train_pairs, eval_pairs = split_pairs(pairs, data_config.eval_size, data_config.seed) \
-            if data_config.eval_size else (pairs, [])
-        short = f" (not {data_config.eval_size}: whole prompts did not add up to it)" \
-            if len(eval_pairs) != data_config.eval_size else ""
-        eval_report = DataReport("eval", f"{len(eval_pairs)} pairs held out of {data_config.source}, whole prompts{short}")
+        train_pairs, eval_pairs = (
+            split_pairs(pairs, data_config.eval_size, data_config.seed) if data_config.eval_size else (pairs, [])
+        )
+        short = (
+            f" (not {data_config.eval_size}: whole prompts did not add up to it)"
+            if len(eval_pairs) != data_config.eval_size
+            else ""
+        )
+        eval_report = DataReport(
+            "eval", f"{len(eval_pairs)} pairs held out of {data_config.source}, whole prompts{short}"
+        )
     results = []
     for report, split in ((train_report, train_pairs), (eval_report, eval_pairs)):
-        examples, tokenize_defects, report.fingerprint = _tokenize_cached(tokenizer, split, data_config,
-                                                                           preparer, sync)
+        examples, tokenize_defects, report.fingerprint = _tokenize_cached(tokenizer, split, data_config, preparer, sync)
         report.defects = report.defects + tokenize_defects
         report.pairs = len(examples)
         report.formats = dict(Counter(p.format for p in split))
@@ -208,8 +243,10 @@ def prepare_datasets(data_config, tokenizer, preparer: bool = True, sync=lambda:
     if bad and data_config.on_bad_record == "strict":
         listing = "\n".join(f"  {d}" for d in bad[:200])
         more = f"\n  ... and {len(bad) - 200} more" if len(bad) > 200 else ""
-        raise DataError(f"{len(bad)} bad record(s); nothing was trained (data.on_bad_record: strict). "
-                        f"Fix them, or set data.on_bad_record skip to leave them out:\n{listing}{more}")
+        raise DataError(
+            f"{len(bad)} bad record(s); nothing was trained (data.on_bad_record: strict). "
+            f"Fix them, or set data.on_bad_record skip to leave them out:\n{listing}{more}"
+        )
     if not results[0]:
         raise DataError(f"{data_config.source}: no valid training pairs")
     return results[0], results[1], [train_report, eval_report]

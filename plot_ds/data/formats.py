@@ -8,6 +8,7 @@
   conversations sharing their first messages.
 Field names are configurable (``data.prompt_field`` ...).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -125,12 +126,19 @@ def _conversational(record, names, where, defects):
     return prompt, chosen, rejected
 
 
-def normalise(where: str, record, names: FieldNames, format_option: str = "auto",
-              assistant_marker: str = "\n\nAssistant:") -> tuple[Pair | None, list[Defect]]:
+def normalise(
+    where: str, record, names: FieldNames, format_option: str = "auto", assistant_marker: str = "\n\nAssistant:"
+) -> tuple[Pair | None, list[Defect]]:
     defects: list[Defect] = []
     if not isinstance(record, dict):
-        return None, [Defect(where, None, f"expected an object with fields {names.prompt}, "
-                                          f"{names.chosen}, {names.rejected}; got {type(record).__name__}")]
+        return None, [
+            Defect(
+                where,
+                None,
+                f"expected an object with fields {names.prompt}, "
+                f"{names.chosen}, {names.rejected}; got {type(record).__name__}",
+            )
+        ]
     kind = detect_format(record, names) if format_option == "auto" else format_option
     if kind == "explicit":
         prompt = _string(record, names.prompt, where, defects, allow_empty=True)
@@ -144,11 +152,21 @@ def normalise(where: str, record, names: FieldNames, format_option: str = "auto"
         if not defects:
             parts = split_transcripts(chosen, rejected, assistant_marker)
             if parts is None:
-                defects.append(Defect(where, names.chosen, f"shares no prompt ending in {assistant_marker!r} "
-                                                           f"with rejected (implicit-prompt format)"))
+                defects.append(
+                    Defect(
+                        where,
+                        names.chosen,
+                        f"shares no prompt ending in {assistant_marker!r} with rejected (implicit-prompt format)",
+                    )
+                )
             elif not parts[1].strip() or not parts[2].strip():
-                defects.append(Defect(where, names.chosen if not parts[1].strip() else names.rejected,
-                                      "has an empty response after the shared prompt"))
+                defects.append(
+                    Defect(
+                        where,
+                        names.chosen if not parts[1].strip() else names.rejected,
+                        "has an empty response after the shared prompt",
+                    )
+                )
                 parts = None
     else:
         parts = _conversational(record, names, where, defects)

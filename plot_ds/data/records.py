@@ -4,6 +4,7 @@ A record is (location, dict): the location names the file and line (or index) so
 report can point at it. File-level problems (unreadable file, bad JSON line, undecodable bytes)
 are returned as defects, not raised, so that the validation policy decides.
 """
+
 from __future__ import annotations
 
 import csv
@@ -22,6 +23,7 @@ FILE_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".parquet", ".csv",
 
 class DataError(UserError, ValueError):
     """Bad input data; the message names the file, the record and the field."""
+
     kind = "data"
 
 
@@ -93,7 +95,7 @@ def _read_json(path: Path, records: list, defects: list) -> None:
     if isinstance(loaded, dict) and isinstance(loaded.get("data"), list):
         loaded = loaded["data"]
     if not isinstance(loaded, list):
-        defects.append(Defect(str(path), None, "expected a JSON list of records (or {\"data\": [...]})"))
+        defects.append(Defect(str(path), None, 'expected a JSON list of records (or {"data": [...]})'))
         return
     records.extend((f"{path}[{i}]", record) for i, record in enumerate(loaded))
 
@@ -114,8 +116,15 @@ def _read_parquet(path: Path, records: list, defects: list) -> None:
     records.extend((f"{path}[{i}]", row) for i, row in enumerate(table.to_pylist()))
 
 
-READERS = {".jsonl": _read_jsonl, ".jsonl.gz": _read_jsonl, ".json": _read_json, ".json.gz": _read_json,
-           ".csv": _read_csv, ".csv.gz": _read_csv, ".parquet": _read_parquet}
+READERS = {
+    ".jsonl": _read_jsonl,
+    ".jsonl.gz": _read_jsonl,
+    ".json": _read_json,
+    ".json.gz": _read_json,
+    ".csv": _read_csv,
+    ".csv.gz": _read_csv,
+    ".parquet": _read_parquet,
+}
 
 
 def _read_file(path: Path, records: list, defects: list) -> None:
@@ -140,8 +149,9 @@ def _read_datasets(dataset, name: str, split: str, records: list) -> None:
 
     if isinstance(dataset, DatasetDict):
         if split not in dataset:
-            raise DataError(f"{name}: no split '{split}' (it has {', '.join(dataset)}); set data.split "
-                            f"or data.eval_split")
+            raise DataError(
+                f"{name}: no split '{split}' (it has {', '.join(dataset)}); set data.split or data.eval_split"
+            )
         dataset = dataset[split]
     records.extend((f"{name}[{split}][{i}]", row) for i, row in enumerate(dataset))
 
@@ -152,7 +162,7 @@ def read_records(source: str, split: str = "train") -> tuple[list[tuple[str, obj
     records: list[tuple[str, object]] = []
     defects: list[Defect] = []
     if source.startswith(BUILTIN_PREFIX):
-        name = source[len(BUILTIN_PREFIX):]
+        name = source[len(BUILTIN_PREFIX) :]
         if name not in BUILTIN_DATASETS:
             raise DataError(f"unknown built-in dataset '{name}'; known: {', '.join(BUILTIN_DATASETS)}")
         return [(f"champ:{pair['id']}", pair) for pair in champ_pairs()], defects
@@ -160,12 +170,12 @@ def read_records(source: str, split: str = "train") -> tuple[list[tuple[str, obj
     if path.is_dir():
         if _is_saved_dataset(path):
             from datasets import load_from_disk
+
             _read_datasets(load_from_disk(str(path)), str(path), split, records)
             return records, defects
         files = sorted(p for p in path.iterdir() if p.is_file() and _suffix(p) in FILE_SUFFIXES)
         if not files:
-            raise DataError(f"{path}: a folder with no data files ({', '.join(FILE_SUFFIXES)}) and not a "
-                            f"saved dataset")
+            raise DataError(f"{path}: a folder with no data files ({', '.join(FILE_SUFFIXES)}) and not a saved dataset")
         for file in files:
             _read_file(file, records, defects)
         return records, defects
@@ -176,10 +186,13 @@ def read_records(source: str, split: str = "train") -> tuple[list[tuple[str, obj
         raise DataError(f"{source}: no such file or folder")
     try:  # a Hugging Face dataset name (needs network, or the local hub cache)
         from datasets import load_dataset
+
         dataset = load_dataset(source, split=split)
     except Exception as err:
-        raise DataError(f"{source}: not a local file or folder, and loading it as a Hugging Face dataset "
-                        f"failed ({type(err).__name__}: {err}). Offline? Save it with "
-                        f"datasets' save_to_disk and point data.source at that folder") from None
+        raise DataError(
+            f"{source}: not a local file or folder, and loading it as a Hugging Face dataset "
+            f"failed ({type(err).__name__}: {err}). Offline? Save it with "
+            f"datasets' save_to_disk and point data.source at that folder"
+        ) from None
     _read_datasets(dataset, source, split, records)
     return records, defects

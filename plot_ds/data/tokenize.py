@@ -5,6 +5,7 @@ Prompts keep their last ``max_prompt_length`` tokens, responses their first toke
 pairs' content, the tokenizer's fingerprint and the settings, in safetensors (no pickle), so a
 dataset version is tokenised once, not once per rank or per run.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -40,10 +41,19 @@ class TokenizedPair:
 def tokenizer_fingerprint(tokenizer) -> str:
     digest = hashlib.sha256()
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    digest.update(backend.to_str().encode() if backend is not None
-                  else json.dumps(tokenizer.get_vocab(), sort_keys=True).encode())
-    digest.update(json.dumps([type(tokenizer).__name__, tokenizer.bos_token_id, tokenizer.eos_token_id,
-                              getattr(tokenizer, "chat_template", None)]).encode())
+    digest.update(
+        backend.to_str().encode() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True).encode()
+    )
+    digest.update(
+        json.dumps(
+            [
+                type(tokenizer).__name__,
+                tokenizer.bos_token_id,
+                tokenizer.eos_token_id,
+                getattr(tokenizer, "chat_template", None),
+            ]
+        ).encode()
+    )
     return digest.hexdigest()
 
 
@@ -53,11 +63,14 @@ class Renderer:
     def __init__(self, tokenizer, chat_template: str | None = None):
         self.tokenizer = tokenizer
         # "none": no template at all, not even the tokenizer's (raw-text prompts, base models).
-        self.template = None if chat_template == "none" else (chat_template or getattr(tokenizer, "chat_template", None))
+        self.template = (
+            None if chat_template == "none" else (chat_template or getattr(tokenizer, "chat_template", None))
+        )
 
     def _template(self, messages, generation_prompt: bool) -> str:
-        return self.tokenizer.apply_chat_template(messages, chat_template=self.template, tokenize=False,
-                                                  add_generation_prompt=generation_prompt)
+        return self.tokenizer.apply_chat_template(
+            messages, chat_template=self.template, tokenize=False, add_generation_prompt=generation_prompt
+        )
 
     def render(self, pair: Pair) -> tuple[str, str, str, bool]:
         """Texts, and whether the responses already end with the end-of-turn token."""
@@ -69,21 +82,26 @@ class Renderer:
                 return prompt, pair.chosen, pair.rejected, False
             return pair.prompt, pair.chosen, pair.rejected, False
         if not self.template:
-            raise DataError(f"{pair.location}: conversational data needs a chat template, and the tokenizer "
-                            f"has none: set data.chat_template (a Jinja template or a file holding one)")
+            raise DataError(
+                f"{pair.location}: conversational data needs a chat template, and the tokenizer "
+                f"has none: set data.chat_template (a Jinja template or a file holding one)"
+            )
         prompt = self._template(pair.prompt, True)
         responses = []
         for messages in (pair.chosen, pair.rejected):
             full = self._template(pair.prompt + messages, False)
             if not full.startswith(prompt):
-                raise DataError(f"{pair.location}: the chat template renders the prompt differently with "
-                                f"and without the response; cannot separate the response tokens")
-            responses.append(full[len(prompt):].rstrip())
+                raise DataError(
+                    f"{pair.location}: the chat template renders the prompt differently with "
+                    f"and without the response; cannot separate the response tokens"
+                )
+            responses.append(full[len(prompt) :].rstrip())
         return prompt, responses[0], responses[1], True
 
 
-def tokenize_pair(tokenizer, renderer: Renderer, pair: Pair, max_length: int,
-                  max_prompt_length: int) -> tuple[TokenizedPair | None, Defect | None]:
+def tokenize_pair(
+    tokenizer, renderer: Renderer, pair: Pair, max_length: int, max_prompt_length: int
+) -> tuple[TokenizedPair | None, Defect | None]:
     prompt_text, chosen_text, rejected_text, templated = renderer.render(pair)
     encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]
     eos = tokenizer.eos_token_id
@@ -102,13 +120,17 @@ def tokenize_pair(tokenizer, renderer: Renderer, pair: Pair, max_length: int,
     response_truncated = any(len(ids) > room for ids in responses)
     chosen, rejected = (ids[:room] for ids in responses)
     if chosen == rejected:
-        return None, Defect(pair.location, "chosen/rejected", f"identical after truncation to "
-                                                              f"{max_length} tokens: raise data.max_length")
+        return None, Defect(
+            pair.location,
+            "chosen/rejected",
+            f"identical after truncation to {max_length} tokens: raise data.max_length",
+        )
     for name, ids in (("chosen", chosen), ("rejected", rejected)):
         if all(token == eos for token in ids):
             return None, Defect(pair.location, name, "is empty after tokenisation")
-    return TokenizedPair(pair.id, prompt_ids, chosen, rejected, prompt_truncated, response_truncated,
-                         reference_answer(pair)), None
+    return TokenizedPair(
+        pair.id, prompt_ids, chosen, rejected, prompt_truncated, response_truncated, reference_answer(pair)
+    ), None
 
 
 def reference_answer(pair: Pair) -> str | None:
@@ -116,17 +138,24 @@ def reference_answer(pair: Pair) -> str | None:
         return str(pair.extra["answer"])
     chosen = pair.chosen if isinstance(pair.chosen, str) else "\n".join(m["content"] for m in pair.chosen)
     marker = chosen.rfind("####")
-    tail = chosen[marker + 4:].strip() if marker >= 0 else ""
+    tail = chosen[marker + 4 :].strip() if marker >= 0 else ""
     return tail.splitlines()[0].strip() if tail else None
 
 
 def cache_key(pairs: list[Pair], tokenizer, settings: dict) -> str:
     digest = hashlib.sha256()
-    digest.update(json.dumps({"version": CACHE_VERSION, "settings": settings,
-                              "tokenizer": tokenizer_fingerprint(tokenizer)}, sort_keys=True).encode())
+    digest.update(
+        json.dumps(
+            {"version": CACHE_VERSION, "settings": settings, "tokenizer": tokenizer_fingerprint(tokenizer)},
+            sort_keys=True,
+        ).encode()
+    )
     for pair in pairs:
-        digest.update(json.dumps([pair.id, pair.location, pair.format, pair.prompt, pair.chosen,
-                                  pair.rejected], sort_keys=True).encode())
+        digest.update(
+            json.dumps(
+                [pair.id, pair.location, pair.format, pair.prompt, pair.chosen, pair.rejected], sort_keys=True
+            ).encode()
+        )
     return digest.hexdigest()[:32]
 
 
@@ -139,7 +168,7 @@ def _flatten(lists: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _unflatten(flat: torch.Tensor, offsets: torch.Tensor) -> list[list[int]]:
     values, bounds = flat.tolist(), offsets.tolist()
-    return [values[bounds[i]:bounds[i + 1]] for i in range(len(bounds) - 1)]
+    return [values[bounds[i] : bounds[i + 1]] for i in range(len(bounds) - 1)]
 
 
 def save_cache(path: Path, examples: list[TokenizedPair], defects: list[Defect]) -> None:
@@ -148,10 +177,14 @@ def save_cache(path: Path, examples: list[TokenizedPair], defects: list[Defect])
     tensors = {}
     for name in ("prompt_ids", "chosen_ids", "rejected_ids"):
         tensors[f"{name}.flat"], tensors[f"{name}.offsets"] = _flatten([getattr(e, name) for e in examples])
-    tensors["flags"] = torch.tensor([[e.prompt_truncated, e.response_truncated] for e in examples],
-                                    dtype=torch.int8).reshape(-1, 2)
-    metadata = {"ids": json.dumps([e.id for e in examples]), "answers": json.dumps([e.answer for e in examples]),
-                "defects": json.dumps([[d.location, d.field, d.problem] for d in defects])}
+    tensors["flags"] = torch.tensor(
+        [[e.prompt_truncated, e.response_truncated] for e in examples], dtype=torch.int8
+    ).reshape(-1, 2)
+    metadata = {
+        "ids": json.dumps([e.id for e in examples]),
+        "answers": json.dumps([e.answer for e in examples]),
+        "defects": json.dumps([[d.location, d.field, d.problem] for d in defects]),
+    }
     with atomic_file(path) as staging:  # readers never see a half-written cache
         save_file(tensors, str(staging), metadata=metadata)
 
@@ -163,10 +196,15 @@ def load_cache(path: Path) -> tuple[list[TokenizedPair], list[Defect]]:
         metadata = handle.metadata()
         tensors = {name: handle.get_tensor(name) for name in handle.keys()}
     ids, answers = json.loads(metadata["ids"]), json.loads(metadata["answers"])
-    columns = [_unflatten(tensors[f"{n}.flat"], tensors[f"{n}.offsets"])
-               for n in ("prompt_ids", "chosen_ids", "rejected_ids")]
+    columns = [
+        _unflatten(tensors[f"{n}.flat"], tensors[f"{n}.offsets"]) for n in ("prompt_ids", "chosen_ids", "rejected_ids")
+    ]
     flags = tensors["flags"].tolist()
-    examples = [TokenizedPair(ids[i], columns[0][i], columns[1][i], columns[2][i], bool(flags[i][0]),
-                              bool(flags[i][1]), answers[i]) for i in range(len(ids))]
+    examples = [
+        TokenizedPair(
+            ids[i], columns[0][i], columns[1][i], columns[2][i], bool(flags[i][0]), bool(flags[i][1]), answers[i]
+        )
+        for i in range(len(ids))
+    ]
     defects = [Defect(*d) for d in json.loads(metadata["defects"])]
     return examples, defects

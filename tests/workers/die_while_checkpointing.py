@@ -1,5 +1,6 @@
 """Run launch/train.py, but rank 0 dies (os._exit) right before marking checkpoint STEP complete:
 a crash in the middle of writing it. usage: die_while_checkpointing.py STEP TRAIN_PY [args...]"""
+
 import os
 import runpy
 import sys

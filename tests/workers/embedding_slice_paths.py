@@ -6,6 +6,7 @@ unpartitioned matrix.
 usage: embedding_slice_paths.py MODE OUT_FILE [VOCAB DIM]
   MODE: plain | hpz (ZeRO++ secondary partitions of 2 ranks) | offload (partitions on the host)
 """
+
 import sys
 
 import deepspeed
@@ -24,7 +25,7 @@ def requests(case: str, rank: int, world: int, vocab: int, dim: int, size: int) 
     owned = torch.arange(vocab) * dim // size
     cut = [((r + 1) * size) // dim for r in range(world - 1) if ((r + 1) * size) % dim]  # rows a boundary cuts
     if case == "varied":  # different sizes per rank, rows cut by partition ends, the last row
-        ids = torch.randperm(vocab, generator=generator)[:17 + 23 * rank].tolist() + cut + [vocab - 1, 0]
+        ids = torch.randperm(vocab, generator=generator)[: 17 + 23 * rank].tolist() + cut + [vocab - 1, 0]
     elif case == "empty_on_last":
         ids = [] if rank == world - 1 else torch.randperm(vocab, generator=generator)[:40].tolist() + cut
     elif case == "all_elsewhere":  # nothing this rank owns
@@ -64,8 +65,11 @@ def main(mode: str, out_file: str, vocab: str = "1001", dim: str = "64") -> None
     for case in CASES:
         ids = requests(case, dist.rank, dist.world_size, vocab, dim, size)
         generator = torch.Generator().manual_seed(7 + dist.rank)
-        support = ids[torch.randint(0, max(ids.numel(), 1), (ids.numel() // 4, 5), generator=generator)] \
-            if ids.numel() else torch.zeros(0, 5, dtype=torch.long)
+        support = (
+            ids[torch.randint(0, max(ids.numel(), 1), (ids.numel() // 4, 5), generator=generator)]
+            if ids.numel()
+            else torch.zeros(0, 5, dtype=torch.long)
+        )
         targets = support[:, 0] if support.numel() else torch.zeros(0, dtype=torch.long)
         results[case] = {"ids": ids, "support": support, "targets": targets}
         for path in PATHS:
@@ -73,9 +77,14 @@ def main(mode: str, out_file: str, vocab: str = "1001", dim: str = "64") -> None
             rows, rows_bytes = rows_of(ids, torch.device("cpu"))
             rows_path = rows_of.last_path
             cosines, cosine_bytes = rows_of.target_cosines(support, targets, torch.device("cpu"))
-            results[case][path] = {"rows": rows, "rows_bytes": rows_bytes, "rows_path": rows_path,
-                                   "cosines": cosines, "cosine_bytes": cosine_bytes,
-                                   "cosine_path": rows_of.last_path}
+            results[case][path] = {
+                "rows": rows,
+                "rows_bytes": rows_bytes,
+                "rows_path": rows_path,
+                "cosines": cosines,
+                "cosine_bytes": cosine_bytes,
+                "cosine_path": rows_of.last_path,
+            }
     torch.save(results, f"{out_file}.rank{dist.rank}")
     torch.distributed.barrier()
 

@@ -2,6 +2,7 @@
 policy's model is loaded under ZeRO-3 (before DeepSpeed adds its optimizer state) and while the
 frozen reference engine is built, sampled every few milliseconds, and how many elements of the
 model each rank's partitions hold. usage: load_memory.py MODEL_DIR DS_CONFIG OUT"""
+
 import json
 import sys
 import threading
@@ -50,17 +51,29 @@ def main(model_dir: str, ds_config_path: str, out: str) -> None:
     from plot_ds.models import load_model
 
     dist = init_distributed()
-    config = load_config(None, {"model.name_or_path": model_dir, "deepspeed.config": ds_config_path,
-                                "train.precision": "fp32", "plot.enabled": False})
+    config = load_config(
+        None,
+        {
+            "model.name_or_path": model_dir,
+            "deepspeed.config": ds_config_path,
+            "train.precision": "fp32",
+            "plot.enabled": False,
+        },
+    )
     ds_config = load_ds_config(config, dist.world_size)
     load_model(config, ds_config)  # warm: imports, kernels and allocator caches first
     with PeakSampler() as policy_load:
         policy = load_model(config, ds_config)
     with PeakSampler() as reference_load:
         reference, _ = build_reference_engine(config, ds_config)
-    result = {"rank": dist.rank, "policy_rise": policy_load.rise, "reference_rise": reference_load.rise,
-              "policy_elements": partition_elements(policy), "reference_elements": partition_elements(reference.module),
-              "model_elements": sum(int(p.ds_numel) for p in policy.parameters())}
+    result = {
+        "rank": dist.rank,
+        "policy_rise": policy_load.rise,
+        "reference_rise": reference_load.rise,
+        "policy_elements": partition_elements(policy),
+        "reference_elements": partition_elements(reference.module),
+        "model_elements": sum(int(p.ds_numel) for p in policy.parameters()),
+    }
     with open(f"{out}.rank{dist.rank}", "w") as handle:
         json.dump(result, handle)
 

@@ -1,5 +1,6 @@
 """Run launch/train.py, but rank 1's loss is NaN at the given optimizer steps (1-based):
 usage: nan_at_steps.py 3,5 TRAIN_PY [args...]"""
+
 import dataclasses
 import os
 import runpy
@@ -24,6 +25,7 @@ def train_step(run, micro_batches, before_update=None):
             def __call__(self, *args):
                 loss, metrics = wrapped(*args)
                 return loss * float("nan"), metrics
+
         return original(dataclasses.replace(run, objective=Poisoned()), micro_batches, before_update)
     return original(run, micro_batches, before_update)
 

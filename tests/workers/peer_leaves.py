@@ -3,6 +3,7 @@ leaves while rank 1 waits for it in a collective, through plot_ds's entry-point 
 
 usage: RANK=r WORLD_SIZE=2 MASTER_ADDR=127.0.0.1 MASTER_PORT=p peer_leaves.py
 """
+
 import os
 import sys
 

@@ -1,6 +1,7 @@
 """Run launch/train.py, but rank RANK dies (os._exit) while writing checkpoint STEP: after
 DeepSpeed's files, before its RNG files and the barrier, so rank 0 could only mark the checkpoint
 complete by not waiting for it. usage: rank_dies_while_writing.py STEP RANK TRAIN_PY [args...]"""
+
 import os
 import runpy
 import sys

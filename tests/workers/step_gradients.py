@@ -12,6 +12,7 @@ usage: step_gradients.py MODEL_DIR DS_CONFIG OUT_FILE SPLITS REFERENCE_DIR [VARI
 Also fetches embedding rows (different sets, of different sizes, on each rank) through both the
 sliced and the full-gather path, to compare with the unpartitioned matrix.
 """
+
 import dataclasses
 import json
 import sys
@@ -35,45 +36,102 @@ VARIANTS = {
     # On pairs whose responses differ in length (VARIED), so that prompt sharing's two response
     # passes are really of different widths.
     "dpo": {"objective.name": "dpo", "plot.enabled": False, "data.source": "VARIED"},
-    "dpo_shared_prompt": {"objective.name": "dpo", "plot.enabled": False, "model.share_prompt": True,
-                          "data.source": "VARIED"},
+    "dpo_shared_prompt": {
+        "objective.name": "dpo",
+        "plot.enabled": False,
+        "model.share_prompt": True,
+        "data.source": "VARIED",
+    },
     # DeepSpeed's own per-submodule gathering, against the decoder-layer leaves every other variant uses.
     # Terms over the global batch (sorted across micro-batches and ranks) and a weighted sum (RPO).
     # The tiny random models' log-ratios are small: a large beta puts AOT where its loss is far from
     # linear, so that a sort over less than the global batch would change the gradients.
-    "aot": {"objective.name": "aot", "plot.enabled": False, "objective.label_smoothing": 0.1,
-            "objective.beta": 10.0, "reference.name_or_path": "REFERENCE"},
-    "aot_unpaired": {"objective.name": "aot_unpaired", "plot.enabled": False, "objective.beta": 10.0,
-                     "reference.name_or_path": "REFERENCE"},
+    "aot": {
+        "objective.name": "aot",
+        "plot.enabled": False,
+        "objective.label_smoothing": 0.1,
+        "objective.beta": 10.0,
+        "reference.name_or_path": "REFERENCE",
+    },
+    "aot_unpaired": {
+        "objective.name": "aot_unpaired",
+        "plot.enabled": False,
+        "objective.beta": 10.0,
+        "reference.name_or_path": "REFERENCE",
+    },
     "rpo": {"objective.terms": {"dpo": 1.0, "sft": 0.2}, "plot.enabled": False},
     # The short last global batch of an epoch (13 pairs: 8, then 5): uneven shares, and filler
     # micro-batches where a rank has none left. The step taken is that second one.
     "dpo_uneven": {"objective.name": "dpo", "plot.enabled": False, "data.source": "UNEVEN"},
-    "aot_uneven": {"objective.name": "aot", "plot.enabled": False, "objective.beta": 10.0,
-                   "reference.name_or_path": "REFERENCE", "data.source": "UNEVEN"},
-    "dpo_per_submodule": {"objective.name": "dpo", "plot.enabled": False, "deepspeed.zero3_leaf_modules": "none",
-                          "data.source": "VARIED"},
+    "aot_uneven": {
+        "objective.name": "aot",
+        "plot.enabled": False,
+        "objective.beta": 10.0,
+        "reference.name_or_path": "REFERENCE",
+        "data.source": "UNEVEN",
+    },
+    "dpo_per_submodule": {
+        "objective.name": "dpo",
+        "plot.enabled": False,
+        "deepspeed.zero3_leaf_modules": "none",
+        "data.source": "VARIED",
+    },
     # PLOT with both terms, so that chosen and rejected positions both carry gradient.
     "dpo+plot": {"objective.name": "dpo", "plot.rejected_weight": 0.5, "plot.top_k": 16},
-    "dpo+plot_full": {"objective.name": "dpo", "plot.rejected_weight": 0.5, "plot.top_k": 16,
-                      "plot.embedding_gather": "full"},
-    "dpo+plot_all_to_all": {"objective.name": "dpo", "plot.rejected_weight": 0.5, "plot.top_k": 16,
-                            "plot.embedding_gather": "all_to_all"},
+    "dpo+plot_full": {
+        "objective.name": "dpo",
+        "plot.rejected_weight": 0.5,
+        "plot.top_k": 16,
+        "plot.embedding_gather": "full",
+    },
+    "dpo+plot_all_to_all": {
+        "objective.name": "dpo",
+        "plot.rejected_weight": 0.5,
+        "plot.top_k": 16,
+        "plot.embedding_gather": "all_to_all",
+    },
     # LoRA on the frozen base (adapters as after some training: perturb_adapters), the reference the
     # base with the adapters off.
-    "dpo+plot_lora": {"objective.name": "dpo", "plot.rejected_weight": 0.5, "plot.top_k": 16,
-                      "adapter.method": "lora", "adapter.rank": 4, "adapter.dropout": 0.0},
+    "dpo+plot_lora": {
+        "objective.name": "dpo",
+        "plot.rejected_weight": 0.5,
+        "plot.top_k": 16,
+        "adapter.method": "lora",
+        "adapter.rank": 4,
+        "adapter.dropout": 0.0,
+    },
     # Padding-free: every row its own sequence, or each pair prompt, chosen, rejected in one mask.
-    "dpo+plot_packed": {"objective.name": "dpo", "plot.rejected_weight": 0.5, "plot.top_k": 16,
-                        "data.packing": True, "model.share_prompt": False},
-    "dpo+plot_packed_shared": {"objective.name": "dpo", "plot.rejected_weight": 0.5, "plot.top_k": 16,
-                               "data.packing": True, "model.share_prompt": True},
-    "none+plot_ref_mix": {"objective.name": "none", "plot.target": "ref_mix", "plot.rho": 0.3,
-                          "plot.top_k": 8, "plot.sinkhorn_iters": 30},
+    "dpo+plot_packed": {
+        "objective.name": "dpo",
+        "plot.rejected_weight": 0.5,
+        "plot.top_k": 16,
+        "data.packing": True,
+        "model.share_prompt": False,
+    },
+    "dpo+plot_packed_shared": {
+        "objective.name": "dpo",
+        "plot.rejected_weight": 0.5,
+        "plot.top_k": 16,
+        "data.packing": True,
+        "model.share_prompt": True,
+    },
+    "none+plot_ref_mix": {
+        "objective.name": "none",
+        "plot.target": "ref_mix",
+        "plot.rho": 0.3,
+        "plot.top_k": 8,
+        "plot.sinkhorn_iters": 30,
+    },
     # Packed rows (each pair prompt, chosen, rejected under one mask) meeting the short last batch:
     # a rank's filler micro-batches run through the packed layout too.
-    "dpo+plot_packed_shared_uneven": {"objective.name": "dpo", "plot.rejected_weight": 0.5, "plot.top_k": 16,
-                                      "data.packing": True, "model.share_prompt": True, "data.source": "UNEVEN"},
+    "dpo+plot_packed_shared_uneven": {
+        "objective.name": "dpo",
+        "plot.rejected_weight": 0.5,
+        "plot.top_k": 16,
+        "data.packing": True,
+        "model.share_prompt": True,
+        "data.source": "UNEVEN",
+    },
 }
 # Variants whose parameters before and after the update are recorded: their engine is built anew
 # for every split, so that each split's update starts from a fresh optimizer. Every other variant
@@ -107,9 +165,18 @@ def slice_rows(policy, rank: int) -> dict:
     support[1, 3], targets[2] = targets[1], vocab - 1
     cosines, cosine_bytes = EmbeddingRows(weight, "slice").target_cosines(support, targets, policy.device)
     cosines_full, _ = EmbeddingRows(weight, "full").target_cosines(support, targets, policy.device)
-    return {"ids": ids, "sliced": sliced.cpu(), "full": full.cpu(), "sliced_bytes": sliced_bytes,
-            "full_bytes": full_bytes, "support": support, "targets": targets, "cosines": cosines.cpu(),
-            "cosines_full": cosines_full.cpu(), "cosine_bytes": cosine_bytes}
+    return {
+        "ids": ids,
+        "sliced": sliced.cpu(),
+        "full": full.cpu(),
+        "sliced_bytes": sliced_bytes,
+        "full_bytes": full_bytes,
+        "support": support,
+        "targets": targets,
+        "cosines": cosines.cpu(),
+        "cosines_full": cosines_full.cpu(),
+        "cosine_bytes": cosine_bytes,
+    }
 
 
 def leaf_modules(engine) -> dict:
@@ -136,8 +203,16 @@ def varied_pairs(path: Path, count: int = 16) -> str:
         lines = []
         for i, pair in enumerate(champ_pairs()[:count]):
             cut = lambda text, n: " ".join(text.split()[:n])  # noqa: E731
-            lines.append(json.dumps({"id": pair["id"], "prompt": pair["prompt"][-300:],
-                                     "chosen": cut(pair["chosen"], 6 + 2 * i), "rejected": cut(pair["rejected"], 36 - i)}))
+            lines.append(
+                json.dumps(
+                    {
+                        "id": pair["id"],
+                        "prompt": pair["prompt"][-300:],
+                        "chosen": cut(pair["chosen"], 6 + 2 * i),
+                        "rejected": cut(pair["rejected"], 36 - i),
+                    }
+                )
+            )
         path.write_text("\n".join(lines) + "\n")
     return str(path)
 
@@ -152,19 +227,34 @@ def recording_passes(passes: list, module=prompt_sharing):
         mask = inputs.get("attention_mask")
         passes.append(shape if module is prompt_sharing else (shape, None if mask is None else tuple(mask.shape)))
         return real(model, select, **inputs)
+
     module.with_head_input = recorded
     return real
 
 
 def split_config(overrides: dict, model_dir: str, ds_config_path: str, split: str) -> object:
     micro, accum = map(int, split.split("x"))
-    return load_config(None, {
-        **overrides, "model.name_or_path": model_dir, "deepspeed.config": ds_config_path,
-        "data.max_length": 96, "data.max_prompt_length": 48, "data.eval_size": 0,
-        "train.micro_batch_size": micro, "train.gradient_accumulation_steps": accum,
-        "train.max_grad_norm": 0.0, "train.precision": "fp32", "train.max_steps": 2,
-        "train.warmup_steps": 0, "train.lr": 1e-3, "train.weight_decay": 0.1, "train.seed": 7,
-        "train.resume": "none"})
+    return load_config(
+        None,
+        {
+            **overrides,
+            "model.name_or_path": model_dir,
+            "deepspeed.config": ds_config_path,
+            "data.max_length": 96,
+            "data.max_prompt_length": 48,
+            "data.eval_size": 0,
+            "train.micro_batch_size": micro,
+            "train.gradient_accumulation_steps": accum,
+            "train.max_grad_norm": 0.0,
+            "train.precision": "fp32",
+            "train.max_steps": 2,
+            "train.warmup_steps": 0,
+            "train.lr": 1e-3,
+            "train.weight_decay": 0.1,
+            "train.seed": 7,
+            "train.resume": "none",
+        },
+    )
 
 
 def for_split(run, config):
@@ -176,8 +266,14 @@ def for_split(run, config):
     run.policy.set_train_batch_size(train.micro_batch_size * train.gradient_accumulation_steps * dist.world_size)
     # A split starts on a boundary: the engine's micro-step count is a multiple of its accumulation.
     assert run.policy.micro_steps % train.gradient_accumulation_steps == 0, (run.policy.micro_steps, train)
-    sampler = GlobalBatchSampler(len(run.train_examples), train.micro_batch_size, train.gradient_accumulation_steps,
-                                 dist.rank, dist.world_size, train.seed)
+    sampler = GlobalBatchSampler(
+        len(run.train_examples),
+        train.micro_batch_size,
+        train.gradient_accumulation_steps,
+        dist.rank,
+        dist.world_size,
+        train.seed,
+    )
     return dataclasses.replace(run, config=config, sampler=sampler)
 
 
@@ -211,8 +307,11 @@ def step_record(run, variant: str) -> dict:
     tracks_update = variant in TRACKS_UPDATE
     before = full_parameters(policy) if tracks_update else None
     grad_storages = []  # what the optimizer steps with: views of DeepSpeed's buffer, or copies
-    hook = policy.optimizer.optimizer.register_step_pre_hook(lambda optimizer, *_: grad_storages.extend(
-        p.grad.untyped_storage().data_ptr() for group in optimizer.param_groups for p in group["params"]))
+    hook = policy.optimizer.optimizer.register_step_pre_hook(
+        lambda optimizer, *_: grad_storages.extend(
+            p.grad.untyped_storage().data_ptr() for group in optimizer.param_groups for p in group["params"]
+        )
+    )
     passes, packed_passes = [], []
     real_with_head_input = recording_passes(passes)
     real_packed_with_head_input = recording_passes(packed_passes, packing)
@@ -222,33 +321,49 @@ def step_record(run, variant: str) -> dict:
         prompt_sharing.with_head_input = real_with_head_input
         packing.with_head_input = real_packed_with_head_input
         hook.remove()
-    partition = {name: (int(p.ds_tensor.numel()), int(p.ds_numel), int(p.numel()))
-                 for name, p in policy.module.named_parameters()}
-    record = {"grads": grads, "metrics": reduce_metrics(sums),
-              "leaf_modules": leaf_modules(policy),
-              "reference_leaf_modules": leaf_modules(reference.engine) if reference else None,
-              "pairs": float(totals.pairs), "partition": partition, "shared_passes": passes,
-              "packed_passes": packed_passes,
-              "input_tokens": [int(batch.attention_mask.sum()) for batch in batches],
-              "response_lengths": [batch.labels.ne(-100).sum(1).tolist() for batch in batches],
-              "global_batch": sampler.global_batch(step),
-              "batch_weights": [batch.weight for batch in batches]}
+    partition = {
+        name: (int(p.ds_tensor.numel()), int(p.ds_numel), int(p.numel()))
+        for name, p in policy.module.named_parameters()
+    }
+    record = {
+        "grads": grads,
+        "metrics": reduce_metrics(sums),
+        "leaf_modules": leaf_modules(policy),
+        "reference_leaf_modules": leaf_modules(reference.engine) if reference else None,
+        "pairs": float(totals.pairs),
+        "partition": partition,
+        "shared_passes": passes,
+        "packed_passes": packed_passes,
+        "input_tokens": [int(batch.attention_mask.sum()) for batch in batches],
+        "response_lengths": [batch.labels.ne(-100).sum(1).tolist() for batch in batches],
+        "global_batch": sampler.global_batch(step),
+        "batch_weights": [batch.weight for batch in batches],
+    }
     if tracks_update:
         optimizer = policy.optimizer
         buffer = optimizer.grad_partitions_flat_buffer.untyped_storage().data_ptr()
-        record.update(before=before, after=full_parameters(policy), master_is_partition=all(
-            master.data_ptr() == partition.data_ptr() for master, partition in
-            zip(optimizer.fp32_partitioned_groups_flat, optimizer.fp16_partitioned_groups_flat)),
-            grads_are_buffer_views=bool(grad_storages) and set(grad_storages) == {buffer})
+        record.update(
+            before=before,
+            after=full_parameters(policy),
+            master_is_partition=all(
+                master.data_ptr() == partition.data_ptr()
+                for master, partition in zip(
+                    optimizer.fp32_partitioned_groups_flat, optimizer.fp16_partitioned_groups_flat
+                )
+            ),
+            grads_are_buffer_views=bool(grad_storages) and set(grad_storages) == {buffer},
+        )
     return record
 
 
-def main(model_dir: str, ds_config_path: str, out_file: str, splits: str, reference_dir: str,
-         only: str = "") -> None:
+def main(model_dir: str, ds_config_path: str, out_file: str, splits: str, reference_dir: str, only: str = "") -> None:
     dist = init_distributed()
     results = {}
-    named = {"REFERENCE": reference_dir, "VARIED": varied_pairs(Path(f"{out_file}.varied.jsonl")),
-             "UNEVEN": varied_pairs(Path(f"{out_file}.uneven.jsonl"), count=13)}
+    named = {
+        "REFERENCE": reference_dir,
+        "VARIED": varied_pairs(Path(f"{out_file}.varied.jsonl")),
+        "UNEVEN": varied_pairs(Path(f"{out_file}.uneven.jsonl"), count=13),
+    }
     chosen = only.split(",") if only else list(VARIANTS)
     for variant in chosen:
         overrides = {k: named.get(v, v) if isinstance(v, str) else v for k, v in VARIANTS[variant].items()}
