@@ -25,7 +25,7 @@ from deepspeed.accelerator import get_accelerator  # noqa: E402
 
 from plot_ds.config import load_config, parse_overrides  # noqa: E402
 from plot_ds.engine import destroy_engine  # noqa: E402
-from plot_ds.global_batch import COLUMNS  # noqa: E402
+from plot_ds.pair_batch import GlobalPairs  # noqa: E402
 from plot_ds.objectives import Objective, build_vanilla  # noqa: E402
 from plot_ds.run import setup_run  # noqa: E402
 from plot_ds.training import train_step  # noqa: E402
@@ -67,7 +67,7 @@ def measure_split(overrides: dict, micro: int, accumulation: int, steps: int, wa
         "step_seconds_aot_median": statistics.median(times["aot"]),
         "aot_over_dpo_paired_median": statistics.median(a / d for a, d in zip(times["aot"], times["dpo"])),
         "aot_over_dpo_by_step": [round(a / d, 4) for a, d in zip(times["aot"], times["dpo"])],
-        "table_bytes_received_per_rank": global_batch * COLUMNS * 8,
+        "table_bytes_received_per_rank": global_batch * len(GlobalPairs.COLUMNS) * 8,
         "pre_pass": accumulation > 1,
     }
 

@@ -125,7 +125,7 @@ def main():
             computed[name] += positions[0]
             if device.type == "cuda":
                 peak[name] = max(peak[name], torch.cuda.max_memory_allocated())
-    tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+    tokens = sum(int(b.attention_mask.sum()) for b in batches)
     result = {
         "benchmark": "packing",
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",

@@ -77,13 +77,13 @@ def main():
                 seconds[share] += timed_step(model, batch, share)
         prompt_tokens = sum(
             int(
-                (b["labels"][: len(b["labels"]) // 2] == -100)
-                .logical_and(b["attention_mask"][: len(b["labels"]) // 2].bool())
+                (b.labels[: len(b.labels) // 2] == -100)
+                .logical_and(b.attention_mask[: len(b.labels) // 2].bool())
                 .sum()
             )
             for b in batches
         )
-        tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+        tokens = sum(int(b.attention_mask.sum()) for b in batches)
         print(
             json.dumps(
                 {

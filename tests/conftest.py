@@ -238,11 +238,8 @@ def run_command(
     return proc
 
 
-# Test files that read the same session fixture run on the same pytest-xdist worker, so that it is
-# made once: tests/test_launch.py reads test_fault_tolerance's uninterrupted run.
-SHARED_FIXTURE_GROUPS = {"test_launch": "test_fault_tolerance"}
-# The files of many launches, handed out first so that neither worker is left with a long one at
-# the end while the other idles (see the suite's --durations).
+# The files of many launches, handed out first so that neither pytest-xdist worker is left with a
+# long one at the end while the other idles (see the suite's --durations).
 LONGEST_FIRST = (
     "test_fault_tolerance",
     "test_bench",
@@ -254,19 +251,12 @@ LONGEST_FIRST = (
 )
 
 
-def file_group(item) -> str:
-    name = item.module.__name__.rsplit(".", 1)[-1]
-    return SHARED_FIXTURE_GROUPS.get(name, name)
-
-
 def pytest_collection_modifyitems(config, items):
-    """Under pytest-xdist (the README's ``-n 2 --dist loadgroup``) each file is one group, run on
-    one worker: its module fixtures are built once, and files sharing a session fixture
-    (SHARED_FIXTURE_GROUPS) are one group. The longest groups are handed out first."""
+    """Under pytest-xdist (the README's ``-n 2 --dist loadfile``) each file runs whole on one worker,
+    so its module fixtures are built once; the files are handed out in collection order, so the
+    longest go first."""
     rank = {name: index for index, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(file_group(item), len(rank)))  # stable: files keep their order
-    for item in items:
-        item.add_marker(pytest.mark.xdist_group(file_group(item)))
+    items.sort(key=lambda item: rank.get(item.module.__name__.rsplit(".", 1)[-1], len(rank)))  # stable
 
 
 def pytest_sessionfinish(session):
