@@ -24,11 +24,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from deepspeed.accelerator import get_accelerator  # noqa: E402
 
 from plot_ds.config import load_config, parse_overrides  # noqa: E402
-from plot_ds.engine import destroy_engine  # noqa: E402
+from plot_ds.engine.engines import destroy_engine  # noqa: E402
 from plot_ds.pair_batch import GlobalPairs  # noqa: E402
-from plot_ds.objectives import Objective, build_vanilla  # noqa: E402
-from plot_ds.run import setup_run  # noqa: E402
-from plot_ds.training import train_step  # noqa: E402
+from plot_ds.objectives.objective import Objective, build_vanilla  # noqa: E402
+from plot_ds.training.run import setup_run  # noqa: E402
+from plot_ds.training.loop import train_step  # noqa: E402
 
 
 def timed_step(run, batches) -> float:

@@ -44,8 +44,8 @@ def micro_batches(tokenizer, source: str, pairs: int, micro_batch: int, max_leng
 
 
 def layouts(model, attention: str) -> dict:
-    from plot_ds.packing import MASKED_ATTENTION, VARLEN_ATTENTION, Packing
-    from plot_ds.prompt_sharing import prompt_sharing
+    from plot_ds.forward.packing import MASKED_ATTENTION, VARLEN_ATTENTION, Packing
+    from plot_ds.forward.prompt_sharing import prompt_sharing
 
     varlen = attention in VARLEN_ATTENTION
     found = {"padded": None, "shared_passes": prompt_sharing(model, True), "packed": Packing(False, varlen)}
@@ -66,7 +66,7 @@ class Clock:
 
 
 def timed_step(model, batch, layout, clock: Clock) -> float:
-    from plot_ds.pair_forward import forward_pairs
+    from plot_ds.forward.pair_forward import forward_pairs
 
     started = clock.now()
     out = forward_pairs(model, batch, keep_logits=False, layout=layout)
@@ -90,7 +90,7 @@ def main():
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from plot_ds.assets import resolve_model_path
-    from plot_ds.models import attention_for
+    from plot_ds.engine.models import attention_for
 
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     if device.type == "cpu":

@@ -28,10 +28,10 @@ import torch  # noqa: E402
 
 from plot_ds.config import load_config, parse_overrides  # noqa: E402
 from plot_ds.data import prepare_datasets  # noqa: E402
-from plot_ds.logprobs import top_k_support  # noqa: E402
-from plot_ds.model_source import model_source  # noqa: E402
-from plot_ds.models import load_tokenizer  # noqa: E402
-from plot_ds.plot_loss import cost_from_cosine, restricted_supports  # noqa: E402
+from plot_ds.forward.logprobs import top_k_support  # noqa: E402
+from plot_ds.engine.model_source import model_source  # noqa: E402
+from plot_ds.engine.models import load_tokenizer  # noqa: E402
+from plot_ds.objectives.plot_loss import cost_from_cosine, restricted_supports  # noqa: E402
 
 GRID_SHAPES = ["--data.max_length", "160", "--data.max_prompt_length", "80", "--data.eval_size", "40"]
 CLOSE_COSINE = 0.5

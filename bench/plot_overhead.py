@@ -28,14 +28,14 @@ import torch  # noqa: E402
 from deepspeed.accelerator import get_accelerator  # noqa: E402
 
 from plot_ds.config import load_config, parse_overrides  # noqa: E402
-from plot_ds.embedding_slice import EmbeddingRows  # noqa: E402
-from plot_ds.logprobs import pair_outputs  # noqa: E402
-from plot_ds.monitoring import reduce_metrics  # noqa: E402
-from plot_ds.objectives import Objective  # noqa: E402
+from plot_ds.distributed.embedding_slice import EmbeddingRows  # noqa: E402
+from plot_ds.forward.logprobs import pair_outputs  # noqa: E402
+from plot_ds.training.monitoring import reduce_metrics  # noqa: E402
+from plot_ds.objectives.objective import Objective  # noqa: E402
 from plot_ds.pair_batch import GlobalTotals  # noqa: E402
-from plot_ds.pair_forward import head_logits  # noqa: E402
-from plot_ds.run import setup_run  # noqa: E402
-from plot_ds.training import train_step  # noqa: E402
+from plot_ds.forward.pair_forward import head_logits  # noqa: E402
+from plot_ds.training.run import setup_run  # noqa: E402
+from plot_ds.training.loop import train_step  # noqa: E402
 
 
 def timed_step(run, batches):

@@ -23,10 +23,10 @@ import torch  # noqa: E402
 from deepspeed.accelerator import get_accelerator  # noqa: E402
 
 from plot_ds.config import load_config, parse_overrides  # noqa: E402
-from plot_ds.ds_config import zero_stage  # noqa: E402
-from plot_ds.monitoring import reduce_metrics  # noqa: E402
-from plot_ds.run import setup_run  # noqa: E402
-from plot_ds.training import train_step  # noqa: E402
+from plot_ds.engine.ds_config import zero_stage  # noqa: E402
+from plot_ds.training.monitoring import reduce_metrics  # noqa: E402
+from plot_ds.training.run import setup_run  # noqa: E402
+from plot_ds.training.loop import train_step  # noqa: E402
 
 
 # Ops whose result the host must wait for on a GPU (a value read back, or an output size that

@@ -40,8 +40,8 @@ def batches_for(tokenizer, pairs, prompt_length, micro_batch):
 
 
 def timed_step(model, batch, share):
-    from plot_ds.pair_forward import forward_pairs
-    from plot_ds.prompt_sharing import prompt_sharing
+    from plot_ds.forward.pair_forward import forward_pairs
+    from plot_ds.forward.prompt_sharing import prompt_sharing
 
     sharing = prompt_sharing(model, share)
     started = time.process_time()

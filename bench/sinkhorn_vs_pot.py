@@ -1,4 +1,4 @@
-"""Batched log-domain Sinkhorn (plot_ds.ot_solvers.sinkhorn_log) vs a loop over POT's exact
+"""Batched log-domain Sinkhorn (plot_ds.objectives.ot_solvers.sinkhorn_log) vs a loop over POT's exact
 ``ot.emd2``, on the same OT problems, side by side in one run: speed ratio and error.
 
     python bench/sinkhorn_vs_pot.py [--problems 1024] [--k 65] [--rho 0.3] [--eps 0.01] [--iters 200]
@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from plot_ds.ot_solvers import emd_pot, sinkhorn_log  # noqa: E402
+from plot_ds.objectives.ot_solvers import emd_pot, sinkhorn_log  # noqa: E402
 
 
 def embedding_matrix(model: str) -> torch.Tensor:

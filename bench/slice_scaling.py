@@ -28,7 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from plot_ds.slice_cost import SliceShape, cheaper_path, hot_threshold, path_bytes  # noqa: E402
+from plot_ds.distributed.slice_cost import SliceShape, cheaper_path, hot_threshold, path_bytes  # noqa: E402
 
 # (vocabulary, width, bytes per element, parameters) of the real models; bf16 on GPUs but the
 # measured SmolLM2 run, fp32 on this CPU.
@@ -52,10 +52,10 @@ def measure(micro_batches: int) -> list[dict]:
 
     from plot_ds.config import load_config
     from plot_ds.data import prepare_datasets
-    from plot_ds.logprobs import top_k_support
-    from plot_ds.model_source import model_source
-    from plot_ds.models import load_tokenizer
-    from plot_ds.plot_loss import restricted_supports
+    from plot_ds.forward.logprobs import top_k_support
+    from plot_ds.engine.model_source import model_source
+    from plot_ds.engine.models import load_tokenizer
+    from plot_ds.objectives.plot_loss import restricted_supports
 
     config = load_config(None, {})
     tokenizer = load_tokenizer(config)
@@ -141,8 +141,8 @@ def worker(batches_file: str, out: str) -> None:
     """One rank of the validation: the ranks' micro-batches through every path, bytes counted."""
     import deepspeed
 
-    from plot_ds.distributed import init_distributed
-    from plot_ds.embedding_slice import EmbeddingRows
+    from plot_ds.distributed.process_group import init_distributed
+    from plot_ds.distributed.embedding_slice import EmbeddingRows
 
     dist = init_distributed()
     batches = torch.load(batches_file, weights_only=True)

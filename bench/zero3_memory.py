@@ -3,7 +3,7 @@
     python bench/zero3_memory.py [--ranks 1,2] [--section.key value ...]
 
 For each rank count the script starts itself under torchrun, builds the policy engine exactly as
-training does (plot_ds.run.setup_run, ds_configs/zero3.json by default), runs one optimizer step so that
+training does (plot_ds.training.run.setup_run, ds_configs/zero3.json by default), runs one optimizer step so that
 gradients and Adam state exist, and counts the bytes of the tensors each rank holds, by storage
 (views and aliases counted once):
 
@@ -78,7 +78,7 @@ def model_state_bytes(engine) -> dict:
 
 def reference_bytes(reference) -> int:
     """The reference engine's parameter partitions (0 without one, or for the policy's own base)."""
-    from plot_ds.adapters import BaseOfPolicy
+    from plot_ds.engine.adapters import BaseOfPolicy
 
     if reference is None or isinstance(reference, BaseOfPolicy):
         return 0
@@ -88,8 +88,8 @@ def reference_bytes(reference) -> int:
 
 def child(rest: list[str], out_file: str) -> None:
     from plot_ds.config import load_config, parse_overrides
-    from plot_ds.run import setup_run
-    from plot_ds.training import train_step
+    from plot_ds.training.run import setup_run
+    from plot_ds.training.loop import train_step
 
     # Model state does not depend on the batch: one short SFT step creates the gradients and Adam state.
     config = load_config(

@@ -28,8 +28,8 @@ def parse_train_args(argv: list[str], prog: str = "plot-train", usage: str = TRA
 def train_main(argv: list[str] | None = None) -> int:
     config_path, overrides = parse_train_args(sys.argv[1:] if argv is None else argv)
     config = load_config(config_path, overrides)
-    from .preemption import EXIT_FAULTS, EXIT_PREEMPTED
-    from .training import train  # heavy imports only after the config is known to be good
+    from .training.preemption import EXIT_FAULTS, EXIT_PREEMPTED
+    from .training.loop import train  # heavy imports only after the config is known to be good
 
     outcome = train(config)["outcome"]
     return {"completed": 0, "preempted": EXIT_PREEMPTED, "faults": EXIT_FAULTS}[outcome]
@@ -53,7 +53,7 @@ def data_main(argv: list[str] | None = None) -> int:
     )
     config = load_config(config_path, overrides)
     from .data import prepare_datasets
-    from .models import load_tokenizer
+    from .engine.models import load_tokenizer
 
     tokenizer = load_tokenizer(config)
     # Collect every problem instead of stopping at the first report.
@@ -102,7 +102,7 @@ def eval_main(argv: list[str] | None = None) -> int:
         config = load_config(known.config, overrides)
         model = known.target
         output = Path(known.output or Path(config.train.output_dir) / "eval" / f"{Path(known.target).name}.json")
-    from .evaluation import evaluate_model
+    from .training.evaluation import evaluate_model
 
     report = evaluate_model(config, str(model), output)
     if int(__import__("os").environ.get("RANK", "0")) == 0:
@@ -124,8 +124,8 @@ def export_main(argv: list[str] | None = None) -> int:
     import argparse
     from pathlib import Path
 
-    from .checkpointing import find_checkpoint
-    from .hf_export import adapter_folder_for, export_checkpoint
+    from .training.checkpointing import find_checkpoint
+    from .training.hf_export import adapter_folder_for, export_checkpoint
 
     parser = argparse.ArgumentParser(prog="plot-export", usage=EXPORT_USAGE)
     parser.add_argument("source")

@@ -86,7 +86,7 @@ def test_default_run_on_the_real_model(tmp_path, real_model_dir):
 def assert_answer_accuracy_is_the_scored_generations(metrics, generations, samples):
     """The accuracy is the share of scored generations whose extracted answer matches the reference,
     each judged as ``answer_matches`` judges it."""
-    from plot_ds.answers import answer_matches
+    from plot_ds.data.answers import answer_matches
 
     scored = [g for g in generations if "reference_answer" in g]
     assert metrics["eval/answer_samples"] == samples == len(scored)

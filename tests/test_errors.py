@@ -249,7 +249,7 @@ def test_auto_attention_picks_what_the_model_supports():
     import torch
     from transformers import Gemma2ForCausalLM, LlamaForCausalLM
 
-    from plot_ds.models import attention_for
+    from plot_ds.engine.models import attention_for
 
     assert attention_for("auto", LlamaForCausalLM, torch.float32, "cpu") == "sdpa"
     assert attention_for("auto", Gemma2ForCausalLM, torch.bfloat16, "cpu") == "eager"

@@ -23,18 +23,18 @@ from pathlib import Path
 
 import torch
 
-from ..answers import answer_matches
+from ..data.answers import answer_matches
 from ..atomic import write_text_atomically
 from ..config import Config
 from ..data import TokenizedPair, eval_shards, prepare_datasets
-from ..distributed import barrier, init_distributed
-from ..ds_config import resolve_ds_config
-from ..engine import build_frozen_engine
-from ..evaluation import generate
-from ..models import load_tokenizer
-from ..micro_batch import PairModels, forward_micro_batch
+from ..distributed.process_group import barrier, init_distributed
+from ..engine.ds_config import resolve_ds_config
+from ..engine.engines import build_frozen_engine
+from ..training.evaluation import generate
+from ..engine.models import load_tokenizer
+from ..forward.micro_batch import PairModels, forward_micro_batch
 from ..pair_batch import ForwardNeeds
-from ..run import indexed_batch
+from ..training.run import indexed_batch
 from .text_metrics import distinct_n, repeated_ngram_share
 
 

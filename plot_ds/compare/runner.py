@@ -25,7 +25,7 @@ import yaml
 
 from ..atomic import write_text_atomically
 from ..config import Config, ConfigError
-from ..preemption import EXIT_PREEMPTED
+from ..training.preemption import EXIT_PREEMPTED
 from .grid import Grid, RunSpec, differences
 
 ENTRY = Path(__file__).resolve().parent.parent / "launch_entry.py"

@@ -5,7 +5,7 @@ import os
 import runpy
 import sys
 
-import plot_ds.checkpointing as checkpointing
+import plot_ds.training.checkpointing as checkpointing
 
 step = int(sys.argv[1])
 original = checkpointing._mark_complete

@@ -1,6 +1,6 @@
 """Run by real ranks (torchrun): an embedding matrix partitioned by ZeRO-3 (zero.Init), and rows and
 target cosines fetched through every path for request patterns that stress the exchange. Each rank
-saves what it got, with the bytes and path, for tests/test_embedding_slice.py to compare with the
+saves what it got, with the bytes and path, for tests/distributed/test_embedding_slice.py to compare with the
 unpartitioned matrix.
 
 usage: embedding_slice_paths.py MODE OUT_FILE [VOCAB DIM]
@@ -12,8 +12,8 @@ import sys
 import deepspeed
 import torch
 
-from plot_ds.distributed import init_distributed
-from plot_ds.embedding_slice import PATHS, EmbeddingRows
+from plot_ds.distributed.process_group import init_distributed
+from plot_ds.distributed.embedding_slice import PATHS, EmbeddingRows
 
 
 CASES = ("varied", "empty_on_last", "all_elsewhere", "uniform", "hot")

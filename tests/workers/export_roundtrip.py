@@ -7,12 +7,12 @@ from pathlib import Path
 
 import torch
 
-from plot_ds.checkpointing import save_checkpoint
+from plot_ds.training.checkpointing import save_checkpoint
 from plot_ds.config import load_config
 from plot_ds.data import collate
-from plot_ds.hf_export import export_hf_model
-from plot_ds.run import setup_run
-from plot_ds.training import train_step
+from plot_ds.training.hf_export import export_hf_model
+from plot_ds.training.run import setup_run
+from plot_ds.training.loop import train_step
 
 
 LORA = {"adapter.method": "lora", "adapter.rank": 4, "adapter.target_modules": ["q_proj", "v_proj", "down_proj"]}

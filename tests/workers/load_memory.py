@@ -45,10 +45,10 @@ def partition_elements(model) -> int:
 
 def main(model_dir: str, ds_config_path: str, out: str) -> None:
     from plot_ds.config import load_config
-    from plot_ds.distributed import init_distributed
-    from plot_ds.ds_config import load_ds_config
-    from plot_ds.engine import build_reference_engine
-    from plot_ds.models import load_model
+    from plot_ds.distributed.process_group import init_distributed
+    from plot_ds.engine.ds_config import load_ds_config
+    from plot_ds.engine.engines import build_reference_engine
+    from plot_ds.engine.models import load_model
 
     dist = init_distributed()
     config = load_config(

@@ -6,7 +6,7 @@ import os
 import runpy
 import sys
 
-import plot_ds.training as training
+import plot_ds.training.loop as training
 
 steps = {int(s) for s in sys.argv[1].split(",")}
 original = training.train_step

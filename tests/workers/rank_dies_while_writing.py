@@ -6,8 +6,8 @@ import os
 import runpy
 import sys
 
-import plot_ds.checkpointing as checkpointing
-import plot_ds.training as training
+import plot_ds.training.checkpointing as checkpointing
+import plot_ds.training.loop as training
 
 step, rank = int(sys.argv[1]), sys.argv[2]
 writing = {"step": None}

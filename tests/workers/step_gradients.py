@@ -1,4 +1,4 @@
-"""Run by real ranks (torchrun): one optimizer step through plot_ds.training.train_step for each
+"""Run by real ranks (torchrun): one optimizer step through plot_ds.training.loop.train_step for each
 objective and micro-batch split, recording the full gradient the optimizer is about to use, and
 how each parameter is partitioned; for SFT and DPO also the parameters before and after the
 update (lr 1e-3, weight decay 0.1) and whether ZeRO-3's fp32 master weights are the parameter
@@ -22,14 +22,15 @@ import deepspeed
 import torch
 from deepspeed.utils import safe_get_full_grad, z3_leaf_module
 
-from plot_ds import packing, prompt_sharing
+from plot_ds.forward import packing
+from plot_ds.forward import prompt_sharing
 from plot_ds.config import load_config
 from plot_ds.data import GlobalBatchSampler
-from plot_ds.distributed import init_distributed
-from plot_ds.embedding_slice import EmbeddingRows
-from plot_ds.monitoring import reduce_metrics
-from plot_ds.run import setup_run
-from plot_ds.training import train_step
+from plot_ds.distributed.process_group import init_distributed
+from plot_ds.distributed.embedding_slice import EmbeddingRows
+from plot_ds.training.monitoring import reduce_metrics
+from plot_ds.training.run import setup_run
+from plot_ds.training.loop import train_step
 
 VARIANTS = {
     "sft": {"objective.name": "sft", "plot.enabled": False},

@@ -1,0 +1,100 @@
+"""DeepSpeed engines: the trained policy, and frozen ones (the reference model, a model under
+evaluation). Each builder returns the engine and how its rows are laid out
+(``pair_forward.RowLayout``: prompt sharing, packing, or None), which the loss path is handed
+explicitly.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .adapters import add_adapters
+from ..config import Config
+from .deepspeed_patches import apply_training_patches, check_deepspeed_version, forget_destroyed_engine
+from .ds_config import model_dtype, reference_ds_config, zero_stage
+from .models import load_model
+from .optim import param_groups, warmup_cosine
+from ..forward.packing import packing_for
+from ..forward.pair_forward import RowLayout, check_packing
+from ..forward.prompt_sharing import prompt_sharing
+
+
+def shares_prompt(config, ds_config: dict) -> bool:
+    """``model.share_prompt`` for an engine of ``ds_config``. ``auto`` shares the prompt unless
+    ZeRO-3 fetches the parameters from other ranks or from host memory: each of the three passes
+    would fetch them again, and its backward reduce-scatter the gradients again (docs/benchmarks.md).
+    On one rank without offload those are local copies, and sharing saves compute."""
+    if config.model.share_prompt != "auto":
+        return config.model.share_prompt
+    if zero_stage(ds_config) != 3:
+        return True
+    import deepspeed.comm as dist
+
+    offload = ds_config["zero_optimization"].get("offload_param") or {}
+    ranks = dist.get_world_size() if dist.is_initialized() else 1
+    return ranks == 1 and offload.get("device", "none") in ("none", None)
+
+
+def row_layout(config: Config, engine, share_prompt: bool) -> RowLayout:
+    """``data.packing`` (sharing prompts in its own layout where the attention allows), else prompt
+    sharing's passes where ``share_prompt``, else plain padded rows."""
+    if config.data.packing:
+        # One pass whatever the layout: the reasons ``shares_prompt`` may turn sharing off (each of its
+        # passes gathers the parameters again; no key/value cache under gradient checkpointing) do
+        # not apply.
+        packing = packing_for(config, engine.module, config.model.share_prompt is not False)
+        check_packing(engine, packing)
+        return packing
+    return prompt_sharing(engine.module, share_prompt)
+
+
+def build_policy_engine(config: Config, ds_config: dict) -> tuple[object, RowLayout]:
+    import deepspeed
+
+    apply_training_patches()
+    model = load_model(config, ds_config, adapted=config.adapter.active)
+    if config.adapter.active:
+        add_adapters(model, config.adapter, model_dtype(ds_config), zero_stage(ds_config))
+    if config.model.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    schedule = warmup_cosine(config.train)
+    engine, *_ = deepspeed.initialize(
+        model=model,
+        config=ds_config,
+        model_parameters=param_groups(model, config.train.weight_decay),
+        lr_scheduler=lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, schedule),
+    )
+    # from_pretrained returns the model in eval mode: dropout and gradient checkpointing (which
+    # transformers applies only to modules in training mode) would be silently off.
+    engine.train()
+    # Gradient checkpointing drops the key/value cache that prompt sharing continues from.
+    wanted = shares_prompt(config, ds_config) and not config.model.gradient_checkpointing
+    return engine, row_layout(config, engine, wanted)
+
+
+def build_frozen_engine(
+    config: Config, ds_config: dict, name_or_path: str | None = None, offload: bool = False
+) -> tuple[object, RowLayout]:
+    """A ZeRO-3 inference engine (no optimizer): the reference model, or a model under evaluation."""
+    import deepspeed
+
+    check_deepspeed_version()
+    frozen_config = reference_ds_config(ds_config, offload)
+    model = load_model(config, frozen_config, name_or_path)
+    model.eval()
+    model.requires_grad_(False)
+    engine, *_ = deepspeed.initialize(model=model, config=frozen_config)
+    engine.eval()
+    return engine, row_layout(config, engine, shares_prompt(config, frozen_config))
+
+
+def build_reference_engine(config: Config, ds_config: dict) -> tuple[object, RowLayout]:
+    return build_frozen_engine(config, ds_config, config.reference.name_or_path, config.reference.offload)
+
+
+def destroy_engine(engine) -> None:
+    """``engine.destroy()``, and let its model and weights go (DeepSpeed 0.19 would keep them
+    reachable: ``deepspeed_patches.forget_destroyed_engine``)."""
+    module = engine.module
+    engine.destroy()
+    forget_destroyed_engine(module)

@@ -1,0 +1,216 @@
+"""Response log-probabilities from the head's [N, V] logits at the N response positions.
+
+Log-probs of the targets come from ``TargetLogProb``, float32 a chunk of positions at a time, which
+keeps only the [N, V] logits for its backward (no float32 copy, no saved softmax), and reads PLOT's
+top-k supports in the same pass. How a model's forward produces those logits (the LM head only on
+response positions, prompt sharing) is ``pair_forward``'s concern.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..pair_batch import IGNORE_INDEX
+
+
+def to_device(tensor: torch.Tensor, device) -> torch.Tensor:
+    """A host tensor onto ``device`` without making the host wait: a copy from pageable memory
+    synchronises the stream first, one from pinned memory is only queued."""
+    device = torch.device(device)
+    if tensor.device == device or device.type == "cpu":
+        return tensor.to(device)
+    from deepspeed.accelerator import get_accelerator
+
+    return get_accelerator().pin_memory(tensor).to(device, non_blocking=True)
+
+
+@dataclass
+class ResponseTokens:
+    """The N response positions of a batch: ``logits[rows, cols]`` predicts ``targets``."""
+
+    rows: torch.Tensor
+    cols: torch.Tensor
+    targets: torch.Tensor
+    n_rows: int
+
+    @classmethod
+    def of(cls, labels: torch.Tensor) -> "ResponseTokens":
+        """From labels (prompt and padding = IGNORE_INDEX). Works where the labels are: CPU labels
+        give the positions without waiting for the device."""
+        shifted = labels[:, 1:]
+        rows, cols = (shifted != IGNORE_INDEX).nonzero(as_tuple=True)
+        return cls(rows, cols, shifted[rows, cols], labels.shape[0])
+
+    def to(self, device) -> "ResponseTokens":
+        return ResponseTokens(
+            to_device(self.rows, device), to_device(self.cols, device), to_device(self.targets, device), self.n_rows
+        )
+
+    def select(self, per_position: torch.Tensor) -> torch.Tensor:
+        """[rows, length, ...] -> [N, ...]: the entries at the response positions."""
+        return per_position[self.rows, self.cols]
+
+    def row_sums(self, values: torch.Tensor) -> torch.Tensor:
+        return values.new_zeros(self.n_rows).index_add(0, self.rows, values)
+
+    def row_counts(self) -> torch.Tensor:
+        return torch.zeros(self.n_rows, dtype=torch.long, device=self.rows.device).index_add(
+            0, self.rows, torch.ones_like(self.rows)
+        )
+
+
+@dataclass
+class SupportLogits:
+    """Per response position: the ids of its ``k`` most likely tokens, then its target token, and
+    their logits (float32, carrying gradient to the head): all PLOT reads of a top-k support."""
+
+    ids: torch.Tensor  # [N, k + 1]
+    logits: torch.Tensor  # [N, k + 1] float32
+
+
+class TargetLogProb(torch.autograd.Function):
+    """log softmax(logits)[target] per row of [N, V] logits, float32, in chunks of rows; with
+    ``top_k`` > 0 also each row's ``SupportLogits``, read from the same float32 chunk.
+
+    Saves the logits (in their own dtype) and one float per row; the backward recomputes each
+    chunk's softmax, so no [N, V] float32 tensor outlives a chunk. The support logits' gradient is
+    added into the same chunk (a separate gather would have autograd zero-fill an [N, V] gradient and
+    add it to this one). With ``in_place_grad`` the backward writes the gradient over the saved
+    logits instead of allocating a second [N, V] tensor (the step's peak is the head's backward):
+    for logits nothing reads after the backward."""
+
+    @staticmethod
+    def forward(
+        ctx, logits: torch.Tensor, targets: torch.Tensor, chunk: int, in_place_grad: bool = False, top_k: int = 0
+    ):
+        n = logits.shape[0]
+        logsumexp = torch.empty(n, device=logits.device, dtype=torch.float32)
+        picked = torch.empty(n, device=logits.device, dtype=torch.float32)
+        support_ids = targets.new_empty(n, top_k + 1 if top_k else 0)
+        support_logits = torch.empty(support_ids.shape, device=logits.device, dtype=torch.float32)
+        for start in range(0, n, chunk):
+            rows = slice(start, start + chunk)
+            part = logits[rows].float()
+            logsumexp[rows] = part.logsumexp(-1)
+            picked[rows] = part.gather(-1, targets[rows, None]).squeeze(-1)
+            if top_k:
+                support_ids[rows] = torch.cat([part.topk(top_k, dim=-1).indices, targets[rows, None]], -1)
+                support_logits[rows] = part.gather(-1, support_ids[rows])
+        ctx.save_for_backward(logits, targets, logsumexp, support_ids)
+        ctx.chunk, ctx.in_place_grad = chunk, in_place_grad
+        ctx.mark_non_differentiable(support_ids)
+        ctx.set_materialize_grads(False)
+        return picked - logsumexp, support_logits, support_ids
+
+    @staticmethod
+    def backward(ctx, grad_logps: torch.Tensor | None, grad_support: torch.Tensor | None, _):
+        logits, targets, logsumexp, support_ids = ctx.saved_tensors
+        # Each chunk is read (into a float32 temporary) before its rows are overwritten.
+        grad = logits if ctx.in_place_grad else torch.empty_like(logits)
+        for start in range(0, logits.shape[0], ctx.chunk):
+            rows = slice(start, start + ctx.chunk)
+            if grad_logps is None:
+                part = torch.zeros(logits[rows].shape, device=logits.device, dtype=torch.float32)
+            else:
+                # d/dz [z_y - logsumexp(z)] = onehot(y) - softmax(z)
+                scale = grad_logps[rows, None].float()
+                part = (logits[rows].float() - logsumexp[rows, None]).exp_().mul_(-scale)
+                part.scatter_add_(-1, targets[rows, None], scale)
+            if grad_support is not None:
+                part.scatter_add_(-1, support_ids[rows], grad_support[rows].float())
+            grad[rows] = part
+        return grad, None, None, None, None
+
+
+def saved_by_its_own_node(tensor: torch.Tensor) -> bool:
+    """Whether the autograd node that made ``tensor`` saved it for its backward (tanh, exp, ...
+    keep their result): then it must not be overwritten before that backward runs."""
+    node = tensor.grad_fn
+    if node is None:
+        return False
+    for name in dir(node):
+        if name.startswith("_saved_"):
+            value = getattr(node, name)
+            if isinstance(value, torch.Tensor) and value.data_ptr() == tensor.data_ptr():
+                return True
+    return False
+
+
+def target_logps(
+    logits: torch.Tensor, targets: torch.Tensor, chunk: int = 256, in_place_grad: bool = False
+) -> torch.Tensor:
+    return TargetLogProb.apply(logits, targets, chunk, in_place_grad)[0]
+
+
+def target_logps_and_support(
+    logits: torch.Tensor, targets: torch.Tensor, top_k: int, chunk: int = 256, in_place_grad: bool = False
+) -> tuple[torch.Tensor, SupportLogits]:
+    """``target_logps`` and the rows' top-``top_k`` ``SupportLogits`` in one pass over the logits."""
+    logps, support_logits, support_ids = TargetLogProb.apply(logits, targets, chunk, in_place_grad, top_k)
+    return logps, SupportLogits(support_ids, support_logits)
+
+
+def top_k_support(logits: torch.Tensor, targets: torch.Tensor, top_k: int, chunk: int = 512) -> SupportLogits:
+    """The ``SupportLogits`` of [N, V] logits read on their own (autograd gathers the gradient);
+    ``target_logps_and_support`` reads them in its log-prob pass instead. The top-k runs on bounded
+    chunks without autograd."""
+    with torch.no_grad():
+        top = (
+            torch.cat([logits[i : i + chunk].topk(top_k, dim=-1).indices for i in range(0, logits.shape[0], chunk)])
+            if logits.shape[0]
+            else targets.new_zeros(0, top_k)
+        )
+    ids = torch.cat([top, targets.unsqueeze(-1)], dim=-1)
+    return SupportLogits(ids, logits.gather(-1, ids).float())
+
+
+@dataclass
+class PairLogps:
+    """Summed response log-probs and response token counts of the pairs of a micro-batch."""
+
+    chosen: torch.Tensor
+    rejected: torch.Tensor
+    chosen_tokens: torch.Tensor
+    rejected_tokens: torch.Tensor
+
+    @classmethod
+    def from_rows(cls, logps: torch.Tensor, tokens: torch.Tensor) -> "PairLogps":
+        """Rows are chosen responses first, then rejected (see ``data.collate``)."""
+        n = logps.shape[0] // 2
+        return cls(logps[:n], logps[n:], tokens[:n], tokens[n:])
+
+
+@dataclass
+class PairOutputs:
+    """A model's outputs on a collated batch: log-probs, and where a loss needs them the [N, V]
+    logits at the response positions or each position's top-k ``SupportLogits``."""
+
+    logps: PairLogps
+    logits: torch.Tensor | None
+    tokens: ResponseTokens
+    support: SupportLogits | None = None
+
+
+def pair_outputs(logits: torch.Tensor, tokens: ResponseTokens, keep_logits: bool, top_k: int = 0) -> PairOutputs:
+    """The loss path's start: per-pair log-probs (and, for PLOT, the logits or the top-k supports)
+    of the head's [N, V] logits."""
+    # The head's output is read by nothing after the backward (PLOT reads it, or copies of it, in the
+    # forward only), so its gradient may take its place, unless the op that made it needs it back
+    # (a softcap's tanh).
+    in_place = not saved_by_its_own_node(logits)
+    logps, support = target_logps_and_support(logits, tokens.targets, top_k, in_place_grad=in_place)
+    logps = PairLogps.from_rows(tokens.row_sums(logps), tokens.row_counts())
+    return PairOutputs(logps, logits if keep_logits else None, tokens, support if top_k else None)
+
+
+def with_head_input(model, select, **inputs):
+    """The model's own forward (ZeRO-3's hooks and all), with a pre-hook on the output embedding
+    that hands the LM head ``select(hidden states)`` instead of every position's state."""
+    module = getattr(model, "module", model)
+    hook = module.get_output_embeddings().register_forward_pre_hook(lambda _, args: (select(args[0]), *args[1:]))
+    try:
+        return model(**inputs)
+    finally:
+        hook.remove()
