@@ -143,7 +143,7 @@ class DataConfig:
 
 
 # The vanilla terms: whether each needs reference log-probs (docs/method.md has every formula).
-# objective.name: one of the terms (objective_terms.TERMS), or none (PLOT alone).
+# objective.name: one of the terms (terms.TERMS), or none (PLOT alone).
 ObjectiveName = Literal[tuple(TERMS) + ("none",)]  # type: ignore[valid-type]
 
 

@@ -1,5 +1,5 @@
 """One micro-batch, the one way: the reference's outputs, the policy's forward, and, given an
-objective, its loss and metrics. Training (``training.train_step``), evaluation, the global-batch
+objective, its loss and metrics. Training (``loop.train_step``), evaluation, the global-batch
 pre-pass and the reference cache all call ``forward_micro_batch``; ``micro_batch_results`` walks
 one rank's share of a global batch (or of the held-out pairs) through it."""
 

@@ -20,7 +20,7 @@ from ..pair_batch import ForwardNeeds, GlobalTotals
 
 
 def needs_of(term: str) -> ForwardNeeds:
-    """What a term's formula reads, as ``objective_terms.TERMS`` declares it."""
+    """What a term's formula reads, as ``terms.TERMS`` declares it."""
     spec = TERMS[term]
     return ForwardNeeds(reference=spec.reference, global_batch=spec.global_batch)
 
@@ -260,7 +260,7 @@ class Objective(nn.Module):
 
 
 def build_term(name: str, objective_config) -> nn.Module:
-    """One vanilla term, as ``objective_terms.TERMS`` declares it, from the ``objective`` section."""
+    """One vanilla term, as ``terms.TERMS`` declares it, from the ``objective`` section."""
     if name not in TERMS:
         raise ValueError(f"objective: unknown term '{name}'")
     spec = TERMS[name]

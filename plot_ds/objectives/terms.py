@@ -1,7 +1,7 @@
 """The vanilla objective terms, each declared once: its name, the loss module that computes it and
 the ``objective`` config fields it takes, what its formula reads (a reference model, the whole
 global batch), its formula and paper. The config's choices (``ObjectiveConfig``), the table in
-docs/method.md (``terms_table``, checked by a test) and the builders (``objectives.build_term``)
+docs/method.md (``terms_table``, checked by a test) and the builders (``objective.build_term``)
 all read ``TERMS``. No torch here: the config is validated against it before anything heavy loads."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class TermSpec:
     name: str
-    loss: str  # its class in objectives.py
+    loss: str  # its class in objective.py
     parameters: tuple[str, ...] = ()  # ObjectiveConfig fields, its constructor's arguments in order
     options: tuple[tuple[str, object], ...] = ()  # fixed keyword arguments
     reference: bool = False  # reads the reference model's log-probs

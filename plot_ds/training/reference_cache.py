@@ -148,63 +148,45 @@ def temporary_reference_engine(config, ds_config):
         destroy_engine(engine)
 
 
-def cached_reference(
-    config, ds_config, tokenizer, train_examples, eval_examples, reports, dist, open_reference, log=print
-) -> CachedReference:
-    """Load (or compute once, then load) the cache of this run's pairs."""
-    expected = expected_metadata(config, tokenizer, reports, ds_config)
+def cached_reference(run, open_reference) -> CachedReference:
+    """Load (or compute once, then load) the cache of ``run``'s pairs, both splits in one file."""
+    config, dist = run.config, run.dist
+    expected = expected_metadata(config, run.tokenizer, run.reports, run.ds_config)
     path = cache_file(config, expected)
     if not path.is_file():
-        log(f"[plot_ds] computing reference log-probs once into {path}")
+        if dist.is_main:
+            print(f"[plot_ds] computing reference log-probs once into {path}", flush=True)
         splits = reference_pass(
             open_reference,
-            {"train": train_examples, "eval": eval_examples},
+            {"train": run.train_examples, "eval": run.eval_examples},
             config.train.eval_batch_size,
-            tokenizer.pad_token_id,
+            run.pad_id,
             dist,
         )
         release_freed_memory()  # the reference engine is unreachable now
         if dist.is_main:
             _save(path, splits, expected)
         barrier()
-    else:
-        log(f"[plot_ds] reference log-probs from {path}")
+    elif dist.is_main:
+        print(f"[plot_ds] reference log-probs from {path}", flush=True)
     tensors = load_checked(path, expected)
-    for name, examples in (("train", train_examples), ("eval", eval_examples)):
+    for name, examples in (("train", run.train_examples), ("eval", run.eval_examples)):
         if examples and tensors[name].shape[0] != len(examples):
             raise DataError(f"{path}: holds {tensors[name].shape[0]} {name} pairs, this run has {len(examples)}")
     return CachedReference(tensors)
 
 
-def prepare_reference(
-    config,
-    ds_config,
-    tokenizer,
-    objective,
-    train_examples,
-    eval_examples,
-    reports,
-    dist,
-    policy=None,
-    policy_layout=None,
-) -> Reference | None:
-    """The reference side for ``objective``: None when it needs none; with ``reference.mode:
-    cache``, the log-probs computed once; else the frozen reference engine, or, for adapters on their
-    own base, the ``policy`` engine with its adapters off (``adapters.BaseOfPolicy``)."""
-    if not objective.needs.reference:
+def prepare_reference(run) -> Reference | None:
+    """The reference side of a ``training.run.Run`` being set up (its policy and objective built):
+    None when the objective needs none; with ``reference.mode: cache``, the log-probs computed once;
+    else the frozen reference engine, or, for adapters on their own base, the policy engine with its
+    adapters off (``adapters.BaseOfPolicy``)."""
+    if not run.objective.needs.reference:
         return None
-    adapted = policy is not None and peft_model_of(policy.module) is not None
-    base = (BaseOfPolicy(policy), policy_layout) if adapted and base_is_reference(config) else None
+    config, ds_config = run.config, run.ds_config
+    adapted = peft_model_of(run.policy.module) is not None
+    base = (BaseOfPolicy(run.policy), run.policy_layout) if adapted and base_is_reference(config) else None
     if config.reference.mode == "engine":
         return LiveReference(*(base or build_reference_engine(config, ds_config)))
-    return cached_reference(
-        config,
-        ds_config,
-        tokenizer,
-        train_examples,
-        eval_examples,
-        reports,
-        dist,
-        open_reference=(lambda: nullcontext(base)) if base else (lambda: temporary_reference_engine(config, ds_config)),
-        log=lambda m: print(m, flush=True) if dist.is_main else None,
-    )
+    open_reference = (lambda: nullcontext(base)) if base else (lambda: temporary_reference_engine(config, ds_config))
+    return cached_reference(run, open_reference)

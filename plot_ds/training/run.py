@@ -94,11 +94,7 @@ def setup_run(config: Config, dist: DistInfo | None = None, frozen_model: str | 
     else:
         policy, policy_layout = build_frozen_engine(config, ds_config, frozen_model)
     objective = build_objective(config, embedding_rows_for(policy.module, config.plot))
-    # The cache, when used, covers both splits: one file serves training and evaluation runs.
-    reference = prepare_reference(
-        config, ds_config, tokenizer, objective, train_examples, eval_examples, reports, dist, policy, policy_layout
-    )
-    return Run(
+    run = Run(
         config,
         dist,
         ds_config,
@@ -110,6 +106,8 @@ def setup_run(config: Config, dist: DistInfo | None = None, frozen_model: str | 
         policy,
         policy_layout,
         objective,
-        reference,
-        resume_from,
+        reference=None,
+        resume_from=resume_from,
     )
+    run.reference = prepare_reference(run)
+    return run

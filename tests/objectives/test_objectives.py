@@ -319,7 +319,7 @@ def test_weighted_terms_sum_their_losses_and_log_each():
 
 
 def test_each_term_is_declared_once_and_the_config_the_docs_and_the_builders_read_it():
-    """objective_terms.TERMS: the config's choices are its names (and none), docs/method.md's table
+    """terms.TERMS: the config's choices are its names (and none), docs/method.md's table
     is rendered from it, each builds the loss it names with the config fields it lists, and the
     loss's needs are the ones it declares."""
     import typing
