@@ -10,6 +10,7 @@
 # for fewer OT problems, GPU_CHECK_TRL_STEPS and GPU_CHECK_TRL_ARGS for a shorter TRL comparison).
 # GPU_CHECK_PACKING_ARGS: bench/packing.py's arguments for a shorter run. GPU_CHECK_SHAPE=tiny: a
 # model of SmolLM2's family and vocabulary but a few narrow layers (the CPU smoke test).
+# GPU_CHECK_HEAD_POSITIONS (12288): response positions of the tiled-head section.
 # GPU_CHECK_ASSETS, GPU_CHECK_MODEL, GPU_CHECK_RUN_DIR, GPU_CHECK_WHEELS: where things are.
 # Each section has its own time limit and a failed one does not stop the next: one lease, all results.
 set -uo pipefail
@@ -123,6 +124,13 @@ read -r -a PACKING_EXTRA <<< "${GPU_CHECK_PACKING_ARGS:-}"
 bench "padded vs packed rows (data.packing), ${PRECISION}, micro-batch 8" 120 \
     "$PYTHON" bench/packing.py --model "$MODEL" --data "$DATA" --device "$DEVICE" --precision "$PRECISION" \
     --pairs 64 --micro-batch 8 --max-length 512 --max-prompt-length 256 "${PACKING_EXTRA[@]}"
+
+# The LM head at a 16k-token pair (12288 response positions): the tiled head against the whole
+# [N, V] head, peak allocated and time.
+HEAD_POSITIONS="${GPU_CHECK_HEAD_POSITIONS:-12288}"
+HEAD_DTYPE="$([[ "$PRECISION" == fp32 ]] && echo float32 || echo bfloat16)"
+bench "tiled vs whole LM head, N = ${HEAD_POSITIONS} (12288: a 16k-token pair), ${HEAD_DTYPE}" 120 \
+    "$PYTHON" bench/tiled_head.py --model "$MODEL" --positions "$HEAD_POSITIONS" --dtype "$HEAD_DTYPE" --repeats 3
 
 # The comparison grid at full lengths, one seed: what each variant costs per step and in memory on a
 # GPU. The model here has random weights (the real one does not fit what a run carries), so its

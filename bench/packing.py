@@ -66,10 +66,10 @@ class Clock:
 
 
 def timed_step(model, batch, layout, clock: Clock) -> float:
-    from plot_ds.forward.pair_forward import forward_pairs
+    from plot_ds.forward.pair_forward import ForwardLayout, forward_pairs
 
     started = clock.now()
-    out = forward_pairs(model, batch, keep_logits=False, layout=layout)
+    out = forward_pairs(model, batch, keep_logits=False, layout=ForwardLayout(layout))
     (out.logps.chosen.sum() - out.logps.rejected.sum()).backward()
     model.zero_grad(set_to_none=True)
     return clock.now() - started

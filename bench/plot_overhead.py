@@ -52,7 +52,7 @@ def loss_path_seconds(run, objectives: dict, batch, repeats: int) -> dict[str, f
     batch's head logits (a fresh copy each time: the backward overwrites them)."""
     policy = run.policy
     with torch.no_grad():
-        logits, tokens = head_logits(policy, batch, run.policy_layout)
+        logits, tokens = head_logits(policy, batch, run.policy_layout.rows)
         needs_reference_logits = any(o.needs.reference_logits for o in objectives.values())
         reference_out = run.reference.outputs(batch, needs_reference_logits, policy.device) if run.reference else None
     totals = GlobalTotals.from_counts(batch.counts, policy.device)

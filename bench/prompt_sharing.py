@@ -40,12 +40,12 @@ def batches_for(tokenizer, pairs, prompt_length, micro_batch):
 
 
 def timed_step(model, batch, share):
-    from plot_ds.forward.pair_forward import forward_pairs
+    from plot_ds.forward.pair_forward import ForwardLayout, forward_pairs
     from plot_ds.forward.prompt_sharing import prompt_sharing
 
     sharing = prompt_sharing(model, share)
     started = time.process_time()
-    out = forward_pairs(model, batch, keep_logits=False, layout=sharing)
+    out = forward_pairs(model, batch, keep_logits=False, layout=ForwardLayout(sharing))
     (out.logps.chosen.sum() - out.logps.rejected.sum()).backward()
     model.zero_grad(set_to_none=True)
     return time.process_time() - started

@@ -194,6 +194,7 @@ def test_gpu_check_script_runs_end_to_end_on_cpu(tmp_path):
         GPU_CHECK_BENCH_STEPS="1",
         GPU_CHECK_PRECISION="fp32",
         GPU_CHECK_PROBLEMS="8",
+        GPU_CHECK_HEAD_POSITIONS="64",
         GPU_CHECK_TRL_STEPS="2",
         GPU_CHECK_WHEELS=str(tmp_path / "no_wheels"),  # the packages of this machine
         GPU_CHECK_ARGS="--data.max_length 48 --data.max_prompt_length 24 --data.eval_size 0",
@@ -213,6 +214,9 @@ def test_gpu_check_script_runs_end_to_end_on_cpu(tmp_path):
         results.setdefault(record["benchmark"], []).append(record)
     assert results["plot_overhead"][0]["overhead_ratio"] > 0
     assert results["sinkhorn_vs_pot"][0]["problems"] == 8
+    head = results["tiled_head"][0]
+    assert [row["positions"] for row in head["rows"]] == [64] and head["dtype"] == "float32"
+    assert head["rows"][0]["whole_seconds"] > 0 and head["rows"][0]["tiled_seconds"] > 0
     packed = results["packing"][0]
     assert packed["packed_positions"] == packed["row_tokens"] <= packed["padded_positions"]
     profile = (out / "profile.txt").read_text()

@@ -1,7 +1,7 @@
 """DeepSpeed engines: the trained policy, and frozen ones (the reference model, a model under
 evaluation). Each builder returns the engine and how its rows are laid out
-(``pair_forward.RowLayout``: prompt sharing, packing, or None), which the loss path is handed
-explicitly.
+(``pair_forward.ForwardLayout``: prompt sharing, packing or plain rows; the LM head tiled or whole),
+which the loss path is handed explicitly.
 """
 
 from __future__ import annotations
@@ -15,8 +15,13 @@ from .ds_config import model_dtype, reference_ds_config, zero_stage
 from .models import load_model
 from .optim import param_groups, warmup_cosine
 from ..forward.packing import packing_for
-from ..forward.pair_forward import RowLayout, check_packing
+from ..errors import ModelError
+from ..forward.pair_forward import ForwardLayout, check_packing
 from ..forward.prompt_sharing import prompt_sharing
+from ..forward.tiled_head import tile_positions, why_not_tiled
+
+# model.tiled_head auto: the head is tiled for a micro-batch of more response positions than this.
+TILED_ABOVE = 4096
 
 
 def shares_prompt(config, ds_config: dict) -> bool:
@@ -35,7 +40,7 @@ def shares_prompt(config, ds_config: dict) -> bool:
     return ranks == 1 and offload.get("device", "none") in ("none", None)
 
 
-def row_layout(config: Config, engine, share_prompt: bool) -> RowLayout:
+def rows_layout(config: Config, engine, share_prompt: bool):
     """``data.packing`` (sharing prompts in its own layout where the attention allows), else prompt
     sharing's passes where ``share_prompt``, else plain padded rows."""
     if config.data.packing:
@@ -48,7 +53,23 @@ def row_layout(config: Config, engine, share_prompt: bool) -> RowLayout:
     return prompt_sharing(engine.module, share_prompt)
 
 
-def build_policy_engine(config: Config, ds_config: dict) -> tuple[object, RowLayout]:
+def head_tiling(config: Config, module) -> tuple[int, int]:
+    """``model.tiled_head`` for a loaded model: (positions per tile, tiled above how many response
+    positions); (0, 0) for the whole head."""
+    setting = config.model.tiled_head
+    reason = why_not_tiled(module) if setting is not False else None
+    if setting is True and reason:
+        raise ModelError(f"model.tiled_head true: {type(module).__name__} cannot tile its head: {reason}; set it auto")
+    if setting is False or reason:
+        return 0, 0
+    return tile_positions(module.config.vocab_size), 0 if setting is True else TILED_ABOVE
+
+
+def forward_layout(config: Config, engine, share_prompt: bool) -> ForwardLayout:
+    return ForwardLayout(rows_layout(config, engine, share_prompt), *head_tiling(config, engine.module))
+
+
+def build_policy_engine(config: Config, ds_config: dict) -> tuple[object, ForwardLayout]:
     import deepspeed
 
     apply_training_patches()
@@ -69,12 +90,12 @@ def build_policy_engine(config: Config, ds_config: dict) -> tuple[object, RowLay
     engine.train()
     # Gradient checkpointing drops the key/value cache that prompt sharing continues from.
     wanted = shares_prompt(config, ds_config) and not config.model.gradient_checkpointing
-    return engine, row_layout(config, engine, wanted)
+    return engine, forward_layout(config, engine, wanted)
 
 
 def build_frozen_engine(
     config: Config, ds_config: dict, name_or_path: str | None = None, offload: bool = False
-) -> tuple[object, RowLayout]:
+) -> tuple[object, ForwardLayout]:
     """A ZeRO-3 inference engine (no optimizer): the reference model, or a model under evaluation."""
     import deepspeed
 
@@ -85,10 +106,10 @@ def build_frozen_engine(
     model.requires_grad_(False)
     engine, *_ = deepspeed.initialize(model=model, config=frozen_config)
     engine.eval()
-    return engine, row_layout(config, engine, shares_prompt(config, frozen_config))
+    return engine, forward_layout(config, engine, shares_prompt(config, frozen_config))
 
 
-def build_reference_engine(config: Config, ds_config: dict) -> tuple[object, RowLayout]:
+def build_reference_engine(config: Config, ds_config: dict) -> tuple[object, ForwardLayout]:
     return build_frozen_engine(config, ds_config, config.reference.name_or_path, config.reference.offload)
 
 

@@ -13,7 +13,7 @@ import torch
 from .global_batch import BatchTable, gather_batch_table
 from .logprobs import PairOutputs
 from ..pair_batch import ForwardNeeds, GlobalTotals, PairBatch
-from .pair_forward import RowLayout, forward_pairs
+from .pair_forward import ForwardLayout, forward_pairs
 from .reference import Reference
 
 
@@ -24,7 +24,7 @@ class PairModels:
     reference holds each split's log-probs)."""
 
     policy: object
-    layout: RowLayout = None
+    layout: ForwardLayout = ForwardLayout()
     reference: Reference | None = None
     split: str = "train"
 

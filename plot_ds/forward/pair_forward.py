@@ -3,20 +3,36 @@ their prompts (``prompt_sharing``) or packed into one row (``packing``), the LM 
 positions that predict a response token (a pre-hook hands it those hidden states: prompt and
 padding positions never reach the vocabulary projection), then ``logprobs.pair_outputs``.
 
-How an engine lays out its rows (``RowLayout``: prompt sharing, packing or plain padded rows) is
-decided when it is built (``engine``) and handed here explicitly.
+How an engine lays out its forward (``ForwardLayout``: prompt sharing, packing or plain padded rows;
+the LM head tiled or whole) is decided when it is built (``engine.engines``) and handed here
+explicitly.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from .logprobs import PairOutputs, ResponseTokens, pair_outputs, to_device, with_head_input
+from .logprobs import PairLogps, PairOutputs, ResponseTokens, SupportLogits, pair_outputs, to_device, with_head_input
 from .packing import Packing, packed_logits
 from ..pair_batch import PairBatch
 from .prompt_sharing import PromptSharing, shared_prompt_logits
+from .tiled_head import TiledOutputs, tiled_head
 
-RowLayout = PromptSharing | Packing | None
+
+@dataclass(frozen=True)
+class ForwardLayout:
+    """How an engine's forward lays out a batch: its rows (prompt sharing, packing, or None: plain
+    padded rows) and its LM head (``head_tile`` positions at a time, ``tiled_head``, where a batch's
+    response positions exceed ``tiled_above``; 0: always the whole [N, V] head)."""
+
+    rows: PromptSharing | Packing | None = None
+    head_tile: int = 0
+    tiled_above: int = 0
+
+    def tiles(self, positions: int, keep_logits: bool) -> bool:
+        return bool(self.head_tile) and not keep_logits and positions > self.tiled_above
 
 
 def response_logits(model, input_ids, attention_mask, tokens: ResponseTokens) -> torch.Tensor:
@@ -26,15 +42,18 @@ def response_logits(model, input_ids, attention_mask, tokens: ResponseTokens) ->
     ).logits
 
 
-def head_logits(model, batch: PairBatch, layout: RowLayout = None) -> tuple[torch.Tensor, ResponseTokens]:
-    """The [N, V] logits at the response positions of a collated batch, and those positions."""
+def head_logits(
+    model, batch: PairBatch, rows: PromptSharing | Packing | None = None, cpu_tokens: ResponseTokens | None = None
+) -> tuple[torch.Tensor, ResponseTokens]:
+    """The head's output at the response positions of a collated batch ([N, V] logits, or what a
+    ``tiled_head`` makes of them), and those positions."""
     device = model.device
-    cpu_tokens = ResponseTokens.of(batch.labels)
+    cpu_tokens = ResponseTokens.of(batch.labels) if cpu_tokens is None else cpu_tokens
     logits = None
-    if isinstance(layout, Packing):
-        logits = packed_logits(model, batch, cpu_tokens, device, layout)
-    elif isinstance(layout, PromptSharing):
-        logits = shared_prompt_logits(model, batch, cpu_tokens, device, layout)
+    if isinstance(rows, Packing):
+        logits = packed_logits(model, batch, cpu_tokens, device, rows)
+    elif isinstance(rows, PromptSharing):
+        logits = shared_prompt_logits(model, batch, cpu_tokens, device, rows)
     tokens = cpu_tokens.to(device)
     if logits is None:
         logits = response_logits(
@@ -78,8 +97,18 @@ def check_packing(model, packing: Packing) -> None:
         )
 
 
-def forward_pairs(model, batch: PairBatch, keep_logits: bool, top_k: int = 0, layout: RowLayout = None) -> PairOutputs:
+def forward_pairs(
+    model, batch: PairBatch, keep_logits: bool, top_k: int = 0, layout: ForwardLayout = ForwardLayout()
+) -> PairOutputs:
     """One forward over the chosen and rejected rows of a collated batch. ``keep_logits`` keeps the
     [N, V] logits; ``top_k`` > 0 reads each position's top-k ``SupportLogits`` in the log-prob pass;
-    ``layout``: each prompt computed once, or the rows packed."""
-    return pair_outputs(*head_logits(model, batch, layout), keep_logits, top_k)
+    ``layout``: each prompt computed once or the rows packed, and the head tiled or whole."""
+    cpu_tokens = ResponseTokens.of(batch.labels)
+    if not layout.tiles(cpu_tokens.targets.numel(), keep_logits):
+        return pair_outputs(*head_logits(model, batch, layout.rows, cpu_tokens), keep_logits, top_k)
+    targets = to_device(cpu_tokens.targets, model.device)
+    with tiled_head(model, targets, top_k, layout.head_tile):
+        packed, tokens = head_logits(model, batch, layout.rows, cpu_tokens)
+    out = TiledOutputs.unpack(packed, top_k)
+    logps = PairLogps.from_rows(tokens.row_sums(out.logps), tokens.row_counts())
+    return PairOutputs(logps, None, tokens, SupportLogits(out.support_ids, out.support_logits) if top_k else None)

@@ -8,13 +8,13 @@ import torch
 
 from .logprobs import PairLogps, PairOutputs, ResponseTokens, to_device
 from ..pair_batch import PairBatch
-from .pair_forward import RowLayout, forward_pairs
+from .pair_forward import ForwardLayout, forward_pairs
 
 
 class LiveReference:
     """A no-grad forward of ``engine`` (laid out as ``layout``) for every micro-batch."""
 
-    def __init__(self, engine, layout: RowLayout = None):
+    def __init__(self, engine, layout: ForwardLayout = ForwardLayout()):
         self.engine, self.layout = engine, layout
 
     def outputs(self, batch: PairBatch, keep_logits: bool, device, split: str = "train") -> PairOutputs:

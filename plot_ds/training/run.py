@@ -21,7 +21,7 @@ from ..engine.models import load_tokenizer
 from ..forward.micro_batch import PairModels
 from ..objectives.objective import Objective, build_objective
 from ..pair_batch import PairBatch
-from ..forward.pair_forward import RowLayout
+from ..forward.pair_forward import ForwardLayout
 from ..forward.reference import Reference
 from .reference_cache import prepare_reference
 from .rng import seed_everything
@@ -38,7 +38,7 @@ class Run:
     reports: list[DataReport]
     sampler: GlobalBatchSampler | None  # None for a frozen policy
     policy: Any  # the DeepSpeed engine
-    policy_layout: RowLayout  # prompt sharing, packing, or None
+    policy_layout: ForwardLayout  # prompt sharing or packing; the head tiled or whole
     objective: Objective
     reference: Reference | None  # a frozen engine or cached log-probs; None when not needed
     resume_from: Path | None  # the checkpoint this run continues from

@@ -13,7 +13,7 @@ from plot_ds.forward.logprobs import ResponseTokens
 from plot_ds.objectives.objective import build_objective
 from plot_ds.pair_batch import GlobalTotals, PairCounts
 from plot_ds.forward.packing import CHOSEN, PROMPT, REJECTED, Packing, pack_rows, pack_shared_prompt, packing_for
-from plot_ds.forward.pair_forward import forward_pairs
+from plot_ds.forward.pair_forward import ForwardLayout, forward_pairs
 from plot_ds.forward.prompt_sharing import SharedLayout, prompt_sharing
 
 # Prompts, chosen and rejected responses of different lengths (a one-token response among them).
@@ -131,9 +131,9 @@ def loss_path(model, layout, overrides):
     batch = collate(BATCH, pad_id=2)
     model.zero_grad()
     with torch.no_grad():
-        reference = forward_pairs(model, batch, objective.needs.reference_logits, 0, layout)
+        reference = forward_pairs(model, batch, objective.needs.reference_logits, 0, ForwardLayout(layout))
         reference.logps.chosen += torch.tensor([0.3, -0.2, 0.1])
-    policy = forward_pairs(model, batch, objective.needs.policy_logits, objective.needs.top_k, layout)
+    policy = forward_pairs(model, batch, objective.needs.policy_logits, objective.needs.top_k, ForwardLayout(layout))
     loss, metrics = objective(policy, reference, GlobalTotals.from_counts(batch.counts))
     loss.backward()
     grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
@@ -207,10 +207,10 @@ def test_a_filler_batch_packs():
     objective = build_objective(load_config(None, PLOT), embedding_rows_for(model, load_config(None, PLOT).plot))
     for layout in (None, Packing(share_prompt=True, varlen=False), Packing(share_prompt=False, varlen=False)):
         with torch.no_grad():
-            expected = forward_pairs(model, real, keep_logits=False, layout=None).logps
-            reference = forward_pairs(model, filler, objective.needs.reference_logits, 0, layout)
+            expected = forward_pairs(model, real, keep_logits=False).logps
+            reference = forward_pairs(model, filler, objective.needs.reference_logits, 0, ForwardLayout(layout))
         model.zero_grad(set_to_none=True)
-        out = forward_pairs(model, filler, objective.needs.policy_logits, objective.needs.top_k, layout)
+        out = forward_pairs(model, filler, objective.needs.policy_logits, objective.needs.top_k, ForwardLayout(layout))
         torch.testing.assert_close(out.logps.chosen, expected.chosen, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(out.logps.rejected, expected.rejected, rtol=1e-5, atol=1e-5)
         # The totals of a global batch whose other micro-batches hold one real pair.

@@ -89,7 +89,8 @@ def test_the_training_loss_path_never_waits_for_the_device(monkeypatch, share, o
     with HostWaits(policy, reference) as probe:
         transfer_marking(probe, monkeypatch)
         totals = GlobalTotals.from_counts(probe.mark(batch.counts.as_tensor()))
-        models = PairModels(policy, sharing, LiveReference(reference, sharing))
+        layout = pair_forward.ForwardLayout(sharing)
+        models = PairModels(policy, layout, LiveReference(reference, layout))
         result = forward_micro_batch(models, batch, objective.needs, objective, totals)
         loss, metrics, policy_out = result.loss, result.metrics, result.policy
         loss.backward()

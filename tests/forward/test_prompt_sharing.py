@@ -9,7 +9,7 @@ from plot_ds.config import load_config
 from plot_ds.data import collate
 from plot_ds.engine.ds_config import load_ds_config, reference_ds_config
 from plot_ds.data.tokenize import TokenizedPair
-from plot_ds.forward.pair_forward import forward_pairs
+from plot_ds.forward.pair_forward import ForwardLayout, forward_pairs
 from plot_ds.forward.prompt_sharing import (
     cache_argument,
     cache_rows,
@@ -53,7 +53,7 @@ def test_shared_prompt_forward_equals_the_full_rows(tiny_model_dir, monkeypatch,
     for shared in (False, True):
         model.zero_grad()
         passes.clear()
-        out = forward_pairs(model, batch, keep_logits=True, layout=prompt_sharing(model, shared))
+        out = forward_pairs(model, batch, keep_logits=True, layout=ForwardLayout(prompt_sharing(model, shared)))
         (out.logps.chosen.sum() - 0.5 * out.logps.rejected.sum()).backward()
         grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
         results[shared] = (out, grads)
@@ -109,7 +109,7 @@ def test_shared_prompt_over_a_sliding_window_cache_equals_the_full_rows(window, 
         sharing = prompt_sharing(model, shared)
         assert (sharing is not None) is shared
         passes.clear()
-        out = forward_pairs(model, batch, keep_logits=True, layout=sharing)
+        out = forward_pairs(model, batch, keep_logits=True, layout=ForwardLayout(sharing))
         out.logps.chosen.sum().backward()
         results[shared] = (out.logits, {n: p.grad.clone() for n, p in model.named_parameters()})
         # Shared: the prompts (3 x 5), then responses of lengths 1, 2, 2 and 3, 4, 6 over copies of the

@@ -234,6 +234,28 @@ def test_packed_step_equals_the_padded_one_at_1_and_2_ranks(step_results, varian
             assert got["metrics"][metric] == pytest.approx(padded["metrics"][metric], rel=1e-5, abs=1e-7)
 
 
+@pytest.mark.parametrize("variant", ["dpo+plot_tiled", "dpo+plot_tiled_shared"])
+def test_tiled_head_step_equals_the_whole_head_at_1_and_2_ranks(step_results, variant):
+    """The LM head a tile of positions at a time under ZeRO-3 (its weight gathered again for the
+    backward's recomputation, tied to the embedding PLOT reads): the same loss, PLOT weights and
+    gradients as the whole [N, V] head (``dpo+plot``) in one process."""
+    whole = step_results["one"]["dpo+plot:8x1"]
+    runs = [("one", "8x1", step_results["one"])] + [("two", split, r) for split in SPLITS for r in step_results["two"]]
+    for where, split, results in runs:
+        got = results[f"{variant}:{split}"]
+        assert got["head_tiles"] > 2 * len(got["input_tokens"]), got["head_tiles"]  # several per forward
+        for name, grad in whole["grads"].items():
+            torch.testing.assert_close(
+                got["grads"][name],
+                grad,
+                rtol=1e-4,
+                atol=1e-5 * grad.abs().max().item(),
+                msg=lambda m: f"{variant} {where} {split} {name}: {m}",
+            )
+        for metric in ("loss/total", "loss/plot", "loss/dpo", "plot/w_chosen", "plot/w_rejected"):
+            assert got["metrics"][metric] == pytest.approx(whole["metrics"][metric], rel=1e-5, abs=1e-7)
+
+
 def test_lora_trains_only_the_adapters_against_the_base(step_results):
     """Only adapter weights have gradients (every one nonzero, so the comparison above compared
     them all); the frozen base's embedding still gives PLOT its geometry; DPO's log-ratios against

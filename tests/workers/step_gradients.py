@@ -24,6 +24,8 @@ from deepspeed.utils import safe_get_full_grad, z3_leaf_module
 
 from plot_ds.forward import packing
 from plot_ds.forward import prompt_sharing
+from plot_ds.forward import tiled_head
+from plot_ds.engine import engines
 from plot_ds.config import load_config
 from plot_ds.data import GlobalBatchSampler
 from plot_ds.distributed.process_group import init_distributed
@@ -114,6 +116,22 @@ VARIANTS = {
         "plot.rejected_weight": 0.5,
         "plot.top_k": 16,
         "data.packing": True,
+        "model.share_prompt": True,
+    },
+    # The LM head a tile of positions at a time (3 positions, so that every micro-batch has several
+    # tiles), on full rows and over prompt sharing's passes.
+    "dpo+plot_tiled": {
+        "objective.name": "dpo",
+        "plot.rejected_weight": 0.5,
+        "plot.top_k": 16,
+        "model.tiled_head": True,
+        "model.share_prompt": False,
+    },
+    "dpo+plot_tiled_shared": {
+        "objective.name": "dpo",
+        "plot.rejected_weight": 0.5,
+        "plot.top_k": 16,
+        "model.tiled_head": True,
         "model.share_prompt": True,
     },
     "none+plot_ref_mix": {
@@ -233,6 +251,22 @@ def recording_passes(passes: list, module=prompt_sharing):
     return real
 
 
+def counting_tiles(tiles: list):
+    """Count the tiles every tiled head computes (each call adds ceil(positions / tile))."""
+    real = tiled_head.TiledHeadLogProb.apply
+
+    def counted(hidden, weight, bias, targets, tile, top_k):
+        tiles.append(-(-hidden.shape[0] // tile))
+        return real(hidden, weight, bias, targets, tile, top_k)
+
+    tiled_head.TiledHeadLogProb.apply = counted
+    return real
+
+
+# Tiles of 3 positions: several per micro-batch even at one pair per micro-batch.
+engines.tile_positions = lambda vocab_size: 3
+
+
 def split_config(overrides: dict, model_dir: str, ds_config_path: str, split: str) -> object:
     micro, accum = map(int, split.split("x"))
     return load_config(
@@ -313,7 +347,8 @@ def step_record(run, variant: str) -> dict:
             p.grad.untyped_storage().data_ptr() for group in optimizer.param_groups for p in group["params"]
         )
     )
-    passes, packed_passes = [], []
+    passes, packed_passes, tiles = [], [], []
+    real_tiled_apply = counting_tiles(tiles)
     real_with_head_input = recording_passes(passes)
     real_packed_with_head_input = recording_passes(packed_passes, packing)
     try:
@@ -321,6 +356,7 @@ def step_record(run, variant: str) -> dict:
     finally:
         prompt_sharing.with_head_input = real_with_head_input
         packing.with_head_input = real_packed_with_head_input
+        tiled_head.TiledHeadLogProb.apply = real_tiled_apply
         hook.remove()
     partition = {
         name: (int(p.ds_tensor.numel()), int(p.ds_numel), int(p.numel()))
@@ -335,6 +371,7 @@ def step_record(run, variant: str) -> dict:
         "partition": partition,
         "shared_passes": passes,
         "packed_passes": packed_passes,
+        "head_tiles": sum(tiles),
         "input_tokens": [int(batch.attention_mask.sum()) for batch in batches],
         "response_lengths": [batch.labels.ne(-100).sum(1).tolist() for batch in batches],
         "global_batch": sampler.global_batch(step),
