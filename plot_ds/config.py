@@ -37,8 +37,8 @@ class ModelConfig:
     share_prompt: Union[bool, Literal["auto"]] = "auto"
     # The LM head a tile of positions at a time (plot_ds/forward/tiled_head.py): no [N, V] logits in
     # any dtype, for one more head matmul in the backward. auto: tiled where a micro-batch's
-    # response positions exceed engines.TILED_ABOVE (timings in docs/benchmarks.md); a model that
-    # transforms its logits (a soft cap) keeps the whole head, and true refuses it.
+    # [N, V] logits would exceed engines.TILED_ABOVE_BYTES (1 GiB; timings in docs/benchmarks.md);
+    # a model that transforms its logits (a soft cap) keeps the whole head, and true refuses it.
     tiled_head: Union[bool, Literal["auto"]] = "auto"
 
     def validate(self) -> None:

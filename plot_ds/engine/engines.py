@@ -20,8 +20,9 @@ from ..forward.pair_forward import ForwardLayout, check_packing
 from ..forward.prompt_sharing import prompt_sharing
 from ..forward.tiled_head import tile_positions, why_not_tiled
 
-# model.tiled_head auto: the head is tiled for a micro-batch of more response positions than this.
-TILED_ABOVE = 4096
+# model.tiled_head auto: the head is tiled for a micro-batch whose [N, V] logits would take more
+# bytes than this (the tiled head's backward recomputes the head's matmul: below, speed wins).
+TILED_ABOVE_BYTES = 2**30
 
 
 def shares_prompt(config, ds_config: dict) -> bool:
@@ -62,7 +63,9 @@ def head_tiling(config: Config, module) -> tuple[int, int]:
         raise ModelError(f"model.tiled_head true: {type(module).__name__} cannot tile its head: {reason}; set it auto")
     if setting is False or reason:
         return 0, 0
-    return tile_positions(module.config.vocab_size), 0 if setting is True else TILED_ABOVE
+    head = module.get_output_embeddings().weight
+    vocab_size = module.config.vocab_size
+    return tile_positions(vocab_size), 0 if setting is True else TILED_ABOVE_BYTES // (vocab_size * head.element_size())
 
 
 def forward_layout(config: Config, engine, share_prompt: bool) -> ForwardLayout:

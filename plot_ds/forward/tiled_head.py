@@ -19,7 +19,8 @@ from dataclasses import dataclass
 import torch
 
 # A tile's float32 logits stay under this many bytes (the head's matmul output in the model's dtype
-# and the softmax's temporaries are of the same order).
+# and the softmax's temporaries are of the same order). Smaller tiles save a little memory and cost
+# matmul efficiency (both measured in docs/benchmarks.md).
 TILE_BYTES = 64 * 2**20
 
 

@@ -7,7 +7,7 @@ import torch
 from plot_ds.config import load_config
 from plot_ds.data import collate
 from plot_ds.data.tokenize import TokenizedPair
-from plot_ds.engine.engines import head_tiling
+from plot_ds.engine.engines import TILED_ABOVE_BYTES, head_tiling
 from plot_ds.errors import ModelError
 from plot_ds.forward.logprobs import target_logps_and_support
 from plot_ds.forward.packing import Packing
@@ -131,14 +131,15 @@ def test_tiled_forward_equals_the_whole_head(tiny_model_dir, rows, top_k):
 
 
 def test_the_head_is_tiled_only_where_it_can_be(tiny_model_dir, tmp_path):
-    """auto tiles a plain Linear head above engines.TILED_ABOVE positions; a model that soft-caps its
-    logits keeps the whole head under auto and is refused under true, with the reason."""
+    """auto tiles a plain Linear head where a micro-batch's logits would pass
+    engines.TILED_ABOVE_BYTES; a model that soft-caps its logits keeps the whole head under auto and
+    is refused under true, with the reason."""
     from transformers import AutoModelForCausalLM, Gemma2Config, Gemma2ForCausalLM
 
     llama = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     config = lambda setting: load_config(None, {"model.tiled_head": setting})  # noqa: E731
     tile, above = head_tiling(config("auto"), llama)
-    assert tile == tile_positions(llama.config.vocab_size) and above > 0
+    assert tile == tile_positions(llama.config.vocab_size) and above == TILED_ABOVE_BYTES // (49152 * 4)
     assert head_tiling(config(True), llama) == (tile, 0)
     assert head_tiling(config(False), llama) == (0, 0)
     layout = ForwardLayout(None, tile, above)
