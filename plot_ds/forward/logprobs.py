@@ -70,6 +70,51 @@ class SupportLogits:
     logits: torch.Tensor  # [N, k + 1] float32
 
 
+@dataclass
+class RowOutputs:
+    """Per row of a head's logits: float32 log-sum-exp and target logit, and, with a top-k, the
+    support (top-k ids, then the target) and its float32 logits; filled a tile of rows at a time."""
+
+    logsumexp: torch.Tensor  # [N]
+    picked: torch.Tensor  # [N]
+    support_ids: torch.Tensor  # [N, k + 1]; [N, 0] without a support
+    support_logits: torch.Tensor  # [N, k + 1]
+
+    @classmethod
+    def empty(cls, n: int, targets: torch.Tensor, top_k: int) -> "RowOutputs":
+        support_ids = targets.new_empty(n, top_k + 1 if top_k else 0)
+        floats = lambda *shape: torch.empty(shape, device=targets.device, dtype=torch.float32)  # noqa: E731
+        return cls(floats(n), floats(n), support_ids, floats(*support_ids.shape))
+
+    def read(self, logits: torch.Tensor, targets: torch.Tensor, rows: slice) -> None:
+        """``rows``' outputs from their float32 ``logits`` and ``targets``."""
+        self.logsumexp[rows] = logits.logsumexp(-1)
+        self.picked[rows] = logits.gather(-1, targets[:, None]).squeeze(-1)
+        if self.support_ids.shape[1]:
+            top = logits.topk(self.support_ids.shape[1] - 1, dim=-1).indices
+            self.support_ids[rows] = torch.cat([top, targets[:, None]], -1)
+            self.support_logits[rows] = logits.gather(-1, self.support_ids[rows])
+
+    @property
+    def logps(self) -> torch.Tensor:
+        return self.picked - self.logsumexp
+
+
+def tile_gradient(logits, targets, logsumexp, support_ids, grad_logps, grad_support) -> torch.Tensor:
+    """The gradient of a tile's float32 logits (overwritten with it) from the gradients of its rows'
+    log-probs and support logits."""
+    if grad_logps is None:
+        logits.zero_()
+    else:
+        # d/dz [z_y - logsumexp(z)] = onehot(y) - softmax(z)
+        scale = grad_logps[:, None].float()
+        logits.sub_(logsumexp[:, None]).exp_().mul_(-scale)
+        logits.scatter_add_(-1, targets[:, None], scale)
+    if grad_support is not None:
+        logits.scatter_add_(-1, support_ids, grad_support.float())
+    return logits
+
+
 class TargetLogProb(torch.autograd.Function):
     """log softmax(logits)[target] per row of [N, V] logits, float32, in chunks of rows; with
     ``top_k`` > 0 also each row's ``SupportLogits``, read from the same float32 chunk.
@@ -85,24 +130,15 @@ class TargetLogProb(torch.autograd.Function):
     def forward(
         ctx, logits: torch.Tensor, targets: torch.Tensor, chunk: int, in_place_grad: bool = False, top_k: int = 0
     ):
-        n = logits.shape[0]
-        logsumexp = torch.empty(n, device=logits.device, dtype=torch.float32)
-        picked = torch.empty(n, device=logits.device, dtype=torch.float32)
-        support_ids = targets.new_empty(n, top_k + 1 if top_k else 0)
-        support_logits = torch.empty(support_ids.shape, device=logits.device, dtype=torch.float32)
-        for start in range(0, n, chunk):
+        out = RowOutputs.empty(logits.shape[0], targets, top_k)
+        for start in range(0, logits.shape[0], chunk):
             rows = slice(start, start + chunk)
-            part = logits[rows].float()
-            logsumexp[rows] = part.logsumexp(-1)
-            picked[rows] = part.gather(-1, targets[rows, None]).squeeze(-1)
-            if top_k:
-                support_ids[rows] = torch.cat([part.topk(top_k, dim=-1).indices, targets[rows, None]], -1)
-                support_logits[rows] = part.gather(-1, support_ids[rows])
-        ctx.save_for_backward(logits, targets, logsumexp, support_ids)
+            out.read(logits[rows].float(), targets[rows], rows)
+        ctx.save_for_backward(logits, targets, out.logsumexp, out.support_ids)
         ctx.chunk, ctx.in_place_grad = chunk, in_place_grad
-        ctx.mark_non_differentiable(support_ids)
+        ctx.mark_non_differentiable(out.support_ids)
         ctx.set_materialize_grads(False)
-        return picked - logsumexp, support_logits, support_ids
+        return out.logps, out.support_logits, out.support_ids
 
     @staticmethod
     def backward(ctx, grad_logps: torch.Tensor | None, grad_support: torch.Tensor | None, _):
@@ -111,16 +147,18 @@ class TargetLogProb(torch.autograd.Function):
         grad = logits if ctx.in_place_grad else torch.empty_like(logits)
         for start in range(0, logits.shape[0], ctx.chunk):
             rows = slice(start, start + ctx.chunk)
-            if grad_logps is None:
-                part = torch.zeros(logits[rows].shape, device=logits.device, dtype=torch.float32)
-            else:
-                # d/dz [z_y - logsumexp(z)] = onehot(y) - softmax(z)
-                scale = grad_logps[rows, None].float()
-                part = (logits[rows].float() - logsumexp[rows, None]).exp_().mul_(-scale)
-                part.scatter_add_(-1, targets[rows, None], scale)
-            if grad_support is not None:
-                part.scatter_add_(-1, support_ids[rows], grad_support[rows].float())
-            grad[rows] = part
+            # A float32 tile to overwrite: a copy, unless the gradient takes the logits' place anyway.
+            part = logits[rows].float()
+            if part.data_ptr() == logits[rows].data_ptr() and grad is not logits:
+                part = part.clone()
+            grad[rows] = tile_gradient(
+                part,
+                targets[rows],
+                logsumexp[rows],
+                support_ids[rows],
+                None if grad_logps is None else grad_logps[rows],
+                None if grad_support is None else grad_support[rows],
+            )
         return grad, None, None, None, None
 
 

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .logprobs import RowOutputs, tile_gradient
+
 # A tile's float32 logits stay under this many bytes (the head's matmul output in the model's dtype
 # and the softmax's temporaries are of the same order). Smaller tiles save a little memory and cost
 # matmul efficiency (both measured in docs/benchmarks.md).
@@ -35,46 +37,36 @@ class TiledHeadLogProb(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, tile: int, top_k: int):
-        n = hidden.shape[0]
-        logsumexp = torch.empty(n, device=hidden.device, dtype=torch.float32)
-        picked = torch.empty(n, device=hidden.device, dtype=torch.float32)
-        support_ids = targets.new_empty(n, top_k + 1 if top_k else 0)
-        support_logits = torch.empty(support_ids.shape, device=hidden.device, dtype=torch.float32)
-        for start in range(0, n, tile):
+        out = RowOutputs.empty(hidden.shape[0], targets, top_k)
+        for start in range(0, hidden.shape[0], tile):
             rows = slice(start, start + tile)
-            logits = torch.nn.functional.linear(hidden[rows], weight, bias).float()
-            logsumexp[rows] = logits.logsumexp(-1)
-            picked[rows] = logits.gather(-1, targets[rows, None]).squeeze(-1)
-            if top_k:
-                support_ids[rows] = torch.cat([logits.topk(top_k, dim=-1).indices, targets[rows, None]], -1)
-                support_logits[rows] = logits.gather(-1, support_ids[rows])
-        ctx.save_for_backward(hidden, weight, bias, targets, logsumexp, support_ids)
+            out.read(torch.nn.functional.linear(hidden[rows], weight, bias).float(), targets[rows], rows)
+        ctx.save_for_backward(hidden, weight, bias, targets, out.logsumexp, out.support_ids)
         ctx.tile = tile
-        ctx.mark_non_differentiable(support_ids)
+        ctx.mark_non_differentiable(out.support_ids)
         ctx.set_materialize_grads(False)
-        return picked - logsumexp, support_logits, support_ids
+        return out.logps, out.support_logits, out.support_ids
 
     @staticmethod
     def backward(ctx, grad_logps, grad_support, _):
         hidden, weight, bias, targets, logsumexp, support_ids = ctx.saved_tensors
         grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
-        # float32 sums over the tiles, cast once: as exact as one matmul over all positions.
+        # The weight's gradient summed over the tiles in float32 and cast once (a bf16 sum of many
+        # tiles would round at every tile): [V, d] float32 for the backward's duration.
         grad_weight = torch.zeros(weight.shape, device=weight.device) if ctx.needs_input_grad[1] else None
         grad_bias = (
             torch.zeros(bias.shape, device=bias.device) if bias is not None and ctx.needs_input_grad[2] else None
         )
         for start in range(0, hidden.shape[0], ctx.tile):
             rows = slice(start, start + ctx.tile)
-            part = torch.nn.functional.linear(hidden[rows], weight, bias).float()
-            if grad_logps is None:
-                part.zero_()
-            else:
-                # d/dz [z_y - logsumexp(z)] = onehot(y) - softmax(z)
-                scale = grad_logps[rows, None].float()
-                part.sub_(logsumexp[rows, None]).exp_().mul_(-scale)
-                part.scatter_add_(-1, targets[rows, None], scale)
-            if grad_support is not None:
-                part.scatter_add_(-1, support_ids[rows], grad_support[rows].float())
+            part = tile_gradient(
+                torch.nn.functional.linear(hidden[rows], weight, bias).float(),
+                targets[rows],
+                logsumexp[rows],
+                support_ids[rows],
+                None if grad_logps is None else grad_logps[rows],
+                None if grad_support is None else grad_support[rows],
+            )
             if grad_hidden is not None:
                 grad_hidden[rows] = part.to(weight.dtype) @ weight
             if grad_weight is not None:

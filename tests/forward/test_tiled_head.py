@@ -152,3 +152,25 @@ def test_the_head_is_tiled_only_where_it_can_be(tiny_model_dir, tmp_path):
     assert head_tiling(config("auto"), gemma) == (0, 0)
     with pytest.raises(ModelError, match="model.tiled_head true: Gemma2ForCausalLM cannot tile its head"):
         head_tiling(config(True), gemma)
+
+
+def test_tiled_head_under_lora_adapters(tiny_model_dir):
+    """LoRA on the decoder (peft): the head is the frozen base's (no weight gradient is computed
+    for it), and the adapters' gradients equal the whole head's."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32, attn_implementation="sdpa")
+    torch.manual_seed(0)
+    model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    assert why_not_tiled(model) is None
+    batch = collate(PAIRS, pad_id=2)
+    grads = []
+    for head_tile in (0, 4):
+        model.zero_grad()
+        out = forward_pairs(model, batch, False, 8, ForwardLayout(None, head_tile))
+        (out.logps.chosen.sum() - out.logps.rejected.sum() + out.support.logits.square().mean()).backward()
+        grads.append({name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad})
+    assert grads[0] and all("lora" in name for name in grads[0])
+    for name, grad in grads[0].items():
+        assert_same(grads[1][name], grad, name)

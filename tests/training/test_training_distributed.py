@@ -203,15 +203,32 @@ def test_plot_step_gradient_equals_one_process_run(step_results, variant, split)
             assert two["metrics"][metric] == pytest.approx(single["metrics"][metric], rel=1e-5, abs=1e-7)
 
 
+def runs_of(step_results, variant: str):
+    """(where, split, that run's record) of ``variant``: one process at 8x1, then each split of 2 ranks."""
+    runs = [("one", "8x1", step_results["one"])] + [("two", split, r) for split in SPLITS for r in step_results["two"]]
+    return [(where, split, results[f"{variant}:{split}"]) for where, split, results in runs]
+
+
+def assert_same_step(got: dict, expected: dict, what: str) -> None:
+    """The same gradients, loss and PLOT weights as ``expected`` (a one-process run)."""
+    for name, grad in expected["grads"].items():
+        torch.testing.assert_close(
+            got["grads"][name],
+            grad,
+            rtol=1e-4,
+            atol=1e-5 * grad.abs().max().item(),
+            msg=lambda m: f"{what} {name}: {m}",
+        )
+    for metric in ("loss/total", "loss/plot", "loss/dpo", "plot/w_chosen", "plot/w_rejected"):
+        assert got["metrics"][metric] == pytest.approx(expected["metrics"][metric], rel=1e-5, abs=1e-7), what
+
+
 @pytest.mark.parametrize("variant", ["dpo+plot_packed", "dpo+plot_packed_shared"])
 def test_packed_step_equals_the_padded_one_at_1_and_2_ranks(step_results, variant):
     """data.packing under ZeRO-3: one forward per micro-batch over one row holding exactly the
     batch's tokens (no padding; with prompt sharing each prompt once, under a 4D mask), and the
     same loss, PLOT weights and gradients as padded rows (``dpo+plot``) in one process."""
-    padded = step_results["one"]["dpo+plot:8x1"]
-    runs = [("one", "8x1", step_results["one"])] + [("two", split, r) for split in SPLITS for r in step_results["two"]]
-    for where, split, results in runs:
-        got = results[f"{variant}:{split}"]
+    for where, split, got in runs_of(step_results, variant):
         micro_batches = len(got["input_tokens"])
         # Per micro-batch the reference's pass, then the policy's.
         assert len(got["packed_passes"]) == 2 * micro_batches and got["shared_passes"] == []
@@ -222,16 +239,7 @@ def test_packed_step_equals_the_padded_one_at_1_and_2_ranks(step_results, varian
                     assert shape[1] == tokens and mask is None
                 else:  # each prompt once: fewer tokens than the rows hold
                     assert shape[1] < tokens and mask == (1, 1, shape[1], shape[1])
-        for name, grad in padded["grads"].items():
-            torch.testing.assert_close(
-                got["grads"][name],
-                grad,
-                rtol=1e-4,
-                atol=1e-5 * grad.abs().max().item(),
-                msg=lambda m: f"{variant} {where} {split} {name}: {m}",
-            )
-        for metric in ("loss/total", "loss/plot", "loss/dpo", "plot/w_chosen", "plot/w_rejected"):
-            assert got["metrics"][metric] == pytest.approx(padded["metrics"][metric], rel=1e-5, abs=1e-7)
+        assert_same_step(got, step_results["one"]["dpo+plot:8x1"], f"{variant} {where} {split}")
 
 
 @pytest.mark.parametrize("variant", ["dpo+plot_tiled", "dpo+plot_tiled_shared"])
@@ -239,21 +247,9 @@ def test_tiled_head_step_equals_the_whole_head_at_1_and_2_ranks(step_results, va
     """The LM head a tile of positions at a time under ZeRO-3 (its weight gathered again for the
     backward's recomputation, tied to the embedding PLOT reads): the same loss, PLOT weights and
     gradients as the whole [N, V] head (``dpo+plot``) in one process."""
-    whole = step_results["one"]["dpo+plot:8x1"]
-    runs = [("one", "8x1", step_results["one"])] + [("two", split, r) for split in SPLITS for r in step_results["two"]]
-    for where, split, results in runs:
-        got = results[f"{variant}:{split}"]
+    for where, split, got in runs_of(step_results, variant):
         assert got["head_tiles"] > 2 * len(got["input_tokens"]), got["head_tiles"]  # several per forward
-        for name, grad in whole["grads"].items():
-            torch.testing.assert_close(
-                got["grads"][name],
-                grad,
-                rtol=1e-4,
-                atol=1e-5 * grad.abs().max().item(),
-                msg=lambda m: f"{variant} {where} {split} {name}: {m}",
-            )
-        for metric in ("loss/total", "loss/plot", "loss/dpo", "plot/w_chosen", "plot/w_rejected"):
-            assert got["metrics"][metric] == pytest.approx(whole["metrics"][metric], rel=1e-5, abs=1e-7)
+        assert_same_step(got, step_results["one"]["dpo+plot:8x1"], f"{variant} {where} {split}")
 
 
 def test_lora_trains_only_the_adapters_against_the_base(step_results):
