@@ -28,7 +28,7 @@ import torch  # noqa: E402
 
 from plot_ds.config import load_config, parse_overrides  # noqa: E402
 from plot_ds.data import prepare_datasets  # noqa: E402
-from plot_ds.forward.logprobs import top_k_support  # noqa: E402
+from plot_ds.objectives.plot_loss import top_k_support  # noqa: E402
 from plot_ds.engine.model_source import model_source  # noqa: E402
 from plot_ds.engine.models import load_tokenizer  # noqa: E402
 from plot_ds.objectives.plot_loss import cost_from_cosine, restricted_supports  # noqa: E402

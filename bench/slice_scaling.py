@@ -52,7 +52,7 @@ def measure(micro_batches: int) -> list[dict]:
 
     from plot_ds.config import load_config
     from plot_ds.data import prepare_datasets
-    from plot_ds.forward.logprobs import top_k_support
+    from plot_ds.objectives.plot_loss import top_k_support
     from plot_ds.engine.model_source import model_source
     from plot_ds.engine.models import load_tokenizer
     from plot_ds.objectives.plot_loss import restricted_supports

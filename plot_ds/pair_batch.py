@@ -1,7 +1,8 @@
 """The contract between data, forward, losses and the loop, at the bottom of the house (it imports
 only torch): one micro-batch of pairs (``PairBatch``), the counts behind every global mean
 (``PairCounts``), the whole global batch as the losses see it (``GlobalTotals``, ``GlobalPairs``),
-and what PLOT asks of the distributed world (``EmbeddingRowSource``)."""
+what PLOT asks of the distributed world (``EmbeddingRowSource``), and a model's outputs on a batch
+(``PairOutputs``: per-pair log-probs, the response positions, the logits or PLOT's supports)."""
 
 from __future__ import annotations
 
@@ -154,3 +155,70 @@ class EmbeddingRowSource(Protocol):
     def target_cosines(self, support: torch.Tensor, targets: torch.Tensor, device) -> tuple[torch.Tensor, int]: ...
 
     def unit_rows_at(self, ids: torch.Tensor, device) -> tuple[torch.Tensor, int]: ...
+
+
+# ---------------------------------------------------------------- a model's outputs on a batch
+@dataclass
+class ResponseTokens:
+    """The N response positions of a batch: ``logits[rows, cols]`` predicts ``targets``."""
+
+    rows: torch.Tensor
+    cols: torch.Tensor
+    targets: torch.Tensor
+    n_rows: int
+
+    @classmethod
+    def of(cls, labels: torch.Tensor) -> "ResponseTokens":
+        """From labels (prompt and padding = IGNORE_INDEX). Works where the labels are: CPU labels
+        give the positions without waiting for the device."""
+        shifted = labels[:, 1:]
+        rows, cols = (shifted != IGNORE_INDEX).nonzero(as_tuple=True)
+        return cls(rows, cols, shifted[rows, cols], labels.shape[0])
+
+    def select(self, per_position: torch.Tensor) -> torch.Tensor:
+        """[rows, length, ...] -> [N, ...]: the entries at the response positions."""
+        return per_position[self.rows, self.cols]
+
+    def row_sums(self, values: torch.Tensor) -> torch.Tensor:
+        return values.new_zeros(self.n_rows).index_add(0, self.rows, values)
+
+    def row_counts(self) -> torch.Tensor:
+        return torch.zeros(self.n_rows, dtype=torch.long, device=self.rows.device).index_add(
+            0, self.rows, torch.ones_like(self.rows)
+        )
+
+
+@dataclass
+class SupportLogits:
+    """Per response position: the ids of its ``k`` most likely tokens, then its target token, and
+    their logits (float32, carrying gradient to the head): all PLOT reads of a top-k support."""
+
+    ids: torch.Tensor  # [N, k + 1]
+    logits: torch.Tensor  # [N, k + 1] float32
+
+
+@dataclass
+class PairLogps:
+    """Summed response log-probs and response token counts of the pairs of a micro-batch."""
+
+    chosen: torch.Tensor
+    rejected: torch.Tensor
+    chosen_tokens: torch.Tensor
+    rejected_tokens: torch.Tensor
+
+    @classmethod
+    def from_rows(cls, logps: torch.Tensor, tokens: torch.Tensor) -> "PairLogps":
+        """Rows are chosen responses first, then rejected (see ``data.collate``)."""
+        n = logps.shape[0] // 2
+        return cls(logps[:n], logps[n:], tokens[:n], tokens[n:])
+
+
+@dataclass
+class PairOutputs:
+    """A model's outputs on a collated batch: log-probs, and where a loss needs them the [N, V]
+    logits at the response positions or each position's top-k ``SupportLogits``."""
+
+    logps: PairLogps
+    logits: torch.Tensor | None
+    tokens: ResponseTokens
+    support: SupportLogits | None = None

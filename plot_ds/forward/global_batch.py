@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .logprobs import PairLogps
+from ..pair_batch import PairLogps
 from ..pair_batch import GlobalPairs, PairBatch
 
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..pair_batch import IGNORE_INDEX
+from ..pair_batch import PairLogps, PairOutputs, ResponseTokens, SupportLogits
 
 
 def to_device(tensor: torch.Tensor, device) -> torch.Tensor:
@@ -24,50 +24,6 @@ def to_device(tensor: torch.Tensor, device) -> torch.Tensor:
     from deepspeed.accelerator import get_accelerator
 
     return get_accelerator().pin_memory(tensor).to(device, non_blocking=True)
-
-
-@dataclass
-class ResponseTokens:
-    """The N response positions of a batch: ``logits[rows, cols]`` predicts ``targets``."""
-
-    rows: torch.Tensor
-    cols: torch.Tensor
-    targets: torch.Tensor
-    n_rows: int
-
-    @classmethod
-    def of(cls, labels: torch.Tensor) -> "ResponseTokens":
-        """From labels (prompt and padding = IGNORE_INDEX). Works where the labels are: CPU labels
-        give the positions without waiting for the device."""
-        shifted = labels[:, 1:]
-        rows, cols = (shifted != IGNORE_INDEX).nonzero(as_tuple=True)
-        return cls(rows, cols, shifted[rows, cols], labels.shape[0])
-
-    def to(self, device) -> "ResponseTokens":
-        return ResponseTokens(
-            to_device(self.rows, device), to_device(self.cols, device), to_device(self.targets, device), self.n_rows
-        )
-
-    def select(self, per_position: torch.Tensor) -> torch.Tensor:
-        """[rows, length, ...] -> [N, ...]: the entries at the response positions."""
-        return per_position[self.rows, self.cols]
-
-    def row_sums(self, values: torch.Tensor) -> torch.Tensor:
-        return values.new_zeros(self.n_rows).index_add(0, self.rows, values)
-
-    def row_counts(self) -> torch.Tensor:
-        return torch.zeros(self.n_rows, dtype=torch.long, device=self.rows.device).index_add(
-            0, self.rows, torch.ones_like(self.rows)
-        )
-
-
-@dataclass
-class SupportLogits:
-    """Per response position: the ids of its ``k`` most likely tokens, then its target token, and
-    their logits (float32, carrying gradient to the head): all PLOT reads of a top-k support."""
-
-    ids: torch.Tensor  # [N, k + 1]
-    logits: torch.Tensor  # [N, k + 1] float32
 
 
 @dataclass
@@ -162,6 +118,13 @@ class TargetLogProb(torch.autograd.Function):
         return grad, None, None, None, None
 
 
+def move_tokens(tokens: ResponseTokens, device) -> ResponseTokens:
+    """``tokens`` on ``device``, copied without making the host wait (``to_device``)."""
+    return ResponseTokens(
+        to_device(tokens.rows, device), to_device(tokens.cols, device), to_device(tokens.targets, device), tokens.n_rows
+    )
+
+
 def saved_by_its_own_node(tensor: torch.Tensor) -> bool:
     """Whether the autograd node that made ``tensor`` saved it for its backward (tanh, exp, ...
     keep their result): then it must not be overwritten before that backward runs."""
@@ -188,47 +151,6 @@ def target_logps_and_support(
     """``target_logps`` and the rows' top-``top_k`` ``SupportLogits`` in one pass over the logits."""
     logps, support_logits, support_ids = TargetLogProb.apply(logits, targets, chunk, in_place_grad, top_k)
     return logps, SupportLogits(support_ids, support_logits)
-
-
-def top_k_support(logits: torch.Tensor, targets: torch.Tensor, top_k: int, chunk: int = 512) -> SupportLogits:
-    """The ``SupportLogits`` of [N, V] logits read on their own (autograd gathers the gradient);
-    ``target_logps_and_support`` reads them in its log-prob pass instead. The top-k runs on bounded
-    chunks without autograd."""
-    with torch.no_grad():
-        top = (
-            torch.cat([logits[i : i + chunk].topk(top_k, dim=-1).indices for i in range(0, logits.shape[0], chunk)])
-            if logits.shape[0]
-            else targets.new_zeros(0, top_k)
-        )
-    ids = torch.cat([top, targets.unsqueeze(-1)], dim=-1)
-    return SupportLogits(ids, logits.gather(-1, ids).float())
-
-
-@dataclass
-class PairLogps:
-    """Summed response log-probs and response token counts of the pairs of a micro-batch."""
-
-    chosen: torch.Tensor
-    rejected: torch.Tensor
-    chosen_tokens: torch.Tensor
-    rejected_tokens: torch.Tensor
-
-    @classmethod
-    def from_rows(cls, logps: torch.Tensor, tokens: torch.Tensor) -> "PairLogps":
-        """Rows are chosen responses first, then rejected (see ``data.collate``)."""
-        n = logps.shape[0] // 2
-        return cls(logps[:n], logps[n:], tokens[:n], tokens[n:])
-
-
-@dataclass
-class PairOutputs:
-    """A model's outputs on a collated batch: log-probs, and where a loss needs them the [N, V]
-    logits at the response positions or each position's top-k ``SupportLogits``."""
-
-    logps: PairLogps
-    logits: torch.Tensor | None
-    tokens: ResponseTokens
-    support: SupportLogits | None = None
 
 
 def pair_outputs(logits: torch.Tensor, tokens: ResponseTokens, keep_logits: bool, top_k: int = 0) -> PairOutputs:

@@ -11,7 +11,7 @@ from typing import Callable, Iterator, Union
 import torch
 
 from .global_batch import BatchTable, gather_batch_table
-from .logprobs import PairOutputs
+from ..pair_batch import PairOutputs
 from ..pair_batch import ForwardNeeds, GlobalTotals, PairBatch
 from .pair_forward import ForwardLayout, forward_pairs
 from .reference import Reference

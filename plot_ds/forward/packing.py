@@ -11,7 +11,7 @@ Two layouts, both one forward pass:
   the prompt's positions and attends to the prompt and to itself, never to the chosen response (a
   4D mask, sdpa/eager only). The prompt is computed once, in the same pass.
 
-The response positions (``logprobs.ResponseTokens``) stay those of the padded batch, in its order:
+The response positions (``pair_batch.ResponseTokens``) stay those of the padded batch, in its order:
 every log-prob, PLOT support and per-pair or per-token reduction reads the same tokens; only where
 their predicting hidden states lie (``PackedRows.head_positions``) changes.
 """
@@ -22,7 +22,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .logprobs import ResponseTokens, to_device, with_head_input
+from .logprobs import to_device, with_head_input
+
+from ..pair_batch import ResponseTokens
 from ..pair_batch import PairBatch
 
 # Attention implementations that take a custom 4D additive mask (the shared-prompt layout).

@@ -14,7 +14,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .logprobs import PairLogps, PairOutputs, ResponseTokens, SupportLogits, pair_outputs, to_device, with_head_input
+from .logprobs import move_tokens, pair_outputs, to_device, with_head_input
+
+from ..pair_batch import PairLogps, PairOutputs, ResponseTokens, SupportLogits
 from .packing import Packing, packed_logits
 from ..pair_batch import PairBatch
 from .prompt_sharing import PromptSharing, shared_prompt_logits
@@ -54,7 +56,7 @@ def head_logits(
         logits = packed_logits(model, batch, cpu_tokens, device, rows)
     elif isinstance(rows, PromptSharing):
         logits = shared_prompt_logits(model, batch, cpu_tokens, device, rows)
-    tokens = cpu_tokens.to(device)
+    tokens = move_tokens(cpu_tokens, device)
     if logits is None:
         logits = response_logits(
             model, to_device(batch.input_ids, device), to_device(batch.attention_mask, device), tokens

@@ -15,7 +15,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .logprobs import ResponseTokens, to_device, with_head_input
+from .logprobs import to_device, with_head_input
+
+from ..pair_batch import ResponseTokens
 from ..pair_batch import IGNORE_INDEX, PairBatch
 
 

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import torch
 
-from .logprobs import PairLogps, PairOutputs, ResponseTokens, to_device
+from .logprobs import move_tokens, to_device
+
+from ..pair_batch import PairLogps, PairOutputs, ResponseTokens
 from ..pair_batch import PairBatch
 from .pair_forward import ForwardLayout, forward_pairs
 
@@ -35,7 +37,7 @@ class CachedReference:
     def outputs(self, batch: PairBatch, keep_logits: bool, device, split: str = "train") -> PairOutputs:
         if keep_logits:
             raise ValueError("cached reference log-probs hold no logits (reference.mode: engine gives them)")
-        tokens = ResponseTokens.of(batch.labels).to(device)
+        tokens = move_tokens(ResponseTokens.of(batch.labels), device)
         chosen, rejected = to_device(self.splits[split][batch.example_index].T.contiguous(), device)
         row_tokens = tokens.row_counts()
         return PairOutputs(

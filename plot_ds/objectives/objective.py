@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..forward.logprobs import PairLogps, PairOutputs
+from ..pair_batch import PairLogps, PairOutputs
 from .terms import TERMS
 from ..pair_batch import ForwardNeeds, GlobalTotals
 

@@ -11,7 +11,7 @@ detached. Only what the cost needs of E is fetched (see ``embedding_slice``): th
 target tokens for a one-hot target, else the rows E[U], U = union of all S_t of the micro-batch.
 For a top-k support PLOT never reads the [N, V] logits at the N response positions: the log-prob
 pass hands it each position's k + 1 support ids and logits, and takes their gradient back into its
-own backward (``logprobs.SupportLogits``). The whole vocabulary (``top_k`` 0) reads the logits.
+own backward (``pair_batch.SupportLogits``). The whole vocabulary (``top_k`` 0) reads the logits.
 """
 
 from __future__ import annotations
@@ -22,9 +22,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..forward.logprobs import PairOutputs, SupportLogits, top_k_support
 from .ot_solvers import SOLVERS
-from ..pair_batch import EmbeddingRowSource, ForwardNeeds
+from ..pair_batch import EmbeddingRowSource, ForwardNeeds, PairOutputs, SupportLogits
+
+
+def top_k_support(logits: torch.Tensor, targets: torch.Tensor, top_k: int, chunk: int = 512) -> SupportLogits:
+    """The ``SupportLogits`` of [N, V] logits read on their own (autograd gathers the gradient);
+    ``target_logps_and_support`` reads them in its log-prob pass instead. The top-k runs on bounded
+    chunks without autograd."""
+    with torch.no_grad():
+        top = (
+            torch.cat([logits[i : i + chunk].topk(top_k, dim=-1).indices for i in range(0, logits.shape[0], chunk)])
+            if logits.shape[0]
+            else targets.new_zeros(0, top_k)
+        )
+    ids = torch.cat([top, targets.unsqueeze(-1)], dim=-1)
+    return SupportLogits(ids, logits.gather(-1, ids).float())
 
 
 @dataclass
@@ -89,7 +102,7 @@ class PLOTLoss(nn.Module):
         self.sinkhorn_eps, self.sinkhorn_iters = plot_config.sinkhorn_eps, plot_config.sinkhorn_iters
         self.embedding_rows = embedding_rows
         # plot.top_k: the k of the top-k supports (read in the log-prob pass, see
-        # logprobs.SupportLogits); 0, or a k as large as the vocabulary, for the whole vocabulary,
+        # pair_batch.SupportLogits); 0, or a k as large as the vocabulary, for the whole vocabulary,
         # which needs the [N, V] logits themselves.
         self.top_k = plot_config.top_k if plot_config.top_k < embedding_rows.vocab_size else 0
         ref_mix = plot_config.target == "ref_mix"

@@ -2,14 +2,9 @@ import pytest
 import torch
 
 from plot_ds.pair_batch import IGNORE_INDEX, PairBatch, PairCounts
-from plot_ds.forward.logprobs import (
-    PairLogps,
-    ResponseTokens,
-    saved_by_its_own_node,
-    target_logps,
-    target_logps_and_support,
-    top_k_support,
-)
+from plot_ds.forward.logprobs import saved_by_its_own_node, target_logps, target_logps_and_support
+from plot_ds.objectives.plot_loss import top_k_support
+from plot_ds.pair_batch import PairLogps, ResponseTokens
 from plot_ds.forward.pair_forward import forward_pairs
 
 

@@ -9,7 +9,7 @@ from plot_ds.config import ConfigError, load_config
 from plot_ds.data import collate
 from plot_ds.data.tokenize import TokenizedPair
 from plot_ds.distributed.embedding_slice import embedding_rows_for
-from plot_ds.forward.logprobs import ResponseTokens
+from plot_ds.pair_batch import ResponseTokens
 from plot_ds.objectives.objective import build_objective
 from plot_ds.pair_batch import GlobalTotals, PairCounts
 from plot_ds.forward.packing import CHOSEN, PROMPT, REJECTED, Packing, pack_rows, pack_shared_prompt, packing_for

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from plot_ds.config import ObjectiveConfig
-from plot_ds.forward.logprobs import PairLogps
+from plot_ds.pair_batch import PairLogps
 from plot_ds.forward.global_batch import GlobalPairs, table_rows
 from plot_ds.objectives.objective import (
     AOTLoss,

@@ -12,7 +12,9 @@ from plot_ds.config import ConfigError, PlotConfig
 from plot_ds.data import IGNORE_INDEX
 from plot_ds.distributed.embedding_slice import EmbeddingRows
 from plot_ds.objectives.objective import GlobalTotals
-from plot_ds.forward.logprobs import PairOutputs, ResponseTokens, target_logps_and_support, top_k_support
+from plot_ds.forward.logprobs import target_logps_and_support
+from plot_ds.pair_batch import PairOutputs, ResponseTokens
+from plot_ds.objectives.plot_loss import top_k_support
 from plot_ds.objectives.plot_loss import PLOTLoss, restricted_supports
 
 VOCAB, DIM = 40, 6
