@@ -242,7 +242,7 @@ def test_packed_step_equals_the_padded_one_at_1_and_2_ranks(step_results, varian
         assert_same_step(got, step_results["one"]["dpo+plot:8x1"], f"{variant} {where} {split}")
 
 
-@pytest.mark.parametrize("variant", ["dpo+plot_tiled", "dpo+plot_tiled_shared"])
+@pytest.mark.parametrize("variant", ["dpo+plot_tiled"])
 def test_tiled_head_step_equals_the_whole_head_at_1_and_2_ranks(step_results, variant):
     """The LM head a tile of positions at a time under ZeRO-3 (its weight gathered again for the
     backward's recomputation, tied to the embedding PLOT reads): the same loss, PLOT weights and

@@ -119,20 +119,13 @@ VARIANTS = {
         "model.share_prompt": True,
     },
     # The LM head a tile of positions at a time (3 positions, so that every micro-batch has several
-    # tiles), on full rows and over prompt sharing's passes.
+    # tiles); over prompt sharing's passes it is tested in one process (tests/forward/test_tiled_head.py).
     "dpo+plot_tiled": {
         "objective.name": "dpo",
         "plot.rejected_weight": 0.5,
         "plot.top_k": 16,
         "model.tiled_head": True,
         "model.share_prompt": False,
-    },
-    "dpo+plot_tiled_shared": {
-        "objective.name": "dpo",
-        "plot.rejected_weight": 0.5,
-        "plot.top_k": 16,
-        "model.tiled_head": True,
-        "model.share_prompt": True,
     },
     "none+plot_ref_mix": {
         "objective.name": "none",
