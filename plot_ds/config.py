@@ -388,6 +388,18 @@ class DeepSpeedConfig:
 
 
 @dataclass
+class ParallelConfig:
+    # Sequence parallelism (forward/sequence_parallel.py, DeepSpeed's Ulysses): groups of this many
+    # ranks share each pair, each holding 1/sequence of its positions and of the attention heads.
+    # Data parallelism is ranks / sequence; ZeRO still shards over every rank. 1: off.
+    sequence: int = 1
+
+    def validate(self) -> None:
+        if self.sequence < 1:
+            raise ConfigError(f"parallel.sequence: must be >= 1 (1 turns it off; got {self.sequence})")
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
@@ -398,12 +410,14 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def validate(self) -> "Config":
         for section in dataclasses.fields(self):
             validate = getattr(getattr(self, section.name), "validate", None)
             if validate is not None:
                 validate()
+        self.check_sequence_parallel()
         if self.reference.mode == "cache" and self.plot.active and self.plot.target == "ref_mix":
             raise ConfigError(
                 "reference.mode: cache stores log-probs, but plot.target ref_mix needs the "
@@ -436,6 +450,26 @@ class Config:
                 "reference.mode: none, but plot.target ref_mix needs the reference model: use reference.mode engine"
             )
         return self
+
+    def check_sequence_parallel(self) -> None:
+        """What cannot split a pair's positions over ranks (parallel.sequence > 1)."""
+        size = self.parallel.sequence
+        refusals = [
+            (self.data.packing, "data.packing true", "puts several sequences in one row"),
+            (self.model.share_prompt is True, "model.share_prompt true", "runs responses over a cached prompt"),
+            (
+                self.plot.active and self.plot.granularity == "sequence",
+                "plot.granularity sequence",
+                "transports a whole response at once, and a rank holds only its positions",
+            ),
+            (self.model.attn_implementation == "eager", "model.attn_implementation eager", "needs an [L, L] mask"),
+        ]
+        for refused, setting, why in refusals:
+            if size > 1 and refused:
+                raise ConfigError(
+                    f"parallel.sequence {size} with {setting}: it {why}; each rank of a sequence group "
+                    "runs a slice of plain rows, attended causally over whole rows (Ulysses)"
+                )
 
     def to_dict(self) -> dict:
         def plain(value):

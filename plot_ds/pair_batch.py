@@ -55,6 +55,9 @@ class PairBatch:
     counts: PairCounts
     filler: bool = False
     example_index: Optional[torch.Tensor] = None  # [pairs] each pair's index in its dataset
+    # [2 * pairs, width]: where the rows are slices of longer ones (sequence parallelism), each
+    # position's place in its whole row; None: 0, 1, ... as usual.
+    position_ids: Optional[torch.Tensor] = None
 
     @property
     def pairs(self) -> int:
@@ -180,7 +183,11 @@ class ResponseTokens:
         return per_position[self.rows, self.cols]
 
     def row_sums(self, values: torch.Tensor) -> torch.Tensor:
-        return values.new_zeros(self.n_rows).index_add(0, self.rows, values)
+        """Per row, the sum of its positions' ``values``, in float64: a long response's log-prob is
+        a sum of thousands of terms (float32 would keep ~1/64 of a nat at 16k tokens, and DPO takes
+        differences of such sums), and under sequence parallelism partial sums of each rank's
+        positions are added over the group, which must not change the result."""
+        return values.new_zeros(self.n_rows, dtype=torch.float64).index_add(0, self.rows, values.double())
 
     def row_counts(self) -> torch.Tensor:
         return torch.zeros(self.n_rows, dtype=torch.long, device=self.rows.device).index_add(
@@ -222,3 +229,7 @@ class PairOutputs:
     logits: torch.Tensor | None
     tokens: ResponseTokens
     support: SupportLogits | None = None
+    # How much the pair-level terms of these log-probs count on this rank: under sequence
+    # parallelism the ranks of a group hold the same summed log-probs and only the first counts
+    # them (0 elsewhere; the gradient reaches every rank's positions through the sum's backward).
+    pair_weight: float = 1.0

@@ -23,10 +23,39 @@ class DistInfo:
     local_rank: int
     world_size: int
     device: torch.device
+    sequence: int = 1  # ranks per sequence group (parallel.sequence): consecutive ranks share pairs
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def data_rank(self) -> int:
+        """This rank's place among the data-parallel ranks (its sequence group's)."""
+        return self.rank // self.sequence
+
+    @property
+    def data_ranks(self) -> int:
+        return self.world_size // self.sequence
+
+
+def sequence_group(dist: DistInfo):
+    """This rank's ``SequenceGroup`` (ranks ``g * N`` to ``g * N + N - 1`` share pairs), or None for
+    ``dist.sequence`` 1. Every rank creates every group's communicator, in the same order, as
+    ``new_group`` requires; a rank talks only within its own (all-to-all and pair sums of N ranks)."""
+    import deepspeed.comm as dist_comm
+
+    from ..forward.sequence_parallel import SequenceGroup
+
+    size = dist.sequence
+    if size == 1:
+        return None
+    mine = None
+    for first in range(0, dist.world_size, size):
+        group = dist_comm.new_group(list(range(first, first + size)))
+        if first <= dist.rank < first + size:
+            mine = SequenceGroup(size, dist.rank - first, group)
+    return mine
 
 
 def _free_port() -> int:

@@ -18,6 +18,7 @@ from ..forward.packing import packing_for
 from ..errors import ModelError
 from ..forward.pair_forward import ForwardLayout, check_packing
 from ..forward.prompt_sharing import prompt_sharing
+from ..forward.sequence_parallel import SequenceGroup, install_ulysses
 from ..forward.tiled_head import tile_positions, why_not_tiled
 
 # model.tiled_head auto: the head is tiled for a micro-batch whose [N, V] logits would take more
@@ -29,7 +30,10 @@ def shares_prompt(config, ds_config: dict) -> bool:
     """``model.share_prompt`` for an engine of ``ds_config``. ``auto`` shares the prompt unless
     ZeRO-3 fetches the parameters from other ranks or from host memory: each of the three passes
     would fetch them again, and its backward reduce-scatter the gradients again (docs/benchmarks.md).
-    On one rank without offload those are local copies, and sharing saves compute."""
+    On one rank without offload those are local copies, and sharing saves compute. Never under
+    sequence parallelism (plain rows only; ``true`` is refused there by the config)."""
+    if config.parallel.sequence > 1:
+        return False
     if config.model.share_prompt != "auto":
         return config.model.share_prompt
     if zero_stage(ds_config) != 3:
@@ -68,11 +72,18 @@ def head_tiling(config: Config, module) -> tuple[int, int]:
     return tile_positions(vocab_size), 0 if setting is True else TILED_ABOVE_BYTES // (vocab_size * head.element_size())
 
 
-def forward_layout(config: Config, engine, share_prompt: bool) -> ForwardLayout:
+def forward_layout(config: Config, engine, share_prompt: bool, sequence: SequenceGroup | None = None) -> ForwardLayout:
+    """The engine's ``ForwardLayout``; with a ``sequence`` group, plain rows split over it, its
+    attention routed through DeepSpeed's Ulysses."""
+    if sequence is not None:
+        install_ulysses(engine.module, sequence)
+        return ForwardLayout(None, *head_tiling(config, engine.module), sequence=sequence)
     return ForwardLayout(rows_layout(config, engine, share_prompt), *head_tiling(config, engine.module))
 
 
-def build_policy_engine(config: Config, ds_config: dict) -> tuple[object, ForwardLayout]:
+def build_policy_engine(
+    config: Config, ds_config: dict, sequence: SequenceGroup | None = None
+) -> tuple[object, ForwardLayout]:
     import deepspeed
 
     apply_training_patches()
@@ -93,11 +104,15 @@ def build_policy_engine(config: Config, ds_config: dict) -> tuple[object, Forwar
     engine.train()
     # Gradient checkpointing drops the key/value cache that prompt sharing continues from.
     wanted = shares_prompt(config, ds_config) and not config.model.gradient_checkpointing
-    return engine, forward_layout(config, engine, wanted)
+    return engine, forward_layout(config, engine, wanted, sequence)
 
 
 def build_frozen_engine(
-    config: Config, ds_config: dict, name_or_path: str | None = None, offload: bool = False
+    config: Config,
+    ds_config: dict,
+    name_or_path: str | None = None,
+    offload: bool = False,
+    sequence: SequenceGroup | None = None,
 ) -> tuple[object, ForwardLayout]:
     """A ZeRO-3 inference engine (no optimizer): the reference model, or a model under evaluation."""
     import deepspeed
@@ -109,11 +124,13 @@ def build_frozen_engine(
     model.requires_grad_(False)
     engine, *_ = deepspeed.initialize(model=model, config=frozen_config)
     engine.eval()
-    return engine, forward_layout(config, engine, shares_prompt(config, frozen_config))
+    return engine, forward_layout(config, engine, shares_prompt(config, frozen_config), sequence)
 
 
-def build_reference_engine(config: Config, ds_config: dict) -> tuple[object, ForwardLayout]:
-    return build_frozen_engine(config, ds_config, config.reference.name_or_path, config.reference.offload)
+def build_reference_engine(
+    config: Config, ds_config: dict, sequence: SequenceGroup | None = None
+) -> tuple[object, ForwardLayout]:
+    return build_frozen_engine(config, ds_config, config.reference.name_or_path, config.reference.offload, sequence)
 
 
 def destroy_engine(engine) -> None:

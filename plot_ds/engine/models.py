@@ -13,6 +13,7 @@ from .adapters import quantization_config
 from ..config import Config, ConfigError
 from .ds_config import model_dtype, zero_stage
 from ..errors import ModelError
+from ..forward.sequence_parallel import why_not_sequence_parallel
 from .model_source import model_source
 
 _ANNOUNCED: set[str] = set()  # each choice logged once per process (policy and reference share it)
@@ -110,6 +111,10 @@ def load_model(config: Config, ds_config: dict, name_or_path: str | None = None,
         name_or_path or settings.name_or_path, settings.revision, settings.trust_remote_code
     )
     model_class = _causal_lm_class(hf_config, settings.trust_remote_code)
+    size = config.parallel.sequence
+    refused = why_not_sequence_parallel(hf_config, size, config.data.max_length) if size > 1 else None
+    if refused:
+        raise ModelError(f"parallel.sequence {size}: {name_or_path or settings.name_or_path} cannot: {refused}")
     dtype = model_dtype(ds_config)
     attention = settings.attn_implementation
     if model_class is not None:

@@ -22,7 +22,7 @@ def table_rows(
     policy: PairLogps, reference: PairLogps | None, example_index: torch.Tensor, filler: bool, slots: int
 ) -> torch.Tensor:
     """One micro-batch's rows of its rank's table (its pairs' indices in the dataset; a filler's
-    rows invalid), padded to ``slots`` invalid rows."""
+    rows, or another rank's copy of them, invalid), padded to ``slots`` invalid rows."""
     pairs, column = policy.chosen.shape[0], GlobalPairs.COLUMNS.index
     rows = policy.chosen.new_zeros(slots, len(GlobalPairs.COLUMNS), dtype=torch.float64)
     rows[:pairs, column("policy_chosen")] = policy.chosen.detach().double()
@@ -76,12 +76,14 @@ class BatchTable:
 
 
 def gather_batch_table(
-    logps: list[tuple[PairLogps, PairLogps | None, PairBatch]], micro_size: int, rank: int
+    logps: list[tuple[PairLogps, PairLogps | None, PairBatch]], micro_size: int, rank: int, owner: int | None = None
 ) -> BatchTable:
     """The global table from this rank's micro-batches, in order: (policy, reference log-probs,
-    the batch) each."""
+    the batch) each. ``owner``: the rank whose rows hold this rank's pairs (under sequence
+    parallelism the first rank of its group; this rank's own copy is then marked invalid)."""
+    owner = rank if owner is None else owner
     rows = [
-        table_rows(policy, reference, batch.example_index, batch.filler, micro_size)
+        table_rows(policy, reference, batch.example_index, batch.filler or owner != rank, micro_size)
         for policy, reference, batch in logps
     ]
-    return BatchTable(gather_table(rows), rank, micro_size, micro_size * len(rows))
+    return BatchTable(gather_table(rows), owner, micro_size, micro_size * len(rows))

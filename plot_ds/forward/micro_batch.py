@@ -66,6 +66,13 @@ def forward_micro_batch(
     return MicroBatchResult(policy_out, reference_out, loss, metrics)
 
 
+def table_owner(models: PairModels, rank: int) -> int:
+    """The rank whose rows of the global table hold this rank's pairs: itself, or under sequence
+    parallelism the first rank of its group (every rank of a group holds the same pairs)."""
+    group = models.layout.sequence
+    return rank if group is None else rank - group.index
+
+
 @torch.no_grad()
 def pre_pass(
     models: PairModels, batches: list[PairBatch], needs: ForwardNeeds, micro_size: int, rank: int
@@ -82,6 +89,7 @@ def pre_pass(
         ],
         micro_size,
         rank,
+        table_owner(models, rank),
     )
     return table, [None if needs.reference_logits else result.reference for result in results]
 
@@ -104,7 +112,10 @@ def micro_batch_results(
 
             def batch_totals(policy_out, reference_out, batch=batch, index=index):
                 gathered = gather_batch_table(
-                    [(policy_out.logps, reference_out.logps if reference_out else None, batch)], micro_size, rank
+                    [(policy_out.logps, reference_out.logps if reference_out else None, batch)],
+                    micro_size,
+                    rank,
+                    table_owner(models, rank),
                 )
                 return totals.with_batch(gathered.for_micro_batch(index, batch))
 

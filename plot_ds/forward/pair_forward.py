@@ -20,28 +20,36 @@ from ..pair_batch import PairLogps, PairOutputs, ResponseTokens, SupportLogits
 from .packing import Packing, packed_logits
 from ..pair_batch import PairBatch
 from .prompt_sharing import PromptSharing, shared_prompt_logits
+from .sequence_parallel import SequenceGroup
 from .tiled_head import TiledOutputs, tiled_head
 
 
 @dataclass(frozen=True)
 class ForwardLayout:
     """How an engine's forward lays out a batch: its rows (prompt sharing, packing, or None: plain
-    padded rows) and its LM head (``head_tile`` positions at a time, ``tiled_head``, where a batch's
-    response positions exceed ``tiled_above``; 0: always the whole [N, V] head)."""
+    padded rows), its LM head (``head_tile`` positions at a time, ``tiled_head``, where a batch's
+    response positions exceed ``tiled_above``; 0: always the whole [N, V] head), and under sequence
+    parallelism this rank's ``sequence`` group (plain rows only)."""
 
     rows: PromptSharing | Packing | None = None
     head_tile: int = 0
     tiled_above: int = 0
+    sequence: SequenceGroup | None = None
 
     def tiles(self, positions: int, keep_logits: bool) -> bool:
         return bool(self.head_tile) and not keep_logits and positions > self.tiled_above
 
 
-def response_logits(model, input_ids, attention_mask, tokens: ResponseTokens) -> torch.Tensor:
-    """[N, V] logits at the response positions of full rows."""
-    return with_head_input(
-        model, tokens.select, input_ids=input_ids, attention_mask=attention_mask, use_cache=False
-    ).logits
+def response_logits(model, batch: PairBatch, tokens: ResponseTokens) -> torch.Tensor:
+    """[N, V] logits at the response positions of plain rows (or of slices of them, at their
+    ``position_ids``: the attention then sees whole rows, and their padding only follows them)."""
+    device = model.device
+    inputs = {"input_ids": to_device(batch.input_ids, device), "use_cache": False}
+    if batch.position_ids is None:
+        inputs["attention_mask"] = to_device(batch.attention_mask, device)
+    else:
+        inputs["position_ids"] = to_device(batch.position_ids, device)
+    return with_head_input(model, tokens.select, **inputs).logits
 
 
 def head_logits(
@@ -58,9 +66,7 @@ def head_logits(
         logits = shared_prompt_logits(model, batch, cpu_tokens, device, rows)
     tokens = move_tokens(cpu_tokens, device)
     if logits is None:
-        logits = response_logits(
-            model, to_device(batch.input_ids, device), to_device(batch.attention_mask, device), tokens
-        )
+        logits = response_logits(model, batch, tokens)
     return logits, tokens
 
 
@@ -104,13 +110,20 @@ def forward_pairs(
 ) -> PairOutputs:
     """One forward over the chosen and rejected rows of a collated batch. ``keep_logits`` keeps the
     [N, V] logits; ``top_k`` > 0 reads each position's top-k ``SupportLogits`` in the log-prob pass;
-    ``layout``: each prompt computed once or the rows packed, and the head tiled or whole."""
+    ``layout``: each prompt computed once or the rows packed, the head tiled or whole, and the rows
+    split over a sequence group (the outputs then hold this rank's positions, and each pair's
+    log-probs summed over the group)."""
     cpu_tokens = ResponseTokens.of(batch.labels)
+    if layout.sequence is not None:
+        batch, cpu_tokens = layout.sequence.shard(batch, cpu_tokens)
     if not layout.tiles(cpu_tokens.targets.numel(), keep_logits):
-        return pair_outputs(*head_logits(model, batch, layout.rows, cpu_tokens), keep_logits, top_k)
-    targets = to_device(cpu_tokens.targets, model.device)
-    with tiled_head(model, targets, top_k, layout.head_tile):
-        packed, tokens = head_logits(model, batch, layout.rows, cpu_tokens)
-    out = TiledOutputs.unpack(packed, top_k)
-    logps = PairLogps.from_rows(tokens.row_sums(out.logps), tokens.row_counts())
-    return PairOutputs(logps, None, tokens, SupportLogits(out.support_ids, out.support_logits) if top_k else None)
+        outputs = pair_outputs(*head_logits(model, batch, layout.rows, cpu_tokens), keep_logits, top_k)
+    else:
+        targets = to_device(cpu_tokens.targets, model.device)
+        with tiled_head(model, targets, top_k, layout.head_tile):
+            packed, tokens = head_logits(model, batch, layout.rows, cpu_tokens)
+        out = TiledOutputs.unpack(packed, top_k)
+        logps = PairLogps.from_rows(tokens.row_sums(out.logps), tokens.row_counts())
+        support = SupportLogits(out.support_ids, out.support_logits) if top_k else None
+        outputs = PairOutputs(logps, None, tokens, support)
+    return outputs if layout.sequence is None else layout.sequence.pair_sums(outputs)

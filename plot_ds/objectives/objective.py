@@ -249,6 +249,9 @@ class Objective(nn.Module):
 
     def forward(self, policy: PairOutputs, reference: PairOutputs | None, totals: GlobalTotals):
         loss, metrics = self.vanilla(policy.logps, reference.logps if reference is not None else None, totals)
+        if policy.pair_weight != 1.0:  # another rank of a sequence group counts these pairs
+            loss = loss * policy.pair_weight
+            metrics = {name: value * policy.pair_weight for name, value in metrics.items()}
         metrics["loss/vanilla"] = loss.detach()
         if self.plot is not None:
             plot_loss, plot_metrics = self.plot(policy, reference, totals)

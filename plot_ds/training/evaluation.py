@@ -12,6 +12,7 @@ import torch
 from ..data.answers import answer_matches, extract_final_answer
 from ..atomic import write_text_atomically
 from ..data import TokenizedPair, eval_shards, example_counts
+from ..forward import sequence_parallel
 from ..forward.micro_batch import micro_batch_results
 from .monitoring import reduce_metrics
 from ..pair_batch import GlobalTotals
@@ -29,7 +30,7 @@ def evaluate(run, examples: list[TokenizedPair], split: str = "eval") -> dict[st
     was_training = policy.training
     policy.eval()
     size = run.config.train.eval_batch_size
-    shards = eval_shards(len(examples), size, dist.rank, dist.world_size)
+    shards = eval_shards(len(examples), size, dist.data_rank, dist.data_ranks)
     # Every rank counts all held-out pairs; the per-batch metrics are means over every rank's batches.
     counts = replace(example_counts(examples), micro_batches=len(shards) * dist.world_size)
     totals = GlobalTotals.from_counts(counts, policy.device)
@@ -103,16 +104,17 @@ def generation_report(
     chosen = shown + [ex for ex in with_answers if ex not in shown]
     if not chosen:
         return {}, []
-    outputs = generate(
-        policy,
-        chosen,
-        tokenizer.pad_token_id,
-        tokenizer.eos_token_id,
-        config.eval.max_new_tokens,
-        rank,
-        world_size,
-        config.train.eval_batch_size,
-    )
+    with sequence_parallel.paused():  # a rank generates its prompts' whole rows
+        outputs = generate(
+            policy,
+            chosen,
+            tokenizer.pad_token_id,
+            tokenizer.eos_token_id,
+            config.eval.max_new_tokens,
+            rank,
+            world_size,
+            config.train.eval_batch_size,
+        )
     texts = [tokenizer.decode(tokens, skip_special_tokens=True) for tokens in outputs]
     records, correct, extracted = [], 0, 0
     for example, text in zip(chosen, texts):

@@ -32,7 +32,10 @@ def train_step(run: Run, micro_batches: list[PairBatch], before_update: Optional
     global totals. ``before_update`` runs once the step's gradients are complete, before the
     optimizer uses them."""
     policy = run.policy
-    counts = to_device(PairCounts.total(batch.counts for batch in micro_batches).as_tensor(), policy.device)
+    counts = PairCounts.total(batch.counts for batch in micro_batches)
+    if run.policy_layout.sequence is not None:
+        counts = run.policy_layout.sequence.counted(counts)
+    counts = to_device(counts.as_tensor(), policy.device)
     totals = GlobalTotals.from_counts(all_reduce_sum(counts))
     sums: dict[str, torch.Tensor] = {}
     results = micro_batch_results(

@@ -88,20 +88,22 @@ def cache_file(config, metadata: dict[str, str]) -> Path:
 
 
 @torch.no_grad()
-def compute_logps(engine, layout, examples, batch_size: int, pad_id: int, rank: int, world_size: int) -> torch.Tensor:
-    """[N, 2] summed log-probs of (chosen, rejected), each pair computed by one rank."""
+def compute_logps(engine, layout, examples, batch_size: int, pad_id: int, dist) -> torch.Tensor:
+    """[N, 2] summed log-probs of (chosen, rejected), each pair computed by one data-parallel rank
+    (a sequence group's first rank writes what its group computed)."""
     from tqdm.auto import tqdm
 
     values = torch.zeros(len(examples), 2, dtype=torch.float64, device=engine.device)
-    shards = eval_shards(len(examples), batch_size, rank, world_size)
-    for indices in tqdm(shards, desc="reference log-probs", unit="batch", disable=rank != 0):
+    shards = eval_shards(len(examples), batch_size, dist.data_rank, dist.data_ranks)
+    writes = layout.sequence is None or layout.sequence.first
+    for indices in tqdm(shards, desc="reference log-probs", unit="batch", disable=dist.rank != 0):
         batch = collate([examples[i] for i in indices], pad_id, filler=examples[0])
         logps = forward_micro_batch(PairModels(engine, layout), batch, ForwardNeeds()).policy.logps
-        if indices:
+        if indices and writes:
             rows = torch.tensor(indices, device=engine.device)
             values[rows, 0] = logps.chosen.double()
             values[rows, 1] = logps.rejected.double()
-    return all_reduce_sum(values).float().cpu()
+    return all_reduce_sum(values).cpu()  # float64, as the policy's sums (ResponseTokens.row_sums)
 
 
 def _save(path: Path, tensors: dict, metadata: dict) -> None:
@@ -132,16 +134,16 @@ def reference_pass(open_reference, splits: dict, batch_size: int, pad_id: int, d
     (engine, row layout) for this pass only."""
     with open_reference() as (engine, layout):
         return {
-            name: compute_logps(engine, layout, examples, batch_size, pad_id, dist.rank, dist.world_size)
+            name: compute_logps(engine, layout, examples, batch_size, pad_id, dist)
             for name, examples in splits.items()
             if examples
         }
 
 
 @contextmanager
-def temporary_reference_engine(config, ds_config):
+def temporary_reference_engine(config, ds_config, sequence=None):
     """A reference engine that lives only for the block."""
-    engine, layout = build_reference_engine(config, ds_config)
+    engine, layout = build_reference_engine(config, ds_config, sequence)
     try:
         yield engine, layout
     finally:
@@ -183,10 +185,12 @@ def prepare_reference(run) -> Reference | None:
     adapters off (``adapters.BaseOfPolicy``)."""
     if not run.objective.needs.reference:
         return None
-    config, ds_config = run.config, run.ds_config
+    config, ds_config, sequence = run.config, run.ds_config, run.policy_layout.sequence
     adapted = peft_model_of(run.policy.module) is not None
     base = (BaseOfPolicy(run.policy), run.policy_layout) if adapted and base_is_reference(config) else None
     if config.reference.mode == "engine":
-        return LiveReference(*(base or build_reference_engine(config, ds_config)))
-    open_reference = (lambda: nullcontext(base)) if base else (lambda: temporary_reference_engine(config, ds_config))
+        return LiveReference(*(base or build_reference_engine(config, ds_config, sequence)))
+    open_reference = (
+        (lambda: nullcontext(base)) if base else (lambda: temporary_reference_engine(config, ds_config, sequence))
+    )
     return cached_reference(run, open_reference)

@@ -5,15 +5,15 @@ reference. Training, ``plot-eval``, the benchmarks and the test workers all star
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 
 from .checkpointing import find_checkpoint
-from ..config import Config
+from ..config import Config, ConfigError
 from ..data import DataError, DataReport, GlobalBatchSampler, TokenizedPair, collate, prepare_datasets
-from ..distributed.process_group import DistInfo, barrier, init_distributed
+from ..distributed.process_group import DistInfo, barrier, init_distributed, sequence_group
 from ..engine.ds_config import resolve_ds_config
 from ..distributed.embedding_slice import embedding_rows_for
 from ..engine.engines import build_frozen_engine, build_policy_engine
@@ -64,11 +64,23 @@ def indexed_batch(examples: list[TokenizedPair], indices: list[int], pad_id: int
     return collate([examples[i] for i in indices], pad_id, examples[0], indices=indices)
 
 
+def sequence_parallel_dist(config: Config, dist: DistInfo) -> DistInfo:
+    """``dist`` with its sequence groups of ``parallel.sequence`` ranks; a world they do not divide
+    is a ``ConfigError``."""
+    size = config.parallel.sequence
+    if dist.world_size % size:
+        raise ConfigError(
+            f"parallel.sequence {size}: the {dist.world_size} ranks of this launch do not split into "
+            f"groups of {size}; launch a multiple of {size} ranks or change parallel.sequence"
+        )
+    return replace(dist, sequence=size)
+
+
 def setup_run(config: Config, dist: DistInfo | None = None, frozen_model: str | None = None) -> Run:
     """Everything a run needs, built in a fixed order (the random streams depend on it). The policy
     is trained from ``model.name_or_path`` (resuming per ``train.resume``), or with ``frozen_model``
     a frozen engine of that model is evaluated. Sets ``config.deepspeed.config`` to the file chosen."""
-    dist = dist or init_distributed()
+    dist = sequence_parallel_dist(config, dist or init_distributed())
     seed_everything(config.train.seed)
     trains = frozen_model is None
     resume_from = find_checkpoint(config.train.resume, Path(config.train.output_dir)) if trains else None
@@ -86,13 +98,13 @@ def setup_run(config: Config, dist: DistInfo | None = None, frozen_model: str | 
             len(train_examples),
             train.micro_batch_size,
             train.gradient_accumulation_steps,
-            dist.rank,
-            dist.world_size,
+            dist.data_rank,
+            dist.data_ranks,
             train.seed,
         )
-        policy, policy_layout = build_policy_engine(config, ds_config)
+        policy, policy_layout = build_policy_engine(config, ds_config, sequence_group(dist))
     else:
-        policy, policy_layout = build_frozen_engine(config, ds_config, frozen_model)
+        policy, policy_layout = build_frozen_engine(config, ds_config, frozen_model, sequence=sequence_group(dist))
     objective = build_objective(config, embedding_rows_for(policy.module, config.plot))
     run = Run(
         config,

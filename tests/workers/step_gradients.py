@@ -22,13 +22,13 @@ import deepspeed
 import torch
 from deepspeed.utils import safe_get_full_grad, z3_leaf_module
 
-from plot_ds.forward import packing
+from plot_ds.forward import packing, pair_forward
 from plot_ds.forward import prompt_sharing
 from plot_ds.forward import tiled_head
 from plot_ds.engine import engines
 from plot_ds.config import load_config
 from plot_ds.data import GlobalBatchSampler
-from plot_ds.distributed.process_group import init_distributed
+from plot_ds.distributed.process_group import barrier, init_distributed
 from plot_ds.distributed.embedding_slice import EmbeddingRows
 from plot_ds.training.monitoring import reduce_metrics
 from plot_ds.training.run import setup_run
@@ -126,6 +126,33 @@ VARIANTS = {
         "plot.top_k": 16,
         "model.tiled_head": True,
         "model.share_prompt": False,
+    },
+    # Sequence parallelism: groups of 2 (or 4) ranks share each pair, a slice of its positions each
+    # (the tiny Llama has 4 heads and 2 key/value heads: at 4 Ulysses replicates them). The split's
+    # accumulation is scaled by the group size, so the global batch stays that of the other variants.
+    "dpo+plot_seq2": {"objective.name": "dpo", "plot.rejected_weight": 0.5, "plot.top_k": 16, "parallel.sequence": 2},
+    "dpo+plot_seq4": {"objective.name": "dpo", "plot.rejected_weight": 0.5, "plot.top_k": 16, "parallel.sequence": 4},
+    # Another family (Qwen3: q/k norms, a head_dim of its own) with the tiled head and a term over the
+    # global batch (AOT's sorts see each pair once), one process against sequence groups of 2.
+    "aot+plot_qwen3": {
+        "objective.terms": {"aot": 1.0, "sft": 0.3},
+        "objective.beta": 2.0,
+        "plot.rejected_weight": 0.5,
+        "plot.top_k": 16,
+        "model.tiled_head": True,
+        "model.share_prompt": False,
+        "model.name_or_path": "QWEN3",
+        "reference.name_or_path": "QWEN3_REFERENCE",
+    },
+    "aot+plot_qwen3_seq2": {
+        "objective.terms": {"aot": 1.0, "sft": 0.3},
+        "objective.beta": 2.0,
+        "plot.rejected_weight": 0.5,
+        "plot.top_k": 16,
+        "model.tiled_head": True,
+        "model.name_or_path": "QWEN3",
+        "reference.name_or_path": "QWEN3_REFERENCE",
+        "parallel.sequence": 2,
     },
     "none+plot_ref_mix": {
         "objective.name": "none",
@@ -229,6 +256,32 @@ def varied_pairs(path: Path, count: int = 16) -> str:
     return str(path)
 
 
+def tiny_qwen3(target: Path, tokenizer_dir: str, seed: int) -> str:
+    """A seeded 2-layer Qwen3 (the same weights in every launch) with the tiny
+    Llama's tokenizer: 4 heads of 16 dimensions (not hidden / heads), 2 key/value heads."""
+    from transformers import AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
+
+    if not (target / "config.json").is_file():
+        config = Qwen3Config(
+            vocab_size=49152,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            max_position_embeddings=512,
+            tie_word_embeddings=False,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=2,
+        )
+        torch.manual_seed(seed)
+        Qwen3ForCausalLM(config).save_pretrained(target, safe_serialization=True)
+        AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(target)
+    return str(target)
+
+
 def recording_passes(passes: list, module=prompt_sharing):
     """Record the input shape of every pass ``module`` runs (the shared-prompt or packed passes;
     full rows record nothing), and for packed ones the shape of their attention mask."""
@@ -242,6 +295,26 @@ def recording_passes(passes: list, module=prompt_sharing):
 
     module.with_head_input = recorded
     return real
+
+
+def recording_slices(slices: list, ulysses_calls: list):
+    """Record every plain-row forward's (rows, width, first position) and count the attention calls
+    that went through DeepSpeed's Ulysses."""
+    from deepspeed.runtime.sequence_parallel.ulysses_sp import UlyssesSPAttentionHF
+
+    real, real_attention = pair_forward.response_logits, UlyssesSPAttentionHF.forward
+
+    def recorded(model, batch, tokens):
+        first = 0 if batch.position_ids is None else int(batch.position_ids[0, 0])
+        slices.append((*batch.input_ids.shape, first))
+        return real(model, batch, tokens)
+
+    def counted(self, *args, **kwargs):
+        ulysses_calls.append(1)
+        return real_attention(self, *args, **kwargs)
+
+    pair_forward.response_logits, UlyssesSPAttentionHF.forward = recorded, counted
+    return real, real_attention
 
 
 def counting_tiles(tiles: list):
@@ -262,11 +335,12 @@ engines.tile_positions = lambda vocab_size: 3
 
 def split_config(overrides: dict, model_dir: str, ds_config_path: str, split: str) -> object:
     micro, accum = map(int, split.split("x"))
+    accum *= overrides.get("parallel.sequence", 1)
     return load_config(
         None,
         {
-            **overrides,
             "model.name_or_path": model_dir,
+            **overrides,
             "deepspeed.config": ds_config_path,
             "data.max_length": 96,
             "data.max_prompt_length": 48,
@@ -291,6 +365,7 @@ def for_split(run, config):
     train, dist = config.train, run.dist
     config.deepspeed.config = run.config.deepspeed.config
     run.policy.set_train_micro_batch_size(train.micro_batch_size)
+    # DeepSpeed counts every rank as data-parallel (it is not told of sequence groups).
     run.policy.set_train_batch_size(train.micro_batch_size * train.gradient_accumulation_steps * dist.world_size)
     # A split starts on a boundary: the engine's micro-step count is a multiple of its accumulation.
     assert run.policy.micro_steps % train.gradient_accumulation_steps == 0, (run.policy.micro_steps, train)
@@ -298,8 +373,8 @@ def for_split(run, config):
         len(run.train_examples),
         train.micro_batch_size,
         train.gradient_accumulation_steps,
-        dist.rank,
-        dist.world_size,
+        dist.data_rank,
+        dist.data_ranks,
         train.seed,
     )
     return dataclasses.replace(run, config=config, sampler=sampler)
@@ -340,8 +415,9 @@ def step_record(run, variant: str) -> dict:
             p.grad.untyped_storage().data_ptr() for group in optimizer.param_groups for p in group["params"]
         )
     )
-    passes, packed_passes, tiles = [], [], []
+    passes, packed_passes, tiles, slices, ulysses_calls = [], [], [], [], []
     real_tiled_apply = counting_tiles(tiles)
+    real_slices = recording_slices(slices, ulysses_calls)
     real_with_head_input = recording_passes(passes)
     real_packed_with_head_input = recording_passes(packed_passes, packing)
     try:
@@ -350,6 +426,9 @@ def step_record(run, variant: str) -> dict:
         prompt_sharing.with_head_input = real_with_head_input
         packing.with_head_input = real_packed_with_head_input
         tiled_head.TiledHeadLogProb.apply = real_tiled_apply
+        from deepspeed.runtime.sequence_parallel.ulysses_sp import UlyssesSPAttentionHF
+
+        pair_forward.response_logits, UlyssesSPAttentionHF.forward = real_slices
         hook.remove()
     partition = {
         name: (int(p.ds_tensor.numel()), int(p.ds_numel), int(p.numel()))
@@ -365,6 +444,9 @@ def step_record(run, variant: str) -> dict:
         "shared_passes": passes,
         "packed_passes": packed_passes,
         "head_tiles": sum(tiles),
+        "row_slices": slices,
+        "ulysses_calls": len(ulysses_calls),
+        "full_widths": [batch.input_ids.shape[1] for batch in batches],
         "input_tokens": [int(batch.attention_mask.sum()) for batch in batches],
         "response_lengths": [batch.labels.ne(-100).sum(1).tolist() for batch in batches],
         "global_batch": sampler.global_batch(step),
@@ -394,7 +476,13 @@ def main(model_dir: str, ds_config_path: str, out_file: str, splits: str, refere
         "REFERENCE": reference_dir,
         "VARIED": varied_pairs(Path(f"{out_file}.varied.jsonl")),
         "UNEVEN": varied_pairs(Path(f"{out_file}.uneven.jsonl"), count=13),
+        "QWEN3": str(Path(f"{out_file}.qwen3")),
+        "QWEN3_REFERENCE": str(Path(f"{out_file}.qwen3_reference")),
     }
+    if dist.rank == 0:
+        tiny_qwen3(Path(named["QWEN3"]), model_dir, seed=5)
+        tiny_qwen3(Path(named["QWEN3_REFERENCE"]), model_dir, seed=6)
+    barrier()
     chosen = only.split(",") if only else list(VARIANTS)
     for variant in chosen:
         overrides = {k: named.get(v, v) if isinstance(v, str) else v for k, v in VARIANTS[variant].items()}
