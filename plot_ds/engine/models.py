@@ -135,6 +135,12 @@ def load_model(config: Config, ds_config: dict, name_or_path: str | None = None,
         else None
     )
     hf_ds_config = HfDeepSpeedConfig(ds_config) if zero_stage(ds_config) == 3 else None
+    if hf_ds_config is None:
+        # transformers keeps the last ZeRO-3 config it saw (a weak reference) while anything holds
+        # it, e.g. a ZeRO-3 engine built earlier in this process: it would partition this model too.
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+        unset_hf_deepspeed_config()
     model = AutoModelForCausalLM.from_pretrained(
         source,
         revision=settings.revision,

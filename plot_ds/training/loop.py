@@ -91,8 +91,9 @@ def start(run: Run) -> LoopState:
         config.save(output_dir / "config.yaml")
         (output_dir / "ds_config.json").write_text(json.dumps(run.ds_config, indent=2))
         (output_dir / "data_report.json").write_text(json.dumps([r.to_dict() for r in run.reports], indent=2))
+        groups = f" in {dist.data_ranks} sequence group(s) of {dist.sequence}" if dist.sequence > 1 else ""
         print(
-            f"[plot_ds] {dist.world_size} rank(s) on {dist.device.type}, rendezvous "
+            f"[plot_ds] {dist.world_size} rank(s){groups} on {dist.device.type}, rendezvous "
             f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}; config:\n{config.to_yaml()}",
             flush=True,
         )

@@ -587,3 +587,52 @@ def test_one_rank_bf16_default_is_zero2_and_resumes_exactly(tiny_model_dir, data
     )
     assert exported.returncode == 0 and (tmp_path / "exported" / "model.safetensors").is_file()
     assert (tmp_path / "exported_adapter" / "adapter_model.safetensors").is_file() == (adapter == "lora")
+
+
+def test_resume_into_sequence_parallelism_with_a_cached_reference(uninterrupted, tmp_path):
+    """The 2-rank run (2 data-parallel ranks) resumed from step 6 as one sequence group of 2 ranks
+    (parallel.sequence 2: each rank half of every row; the same global batch of 4 as micro 1 x
+    accumulation 4), its reference log-probs now computed once by the group into a cache: steps 7
+    and 8, the evaluation and the pairs trained on are the uninterrupted run's, and a generation
+    (whole rows, Ulysses paused) is written."""
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(uninterrupted, out)
+    shutil.rmtree(out / "checkpoints" / "step_00000008")
+    resumed = run_command(
+        torchrun_cmd(
+            TRAIN,
+            "--config",
+            str(out / "config.yaml"),
+            "--parallel.sequence",
+            "2",
+            "--train.gradient_accumulation_steps",
+            "4",
+            "--reference.mode",
+            "cache",
+            "--reference.cache_path",
+            str(tmp_path / "reference.safetensors"),
+            "--eval.generations",
+            "1",
+            "--train.output_dir",
+            str(out),
+        )
+    )
+    assert "step_00000006 at step 6" in resumed.stdout
+    assert "2 rank(s) in 1 sequence group(s) of 2" in resumed.stdout
+    got, want = history(out), history(uninterrupted)
+    assert [h["step"] for h in got] == list(range(1, 9))
+    for a, b in zip(got[6:], want[6:], strict=True):
+        for name in ("loss/total", "loss/vanilla", "rewards/margins", "logps/chosen", "grad_norm"):
+            assert a[name] == pytest.approx(b[name], rel=1e-4), (a["step"], name)
+    results, expected = (json.loads((run / "eval_results.json").read_text()) for run in (out, uninterrupted))
+    for name in ("eval/loss/total", "eval/rewards/margins", "eval/logps/chosen"):
+        assert results[name] == pytest.approx(expected[name], rel=1e-4), name
+    assert len(results["generations"]) == 1 and results["generations"][0]["generation"]
+    # Both ranks of the group trained on the step's whole global batch.
+    ranks = pair_ids(out)
+    for step in (7, 8):
+        whole = [i for rank in pair_ids(uninterrupted) for r in rank if r["step"] == step for i in r["ids"]]
+        assert [r["ids"] for r in ranks[0] if r["step"] == step] == [whole]
+        assert [r["ids"] for r in ranks[1] if r["step"] == step] == [whole]

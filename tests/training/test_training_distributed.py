@@ -219,8 +219,9 @@ def assert_same_step(got: dict, expected: dict, what: str) -> None:
             atol=1e-5 * grad.abs().max().item(),
             msg=lambda m: f"{what} {name}: {m}",
         )
-    for metric in ("loss/total", "loss/plot", "loss/dpo", "plot/w_chosen", "plot/w_rejected"):
-        assert got["metrics"][metric] == pytest.approx(expected["metrics"][metric], rel=1e-5, abs=1e-7), what
+    for metric in ("loss/total", "loss/plot", "loss/dpo", "loss/aot", "plot/w_chosen", "plot/w_rejected"):
+        if metric in expected["metrics"]:
+            assert got["metrics"][metric] == pytest.approx(expected["metrics"][metric], rel=1e-5, abs=1e-7), what
 
 
 @pytest.mark.parametrize("variant", ["dpo+plot_packed", "dpo+plot_packed_shared"])
@@ -288,9 +289,10 @@ def test_sliced_and_full_gather_paths_agree(step_results):
 @pytest.fixture(scope="module")
 def many_rank_plot_results(tiny_model_dir, zero3_test_config, tmp_path_factory):
     """PLOT's step at 4 ranks (2 pairs each) and 8 ranks (1 pair each), through the chosen slice path
-    and the owners' path forced; the same global batch of 8 as the one-process run."""
+    and the owners' path forced; at 4 ranks also as one sequence group of 4 and as two of 2; the
+    same global batch of 8 as the one-process run."""
     out = tmp_path_factory.mktemp("grads_many")
-    variants = "dpo+plot,dpo+plot_all_to_all"
+    variants = {4: "dpo+plot,dpo+plot_all_to_all,dpo+plot_seq4,dpo+plot_seq2", 8: "dpo+plot,dpo+plot_all_to_all"}
     results = {}
     for ranks, split in ((4, "2x1"), (8, "1x1")):
         torchrun(
@@ -301,7 +303,7 @@ def many_rank_plot_results(tiny_model_dir, zero3_test_config, tmp_path_factory):
             out / f"r{ranks}",
             split,
             tiny_model_dir,
-            variants,
+            variants[ranks],
             timeout=1200,
             output=out,
         )
@@ -358,3 +360,41 @@ def test_target_cosines_from_partial_dot_products(step_results, tiny_model_dir):
         # Target rows of both ranks plus a few numbers per pair: far below the support rows.
         target_rows = sum(len(set(r["slice"]["targets"].tolist())) for r in step_results["two"])
         assert target_rows * matrix.shape[1] * 4 < got["cosine_bytes"] < matrix.numel() * 4 / 20
+
+
+# Sequence groups against one process (the one-process run of the same objective and model), and
+# the split of each forward: (launch, variant, group size, one-process variant).
+SEQUENCE_VARIANTS = [
+    ("two", "dpo+plot_seq2", 2, "dpo+plot"),
+    ("two", "dpo+plot_lora_seq2", 2, "dpo+plot_lora"),
+    ("two", "dpo+plot_zero2_seq2", 2, "dpo+plot"),
+    ("two", "none+plot_ref_mix_seq2", 2, "none+plot_ref_mix"),
+    ("two", "aot+plot_qwen3_seq2", 2, "aot+plot_qwen3"),
+    (4, "dpo+plot_seq4", 4, "dpo+plot"),
+    (4, "dpo+plot_seq2", 2, "dpo+plot"),
+]
+
+
+@pytest.mark.parametrize(("launch", "variant", "group", "baseline"), SEQUENCE_VARIANTS)
+def test_sequence_groups_take_the_one_process_step(
+    step_results, many_rank_plot_results, launch, variant, group, baseline
+):
+    """parallel.sequence: every rank of a group holds a contiguous 1/group of each row's positions
+    (at its own place: the position ids say where) and its attention goes through DeepSpeed's Ulysses
+    in every layer; the step's loss, PLOT weights and every gradient are the one-process run's, at 2
+    ranks (one group: the Llama, LoRA, ZeRO-2, PLOT's ref_mix target on the reference's logits, and
+    a Qwen3 with AOT over the global batch, SFT and the tiled head) and at 4 (one group of 4, whose
+    2 key/value heads Ulysses replicates; two groups of 2, each its own pairs)."""
+    single = step_results["one"][f"{baseline}:8x1"]
+    if launch == "two":
+        per_rank, split = step_results["two"], "2x2"
+    else:
+        split, per_rank = many_rank_plot_results[launch]
+    for rank, results in enumerate(per_rank):
+        got = results[f"{variant}:{split}"]
+        assert got["global_batch"] == single["global_batch"] and got["pairs"] == 8
+        assert got["row_slices"] and got["ulysses_calls"] >= 2 * len(got["row_slices"])  # 2 layers each
+        widths = {-(-full // group) for full in got["full_widths"]}
+        for _, width, first in got["row_slices"]:
+            assert width in widths and first == (rank % group) * width, (rank, got["row_slices"])
+        assert_same_step(got, single, f"{variant} rank {rank}")

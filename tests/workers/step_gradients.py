@@ -132,6 +132,30 @@ VARIANTS = {
     # accumulation is scaled by the group size, so the global batch stays that of the other variants.
     "dpo+plot_seq2": {"objective.name": "dpo", "plot.rejected_weight": 0.5, "plot.top_k": 16, "parallel.sequence": 2},
     "dpo+plot_seq4": {"objective.name": "dpo", "plot.rejected_weight": 0.5, "plot.top_k": 16, "parallel.sequence": 4},
+    "dpo+plot_lora_seq2": {
+        "objective.name": "dpo",
+        "plot.rejected_weight": 0.5,
+        "plot.top_k": 16,
+        "adapter.method": "lora",
+        "adapter.rank": 4,
+        "adapter.dropout": 0.0,
+        "parallel.sequence": 2,
+    },
+    "dpo+plot_zero2_seq2": {
+        "objective.name": "dpo",
+        "plot.rejected_weight": 0.5,
+        "plot.top_k": 16,
+        "deepspeed.config": "ds_configs/zero2.json",
+        "parallel.sequence": 2,
+    },
+    "none+plot_ref_mix_seq2": {
+        "objective.name": "none",
+        "plot.target": "ref_mix",
+        "plot.rho": 0.3,
+        "plot.top_k": 8,
+        "plot.sinkhorn_iters": 30,
+        "parallel.sequence": 2,
+    },
     # Another family (Qwen3: q/k norms, a head_dim of its own) with the tiled head and a term over the
     # global batch (AOT's sorts see each pair once), one process against sequence groups of 2.
     "aot+plot_qwen3": {
@@ -176,6 +200,8 @@ VARIANTS = {
 # for every split, so that each split's update starts from a fresh optimizer. Every other variant
 # builds its engines once and runs each split on them, its weights restored in between.
 TRACKS_UPDATE = ("sft", "dpo", "dpo_shared_prompt")
+# One-process runs that only sequence groups are compared with.
+SEQUENCE_BASELINES = ("aot+plot_qwen3",)
 
 
 def perturb_adapters(policy) -> None:
@@ -340,8 +366,8 @@ def split_config(overrides: dict, model_dir: str, ds_config_path: str, split: st
         None,
         {
             "model.name_or_path": model_dir,
-            **overrides,
             "deepspeed.config": ds_config_path,
+            **overrides,
             "data.max_length": 96,
             "data.max_prompt_length": 48,
             "data.eval_size": 0,
@@ -433,6 +459,7 @@ def step_record(run, variant: str) -> dict:
     partition = {
         name: (int(p.ds_tensor.numel()), int(p.ds_numel), int(p.numel()))
         for name, p in policy.module.named_parameters()
+        if hasattr(p, "ds_tensor")
     }
     record = {
         "grads": grads,
@@ -469,6 +496,21 @@ def step_record(run, variant: str) -> dict:
     return record
 
 
+def fits_by_default(variant: str, ranks: int) -> bool:
+    """Whether a launch that names no variants runs ``variant``: a sequence group needs more ranks
+    than one and a multiple of its size; a one-process baseline of sequence groups only runs there."""
+    sequence = VARIANTS[variant].get("parallel.sequence", 1)
+    if sequence > 1:
+        return ranks > 1 and ranks % sequence == 0
+    return ranks == 1 or variant not in SEQUENCE_BASELINES
+
+
+def splits_of(variant: str, splits: list[str]) -> list[str]:
+    """A sequence group's variant takes the middle split only: what it adds is the split of ranks
+    into data and sequence; the micro-batch splits are every other variant's concern."""
+    return [splits[len(splits) // 2]] if VARIANTS[variant].get("parallel.sequence", 1) > 1 else splits
+
+
 def main(model_dir: str, ds_config_path: str, out_file: str, splits: str, reference_dir: str, only: str = "") -> None:
     dist = init_distributed()
     results = {}
@@ -483,11 +525,11 @@ def main(model_dir: str, ds_config_path: str, out_file: str, splits: str, refere
         tiny_qwen3(Path(named["QWEN3"]), model_dir, seed=5)
         tiny_qwen3(Path(named["QWEN3_REFERENCE"]), model_dir, seed=6)
     barrier()
-    chosen = only.split(",") if only else list(VARIANTS)
+    chosen = only.split(",") if only else [v for v in VARIANTS if fits_by_default(v, dist.world_size)]
     for variant in chosen:
         overrides = {k: named.get(v, v) if isinstance(v, str) else v for k, v in VARIANTS[variant].items()}
         run, start = None, None
-        for split in splits.split(","):
+        for split in splits_of(variant, splits.split(",")):
             config = split_config(overrides, model_dir, ds_config_path, split)
             if run is None or variant in TRACKS_UPDATE:
                 if run is not None:
@@ -497,7 +539,7 @@ def main(model_dir: str, ds_config_path: str, out_file: str, splits: str, refere
             else:
                 run = for_split(run, config)
                 restore_parameters(run.policy, start)
-            if "slice" not in results:
+            if "slice" not in results and hasattr(run.policy.module.get_input_embeddings().weight, "ds_shape"):
                 results["slice"] = slice_rows(run.policy, dist.rank)
             results[f"{variant}:{split}"] = step_record(run, variant)
         close(run)
