@@ -79,7 +79,8 @@ def slurm(tmp_path_factory):
 def test_slurm_template_checkpoints_on_warning_requeues_and_resumes(slurm, tiny_model_dir, zero3_test_config, tmp_path):
     """sbatch launch/slurm.sh as a user would (only the marked settings overridden on the command
     line: one node, no GPUs, 2 CPU ranks); USR1 as Slurm sends it before the time limit; the job
-    checkpoints, requeues itself, resumes and finishes with every step exactly once."""
+    checkpoints, requeues itself, resumes and finishes with every step exactly once. The 2 ranks form
+    one sequence group (parallel.sequence passed through like any override)."""
     steps = 40
     run_dir = tmp_path / "run"
     config = tiny_config(
@@ -96,6 +97,8 @@ def test_slurm_template_checkpoints_on_warning_requeues_and_resumes(slurm, tiny_
         config,
         "--train.eval_every",
         "0",
+        "--parallel.sequence",
+        "2",
         env=child_env(PROCS_PER_NODE="2", RUN_DIR=str(run_dir)),
         cwd=REPO,
     )
@@ -131,6 +134,7 @@ def test_slurm_template_checkpoints_on_warning_requeues_and_resumes(slurm, tiny_
     assert_finished_with_checkpoint(run_dir, steps)
     saved = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert saved["train"]["eval_every"] == 0 and saved["train"]["output_dir"] == str(run_dir)
+    assert saved["parallel"]["sequence"] == 2 and "2 rank(s) in 1 sequence group(s) of 2" in text
     hostfile = REPO / ".slurm" / f"hostfile-{job}"
     assert hostfile.read_text().split() == [slurm.host, "slots=2"]
 

@@ -68,13 +68,34 @@ class SequenceGroup:
         """``outputs`` with each pair's log-probs and token counts summed over the group (the
         gradient of a sum reaches every rank's positions), and its pair-level weight."""
         import deepspeed.comm as dist
-        from torch.distributed.nn.functional import all_reduce
 
         logps = outputs.logps
-        sums = all_reduce(torch.cat([logps.chosen, logps.rejected]), group=self.group)
+        sums = GroupSum.apply(torch.cat([logps.chosen, logps.rejected]), self.group)
         counts = torch.cat([logps.chosen_tokens, logps.rejected_tokens])
         dist.all_reduce(counts, group=self.group)
         return replace(outputs, logps=PairLogps.from_rows(sums, counts), pair_weight=1.0 if self.first else 0.0)
+
+
+class GroupSum(torch.autograd.Function):
+    """The sum over a group's ranks of a tensor each holds; its gradient is the sum over the ranks of
+    the sum's gradients (every rank's loss reads the sum: each rank's part feeds all of them)."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor, group) -> torch.Tensor:
+        import deepspeed.comm as dist
+
+        ctx.group = group
+        total = tensor.clone()
+        dist.all_reduce(total, group=group)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        import deepspeed.comm as dist
+
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
 
 
 # ------------------------------------------------------------------ the attention: DeepSpeed's Ulysses

@@ -148,35 +148,21 @@ VARIANTS = {
         "deepspeed.config": "ds_configs/zero2.json",
         "parallel.sequence": 2,
     },
-    "none+plot_ref_mix_seq2": {
-        "objective.name": "none",
+    # Another family (Qwen3: q/k norms, a head_dim of its own) with the tiled head, a term over the
+    # global batch (AOT's sorts must see each pair once), SFT, and PLOT's ref_mix target (on the
+    # reference's logits at the rank's own positions): one process against a sequence group of 2.
+    "aot+plot_qwen3": {
+        "objective.terms": {"aot": 1.0, "sft": 0.3},
+        "objective.beta": 2.0,
         "plot.target": "ref_mix",
         "plot.rho": 0.3,
         "plot.top_k": 8,
         "plot.sinkhorn_iters": 30,
-        "parallel.sequence": 2,
-    },
-    # Another family (Qwen3: q/k norms, a head_dim of its own) with the tiled head and a term over the
-    # global batch (AOT's sorts see each pair once), one process against sequence groups of 2.
-    "aot+plot_qwen3": {
-        "objective.terms": {"aot": 1.0, "sft": 0.3},
-        "objective.beta": 2.0,
         "plot.rejected_weight": 0.5,
-        "plot.top_k": 16,
         "model.tiled_head": True,
         "model.share_prompt": False,
         "model.name_or_path": "QWEN3",
         "reference.name_or_path": "QWEN3_REFERENCE",
-    },
-    "aot+plot_qwen3_seq2": {
-        "objective.terms": {"aot": 1.0, "sft": 0.3},
-        "objective.beta": 2.0,
-        "plot.rejected_weight": 0.5,
-        "plot.top_k": 16,
-        "model.tiled_head": True,
-        "model.name_or_path": "QWEN3",
-        "reference.name_or_path": "QWEN3_REFERENCE",
-        "parallel.sequence": 2,
     },
     "none+plot_ref_mix": {
         "objective.name": "none",
@@ -200,8 +186,12 @@ VARIANTS = {
 # for every split, so that each split's update starts from a fresh optimizer. Every other variant
 # builds its engines once and runs each split on them, its weights restored in between.
 TRACKS_UPDATE = ("sft", "dpo", "dpo_shared_prompt")
-# One-process runs that only sequence groups are compared with.
+# The sequence-group variant of another variant, where it differs only in parallel.sequence.
+VARIANTS["aot+plot_qwen3_seq2"] = {**VARIANTS["aot+plot_qwen3"], "parallel.sequence": 2}
+# One-process runs that only sequence groups are compared with, and sequence groups run only where
+# named (the 2-rank launch has groups of 2 with LoRA, ZeRO-2 and Qwen3; the 4-rank one plain ones).
 SEQUENCE_BASELINES = ("aot+plot_qwen3",)
+NAMED_ONLY = ("dpo+plot_seq2", "dpo+plot_seq4")
 
 
 def perturb_adapters(policy) -> None:
@@ -500,6 +490,8 @@ def fits_by_default(variant: str, ranks: int) -> bool:
     """Whether a launch that names no variants runs ``variant``: a sequence group needs more ranks
     than one and a multiple of its size; a one-process baseline of sequence groups only runs there."""
     sequence = VARIANTS[variant].get("parallel.sequence", 1)
+    if variant in NAMED_ONLY:
+        return False
     if sequence > 1:
         return ranks > 1 and ranks % sequence == 0
     return ranks == 1 or variant not in SEQUENCE_BASELINES
