@@ -100,9 +100,9 @@ def overrides_for(args, group: int, data: str, output_dir: str) -> dict:
         "train.resume": "none",
         "parallel.sequence": group,
     }
-    for key, value in zip(args.rest[::2], args.rest[1::2]):
-        overrides[key.lstrip("-")] = value
-    return overrides
+    from plot_ds.config import parse_overrides
+
+    return {**overrides, **parse_overrides(args.rest)}
 
 
 def main() -> None:

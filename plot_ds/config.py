@@ -29,6 +29,9 @@ class ModelConfig:
     # auto: flash_attention_2 where installed and supported on a GPU, else sdpa, else eager.
     attn_implementation: Optional[str] = "auto"
     gradient_checkpointing: bool = False
+    # Each decoder layer's MLP a slice of positions at a time (DeepSpeed's TiledMLP), run again in
+    # the backward: no [positions, intermediate] activations for a whole row (engine/models.py).
+    tiled_mlp: bool = False
     # Each pair's prompt computed once; the responses continue from its key/value cache in two
     # passes (plot_ds/forward/prompt_sharing.py; timings in docs/benchmarks.md). auto: on, except where
     # ZeRO-3 fetches the parameters from other ranks or host memory, which every extra pass would
@@ -454,14 +457,10 @@ class Config:
     def check_sequence_parallel(self) -> None:
         """What cannot split a pair's positions over ranks (parallel.sequence > 1)."""
         size = self.parallel.sequence
-        refusals = [
+        refusals = [  # (refused, the setting, why)
             (self.data.packing, "data.packing true", "puts several sequences in one row"),
             (self.model.share_prompt is True, "model.share_prompt true", "runs responses over a cached prompt"),
-            (
-                self.plot.active and self.plot.granularity == "sequence",
-                "plot.granularity sequence",
-                "transports a whole response at once, and a rank holds only its positions",
-            ),
+            (self.plot.active and self.plot.granularity == "sequence", "plot.granularity sequence", "needs whole rows"),
             (self.model.attn_implementation == "eager", "model.attn_implementation eager", "needs an [L, L] mask"),
         ]
         for refused, setting, why in refusals:

@@ -151,6 +151,8 @@ def load_model(config: Config, ds_config: dict, name_or_path: str | None = None,
     )
     model.plot_ds_hf_ds_config = hf_ds_config
     model.config.use_cache = False
+    if settings.tiled_mlp and not tile_mlps(model):
+        raise ModelError(f"model.tiled_mlp: {type(model).__name__} has no decoder-layer `mlp` to tile; set it false")
     if hf_ds_config is not None and not adapted:
         mark_zero3_leaf_modules(model, config.deepspeed)
     return model
@@ -187,3 +189,43 @@ def mark_zero3_leaf_modules(model, settings) -> list[str]:
         )
     set_z3_leaf_modules(model, classes)
     return classes
+
+
+def tile_mlps(model) -> int:
+    """``model.tiled_mlp``: every decoder layer's ``mlp`` computed a slice of positions at a time by
+    DeepSpeed's ``TiledMLP`` (ALST), its forward run again in the backward, so that the MLP's
+    [positions, intermediate] activations never exist for a whole row. Slices of ``hidden_size``
+    positions, as DeepSpeed's own example takes; every rank agrees on the largest count (under ZeRO-3
+    each slice's call gathers parameters, a collective). Returns how many MLPs it tiled."""
+    import math
+
+    import torch
+    from deepspeed.runtime.sequence_parallel.ulysses_sp import TiledMLP
+
+    hidden = model.config.get_text_config().hidden_size
+    tiled = 0
+    for module in list(model.modules()):
+        mlp = getattr(module, "mlp", None)
+        if not isinstance(mlp, torch.nn.Module) or getattr(mlp, "plot_ds_tiled", False):
+            continue
+        whole = type(mlp).forward
+
+        def forward(x, mlp=mlp, whole=whole):
+            shards = agreed_maximum(math.ceil(x.shape[-2] / hidden), x.device)
+            return TiledMLP.apply(whole, mlp, x, shards, list(mlp.parameters()))
+
+        mlp.forward, mlp.plot_ds_tiled = forward, True
+        tiled += 1
+    return tiled
+
+
+def agreed_maximum(value: int, device) -> int:
+    """The largest of ``value`` over the ranks (one integer all-reduce), or ``value`` alone."""
+    import deepspeed.comm as dist
+    import torch
+
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return value
+    tensor = torch.tensor([value], device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return int(tensor.item())

@@ -1,6 +1,6 @@
-"""plot-compare end to end on a tiny model: a grid of two variants x two seeds finishes with every
-cell of the table; a grid killed mid-run resumes without retraining what finished; a failed run is
-reported and the others go on."""
+"""plot-compare end to end on a tiny model: a grid of variants x two seeds, killed mid-run, resumes
+without retraining what finished, reports a failed run while the others go on, and fills every
+cell of the table."""
 
 import json
 import sys
@@ -61,10 +61,18 @@ def wait_for(predicate, process, timeout=600):
         time.sleep(0.5)
 
 
-def test_a_killed_grid_resumes_without_retraining_finished_runs(tiny_model_dir, tmp_path):
+def test_a_killed_grid_resumes_without_retraining_finished_runs_and_reports_a_failed_one(tiny_model_dir, tmp_path):
+    """Killed mid-grid, then run again: what finished is skipped, the rest trains; a variant whose
+    runs fail (an attention implementation that does not exist) is reported, exit status 1, and the
+    others go on and fill the table."""
+    broken = {"objective.name": "sft", "reference.mode": "none", "model.attn_implementation": "no_such_attention"}
     grid = write_grid(
         tmp_path,
-        {"dpo": {"plot.enabled": False}, "sft+plot": {"objective.name": "sft", "reference.mode": "none"}},
+        {
+            "dpo": {"plot.enabled": False},
+            "sft+plot": {"objective.name": "sft", "reference.mode": "none"},
+            "broken": broken,
+        },
         [1, 2],
     )
     runs = tmp_path / "out" / "runs"
@@ -76,12 +84,16 @@ def test_a_killed_grid_resumes_without_retraining_finished_runs(tiny_model_dir, 
     assert finished.is_file() and not (runs / "sft+plot" / "seed1" / "compare_eval.json").is_file()
     stamp = finished.stat().st_mtime_ns
     second = run_command(compare_command(tmp_path, tiny_model_dir, grid), check=False)
-    assert second.returncode == 0, second.stdout + second.stderr
+    assert second.returncode == 1, second.stdout + second.stderr
     lines = [line for line in second.stdout.splitlines() if line.startswith("[plot-compare] ")]
-    assert "[plot-compare] 1/5 start: already evaluated, skipped" in lines
-    assert "[plot-compare] 2/5 dpo/seed1: already evaluated, skipped" in lines
-    assert any(line.startswith("[plot-compare] 5/5 sft+plot/seed2: trained and evaluated in") for line in lines)
+    assert "[plot-compare] 1/7 start: already evaluated, skipped" in lines
+    assert "[plot-compare] 2/7 dpo/seed1: already evaluated, skipped" in lines
+    assert any(line.startswith("[plot-compare] 6/7 sft+plot/seed2: trained and evaluated in") for line in lines)
     assert finished.stat().st_mtime_ns == stamp
+    assert "/7 broken/seed1: FAILED: training exited 2 after" in second.stdout
+    assert "plot-train: model error: model.attn_implementation 'no_such_attention'" in second.stdout
+    assert "failed: broken/seed1, broken/seed2" in second.stderr
+    assert "no_such_attention" in (runs / "broken" / "seed1" / "compare.log").read_text()
     # every (variant, seed) trained on the same pairs per seed, and every cell of the table is filled
     for seed in (1, 2):
         ids = [
@@ -113,28 +125,6 @@ def test_a_killed_grid_resumes_without_retraining_finished_runs(tiny_model_dir, 
     assert json.loads((tmp_path / "out" / "dpo_only.json").read_text())["variants"]["dpo"]["seeds"] == [1]
     assert "| sft+plot |" not in (tmp_path / "out" / "dpo_only.md").read_text()
     assert (tmp_path / "out" / "dpo_only.png").is_file() and (tmp_path / "out" / "compare.md").read_text() == before
-
-
-def test_a_failed_run_is_reported_and_the_others_go_on(tiny_model_dir, tmp_path):
-    grid = write_grid(
-        tmp_path,
-        {
-            "sft": {"objective.name": "sft", "reference.mode": "none"},
-            "broken": {
-                "objective.name": "sft",
-                "reference.mode": "none",
-                "model.attn_implementation": "no_such_attention",
-            },
-        },
-        [1],
-    )
-    proc = run_command(compare_command(tmp_path, tiny_model_dir, grid), check=False)
-    assert proc.returncode == 1, proc.stdout + proc.stderr
-    assert "/3 broken/seed1: FAILED: training exited 2 after" in proc.stdout
-    assert "plot-train: model error: model.attn_implementation 'no_such_attention'" in proc.stdout
-    assert "failed: broken/seed1" in proc.stderr
-    assert (tmp_path / "out" / "runs" / "sft" / "seed1" / "compare_eval.json").is_file()
-    assert "no_such_attention" in (tmp_path / "out" / "runs" / "broken" / "seed1" / "compare.log").read_text()
 
 
 def test_unknown_keys_and_variants_are_refused_before_anything_trains(tiny_model_dir, tmp_path):

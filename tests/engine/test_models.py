@@ -59,3 +59,36 @@ def test_zero3_leaf_modules_auto_warns_for_a_model_that_names_no_layer():
     with pytest.warns(UserWarning, match="names no decoder layer class"):
         assert mark_zero3_leaf_modules(model, load_config(None, {}).deepspeed) == []
     assert leaf_counts(model) == {}
+
+
+def test_tiled_mlps_give_the_whole_mlps_outputs_and_gradients(monkeypatch):
+    """model.tiled_mlp: each decoder layer's MLP through DeepSpeed's TiledMLP, slices of hidden_size
+    positions (here 3 slices of a 40-position row), recomputed in the backward: the same logits and
+    every parameter's gradient as the whole MLPs."""
+    import torch
+    from deepspeed.runtime.sequence_parallel import ulysses_sp
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from plot_ds.engine.models import tile_mlps
+
+    config = LlamaConfig(
+        vocab_size=64, hidden_size=16, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4
+    )
+    torch.manual_seed(0)
+    whole = LlamaForCausalLM(config)
+    tiled = LlamaForCausalLM(config)
+    tiled.load_state_dict(whole.state_dict())
+    assert tile_mlps(tiled) == 2 and tile_mlps(tiled) == 0  # each MLP once
+    shards = []
+    real = ulysses_sp.TiledMLP.apply
+    monkeypatch.setattr(ulysses_sp.TiledMLP, "apply", lambda *a: shards.append(a[3]) or real(*a))
+    ids = torch.randint(0, 64, (2, 40))
+    outputs = []
+    for model in (whole, tiled):
+        logits = model(input_ids=ids).logits
+        (logits.float() ** 2).mean().backward()
+        outputs.append((logits.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    assert shards == [3, 3]
+    torch.testing.assert_close(outputs[1][0], outputs[0][0], rtol=1e-5, atol=1e-6)
+    for name, grad in outputs[0][1].items():
+        torch.testing.assert_close(outputs[1][1][name], grad, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")

@@ -200,14 +200,33 @@ def damage(path, how: str) -> None:
 
 
 @pytest.mark.parametrize("how", ["truncated", "flipped"])
-def test_a_checkpoint_damaged_after_completion_is_skipped_by_auto_resume(
-    how, uninterrupted, tiny_model_dir, zero3_test_config, data_file, tmp_path
-):
-    """A shard of the newest complete checkpoint is damaged after it was marked complete: resume
-    auto names the file, resumes from the previous checkpoint, and steps 7-8 equal the
-    uninterrupted run's; an explicit train.resume of the damaged one is an error (exit 2)."""
+def test_a_damaged_file_is_named_with_what_is_wrong(how, uninterrupted, tmp_path):
+    """``checkpointing.damage`` on a copy of a complete checkpoint with one shard damaged after it
+    was marked complete: a truncated file by its size, a changed byte by its checksum."""
     import shutil
 
+    from plot_ds.training.checkpointing import damage as find_damage
+
+    copy = tmp_path / "step_00000008"
+    shutil.copytree(uninterrupted / "checkpoints" / "step_00000008", copy)
+    assert find_damage(copy) is None
+    shard = copy / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    damage(shard, how)
+    expected = "truncated?" if how == "truncated" else "does not match its checksum"
+    problem = find_damage(copy)
+    assert problem.startswith(str(shard)) and expected in problem
+
+
+def test_a_checkpoint_damaged_after_completion_is_skipped_by_auto_resume(
+    uninterrupted, tiny_model_dir, zero3_test_config, data_file, tmp_path
+):
+    """A shard of the newest complete checkpoint has a byte changed after it was marked complete
+    (only the rank whose stripe of checksums holds it can tell; the ranks agree): resume auto names
+    the file, resumes from the previous checkpoint, and steps 7-8 equal the uninterrupted run's; an
+    explicit train.resume of the damaged one is an error (exit 2). (A truncated file: the test above.)"""
+    import shutil
+
+    how = "flipped"
     out = tmp_path / "run"
     shutil.copytree(uninterrupted, out)
     shard = out / "checkpoints" / "step_00000008" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
@@ -219,8 +238,8 @@ def test_a_checkpoint_damaged_after_completion_is_skipped_by_auto_resume(
     assert f"{shard.parent} is damaged" in text and 'File "' + str(REPO / "plot_ds") not in text
     resumed = run_command(torchrun_cmd(TRAIN, *args))
     said = resumed.stdout + resumed.stderr
-    expected = "truncated?" if how == "truncated" else "does not match its checksum"
-    assert f"checkpoint {shard.parent} is damaged: {shard}" in said and expected in said, said[-3000:]
+    assert f"checkpoint {shard.parent} is damaged: {shard}" in said, said[-3000:]
+    assert "does not match its checksum" in said, said[-3000:]
     assert "step_00000006 at step 6" in resumed.stdout
     assert_same_run(out, uninterrupted)
 

@@ -380,7 +380,8 @@ def test_sequence_groups_take_the_one_process_step(
     """parallel.sequence: every rank of a group holds a contiguous 1/group of each row's positions
     (at its own place: the position ids say where) and its attention goes through DeepSpeed's Ulysses
     in every layer; the step's loss, PLOT weights and every gradient are the one-process run's, at 2
-    ranks (one group: the Llama with LoRA, and under ZeRO-2; a Qwen3 with AOT over the global batch,
+    ranks (one group: the Llama with LoRA (ZeRO-3 gathering per submodule) and DeepSpeed's tiled MLP,
+    and under ZeRO-2; a Qwen3 with AOT over the global batch,
     SFT, PLOT's ref_mix target on the reference's logits and the tiled head) and at 4 (one group of
     4, whose 2 key/value heads Ulysses replicates; two groups of 2, each its own pairs)."""
     single = step_results["one"][f"{baseline}:8x1"]

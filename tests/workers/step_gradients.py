@@ -140,6 +140,7 @@ VARIANTS = {
         "adapter.rank": 4,
         "adapter.dropout": 0.0,
         "parallel.sequence": 2,
+        "model.tiled_mlp": True,
     },
     "dpo+plot_zero2_seq2": {
         "objective.name": "dpo",
