@@ -111,10 +111,7 @@ def load_model(config: Config, ds_config: dict, name_or_path: str | None = None,
         name_or_path or settings.name_or_path, settings.revision, settings.trust_remote_code
     )
     model_class = _causal_lm_class(hf_config, settings.trust_remote_code)
-    size = config.parallel.sequence
-    refused = why_not_sequence_parallel(hf_config, size, config.data.max_length) if size > 1 else None
-    if refused:
-        raise ModelError(f"parallel.sequence {size}: {name_or_path or settings.name_or_path} cannot: {refused}")
+    check_sequence_parallel(config, hf_config, name_or_path or settings.name_or_path)
     dtype = model_dtype(ds_config)
     attention = settings.attn_implementation
     if model_class is not None:
@@ -156,6 +153,14 @@ def load_model(config: Config, ds_config: dict, name_or_path: str | None = None,
     if hf_ds_config is not None and not adapted:
         mark_zero3_leaf_modules(model, config.deepspeed)
     return model
+
+
+def check_sequence_parallel(config: Config, hf_config, name: str) -> None:
+    """``parallel.sequence`` for a model, from its config alone (before any weight is read)."""
+    size = config.parallel.sequence
+    refused = why_not_sequence_parallel(hf_config, size, config.data.max_length) if size > 1 else None
+    if refused:
+        raise ModelError(f"parallel.sequence {size}: {name} cannot: {refused}")
 
 
 def mark_zero3_leaf_modules(model, settings) -> list[str]:

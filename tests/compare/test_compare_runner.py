@@ -71,7 +71,7 @@ def test_a_killed_grid_resumes_without_retraining_finished_runs_and_reports_a_fa
         {
             "dpo": {"plot.enabled": False},
             "sft+plot": {"objective.name": "sft", "reference.mode": "none"},
-            "broken": broken,
+            "unknown_attention": broken,
         },
         [1, 2],
     )
@@ -86,14 +86,16 @@ def test_a_killed_grid_resumes_without_retraining_finished_runs_and_reports_a_fa
     second = run_command(compare_command(tmp_path, tiny_model_dir, grid), check=False)
     assert second.returncode == 1, second.stdout + second.stderr
     lines = [line for line in second.stdout.splitlines() if line.startswith("[plot-compare] ")]
-    assert "[plot-compare] 1/7 start: already evaluated, skipped" in lines
-    assert "[plot-compare] 2/7 dpo/seed1: already evaluated, skipped" in lines
-    assert any(line.startswith("[plot-compare] 6/7 sft+plot/seed2: trained and evaluated in") for line in lines)
+    shown = "\n".join(lines)
+    assert "[plot-compare] 1/7 start: already evaluated, skipped" in lines, shown
+    assert "[plot-compare] 2/7 dpo/seed1: already evaluated, skipped" in lines, shown
+    assert any(line.startswith("[plot-compare] 6/7 sft+plot/seed2: trained and evaluated in") for line in lines), shown
     assert finished.stat().st_mtime_ns == stamp
-    assert "/7 broken/seed1: FAILED: training exited 2 after" in second.stdout
+    failed = "[plot-compare] 4/7 unknown_attention/seed1: FAILED: training exited 2 after"
+    assert any(line.startswith(failed) for line in lines), shown
     assert "plot-train: model error: model.attn_implementation 'no_such_attention'" in second.stdout
-    assert "failed: broken/seed1, broken/seed2" in second.stderr
-    assert "no_such_attention" in (runs / "broken" / "seed1" / "compare.log").read_text()
+    assert "failed: unknown_attention/seed1, unknown_attention/seed2" in second.stderr
+    assert "no_such_attention" in (runs / "unknown_attention" / "seed1" / "compare.log").read_text()
     # every (variant, seed) trained on the same pairs per seed, and every cell of the table is filled
     for seed in (1, 2):
         ids = [

@@ -33,7 +33,7 @@ def test_target_logps_value_and_gradient_match_log_softmax():
     sums = tokens.row_sums(target_logps(ours.to(torch.bfloat16), tokens.targets, chunk=3))
     expected_logits = logits.float().requires_grad_()
     expected, counts = direct_row_logps(expected_logits, labels)
-    assert sums.dtype == torch.float32
+    assert sums.dtype == torch.float64  # a response's sum in float64 (ResponseTokens.row_sums)
     torch.testing.assert_close(sums.double(), expected, rtol=1e-5, atol=1e-5)
     assert tokens.row_counts().tolist() == counts
     weights = torch.tensor([0.5, -1.0, 2.0, 0.25])
