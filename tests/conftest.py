@@ -313,12 +313,13 @@ def real_model_dir() -> str:
     return resolve_model_path("builtin:smollm2-135m-instruct")
 
 
-def make_tiny_llama(target: Path, tokenizer_dir: str, seed: int, **settings) -> str:
-    """A randomly initialised 2-layer Llama with the real SmolLM2 tokenizer (vocab 49152)."""
+def make_tiny_llama(target: Path, tokenizer_dir: str, seed: int, family: str = "llama", **settings) -> str:
+    """A randomly initialised 2-layer model of ``family`` (a Llama by default: 4 heads, 2 key/value
+    heads, tied embeddings) with the real SmolLM2 tokenizer (vocab 49152); ``settings`` override."""
     import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    config = LlamaConfig(
+    shape = dict(
         vocab_size=49152,
         hidden_size=32,
         intermediate_size=64,
@@ -330,10 +331,10 @@ def make_tiny_llama(target: Path, tokenizer_dir: str, seed: int, **settings) -> 
         bos_token_id=1,
         eos_token_id=2,
         pad_token_id=2,
-        **settings,
     )
+    config = AutoConfig.for_model(family, **{**shape, **settings})
     torch.manual_seed(seed)
-    LlamaForCausalLM(config).save_pretrained(target, safe_serialization=True)
+    AutoModelForCausalLM.from_config(config).save_pretrained(target, safe_serialization=True)
     AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(target)
     return str(target)
 

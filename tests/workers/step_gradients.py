@@ -20,6 +20,9 @@ from pathlib import Path
 
 import deepspeed
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from conftest import make_tiny_llama  # noqa: E402
 from deepspeed.utils import safe_get_full_grad, z3_leaf_module
 
 from plot_ds.forward import packing, pair_forward
@@ -127,28 +130,6 @@ VARIANTS = {
         "model.tiled_head": True,
         "model.share_prompt": False,
     },
-    # Sequence parallelism: groups of 2 (or 4) ranks share each pair, a slice of its positions each
-    # (the tiny Llama has 4 heads and 2 key/value heads: at 4 Ulysses replicates them). The split's
-    # accumulation is scaled by the group size, so the global batch stays that of the other variants.
-    "dpo+plot_seq2": {"objective.name": "dpo", "plot.rejected_weight": 0.5, "plot.top_k": 16, "parallel.sequence": 2},
-    "dpo+plot_seq4": {"objective.name": "dpo", "plot.rejected_weight": 0.5, "plot.top_k": 16, "parallel.sequence": 4},
-    "dpo+plot_lora_seq2": {
-        "objective.name": "dpo",
-        "plot.rejected_weight": 0.5,
-        "plot.top_k": 16,
-        "adapter.method": "lora",
-        "adapter.rank": 4,
-        "adapter.dropout": 0.0,
-        "parallel.sequence": 2,
-        "model.tiled_mlp": True,
-    },
-    "dpo+plot_zero2_seq2": {
-        "objective.name": "dpo",
-        "plot.rejected_weight": 0.5,
-        "plot.top_k": 16,
-        "deepspeed.config": "ds_configs/zero2.json",
-        "parallel.sequence": 2,
-    },
     # Another family (Qwen3: q/k norms, a head_dim of its own) with the tiled head, a term over the
     # global batch (AOT's sorts must see each pair once), SFT, and PLOT's ref_mix target (on the
     # reference's logits at the rank's own positions): one process against a sequence group of 2.
@@ -187,8 +168,23 @@ VARIANTS = {
 # for every split, so that each split's update starts from a fresh optimizer. Every other variant
 # builds its engines once and runs each split on them, its weights restored in between.
 TRACKS_UPDATE = ("sft", "dpo", "dpo_shared_prompt")
-# The sequence-group variant of another variant, where it differs only in parallel.sequence.
-VARIANTS["aot+plot_qwen3_seq2"] = {**VARIANTS["aot+plot_qwen3"], "parallel.sequence": 2}
+# Sequence parallelism: groups of 2 (or 4) ranks share each pair, a slice of its positions each
+# (the tiny Llama has 4 heads and 2 key/value heads: at 4 Ulysses replicates them), each variant
+# another one with parallel.sequence set. The split's accumulation is scaled by the group size
+# (split_config), so the global batch stays that of the other variants.
+VARIANTS.update(
+    {
+        "dpo+plot_seq2": {**VARIANTS["dpo+plot"], "parallel.sequence": 2},
+        "dpo+plot_seq4": {**VARIANTS["dpo+plot"], "parallel.sequence": 4},
+        "dpo+plot_lora_seq2": {**VARIANTS["dpo+plot_lora"], "parallel.sequence": 2, "model.tiled_mlp": True},
+        "dpo+plot_zero2_seq2": {
+            **VARIANTS["dpo+plot"],
+            "parallel.sequence": 2,
+            "deepspeed.config": "ds_configs/zero2.json",
+        },
+        "aot+plot_qwen3_seq2": {**VARIANTS["aot+plot_qwen3"], "parallel.sequence": 2},
+    }
+)
 # One-process runs that only sequence groups are compared with, and sequence groups run only where
 # named (the 2-rank launch has groups of 2 with LoRA, ZeRO-2 and Qwen3; the 4-rank one plain ones).
 SEQUENCE_BASELINES = ("aot+plot_qwen3",)
@@ -271,32 +267,6 @@ def varied_pairs(path: Path, count: int = 16) -> str:
             )
         path.write_text("\n".join(lines) + "\n")
     return str(path)
-
-
-def tiny_qwen3(target: Path, tokenizer_dir: str, seed: int) -> str:
-    """A seeded 2-layer Qwen3 (the same weights in every launch) with the tiny
-    Llama's tokenizer: 4 heads of 16 dimensions (not hidden / heads), 2 key/value heads."""
-    from transformers import AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
-
-    if not (target / "config.json").is_file():
-        config = Qwen3Config(
-            vocab_size=49152,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            head_dim=16,
-            max_position_embeddings=512,
-            tie_word_embeddings=False,
-            bos_token_id=1,
-            eos_token_id=2,
-            pad_token_id=2,
-        )
-        torch.manual_seed(seed)
-        Qwen3ForCausalLM(config).save_pretrained(target, safe_serialization=True)
-        AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(target)
-    return str(target)
 
 
 def recording_passes(passes: list, module=prompt_sharing):
@@ -514,9 +484,10 @@ def main(model_dir: str, ds_config_path: str, out_file: str, splits: str, refere
         "QWEN3": str(Path(f"{out_file}.qwen3")),
         "QWEN3_REFERENCE": str(Path(f"{out_file}.qwen3_reference")),
     }
-    if dist.rank == 0:
-        tiny_qwen3(Path(named["QWEN3"]), model_dir, seed=5)
-        tiny_qwen3(Path(named["QWEN3_REFERENCE"]), model_dir, seed=6)
+    if dist.rank == 0:  # Qwen3: q/k norms, and 4 heads of 16 dimensions (not hidden / heads)
+        for name, seed in (("QWEN3", 5), ("QWEN3_REFERENCE", 6)):
+            if not Path(named[name], "config.json").is_file():
+                make_tiny_llama(named[name], model_dir, seed, "qwen3", head_dim=16, tie_word_embeddings=False)
     barrier()
     chosen = only.split(",") if only else [v for v in VARIANTS if fits_by_default(v, dist.world_size)]
     for variant in chosen:
