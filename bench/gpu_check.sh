@@ -91,13 +91,17 @@ HAS_TRL="$("$PYTHON" -c 'import trl' 2>/dev/null && echo yes)"
 if [[ -n "$HAS_TRL" ]]; then
     bench "plot_ds (default: ZeRO-2 on one rank, prompt sharing) vs TRL, ${PRECISION}, micro-batch 2" 150 \
         "$PYTHON" bench/trl_comparison.py "${TRL[@]}" --precision "$PRECISION" --micro-batch 2 "${TRL_EXTRA[@]}"
+else
+    echo "== TRL is not installed: the TRL comparison did not run"
+fi
+# GPU_CHECK_TRL_RUNS=one: only the comparison above (the CPU smoke test: the others run the same
+# script with other arguments).
+if [[ -n "$HAS_TRL" && "${GPU_CHECK_TRL_RUNS:-all}" == all ]]; then
     # The default shares each prompt (three passes); on a host-bound step the passes may cost more
     # than the tokens they save: the same default without it. (ZeRO-3's speed: the training above.)
     bench "plot_ds (default, prompt sharing off) vs TRL, ${PRECISION}, micro-batch 2" 150 \
         "$PYTHON" bench/trl_comparison.py "${TRL[@]}" --precision "$PRECISION" --micro-batch 2 "${TRL_EXTRA[@]}" \
         --plot-ds-args "--model.share_prompt false"
-else
-    echo "== TRL is not installed: the TRL comparison did not run"
 fi
 
 bench "PLOT overhead (one GPU: the slice bytes need two ranks, see docs/benchmarks.md)" 120 \
@@ -113,7 +117,7 @@ timeout 120 "$PYTHON" bench/profile_step.py --steps "$BENCH_STEPS" --warmup 3 --
 grep -E "^(device|step seconds|== host waits)" "$RESULTS/profile.txt"
 took "$started"
 
-if [[ -n "$HAS_TRL" ]]; then
+if [[ -n "$HAS_TRL" && "${GPU_CHECK_TRL_RUNS:-all}" == all ]]; then
     bench "plot_ds vs TRL, ${PRECISION}, micro-batch 8" 130 \
         "$PYTHON" bench/trl_comparison.py "${TRL[@]}" --precision "$PRECISION" --micro-batch 8 "${TRL_EXTRA[@]}"
 fi

@@ -92,25 +92,10 @@ def test_lora_run_sigkilled_then_resumed_is_exact(tiny_model_dir, zero3_test_con
 def test_killed_while_writing_a_checkpoint_resumes_from_the_previous_one(
     uninterrupted, tiny_model_dir, zero3_test_config, data_file, tmp_path
 ):
-    out = tmp_path / "run"
-    args = run_args(tiny_model_dir, zero3_test_config, out, "--data.source", data_file)
-    # The worker runs the trainer but makes rank 0 die after the step-4 files are written and
-    # before that checkpoint is marked complete.
-    proc = run_command(torchrun_cmd(WORKERS / "die_while_checkpointing.py", "4", TRAIN, *args), check=False)
-    assert proc.returncode != 0
-    assert (out / "checkpoints" / "step_00000004").is_dir()
-    assert not (out / "checkpoints" / "step_00000004" / "plot_ds_complete.json").exists()
-    assert (out / "checkpoints" / "latest_complete").read_text().strip() == "step_00000002"
-    resumed = run_command(torchrun_cmd(TRAIN, *args))
-    assert "step_00000002 at step 2" in resumed.stdout
-    assert_same_run(out, uninterrupted)
-
-
-def test_a_rank_other_than_0_killed_while_writing_leaves_the_checkpoint_incomplete(
-    uninterrupted, tiny_model_dir, zero3_test_config, data_file, tmp_path
-):
-    """Rank 1 dies after writing its DeepSpeed partitions of checkpoint 4 but before its RNG states:
-    rank 0, which marks checkpoints complete, must not mark this one."""
+    """Two crashes in one run, each resumed from the checkpoint before: rank 1 dies after writing
+    its DeepSpeed partitions of checkpoint 4 but before its RNG states (rank 0, which marks
+    checkpoints complete, must not mark this one); then, resumed, rank 0 dies right before marking
+    checkpoint 6 complete. The run resumed again ends as the uninterrupted one."""
     out = tmp_path / "run"
     args = run_args(tiny_model_dir, zero3_test_config, out, "--data.source", data_file)
     proc = run_command(torchrun_cmd(WORKERS / "rank_dies_while_writing.py", "4", "1", TRAIN, *args), check=False)
@@ -120,8 +105,15 @@ def test_a_rank_other_than_0_killed_while_writing_leaves_the_checkpoint_incomple
     assert not (step_4 / "rng_rank1.safetensors").exists()
     assert not (step_4 / "plot_ds_complete.json").exists()
     assert (out / "checkpoints" / "latest_complete").read_text().strip() == "step_00000002"
+    # The worker runs the trainer but makes rank 0 die after the step-6 files are written and
+    # before that checkpoint is marked complete.
+    proc = run_command(torchrun_cmd(WORKERS / "die_while_checkpointing.py", "6", TRAIN, *args), check=False)
+    assert proc.returncode != 0 and "step_00000002 at step 2" in proc.stdout
+    assert (out / "checkpoints" / "step_00000006").is_dir()
+    assert not (out / "checkpoints" / "step_00000006" / "plot_ds_complete.json").exists()
+    assert (out / "checkpoints" / "latest_complete").read_text().strip() == "step_00000004"
     resumed = run_command(torchrun_cmd(TRAIN, *args))
-    assert "step_00000002 at step 2" in resumed.stdout
+    assert "step_00000004 at step 4" in resumed.stdout
     assert_same_run(out, uninterrupted)
 
 

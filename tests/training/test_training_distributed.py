@@ -366,8 +366,7 @@ def test_target_cosines_from_partial_dot_products(step_results, tiny_model_dir):
 # the split of each forward: (launch, variant, group size, one-process variant).
 SEQUENCE_VARIANTS = [
     ("two", "dpo+plot_lora_seq2", 2, "dpo+plot_lora"),
-    ("two", "dpo+plot_zero2_seq2", 2, "dpo+plot"),
-    ("two", "aot+plot_qwen3_seq2", 2, "aot+plot_qwen3"),
+    ("two", "aot+plot_qwen3_zero2_seq2", 2, "aot+plot_qwen3"),
     (4, "dpo+plot_seq4", 4, "dpo+plot"),
     (4, "dpo+plot_seq2", 2, "dpo+plot"),
 ]
@@ -380,10 +379,10 @@ def test_sequence_groups_take_the_one_process_step(
     """parallel.sequence: every rank of a group holds a contiguous 1/group of each row's positions
     (at its own place: the position ids say where) and its attention goes through DeepSpeed's Ulysses
     in every layer; the step's loss, PLOT weights and every gradient are the one-process run's, at 2
-    ranks (one group: the Llama with LoRA (ZeRO-3 gathering per submodule) and DeepSpeed's tiled MLP,
-    and under ZeRO-2; a Qwen3 with AOT over the global batch,
-    SFT, PLOT's ref_mix target on the reference's logits and the tiled head) and at 4 (one group of
-    4, whose 2 key/value heads Ulysses replicates; two groups of 2, each its own pairs)."""
+    ranks (one group: the Llama with LoRA (ZeRO-3 gathering per submodule) and DeepSpeed's tiled MLP;
+    a Qwen3 under ZeRO-2 with AOT over the global batch, SFT, PLOT's ref_mix target on the
+    reference's logits and the tiled head) and at 4 (one group of 4, whose 2 key/value heads Ulysses
+    replicates; two groups of 2, each its own pairs)."""
     single = step_results["one"][f"{baseline}:8x1"]
     if launch == "two":
         per_rank, split = step_results["two"], "2x2"

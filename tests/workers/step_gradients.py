@@ -177,12 +177,12 @@ VARIANTS.update(
         "dpo+plot_seq2": {**VARIANTS["dpo+plot"], "parallel.sequence": 2},
         "dpo+plot_seq4": {**VARIANTS["dpo+plot"], "parallel.sequence": 4},
         "dpo+plot_lora_seq2": {**VARIANTS["dpo+plot_lora"], "parallel.sequence": 2, "model.tiled_mlp": True},
-        "dpo+plot_zero2_seq2": {
-            **VARIANTS["dpo+plot"],
+        # Under ZeRO-2 (the one-process run: ZeRO-3; the step is the same).
+        "aot+plot_qwen3_zero2_seq2": {
+            **VARIANTS["aot+plot_qwen3"],
             "parallel.sequence": 2,
             "deepspeed.config": "ds_configs/zero2.json",
         },
-        "aot+plot_qwen3_seq2": {**VARIANTS["aot+plot_qwen3"], "parallel.sequence": 2},
     }
 )
 # One-process runs that only sequence groups are compared with, and sequence groups run only where
