@@ -87,6 +87,9 @@ def main(mode: str, out_file: str, vocab: str = "1001", dim: str = "64") -> None
             }
     torch.save(results, f"{out_file}.rank{dist.rank}")
     torch.distributed.barrier()
+    # Torn down here rather than at interpreter exit, where 8 loaded ranks have aborted once in
+    # gloo's teardown ("terminate called without an active exception") after all their work.
+    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
