@@ -32,16 +32,14 @@ class ModelConfig:
     # Each decoder layer's MLP a slice of positions at a time (DeepSpeed's TiledMLP), run again in
     # the backward: no [positions, intermediate] activations for a whole row (engine/models.py).
     tiled_mlp: bool = False
-    # Each pair's prompt computed once; the responses continue from its key/value cache in two
-    # passes (plot_ds/forward/prompt_sharing.py; timings in docs/benchmarks.md). auto: on, except where
-    # ZeRO-3 fetches the parameters from other ranks or host memory, which every extra pass would
-    # do again (engines.shares_prompt). Ignored with gradient checkpointing. With
-    # data.packing, one pass whatever the ranks: auto is on where the attention takes a custom mask.
+    # Each pair's prompt computed once, the responses continuing from its key/value cache
+    # (forward/prompt_sharing.py). auto: on unless ZeRO-3 fetches parameters from other ranks or the
+    # host for every extra pass (engines.shares_prompt); off with gradient checkpointing. With
+    # data.packing, one pass: auto is on where the attention takes a custom mask.
     share_prompt: Union[bool, Literal["auto"]] = "auto"
-    # The LM head a tile of positions at a time (plot_ds/forward/tiled_head.py): no [N, V] logits in
-    # any dtype, for one more head matmul in the backward. auto: tiled where a micro-batch's
-    # [N, V] logits would exceed engines.TILED_ABOVE_BYTES (1 GiB; timings in docs/benchmarks.md);
-    # a model that transforms its logits (a soft cap) keeps the whole head, and true refuses it.
+    # The LM head a tile of positions at a time (forward/tiled_head.py): no [N, V] logits, for one
+    # more head matmul in the backward. auto: tiled where a micro-batch's logits would exceed
+    # engines.TILED_ABOVE_BYTES; a model that soft-caps its logits keeps the whole head (true refuses).
     tiled_head: Union[bool, Literal["auto"]] = "auto"
 
     def validate(self) -> None:
@@ -308,8 +306,7 @@ class TrainConfig:
     resume: str = "auto"
     # Stop (with a checkpoint) after this many optimizer steps in a row had non-finite gradients.
     max_consecutive_faults: int = 3
-    # Export the trained model as a Hugging Face folder (safetensors) into <output_dir>/final_model.
-    export_final: bool = True
+    export_final: bool = True  # a Hugging Face folder (safetensors) in <output_dir>/final_model
     # Write the pair ids each rank trained on at each step (pair_ids.rank<r>.jsonl): an audit trail.
     log_pair_ids: bool = False
 
@@ -352,17 +349,13 @@ class EvalConfig:
 
 @dataclass
 class DeepSpeedConfig:
-    # A JSON file; relative paths are looked up in the working directory, then (ds_configs/<name>)
-    # among the copies shipped inside the package.
-    # auto: ds_configs/zero3.json, except on a single rank with 16-bit weights (bf16 on GPUs), where
-    # ZeRO-3 has nothing to shard and its gather hooks cost host time per layer: ds_configs/zero2.json,
-    # whose fp32 master copy such weights need anyway (with fp32 weights it would be a second copy).
-    # A resumed run keeps the config its checkpoint was written with. See docs/benchmarks.md.
+    # A JSON file, in the working directory or (ds_configs/<name>) shipped in the package. auto:
+    # ds_configs/zero3.json, but zero2.json on one rank with 16-bit weights (nothing to shard; its
+    # fp32 master copy those need anyway). A resumed run keeps its checkpoint's. docs/benchmarks.md.
     config: str = "auto"
-    # ZeRO-3 gathers and releases the parameters of each "leaf" module in one go, through hooks that
-    # cost host time per module. auto: the model's decoder layers (its _no_split_modules, FSDP's unit),
-    # ~13 hooked modules fewer per layer; none: DeepSpeed's default, every submodule; or class
-    # names, comma-separated (e.g. "LlamaDecoderLayer"). Ignored below ZeRO-3.
+    # ZeRO-3 gathers each "leaf" module's parameters in one go (hooks cost host time per module).
+    # auto: the decoder layers (_no_split_modules, FSDP's unit); none: every submodule (DeepSpeed's
+    # default); or class names, comma-separated (e.g. "LlamaDecoderLayer"). Ignored below ZeRO-3.
     zero3_leaf_modules: str = "auto"
 
     def validate(self) -> None:
@@ -392,14 +385,27 @@ class DeepSpeedConfig:
 
 @dataclass
 class ParallelConfig:
-    # Sequence parallelism (forward/sequence_parallel.py, DeepSpeed's Ulysses): groups of this many
-    # ranks share each pair, each holding 1/sequence of its positions and of the attention heads.
-    # Data parallelism is ranks / sequence; ZeRO still shards over every rank. 1: off.
+    # Sequence parallelism (forward/sequence_parallel.py, Ulysses): groups of this many ranks share
+    # each pair, 1/sequence of its positions and heads each; data parallel over ranks / sequence. 1: off.
     sequence: int = 1
 
     def validate(self) -> None:
         if self.sequence < 1:
             raise ConfigError(f"parallel.sequence: must be >= 1 (1 turns it off; got {self.sequence})")
+
+
+@dataclass
+class PlanConfig:
+    """plot-train's memory plan, made before any weight is read (plot_ds/planning; plot-plan)."""
+
+    # refuse: a run predicted not to fit stops, naming the nearest fixes; warn: says so, goes on; off.
+    check: Literal["refuse", "warn", "off"] = "refuse"
+    # GiB per rank to fit in; default: the accelerator's memory (none on a CPU: the plan is printed).
+    device_memory_gb: Optional[float] = None
+
+    def validate(self) -> None:
+        if self.device_memory_gb is not None and self.device_memory_gb <= 0:
+            raise ConfigError(f"plan.device_memory_gb: must be > 0 GiB (got {self.device_memory_gb})")
 
 
 @dataclass
@@ -414,6 +420,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    plan: PlanConfig = field(default_factory=PlanConfig)
 
     def validate(self) -> "Config":
         for section in dataclasses.fields(self):
@@ -471,14 +478,8 @@ class Config:
                 )
 
     def to_dict(self) -> dict:
-        def plain(value):
-            if isinstance(value, tuple):
-                return list(value)
-            return value
-
-        return {
-            section: {k: plain(v) for k, v in values.items()} for section, values in dataclasses.asdict(self).items()
-        }
+        plain = lambda value: list(value) if isinstance(value, tuple) else value  # noqa: E731
+        return {section: {k: plain(v) for k, v in vals.items()} for section, vals in dataclasses.asdict(self).items()}
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)

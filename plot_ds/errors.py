@@ -60,6 +60,12 @@ class CheckpointError(UserError):
     kind = "checkpoint"
 
 
+class MemoryPlanError(UserError):
+    """The memory plan says a run cannot fit (``plan.check: refuse``); the message names the fixes."""
+
+    kind = "memory"
+
+
 class WriteError(UserError):
     """Writing an output failed (full disk, permission, quota); the message names the path."""
 

@@ -180,10 +180,13 @@ def log_step(run: Run, state: LoopState, done: int, sums: dict, lr: float) -> No
     metrics["memory/peak_host_gb"] = max_over_ranks(peak_resident_gb())
     if run.dist.is_main:
         metrics.update(state.monitor.throughput())
-    if run.policy.device.type != "cpu":  # host memory is what the system reports on a CPU
+    on_cpu = run.policy.device.type == "cpu"
+    if not on_cpu:  # host memory is what the system reports on a CPU
         from deepspeed.accelerator import get_accelerator
 
         metrics["memory/peak_device_gb"] = get_accelerator().max_memory_allocated() / 2**30
+    if run.plan is not None:  # beside the measured figure: the resident set, or torch's allocated tensors
+        metrics["memory/peak_predicted_gb"] = run.plan.peak_gb if on_cpu else run.plan.tensor_peak_gb
     state.monitor.log(done, metrics)
     state.history.write({"step": done, **metrics})
 

@@ -5,6 +5,7 @@ reference. Training, ``plot-eval``, the benchmarks and the test workers all star
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,8 @@ from ..objectives.objective import Objective, build_objective
 from ..pair_batch import PairBatch
 from ..forward.pair_forward import ForwardLayout
 from ..forward.reference import Reference
+from ..planning.check import machine_of_run, plan_before_loading
+from ..planning.memory_plan import MemoryPlan
 from .reference_cache import prepare_reference
 from .rng import seed_everything
 
@@ -42,6 +45,7 @@ class Run:
     objective: Objective
     reference: Reference | None  # a frozen engine or cached log-probs; None when not needed
     resume_from: Path | None  # the checkpoint this run continues from
+    plan: MemoryPlan | None = None  # the memory plan made before loading (plan.check off: None)
 
     @property
     def pad_id(self) -> int:
@@ -91,6 +95,9 @@ def setup_run(config: Config, dist: DistInfo | None = None, frozen_model: str | 
     )
     if not trains and not eval_examples:
         raise DataError("no held-out pairs to evaluate on: set data.eval_source, data.eval_split or data.eval_size")
+    ranks_per_node = int(os.environ.get("LOCAL_WORLD_SIZE", dist.world_size))
+    machine = machine_of_run(config, dist.world_size, ranks_per_node, dist.device.type)
+    plan = plan_before_loading(config, machine, train_examples or eval_examples, ds_config, dist.is_main)
     sampler = None
     if trains:
         train = config.train
@@ -120,6 +127,7 @@ def setup_run(config: Config, dist: DistInfo | None = None, frozen_model: str | 
         objective,
         reference=None,
         resume_from=resume_from,
+        plan=plan,
     )
     run.reference = prepare_reference(run)
     return run

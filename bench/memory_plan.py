@@ -1,0 +1,174 @@
+"""The memory plan against the measured peak, configuration by configuration, in one run.
+
+    python bench/memory_plan.py [--only NAME,NAME] [--out results/memory_plan.jsonl]
+
+Each configuration starts ranks under torchrun, sets the run up exactly as ``plot-train`` does
+(``setup_run``: the real SmolLM2-135M, fp32 on this CPU, the plan made before the weights load, with
+the process's resident memory before them as its runtime), then takes two optimizer steps on pairs
+of about ``tokens`` tokens built from CHAMP's text (``bench/long_pairs.py``, every pair alike).
+Measured on every rank: the resident high-water mark over the two steps (VmHWM, reset through
+/proc/self/clear_refs after setup). glibc's ``MALLOC_MMAP_THRESHOLD_`` is set to 64 KiB in the ranks,
+so that freed tensors leave the resident set at once and the peak is that of live memory. The
+largest rank's peak is compared with the plan's; ``fits`` is checked against a device memory
+between the two (``--budget-gap``): the verdict must be right on both sides of the prediction.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+# name: (ranks, tokens per pair, overrides). What dominates differs: the model states (ZeRO-2 on one
+# rank), the activations (long pairs, no checkpointing), the reference, LoRA's frozen base.
+CONFIGS = {
+    "zero3_1rank_512": (1, 512, {}),
+    "zero2_1rank_512": (1, 512, {"deepspeed.config": "ds_configs/zero2.json"}),
+    "zero3_2ranks_1k": (2, 1024, {}),
+    "zero3_4ranks_256_noplot": (4, 256, {"plot.enabled": False}),
+    "zero2_2ranks_256_lora": (2, 256, {"deepspeed.config": "ds_configs/zero2.json", "adapter.method": "lora"}),
+    "zero3_1rank_1k_lora": (1, 1024, {"adapter.method": "lora"}),
+    "zero3_1rank_2k_ckpt": (1, 2048, {"model.gradient_checkpointing": True}),
+    "zero3_1rank_1k_cache": (1, 1024, {"reference.mode": "cache"}),
+    "zero3_3ranks_2k_seq3": (3, 2048, {"parallel.sequence": 3}),
+    "zero3_2ranks_2k_ckpt_tiled": (2, 2048, {"model.gradient_checkpointing": True, "model.tiled_head": True}),
+    "zero3_1rank_4k_ckpt_tiled": (
+        1,
+        4096,
+        {"model.gradient_checkpointing": True, "model.tiled_head": True, "train.micro_batch_size": 1},
+    ),
+    "zero3_1rank_256_sft": (1, 256, {"objective.name": "sft", "plot.enabled": False}),
+}
+
+
+def status_gb(field: str) -> float:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 2**20
+    raise KeyError(field)
+
+
+def worker(overrides: dict, out: str) -> None:
+    import torch
+
+    from plot_ds.config import load_config
+    from plot_ds.distributed.process_group import barrier
+    from plot_ds.training.loop import train_step
+    from plot_ds.training.run import setup_run
+
+    run = setup_run(load_config(None, overrides))
+    barrier()
+    with open("/proc/self/clear_refs", "w") as clear:
+        clear.write("5")  # VmHWM from here on
+    for step in range(2):
+        train_step(run, run.micro_batches(step))
+    plan = run.plan
+    measured = {
+        "rank": run.dist.rank,
+        "peak_gb": status_gb("VmHWM"),
+        "predicted_gb": plan.peak_gb,
+        "phase": plan.peak_phase,
+        "parts_gb": {name: plan.parts[name].bytes / 2**30 for name in plan.phases[plan.peak_phase]},
+        "summary": plan.summary,
+    }
+    parts = [None] * run.dist.world_size
+    torch.distributed.all_gather_object(parts, measured)
+    if run.dist.is_main:
+        with open(out, "w") as handle:
+            json.dump(parts, handle)
+
+
+def overrides_for(tokens: int, extra: dict, data: str, output_dir: str) -> dict:
+    return {
+        "data.source": data,
+        "data.max_length": tokens + 64,
+        "data.max_prompt_length": tokens // 4 + 32,
+        "data.eval_size": 0,
+        "train.micro_batch_size": 2,
+        "train.max_steps": 2,
+        "train.output_dir": output_dir,
+        "train.resume": "none",
+        **extra,
+    }
+
+
+def measure(name: str, tmp: str, tokenizer, gap: float) -> dict:
+    from bench.long_pairs import long_pairs
+
+    ranks, tokens, extra = CONFIGS[name]
+    data = os.path.join(tmp, f"pairs{tokens}.jsonl")
+    if not os.path.exists(data):
+        with open(data, "w") as handle:
+            for index, pair in enumerate(long_pairs(tokens, 2 * ranks * 2, tokenizer)):
+                handle.write(json.dumps({"id": f"long{index}", **pair}) + "\n")
+    out = os.path.join(tmp, f"{name}.json")
+    overrides = overrides_for(tokens, extra, data, os.path.join(tmp, name))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "65536"}
+    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={ranks}"]
+    command += ["--master_addr=127.0.0.1", "--master_port=29533", os.path.abspath(__file__)]
+    subprocess.run(command + ["--worker", json.dumps(overrides), "--out", out], check=True, env=env)
+    with open(out) as handle:
+        ranks_measured = json.load(handle)
+    top = max(ranks_measured, key=lambda r: r["peak_gb"])
+    predicted, peak = top["predicted_gb"], top["peak_gb"]
+    # fits must be right both sides: a budget just under the measured peak, and just over it.
+    verdicts = [(peak * (1 - gap) >= predicted) is False, (peak * (1 + gap) >= predicted) is True]
+    return {
+        "config": name,
+        "ranks": ranks,
+        "tokens": tokens,
+        "overrides": extra,
+        "measured_gb": round(peak, 3),
+        "predicted_gb": round(predicted, 3),
+        "error": round(predicted / peak - 1, 4),
+        "verdicts_right": all(verdicts),
+        "phase": top["phase"],
+        "summary": top["summary"],
+        "parts_gb": {k: round(v, 3) for k, v in top["parts_gb"].items()},
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", default=",".join(CONFIGS))
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--budget-gap", type=float, default=0.15, help="the budgets either side of the peak")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        worker(json.loads(args.worker), args.out)
+        return
+    from transformers import AutoTokenizer
+
+    from plot_ds.assets import resolve_model_path
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path("builtin:smollm2-135m-instruct"))
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.only.split(","):
+            result = measure(name, tmp, tokenizer, args.budget_gap)
+            print(json.dumps(result), flush=True)
+            results.append(result)
+            if args.out:
+                with open(args.out, "a") as handle:
+                    handle.write(json.dumps(result) + "\n")
+    worst = max(abs(r["error"]) for r in results)
+    print(
+        json.dumps(
+            {
+                "configs": len(results),
+                "worst_error": worst,
+                "all_verdicts_right": all(r["verdicts_right"] for r in results),
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
