@@ -43,6 +43,17 @@ def model_source(name_or_path: str, revision: str | None, trust_remote_code: boo
         )
     try:
         hf_config = AutoConfig.from_pretrained(source, revision=revision, trust_remote_code=trust_remote_code)
+    except ValueError as err:
+        if "does not recognize this architecture" not in str(err):
+            raise
+        import transformers
+
+        model_type = str(err).split("model type `")[1].split("`")[0] if "model type `" in str(err) else "?"
+        raise ModelError(
+            f"{where}: config.json's model type '{model_type}' is unknown to transformers "
+            f"{transformers.__version__}; upgrade transformers, or set model.trust_remote_code true if "
+            "the model ships its own code (and you trust it)"
+        ) from None
     except OSError as err:
         if folder.is_dir():
             raise ModelError(f"{where}: {folder.resolve()}/config.json cannot be read: {err}") from None

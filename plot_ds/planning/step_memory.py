@@ -3,13 +3,14 @@ autograd saves in each decoder layer, the head's, PLOT's, and the reference's.
 
 The per-layer rules count what transformers' decoder layers save for their backward, per token (d
 hidden, q and kv the query and key/value widths, h heads, I the MLP width, b the model's bytes per
-element): each RMSNorm keeps its float32 input and its normalised output in the model's dtype
-(2 x (4 + b) d), the attention its rotated queries, keys and values and its output (2 b q + 2 b kv)
-and a float32 log-sum-exp per head (4 h), the gated MLP its two projections, their activation and
-their product (4 b I per expert a token visits), plus an int64 per token. Per-head query/key norms
-add (4 + b) (q + kv) + 4 (h + kv_heads); eager attention keeps its float32 probabilities and their
-cast ((4 + b) h per token and position). tests/planning/test_memory_plan.py counts these with
-saved_tensors_hooks on real (tiny) models of each family.
+element): the two RMSNorms and the residual stream (8 + 4 b) d (a float32 copy of the input, its
+normalised form, the output in the model's dtype; in float32 the input itself); the attention its
+rotated queries, keys and values and its output (2 b q + 2 b kv) and a float32 log-sum-exp per head
+(4 h); the gated MLP its two projections, their activation and their product (4 b I per expert a
+token visits); an int64 per token. Per-head query/key norms add (4 + b) (q + kv) + 4 (h + kv
+heads). Eager attention keeps its float32 probabilities (and their cast to a 16-bit dtype) per
+token and position, and keys and values repeated to every head, instead of the log-sum-exp.
+tests/planning/test_memory_plan.py counts these with saved_tensors_hooks on tiny models.
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ def layer_bytes_per_token(shape: ModelShape, settings: StepSettings, width: int)
     """What one decoder layer saves for its backward, per token of the micro-batch."""
     b, d = settings.element_size, shape.hidden_size
     q, kv, h = shape.query_width, shape.kv_width, shape.heads
-    saved = 2 * (FLOAT32 + b) * d + 2 * b * (q + kv) + FLOAT32 * h + 8
+    saved = (2 * FLOAT32 + 4 * b) * d + 2 * b * (q + kv) + FLOAT32 * h + 8
     if not settings.tiled_mlp:
         saved += 4 * b * shape.intermediate_size * shape.experts_per_token
     if shape.experts_per_token > 1:  # the router's dispatch copies of the hidden state
@@ -74,7 +75,7 @@ def layer_bytes_per_token(shape: ModelShape, settings: StepSettings, width: int)
     if shape.qk_norm:
         saved += (FLOAT32 + b) * (q + kv) + FLOAT32 * (h + shape.kv_heads)
     if settings.eager_attention:
-        saved += (FLOAT32 + b) * h * width
+        saved += (FLOAT32 + (b if b != FLOAT32 else 0)) * h * width + 2 * b * (q - kv) - FLOAT32 * h
     return saved + lora_bytes_per_token(shape, settings)
 
 
