@@ -50,7 +50,12 @@ def candidates(config: Config, shape: ModelShape, machine: Machine) -> list[tupl
         found.append(({"deepspeed.config": "ds_configs/zero3_offload.json"}, "states in host memory"))
     for size in (2, 4, 8, 16):
         if machine.ranks % size == 0 and shape.heads % size == 0 and size > config.parallel.sequence:
-            found.append(({"parallel.sequence": size, "model.share_prompt": "auto", "data.packing": False}, ""))
+            overrides = {"parallel.sequence": size}
+            if config.model.share_prompt is True:
+                overrides["model.share_prompt"] = "auto"
+            if config.data.packing:
+                overrides["data.packing"] = False
+            found.append((overrides, "a slice of each row per rank"))
     if not config.adapter.active:
         found.append(({"adapter.method": "lora"}, "adapters on frozen weights"))
     if config.reference.mode == "engine" and not config.adapter.active:
@@ -69,12 +74,20 @@ def with_overrides(config: Config, overrides: dict) -> Config | None:
 
 
 def nearest_fixes(
-    config: Config, shape: ModelShape, machine: Machine, lengths: DataLengths, most: int = 4
+    config: Config,
+    shape: ModelShape,
+    machine: Machine,
+    lengths: DataLengths,
+    most: int = 4,
+    full_training: bool = False,
 ) -> list[Fix]:
     """Up to ``most`` single changes that fit, nearest first; where none does, the changes in that
-    order, added one by one until the run fits; and the longest ``data.max_length`` that fits."""
-    fixes, combined, tried = [], {}, []
+    order, added one by one until the run fits; and the longest ``data.max_length`` that fits.
+    ``full_training``: every weight trained on the devices (no adapters, no offload)."""
+    fixes, tried = [], []
     for overrides, note in candidates(config, shape, machine):
+        if full_training and ("adapter.method" in overrides or "offload" in str(overrides)):
+            continue
         changed = with_overrides(config, overrides)
         if changed is None:
             continue
@@ -83,14 +96,41 @@ def nearest_fixes(
             fixes.append(Fix(overrides, plan, note))
         tried.append(overrides)
     if not fixes:
-        for overrides in tried:
-            combined.update(overrides)
-            changed = with_overrides(config, combined)
-            if changed is not None and plan_memory(changed, shape, machine, lengths).fits:
-                fixes.append(Fix(dict(combined), plan_memory(changed, shape, machine, lengths), "together"))
+        # Offload last: it moves the states to host memory at the price of every step's transfers.
+        kept = [o for o in tried if "offload" not in str(o.get("deepspeed.config", ""))]
+        for changes in (kept, tried):
+            together = combined_fix(config, shape, machine, lengths, changes)
+            if together is not None:
+                fixes.append(together)
                 break
     shorter = shortest_cut(config, shape, machine, lengths)
     return fixes[:most] + ([shorter] if shorter else [])
+
+
+def combined_fix(config: Config, shape: ModelShape, machine: Machine, lengths: DataLengths, changes: list[dict]):
+    """``changes`` added one by one (a later value of a key replaces an earlier one) until it fits."""
+    combined, kept = {}, []
+    for overrides in changes:
+        combined.update(overrides)
+        kept.append(overrides)
+        if fitting_plan(config, shape, machine, lengths, combined) is not None:
+            break
+    else:
+        return None
+    for overrides in reversed(kept[:-1]):  # then without each earlier change it did not need
+        fewer = [o for o in kept if o is not overrides]
+        merged = {key: value for o in fewer for key, value in o.items()}
+        if fitting_plan(config, shape, machine, lengths, merged) is not None:
+            kept = fewer
+    combined = {key: value for o in kept for key, value in o.items()}
+    return Fix(combined, fitting_plan(config, shape, machine, lengths, combined), "together")
+
+
+def fitting_plan(config: Config, shape: ModelShape, machine: Machine, lengths: DataLengths, overrides: dict):
+    """The plan with ``overrides`` where it is valid and fits, else None."""
+    changed = with_overrides(config, overrides)
+    plan = None if changed is None else plan_memory(changed, shape, machine, lengths)
+    return plan if plan is not None and plan.fits else None
 
 
 def shortest_cut(config: Config, shape: ModelShape, machine: Machine, lengths: DataLengths) -> Fix | None:

@@ -80,11 +80,11 @@ class DataLengths:
         tokens = 2 * len(longest) * width
         if packed:
             tokens = sum(2 * p + c + r for p, c, r in longest)
-        cached = 0
-        if shared_prompt:
-            prompt, response = max(p for p, _, _ in longest), max(max(c, r) for _, c, r in longest)
-            tokens, cached = len(longest) * (prompt + 2 * response), 2 * len(longest) * prompt
-        return MicroBatchShape(2 * len(longest), width, responses, tokens, cached)
+        if not shared_prompt:
+            return MicroBatchShape(2 * len(longest), width, responses, tokens)
+        prompt, response = max(p for p, _, _ in longest), max(max(c, r) for _, c, r in longest)
+        shared = len(longest) * (prompt + 2 * response)
+        return MicroBatchShape(2 * len(longest), width, responses, shared, prompt, response)
 
 
 @dataclass(frozen=True)
@@ -202,6 +202,7 @@ def step_settings(config: Config, shape: ModelShape, zero: ZeroSettings, positio
         lora_rank=adapter.rank if adapter.active else 0,
         lora_dropout=adapter.dropout,
         lora_targets=None if adapter.target_modules == "all-linear" else tuple(adapter.target_modules),
+        linear_keeps_inputs=zero.stage == 3,
         plot_active=plot.active,
         plot_support=top_k + 1 if top_k < shape.vocab_size else top_k,
         plot_closed_form=plot.resolved_solver("cpu" if device == "cpu" else "cuda") == "closed_form",
@@ -337,8 +338,8 @@ def model_parts(states: ModelStates, zero: ZeroSettings, shape: ModelShape) -> l
         Part("buffers", states.buckets, "reduce buckets"),
         Part(
             "gathered parameters",
-            gathered_bytes(shape.layer_parameters, head, zero),
-            "the head, its gradient, a layer and the next",
+            gathered_bytes(shape.layer_parameters, head, shape.layers, zero),
+            "the head's gradient; under ZeRO-3 what is gathered or kept for reuse",
         ),
         Part("optimizer step", states.step_transient, "the flat gradient in float32"),
     ]

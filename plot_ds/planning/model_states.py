@@ -20,6 +20,7 @@ class ZeroSettings:
     reduce_bucket: int  # elements
     prefetch_bucket: int  # elements (ZeRO-3)
     persistence_threshold: int  # elements: smaller parameters are held whole on every rank (ZeRO-3)
+    reuse_distance: int  # elements: a gathered parameter used again within this many stays gathered
     offload_optimizer: bool
     offload_param: bool
 
@@ -36,6 +37,7 @@ class ZeroSettings:
             reduce_bucket=int(float(zero.get("reduce_bucket_size", 5e8))),
             prefetch_bucket=int(float(zero.get("stage3_prefetch_bucket_size", 5e7))),
             persistence_threshold=int(float(zero.get("stage3_param_persistence_threshold", 1e5))),
+            reuse_distance=int(float(zero.get("stage3_max_reuse_distance", 1e9))),
             offload_optimizer=offload("offload_optimizer"),
             offload_param=offload("offload_param"),
         )
@@ -97,13 +99,19 @@ def frozen_weights(sizes: list[int], zero: ZeroSettings) -> float:
     return (partitions + persistent) * b
 
 
-def gathered_bytes(layer_elements: int, head_elements: int, zero: ZeroSettings) -> float:
-    """Parameters ZeRO-3 holds gathered at the head's backward: the head's weight and its whole
-    gradient (larger than a bucket, it keeps its own tensor until reduced), the last layer and the
-    one prefetched after it. Below ZeRO-3 the weights are whole already; the head's gradient is
-    still a whole tensor until its bucket is reduced."""
+def gathered_bytes(layer_elements: int, head_elements: int, layers: int, zero: ZeroSettings) -> float:
+    """Parameters held gathered at the head's backward, beyond the partitions. Always the head's
+    whole gradient (larger than a bucket, it keeps its own tensor until reduced). Under ZeRO-3 on
+    more than one rank also the layer being run and the one prefetched, and what ZeRO-3 does not
+    release because the trace of the last step uses it again within ``stage3_max_reuse_distance``
+    elements (partitioned_param_coordinator's __params_to_release): the head, and layer i from the
+    end once 2 i layers and the head fit in that distance. On one rank the partitions are whole."""
     b = zero.element_size
-    if zero.stage != 3:
+    if zero.stage != 3 or zero.ranks == 1:
         return head_elements * b
+    kept_layers = (
+        0 if head_elements >= zero.reuse_distance else -(-(zero.reuse_distance - head_elements) // (2 * layer_elements))
+    )
+    kept = min(kept_layers, layers) * layer_elements + (head_elements if head_elements < zero.reuse_distance else 0)
     prefetched = min(layer_elements, zero.prefetch_bucket)
-    return (2 * head_elements + layer_elements + prefetched) * b
+    return (head_elements + max(kept, layer_elements + prefetched + head_elements)) * b

@@ -35,7 +35,9 @@ class MicroBatchShape:
     width: int
     response_positions: int
     tokens: int  # positions the layers run: rows x width padded; fewer where prompts are shared or rows packed
-    cached_positions: int = 0  # prompt positions the responses attend to from a key/value cache
+    # Prompt sharing: the prompts' pass is this wide, the responses' passes that wide (0: plain rows).
+    prompt_width: int = 0
+    response_width: int = 0
 
     def per_rank(self, sequence: int) -> "MicroBatchShape":
         """One rank's share under sequence parallelism: a 1/sequence slice of every row."""
@@ -57,6 +59,7 @@ class StepSettings:
     lora_rank: int  # 0 without adapters
     lora_dropout: float
     lora_targets: tuple[str, ...] | None  # None: all-linear
+    linear_keeps_inputs: bool  # ZeRO-3 runs linears through its own function, which saves the input
     plot_active: bool
     plot_support: int  # slots per position: top_k + 1, or the vocabulary
     plot_closed_form: bool
@@ -79,18 +82,33 @@ def layer_bytes_per_token(shape: ModelShape, settings: StepSettings, width: int)
     return saved + lora_bytes_per_token(shape, settings)
 
 
+# Linear layers by the input they read, across families: the attention's input, the MLP's, and the
+# MLP's product (LoRA's frozen base keeps an input only where something else needs it).
+ATTENTION_INPUT = {"q_proj", "k_proj", "v_proj", "qkv_proj", "query_key_value", "Wqkv", "c_attn"}
+MLP_INPUT = {"gate_proj", "up_proj", "gate_up_proj", "w1", "w3", "fc1", "c_fc"}
+MLP_PRODUCT = {"down_proj", "w2", "fc2", "c_proj"}
+
+
 def lora_bytes_per_token(shape: ModelShape, settings: StepSettings) -> float:
-    """LoRA per layer: each adapted linear's dropout output and mask (with dropout) and its rank-r
-    intermediate."""
+    """LoRA's change to a decoder layer's saved tensors, per token: each adapted linear keeps its
+    rank-r intermediate, and with dropout the dropped-out input and its mask (both in the model's
+    dtype); frozen norms keep no normalised input for their weights. Frozen linears keep no input
+    either, unless ZeRO-3's linear function (which keeps it always) runs them: then the attention's
+    and the MLP's inputs and the MLP's product go unsaved where no adapter reads them undropped."""
     if not settings.lora_rank:
         return 0.0
-    b, total = settings.element_size, 0.0
-    for linear in adapted_linears(shape, settings.lora_targets):
-        if linear.per_layer:
-            total += 2 * settings.lora_rank * b
-            if settings.lora_dropout > 0:
-                total += linear.in_features * (b + 1)
-    return total / shape.layers
+    b, d = settings.element_size, shape.hidden_size
+    adapted = [linear for linear in adapted_linears(shape, settings.lora_targets) if linear.per_layer]
+    dropout = settings.lora_dropout > 0
+    total = sum(settings.lora_rank * b + (2 * linear.in_features * b if dropout else 0) for linear in adapted)
+    total = total / shape.layers - 2 * d * b
+    if not settings.linear_keeps_inputs:
+        names = {linear.name for linear in adapted}
+        width = {"attention": d, "mlp": d, "product": shape.intermediate_size * shape.experts_per_token}
+        for group, members in (("attention", ATTENTION_INPUT), ("mlp", MLP_INPUT), ("product", MLP_PRODUCT)):
+            if dropout or not names & members:
+                total -= width[group] * b
+    return total
 
 
 def adapted_linears(shape: ModelShape, targets: tuple[str, ...] | None):
@@ -110,11 +128,22 @@ def activation_bytes(shape: ModelShape, settings: StepSettings, batch: MicroBatc
         working = tokens * b * 2 * d + min(tokens, d) * b * 6 * shape.intermediate_size
     if settings.sequence > 1:  # Ulysses' all-to-all buffers for queries, keys, values and output
         working += 2 * tokens * b * (2 * shape.query_width + 2 * shape.kv_width)
-    # Prompt sharing: each response's attention keeps the prompt's keys and values as well.
-    cache = batch.cached_positions * 2 * b * shape.kv_width * shape.layers
+    cache = shared_attention_bytes(shape, settings, batch) * shape.layers
     if settings.gradient_checkpointing:
         return shape.layers * tokens * b * d + outside, layer + working
     return shape.layers * layer + outside + cache, working
+
+
+def shared_attention_bytes(shape: ModelShape, settings: StepSettings, batch: MicroBatchShape) -> float:
+    """Per layer, what prompt sharing's response passes save beyond plain rows of their length: the
+    attention, handed a mask, takes keys and values repeated to every head and over the prompt's
+    positions too, and keeps the float32 mask."""
+    if not batch.response_width:
+        return 0.0
+    b, rows, span = settings.element_size, batch.rows, batch.response_width
+    context = batch.prompt_width + span
+    keys_values = rows * context * 2 * b * shape.query_width - rows * span * 2 * b * shape.kv_width
+    return keys_values + rows * span * context * FLOAT32
 
 
 def head_bytes(shape: ModelShape, settings: StepSettings, positions: int) -> tuple[float, float]:

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
 from plot_ds.config import load_config
 from plot_ds.planning.memory_plan import GIB, DataLengths, Machine, plan_memory, trained_and_frozen
 from plot_ds.planning.model_shape import shape_of
-from plot_ds.planning.model_states import ZeroSettings, frozen_weights, trained_states
+from plot_ds.planning.model_states import ZeroSettings, frozen_weights, gathered_bytes, trained_states
 from plot_ds.planning.step_memory import (
     MicroBatchShape,
     StepSettings,
@@ -41,6 +42,7 @@ def step_settings(element_size: int, **changes) -> StepSettings:
         lora_rank=0,
         lora_dropout=0.0,
         lora_targets=None,
+        linear_keeps_inputs=False,
         plot_active=True,
         plot_support=9,
         plot_closed_form=True,
@@ -50,8 +52,6 @@ def step_settings(element_size: int, **changes) -> StepSettings:
 
 
 def saved_bytes(hf_config, dtype, attention: str, rows: int, width: int, checkpointing: bool = False) -> int:
-    """Bytes autograd saves for the backward in a forward of the model's decoder layers (the head
-    replaced by the identity), each storage counted once, parameters left out."""
     from transformers import AutoModelForCausalLM
 
     hf_config._attn_implementation = attention
@@ -59,6 +59,12 @@ def saved_bytes(hf_config, dtype, attention: str, rows: int, width: int, checkpo
     model = AutoModelForCausalLM.from_config(hf_config).to(dtype).train()
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return count_saved(model, rows, width)
+
+
+def count_saved(model, rows: int, width: int) -> int:
+    """Bytes autograd saves for the backward in a forward of the model's decoder layers (the head
+    replaced by the identity), each storage counted once, parameters left out."""
     weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
     model.get_output_embeddings().forward = lambda hidden: hidden
     seen = {}
@@ -122,21 +128,32 @@ def test_zero_states_by_hand():
     threshold whole as well; gradients a bf16 partition; float32 master + 2 Adam moments; the flat
     gradient and its float32 copy at the step. ZeRO-2: whole weights, a partition of the rest."""
     sizes = [10, 7, 1001]
-    zero3 = ZeroSettings(3, 4, 2, 100, 50, 10, False, False)
+    zero3 = ZeroSettings(3, 4, 2, 100, 50, 10, 10**9, False, False)
     mine = 3 + 2 + 251
     states = trained_states(sizes, [], zero3)
     assert states.parameters == (mine + 10 + 7) * 2
     assert (states.gradients, states.optimizer, states.buckets) == (mine * 2, mine * 12, 200)
     assert states.step_transient == mine * 6
-    zero2 = ZeroSettings(2, 4, 4, 100, 50, 10, False, False)
+    zero2 = ZeroSettings(2, 4, 4, 100, 50, 10, 10**9, False, False)
     states = trained_states(sizes, [50], zero2)
     mine = -(-1018 // 8) * 8 // 4  # padded to 2 x ranks, then split
     assert states.parameters == (1018 + 50) * 4 and states.optimizer == mine * 12
     assert states.step_transient == mine * 4  # a float32 model's flat gradient is already float32
-    offloaded = trained_states(sizes, [], ZeroSettings(3, 4, 2, 100, 50, 10, True, True))
+    offloaded = trained_states(sizes, [], ZeroSettings(3, 4, 2, 100, 50, 10, 10**9, True, True))
     assert offloaded.optimizer == 0 and offloaded.parameters == (10 + 7) * 2
     assert offloaded.host == (3 + 2 + 251) * (12 + 2 + 4) + (3 + 2 + 251) * 2
-    assert frozen_weights(sizes, ZeroSettings(0, 4, 2, 100, 50, 10, False, False)) == 1018 * 2
+    assert frozen_weights(sizes, ZeroSettings(0, 4, 2, 100, 50, 10, 10**9, False, False)) == 1018 * 2
+
+
+def test_gathered_parameters_by_hand():
+    """ZeRO-3 keeps gathered what the last step's trace uses again within the reuse distance: with
+    layers of 100 elements, a head of 300 and a distance of 1000, the head and the last 4 layers
+    (2 x 3 layers + the head < 1000); with the head's whole gradient. One rank gathers nothing."""
+    zero = ZeroSettings(3, 4, 2, 100, 50, 10, 1000, False, False)
+    assert gathered_bytes(100, 300, 10, zero) == (300 + 4 * 100 + 300) * 2
+    short = ZeroSettings(3, 4, 2, 100, 50, 10, 300, False, False)  # nothing kept: a layer, its prefetch
+    assert gathered_bytes(100, 300, 10, short) == (300 + 100 + 50 + 300) * 2
+    assert gathered_bytes(100, 300, 10, ZeroSettings(3, 1, 2, 100, 50, 10, 1000, False, False)) == 300 * 2
 
 
 def test_the_head_and_plot_by_hand():
@@ -154,14 +171,31 @@ def test_the_head_and_plot_by_hand():
     assert plot_bytes(shape, solver, 100) - plot_bytes(shape, whole, 100) == 100 * 9 * 64 * 4 + 3 * 100 * 81 * 4
 
 
-def test_lora_trains_its_adapters_and_saves_dropout_masks():
+@pytest.mark.parametrize("dropout", [0.05, 0.0])
+def test_lora_rules_count_what_autograd_saves(dropout):
+    """A decoder layer with LoRA on every linear, as the difference of a 3-layer and a 2-layer model
+    (the first layer's input needs no gradient under LoRA): the adapters' intermediates, with dropout
+    its output and mask, less what the frozen norms and linears no longer keep."""
+    from peft import LoraConfig, get_peft_model
+
+    def saved_with_adapters(layers: int) -> int:
+        config = tiny_config("llama", layers)
+        config._attn_implementation = "sdpa"
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config)
+        lora = LoraConfig(r=8, lora_alpha=16, lora_dropout=dropout, target_modules="all-linear", task_type="CAUSAL_LM")
+        return count_saved(get_peft_model(model, lora).train(), rows=2, width=24)
+
+    shape = shape_of(tiny_config("llama", 1))
+    settings = step_settings(4, lora_rank=8, lora_dropout=dropout)
+    assert saved_with_adapters(3) - saved_with_adapters(2) == layer_bytes_per_token(shape, settings, 24) * 48
+
+
+def test_lora_trains_its_adapters_only():
     config = load_config(None, {"adapter.method": "lora", "adapter.rank": 4, "adapter.target_modules": ["q_proj"]})
     shape = shape_of(tiny_config("llama", 2))
     trained, frozen = trained_and_frozen(config, shape)
     assert trained == [4 * 64, 64 * 4] * 2 and frozen == list(shape.parameter_sizes)
-    with_dropout = step_settings(2, lora_rank=4, lora_dropout=0.1, lora_targets=("q_proj",))
-    extra = layer_bytes_per_token(shape, with_dropout, 8) - layer_bytes_per_token(shape, step_settings(2), 8)
-    assert extra == 2 * 4 * 2 + 64 * 3  # the rank-4 intermediate saved twice; dropout output + mask
 
 
 def test_sequence_parallelism_splits_each_row():
