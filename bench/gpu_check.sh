@@ -11,6 +11,7 @@
 # GPU_CHECK_PACKING_ARGS: bench/packing.py's arguments for a shorter run. GPU_CHECK_SHAPE=tiny: a
 # model of SmolLM2's family and vocabulary but a few narrow layers (the CPU smoke test).
 # GPU_CHECK_HEAD_POSITIONS (12288): response positions of the tiled-head section.
+# GPU_CHECK_PLAN_CONFIGS: the memory plan's configurations to measure (none: skip the section).
 # GPU_CHECK_ASSETS, GPU_CHECK_MODEL, GPU_CHECK_RUN_DIR, GPU_CHECK_WHEELS: where things are.
 # Each section has its own time limit and a failed one does not stop the next: one lease, all results.
 set -uo pipefail
@@ -135,6 +136,17 @@ HEAD_POSITIONS="${GPU_CHECK_HEAD_POSITIONS:-12288}"
 HEAD_DTYPE="$([[ "$PRECISION" == fp32 ]] && echo float32 || echo bfloat16)"
 bench "tiled vs whole LM head, N = ${HEAD_POSITIONS} (12288: a 16k-token pair), ${HEAD_DTYPE}" 120 \
     "$PYTHON" bench/tiled_head.py --model "$MODEL" --positions "$HEAD_POSITIONS" --dtype "$HEAD_DTYPE" --repeats 3
+
+# The memory plan (plot-plan's model) against torch.cuda.max_memory_allocated on one rank, for
+# configurations that differ in what dominates (target: within 10%). GPU_CHECK_PLAN_CONFIGS: names
+# in bench/memory_plan.py, or none (the CPU smoke test: the training above logs the plan's peak
+# beside the measured one, memory/peak_predicted_gb in train_last_step.json).
+PLAN_CONFIGS="${GPU_CHECK_PLAN_CONFIGS:-zero2_1rank_512,zero3_1rank_1k_lora,zero3_1rank_2k_ckpt,zero3_1rank_4k_ckpt_tiled}"
+if [[ "$PLAN_CONFIGS" != none ]]; then
+    bench "memory plan vs max_memory_allocated, ${PRECISION}, one rank" 300 \
+        "$PYTHON" bench/memory_plan.py --model "$MODEL" --precision "$PRECISION" --only "$PLAN_CONFIGS" \
+        --budget-gap 0.10
+fi
 
 # The comparison grid at full lengths, one seed: what each variant costs per step and in memory on a
 # GPU. The model here has random weights (the real one does not fit what a run carries), so its

@@ -3,11 +3,13 @@
     python bench/memory_plan.py [--only NAME,NAME] [--out results/memory_plan.jsonl]
 
 Each configuration starts ranks under torchrun, sets the run up exactly as ``plot-train`` does
-(``setup_run``: the real SmolLM2-135M, fp32 on this CPU, the plan made before the weights load, with
+(``setup_run``: the real SmolLM2-135M, fp32 on a CPU, the plan made before the weights load, with
 the process's resident memory before them as its runtime), then takes two optimizer steps on pairs
 of about ``tokens`` tokens built from CHAMP's text (``bench/long_pairs.py``, every pair alike).
-Measured on every rank: the resident high-water mark over the two steps (VmHWM, reset through
-/proc/self/clear_refs after setup). glibc's ``MALLOC_MMAP_THRESHOLD_`` is set to 64 KiB in the ranks,
+Measured on every rank: on a CPU the resident high-water mark over the two steps (VmHWM, reset
+through /proc/self/clear_refs after setup) against the plan's peak; on a GPU (``bench/gpu_check.sh``)
+torch's ``max_memory_allocated`` against the plan's tensors (its peak without the CUDA runtime and
+the allocator's margin). Also the memory held between the steps against the plan's model states. glibc's ``MALLOC_MMAP_THRESHOLD_`` is set to 64 KiB in the ranks,
 so that freed tensors leave the resident set at once and the peak is that of live memory. The
 largest rank's peak is compared with the plan's; ``fits`` is checked against a device memory
 between the two (``--budget-gap``): the verdict must be right on both sides of the prediction.
@@ -59,20 +61,39 @@ def worker(overrides: dict, out: str) -> None:
 
     from plot_ds.config import load_config
     from plot_ds.distributed.process_group import barrier
+    from plot_ds.training.host_memory import trim_host_heap
     from plot_ds.training.loop import train_step
     from plot_ds.training.run import setup_run
 
+    from deepspeed.accelerator import get_accelerator
+
     run = setup_run(load_config(None, overrides))
     barrier()
-    with open("/proc/self/clear_refs", "w") as clear:
-        clear.write("5")  # VmHWM from here on
+    # On an accelerator torch's allocator counts the tensors (the plan's peak without the runtime and
+    # the allocator's margin); on a CPU the resident set counts everything (the plan's whole peak).
+    on_device = run.policy.device.type != "cpu"
+    if on_device:
+        get_accelerator().reset_peak_memory_stats()
+    else:
+        with open("/proc/self/clear_refs", "w") as clear:
+            clear.write("5")  # VmHWM from here on
+    state = 0.0
     for step in range(2):
+        if step == 1:  # the model states once the optimizer's exist: what is held between steps
+            trim_host_heap()
+            state = get_accelerator().memory_allocated() / 2**30 if on_device else status_gb("VmRSS")
         train_step(run, run.micro_batches(step))
     plan = run.plan
+    # Between steps: ZeRO-2's gradient buffer is freed at the step.
+    resident = ["parameters", "optimizer state", "buffers", "reference"] + ["runtime"] * (not on_device)
+    resident += ["gradients"] * (plan.settings["zero_stage"] == 3)
     measured = {
         "rank": run.dist.rank,
-        "peak_gb": status_gb("VmHWM"),
-        "predicted_gb": plan.peak_gb,
+        "measure": "max_memory_allocated" if on_device else "VmHWM",
+        "state_gb": state,
+        "state_predicted_gb": sum(plan.parts[name].bytes for name in resident) / 2**30,
+        "peak_gb": get_accelerator().max_memory_allocated() / 2**30 if on_device else status_gb("VmHWM"),
+        "predicted_gb": plan.tensor_peak_gb if on_device else plan.peak_gb,
         "phase": plan.peak_phase,
         "parts_gb": {name: plan.parts[name].bytes / 2**30 for name in plan.phases[plan.peak_phase]},
         "summary": plan.summary,
@@ -84,8 +105,10 @@ def worker(overrides: dict, out: str) -> None:
             json.dump(parts, handle)
 
 
-def overrides_for(tokens: int, extra: dict, data: str, output_dir: str) -> dict:
+def overrides_for(tokens: int, extra: dict, data: str, output_dir: str, args) -> dict:
     return {
+        "model.name_or_path": args.model,
+        "train.precision": args.precision,
         "data.source": data,
         "data.max_length": tokens + 64,
         "data.max_prompt_length": tokens // 4 + 32,
@@ -98,7 +121,7 @@ def overrides_for(tokens: int, extra: dict, data: str, output_dir: str) -> dict:
     }
 
 
-def measure(name: str, tmp: str, tokenizer, gap: float) -> dict:
+def measure(name: str, tmp: str, tokenizer, args) -> dict:
     from bench.long_pairs import long_pairs
 
     ranks, tokens, extra = CONFIGS[name]
@@ -108,7 +131,7 @@ def measure(name: str, tmp: str, tokenizer, gap: float) -> dict:
             for index, pair in enumerate(long_pairs(tokens, 2 * ranks * 2, tokenizer)):
                 handle.write(json.dumps({"id": f"long{index}", **pair}) + "\n")
     out = os.path.join(tmp, f"{name}.json")
-    overrides = overrides_for(tokens, extra, data, os.path.join(tmp, name))
+    overrides = overrides_for(tokens, extra, data, os.path.join(tmp, name), args)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "65536"}
     command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={ranks}"]
     command += ["--master_addr=127.0.0.1", "--master_port=29533", os.path.abspath(__file__)]
@@ -118,6 +141,7 @@ def measure(name: str, tmp: str, tokenizer, gap: float) -> dict:
     top = max(ranks_measured, key=lambda r: r["peak_gb"])
     predicted, peak = top["predicted_gb"], top["peak_gb"]
     # fits must be right both sides: a budget just under the measured peak, and just over it.
+    gap = args.budget_gap
     verdicts = [(peak * (1 - gap) >= predicted) is False, (peak * (1 + gap) >= predicted) is True]
     return {
         "config": name,
@@ -127,7 +151,10 @@ def measure(name: str, tmp: str, tokenizer, gap: float) -> dict:
         "measured_gb": round(peak, 3),
         "predicted_gb": round(predicted, 3),
         "error": round(predicted / peak - 1, 4),
+        "state_gb": round(top["state_gb"], 3),
+        "state_predicted_gb": round(top["state_predicted_gb"], 3),
         "verdicts_right": all(verdicts),
+        "measure": top["measure"],
         "phase": top["phase"],
         "summary": top["summary"],
         "parts_gb": {k: round(v, 3) for k, v in top["parts_gb"].items()},
@@ -139,6 +166,8 @@ def main() -> None:
     parser.add_argument("--only", default=",".join(CONFIGS))
     parser.add_argument("--out", default=None)
     parser.add_argument("--budget-gap", type=float, default=0.15, help="the budgets either side of the peak")
+    parser.add_argument("--model", default="builtin:smollm2-135m-instruct")
+    parser.add_argument("--precision", default="auto", help="train.precision (auto: fp32 on a CPU, bf16 on a GPU)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -148,26 +177,24 @@ def main() -> None:
 
     from plot_ds.assets import resolve_model_path
 
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path("builtin:smollm2-135m-instruct"))
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(args.model))
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.only.split(","):
-            result = measure(name, tmp, tokenizer, args.budget_gap)
+            result = measure(name, tmp, tokenizer, args)
             print(json.dumps(result), flush=True)
             results.append(result)
             if args.out:
                 with open(args.out, "a") as handle:
                     handle.write(json.dumps(result) + "\n")
-    worst = max(abs(r["error"]) for r in results)
-    print(
-        json.dumps(
-            {
-                "configs": len(results),
-                "worst_error": worst,
-                "all_verdicts_right": all(r["verdicts_right"] for r in results),
-            }
-        )
-    )
+    summary = {
+        "benchmark": "memory_plan",
+        "configs": len(results),
+        "worst_error": max(abs(r["error"]) for r in results),
+        "all_verdicts_right": all(r["verdicts_right"] for r in results),
+        "results": results,
+    }
+    print(json.dumps(summary))
 
 
 if __name__ == "__main__":

@@ -197,6 +197,7 @@ def test_gpu_check_script_runs_end_to_end_on_cpu(tmp_path):
         GPU_CHECK_HEAD_POSITIONS="64",
         GPU_CHECK_TRL_STEPS="2",
         GPU_CHECK_TRL_RUNS="one",
+        GPU_CHECK_PLAN_CONFIGS="none",  # bench/memory_plan.py's launches: docs/benchmarks.md measures them
         GPU_CHECK_WHEELS=str(tmp_path / "no_wheels"),  # the packages of this machine
         GPU_CHECK_ARGS="--data.max_length 48 --data.max_prompt_length 24 --data.eval_size 0",
         GPU_CHECK_TRL_ARGS="--max-length 80 --max-prompt-length 48 --warmup 0",
@@ -209,6 +210,7 @@ def test_gpu_check_script_runs_end_to_end_on_cpu(tmp_path):
     assert json.loads((tmp_path / "run" / "ds_config.json").read_text())["zero_optimization"]["stage"] == 3
     step = json.loads((out / "train_last_step.json").read_text())
     assert step["step"] == 1 and step["loss/total"] > 0 and "plot/w_chosen" in step
+    assert step["memory/peak_predicted_gb"] > 0 and step["memory/peak_host_gb"] > 0  # the plan beside it
     results = {}
     for line in (out / "results.jsonl").read_text().splitlines():
         record = json.loads(line)

@@ -38,7 +38,7 @@ def parse_args(argv: list[str]):
 
 
 def machine_of(args):
-    from .check import resident_gb
+    from .check import resident_after_imports
     from .memory_plan import Machine
 
     for name in ("ranks", "gpus_per_node"):
@@ -49,11 +49,10 @@ def machine_of(args):
             raise ConfigError(f"--{name.replace('_', '-')}: must be > 0 GiB (got {getattr(args, name)})")
     per_node = args.gpus_per_node or min(args.ranks, 8)
     if args.cpu:
-        import torch  # noqa: F401  (the libraries a rank holds before its weights)
-        import transformers  # noqa: F401
+        import deepspeed  # noqa: F401  (the libraries a rank holds before its weights)
 
         memory = args.host_memory_gb / per_node if args.host_memory_gb else None
-        return Machine(args.ranks, per_node, "cpu", memory, args.host_memory_gb, resident_gb())
+        return Machine(args.ranks, per_node, "cpu", memory, args.host_memory_gb, resident_after_imports())
     return Machine(args.ranks, per_node, "gpu", args.gpu_memory_gb, args.host_memory_gb)
 
 

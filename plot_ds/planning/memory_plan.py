@@ -293,14 +293,17 @@ def plan_memory(
             "CUDA context" if machine.device == "gpu" else "this process before weights",
         ),
     ]
-    resident = ["parameters", "gradients", "optimizer state", "buffers", "reference"]
+    held = ["parameters", "optimizer state", "buffers", "reference"]
+    # ZeRO-2 allocates its gradient buffer at a backward's first reduction and frees it at the step;
+    # only accumulation keeps it from one micro-batch to the next. ZeRO-3's lives all run.
+    early = held + ["gradients"] * (zero.stage == 3 or config.train.gradient_accumulation_steps > 1)
     phases = {
-        "the head's backward": resident
-        + ["gathered parameters", "activations", "head and PLOT", "head backward", "runtime"],
-        "a layer's backward": resident + ["gathered parameters", "activations", "layer backward", "runtime"],
-        "the reference's forward": resident + ["gathered parameters", "reference forward", "runtime"],
-        "the optimizer step": resident + ["optimizer step", "runtime"],
+        "the head's backward": early + ["gathered parameters", "activations", "head and PLOT", "head backward"],
+        "a layer's backward": held + ["gradients", "gathered parameters", "activations", "layer backward"],
+        "the reference's forward": early + ["gathered parameters", "reference forward"],
+        "the optimizer step": held + ["gradients", "optimizer step"],
     }
+    phases = {name: parts + ["runtime"] for name, parts in phases.items()}
     host = states.host + (
         0.0 if "offloaded" not in reference.note else frozen_weights(list(shape.parameter_sizes), zero)
     )

@@ -1,7 +1,8 @@
 """What DeepSpeed holds per rank for a model's parameters, gradients and optimizer, as DeepSpeed 0.19
 allocates them (read from its stage_1_and_2.py, stage3.py and partition_parameters.py; the layout
-and line numbers are in docs/planning.md). torch's fused AdamW keeps two float32 moments per
-trained element; DeepSpeed's float32 master partition is a copy even for a float32 model."""
+is in docs/planning.md) with plot_ds's patches (engine/deepspeed_patches.py). torch's fused AdamW
+keeps two float32 moments per trained element; the float32 master partition is a copy but for
+float32 weights under ZeRO-3 (``keep_one_fp32_copy``)."""
 
 from __future__ import annotations
 
@@ -62,11 +63,15 @@ def partition(numel: int, ranks: int) -> int:
 def trained_states(trained: list[int], frozen: list[int], zero: ZeroSettings) -> ModelStates:
     """The policy: ``trained`` and ``frozen`` parameter sizes (frozen: LoRA's base)."""
     b, ranks = zero.element_size, zero.ranks
+    master = FLOAT32
     if zero.stage == 3:
         mine = sum(partition(n, ranks) for n in trained)
         weights = frozen_weights(trained + frozen, zero)
-        # The flat gradient, then its float32 copy (no copy for a float32 model), per sub-group.
-        step = mine * (b + FLOAT32) if b != FLOAT32 else mine * FLOAT32
+        # The flat gradient and its float32 copy per sub-group. With float32 weights on the device,
+        # deepspeed_patches makes the partition its own master and hands the gradients over as views.
+        step = mine * (b + FLOAT32)
+        if b == FLOAT32 and not zero.offload_optimizer:
+            step, master = 0, 0
         grads, buckets = mine * b, zero.reduce_bucket * b
     else:
         elements = sum(trained)
@@ -75,7 +80,7 @@ def trained_states(trained: list[int], frozen: list[int], zero: ZeroSettings) ->
         step = mine * (b + FLOAT32) if b != FLOAT32 else mine * FLOAT32
         # overlap_comm's two buckets and the flattened copy of one being reduced.
         grads, buckets = mine * b, 3 * zero.reduce_bucket * b
-    optimizer = 3 * mine * FLOAT32
+    optimizer = mine * (2 * FLOAT32 + master)
     host = 0.0
     if zero.offload_optimizer:
         host += optimizer + mine * (b + FLOAT32)

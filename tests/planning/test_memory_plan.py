@@ -140,6 +140,8 @@ def test_zero_states_by_hand():
     assert states.parameters == (1018 + 50) * 4 and states.optimizer == mine * 12
     assert states.step_transient == mine * 4  # a float32 model's flat gradient is already float32
     offloaded = trained_states(sizes, [], ZeroSettings(3, 4, 2, 100, 50, 10, 10**9, True, True))
+    fp32 = trained_states(sizes, [], ZeroSettings(3, 4, 4, 100, 50, 10, 10**9, False, False))
+    assert fp32.optimizer == mine * 8 and fp32.step_transient == 0  # the partition is its own master
     assert offloaded.optimizer == 0 and offloaded.parameters == (10 + 7) * 2
     assert offloaded.host == (3 + 2 + 251) * (12 + 2 + 4) + (3 + 2 + 251) * 2
     assert frozen_weights(sizes, ZeroSettings(0, 4, 2, 100, 50, 10, 10**9, False, False)) == 1018 * 2

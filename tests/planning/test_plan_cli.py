@@ -29,7 +29,7 @@ def test_plot_plan_prints_each_part_and_the_nearest_fixes(tmp_path, tiny_model_d
     assert plot_plan([*common, "--json"]) == 0
     fitting = json.loads(capsys.readouterr().out)
     assert fitting["fits"] is True and fitting["peak_phase"] == "the head's backward"
-    assert {"parameters", "gradients", "optimizer state", "reference", "activations", "head and PLOT"} <= set(
+    assert {"parameters", "optimizer state", "reference", "activations", "head and PLOT", "runtime"} <= set(
         fitting["parts_gb"]
     )
     assert fitting["tokens_per_step"] == 8 * (2 * 100 + 2 * 300)  # prompt in both rows, two responses
