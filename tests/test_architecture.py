@@ -109,7 +109,8 @@ def test_no_import_cycles_inside_plot_ds():
 # The layers, bottom first: a module imports only from its own layer and those below it. The
 # contract (batch, counts, errors, files written whole, config values, the built-in assets) is at
 # the bottom; the losses stand on it alone; the forward produces what they read; the engine is
-# built from the config; the training loop stands on everything; plot-compare and the console
+# built from the config; the memory plan reads the config, the engine's and the forward's own
+# numbers; the training loop stands on everything; plot-compare and the console
 # entry points on top.
 LAYERS = [
     ["pair_batch", "errors", "atomic", "config_values", "assets"],
@@ -119,6 +120,7 @@ LAYERS = [
     ["config"],
     ["engine"],
     ["distributed"],
+    ["planning"],
     ["training"],
     ["compare", "cli", "launch_entry"],
 ]

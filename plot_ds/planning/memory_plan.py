@@ -221,20 +221,31 @@ def trained_and_frozen(config: Config, shape: ModelShape) -> tuple[list[int], li
     return adapters, list(shape.parameter_sizes)
 
 
-def reference_part(config: Config, shape: ModelShape, zero: ZeroSettings) -> Part:
-    """The reference the objective reads: a frozen engine's weights, a cache, the policy's own base."""
+def reference_kind(config: Config) -> str:
+    """none, cache, base (LoRA's own base, adapters off), engine or offloaded (a frozen engine's
+    partitions in host memory)."""
     needed = config.objective.needs_reference or (config.plot.active and config.plot.target == "ref_mix")
     if not needed or config.reference.mode == "none":
-        return Part("reference", 0.0, "none needed")
+        return "none"
     if config.adapter.active and config.reference.name_or_path is None:
-        return Part("reference", 0.0, "the policy's base with its adapters off")
+        return "base"
     if config.reference.mode == "cache":
-        return Part("reference", 0.0, "log-probs cached before training")
+        return "cache"
+    return "offloaded" if config.reference.offload else "engine"
+
+
+REFERENCE_NOTES = {
+    "none": "none needed",
+    "cache": "log-probs cached before training",
+    "base": "the policy's base with its adapters off",
+    "offloaded": "frozen engine, partitions in host memory",
+}
+
+
+def reference_weights(shape: ModelShape, zero: ZeroSettings) -> float:
+    """A frozen engine's weights: a ZeRO-3 partition beside a ZeRO-3 policy, else a whole copy."""
     stage = 3 if zero.stage == 3 else 0
-    weights = frozen_weights(list(shape.parameter_sizes), ZeroSettings(**{**zero.__dict__, "stage": stage}))
-    if config.reference.offload and stage == 3:
-        return Part("reference", 0.0, f"engine, offloaded: {weights / GIB:.2f} GiB in host memory")
-    return Part("reference", weights, f"frozen engine, {'ZeRO-3 partition' if stage == 3 else 'whole copy'}")
+    return frozen_weights(list(shape.parameter_sizes), ZeroSettings(**{**zero.__dict__, "stage": stage}))
 
 
 def step_flops(config: Config, shape: ModelShape, lengths: DataLengths, reference_forward: bool) -> float:
@@ -268,63 +279,62 @@ def plan_memory(
         batch = batch.per_rank(config.parallel.sequence)
     settings = step_settings(config, shape, zero, batch.response_positions, machine.device)
     states = trained_states(*trained_and_frozen(config, shape), zero)
-    reference = reference_part(config, shape, zero)
+    reference = reference_kind(config)
+    parts = model_parts(states, zero, shape) + step_parts(
+        shape, settings, batch, reference != "none" and reference != "cache"
+    )
+    weights = reference_weights(shape, zero) if reference == "engine" else 0.0
+    parts.append(Part("reference", weights, REFERENCE_NOTES.get(reference, "frozen engine")))
+    runtime = "CUDA context (assumed)" if machine.device == "gpu" else "this process before its weights"
+    parts.append(Part("runtime", machine.runtime_gb * GIB, runtime))
+    host = states.host + (reference_weights(shape, zero) if reference == "offloaded" else 0.0)
+    summary = (
+        f"{precision}, ZeRO-{zero.stage}{' offload' if zero.offload_optimizer else ''}, {machine.ranks} rank(s)"
+        f"{f', sequence {settings.sequence}' if settings.sequence > 1 else ''}, micro-batch "
+        f"{config.train.micro_batch_size} x {batch.width} tokens"
+    )
+    data_ranks = machine.ranks // config.parallel.sequence
+    pairs = config.train.micro_batch_size * config.train.gradient_accumulation_steps * data_ranks
+    return MemoryPlan(
+        machine,
+        summary,
+        {part.name: part for part in parts},
+        step_phases(zero.stage == 3 or config.train.gradient_accumulation_steps > 1),
+        host * machine.ranks_per_node,
+        pairs * lengths.mean_tokens(),
+        step_flops(config, shape, lengths, reference in ("engine", "offloaded", "base")) * data_ranks,
+        {"precision": precision, "zero_stage": zero.stage, "tiled_head": settings.tiled_head, "micro_batch": batch},
+    )
+
+
+def step_parts(shape: ModelShape, settings: StepSettings, batch: MicroBatchShape, live_reference: bool) -> list[Part]:
+    """What one micro-batch holds: kept for the backward, and the transients of its phases."""
     kept, layer_backward = activation_bytes(shape, settings, batch)
     head_kept, head_backward = head_bytes(shape, settings, batch.response_positions)
-    live_reference = reference.bytes or "base" in reference.note or "offloaded" in reference.note
-    parts = model_parts(states, zero, shape) + [
-        reference,
+    plot = plot_bytes(shape, settings, batch.response_positions)
+    tiled = settings.tiled_head
+    return [
         Part("activations", kept, activation_note(settings, batch)),
-        Part("head and PLOT", head_kept + plot_bytes(shape, settings, batch.response_positions), head_note(settings)),
-        Part(
-            "head backward",
-            head_backward,
-            "the head's weight gradient (float32) and a tile" if settings.tiled_head else "a chunk of float32 logits",
-        ),
-        Part(
-            "layer backward",
-            layer_backward,
-            "one layer recomputed" if settings.gradient_checkpointing else "gradients of one layer",
-        ),
+        Part("head and PLOT", head_kept + plot, head_note(settings)),
+        Part("head backward", head_backward, "float32 weight gradient and a tile" if tiled else "float32 chunk"),
+        Part("layer backward", layer_backward, "recomputed" if settings.gradient_checkpointing else "its gradients"),
         Part("reference forward", inference_bytes(shape, settings, batch) if live_reference else 0.0, "no gradients"),
-        Part(
-            "runtime",
-            machine.runtime_gb * GIB,
-            "CUDA context" if machine.device == "gpu" else "this process before weights",
-        ),
     ]
+
+
+def step_phases(gradients_early: bool) -> dict[str, list[str]]:
+    """The parts alive at each phase's peak. ZeRO-2 allocates its gradient buffer at a backward's
+    first reduction and frees it at the step (``gradients_early`` false); accumulation keeps it from
+    one micro-batch to the next, and ZeRO-3's lives all run."""
     held = ["parameters", "optimizer state", "buffers", "reference"]
-    # ZeRO-2 allocates its gradient buffer at a backward's first reduction and frees it at the step;
-    # only accumulation keeps it from one micro-batch to the next. ZeRO-3's lives all run.
-    early = held + ["gradients"] * (zero.stage == 3 or config.train.gradient_accumulation_steps > 1)
+    early = held + ["gradients"] * gradients_early
     phases = {
         "the head's backward": early + ["gathered parameters", "activations", "head and PLOT", "head backward"],
         "a layer's backward": held + ["gradients", "gathered parameters", "activations", "layer backward"],
         "the reference's forward": early + ["gathered parameters", "reference forward"],
         "the optimizer step": held + ["gradients", "optimizer step"],
     }
-    phases = {name: parts + ["runtime"] for name, parts in phases.items()}
-    host = states.host + (
-        0.0 if "offloaded" not in reference.note else frozen_weights(list(shape.parameter_sizes), zero)
-    )
-    summary = (
-        f"{precision}, ZeRO-{zero.stage}{' offload' if zero.offload_optimizer else ''}, {machine.ranks} rank(s)"
-        f"{f', sequence {settings.sequence}' if settings.sequence > 1 else ''}, micro-batch {config.train.micro_batch_size} x {batch.width} tokens"
-    )
-    return MemoryPlan(
-        machine,
-        summary,
-        {part.name: part for part in parts},
-        phases,
-        host * machine.ranks_per_node,
-        config.train.micro_batch_size
-        * config.train.gradient_accumulation_steps
-        * machine.ranks
-        // config.parallel.sequence
-        * lengths.mean_tokens(),
-        step_flops(config, shape, lengths, bool(live_reference)) * machine.ranks // config.parallel.sequence,
-        {"precision": precision, "zero_stage": zero.stage, "tiled_head": settings.tiled_head, "micro_batch": batch},
-    )
+    return {name: parts + ["runtime"] for name, parts in phases.items()}
 
 
 def model_parts(states: ModelStates, zero: ZeroSettings, shape: ModelShape) -> list[Part]:
