@@ -32,16 +32,17 @@ def machine_of_run(config: Config, world_size: int, ranks_per_node: int, device_
         from deepspeed.accelerator import get_accelerator
 
         memory = get_accelerator().total_memory() / GIB
-    runtime = CUDA_RUNTIME_GB if gpu else resident_after_imports()
+    runtime = CUDA_RUNTIME_GB if gpu else resident_after_imports(config)
     return Machine(world_size, ranks_per_node, "gpu" if gpu else "cpu", memory, None, runtime)
 
 
-def resident_after_imports() -> float:
-    """This process's resident memory once the libraries the engines and the monitor import later
-    are loaded too (peft alone is over 100 MiB), so that the plan's runtime is the process's own."""
-    import peft  # noqa: F401
+def resident_after_imports(config: Config) -> float:
+    """This process's resident memory once the libraries the run imports later are loaded too
+    (peft for adapters is over 100 MiB), so that the plan's runtime is the process's own."""
     import torch.utils.tensorboard  # noqa: F401
 
+    if config.adapter.active:
+        import peft  # noqa: F401
     return resident_gb()
 
 

@@ -37,7 +37,7 @@ def parse_args(argv: list[str]):
     return known, load_config(known.config, parse_overrides(rest))
 
 
-def machine_of(args):
+def machine_of(args, config):
     from .check import resident_after_imports
     from .memory_plan import Machine
 
@@ -52,7 +52,7 @@ def machine_of(args):
         import deepspeed  # noqa: F401  (the libraries a rank holds before its weights)
 
         memory = args.host_memory_gb / per_node if args.host_memory_gb else None
-        return Machine(args.ranks, per_node, "cpu", memory, args.host_memory_gb, resident_after_imports())
+        return Machine(args.ranks, per_node, "cpu", memory, args.host_memory_gb, resident_after_imports(config))
     return Machine(args.ranks, per_node, "gpu", args.gpu_memory_gb, args.host_memory_gb)
 
 
@@ -76,7 +76,7 @@ def lengths_of(args, config):
 
 @user_errors("plot-plan")
 def main(argv: list[str] | None = None) -> int:
-    from .fixes import nearest_fixes
+    from .fixes import least_memory, nearest_fixes
     from .memory_plan import plan_memory
     from .model_shape import read_model_shape
 
@@ -85,15 +85,16 @@ def main(argv: list[str] | None = None) -> int:
         raise ConfigError(
             f"parallel.sequence {config.parallel.sequence}: --ranks {args.ranks} do not split into such groups"
         )
-    machine = machine_of(args)
+    machine = machine_of(args, config)
     shape = read_model_shape(config.model.name_or_path, config.model.revision, config.model.trust_remote_code)
     lengths, report = lengths_of(args, config)
     plan = plan_memory(config, shape, machine, lengths)
     fixes = nearest_fixes(config, shape, machine, lengths) if plan.fits is False else []
+    least = least_memory(config, shape, machine, lengths) if plan.fits is False and not fixes else None
     if args.json:
         print(json.dumps(plan_record(plan, fixes, shape)))
     else:
-        print(describe(plan, fixes, shape, report, config))
+        print(describe(plan, fixes, shape, report, config, least))
     return 1 if plan.fits is False else 0
 
 
@@ -114,7 +115,7 @@ def plan_record(plan, fixes, shape) -> dict:
     }
 
 
-def describe(plan, fixes, shape, report, config) -> str:
+def describe(plan, fixes, shape, report, config, least=None) -> str:
     machine = plan.machine
     memory = f"{machine.device_memory_gb:g} GiB" if machine.device_memory_gb else "memory not stated"
     lines = [
@@ -129,9 +130,14 @@ def describe(plan, fixes, shape, report, config) -> str:
     verdict = {None: "no memory stated: nothing to fit", True: "fits", False: "DOES NOT FIT"}[plan.fits]
     lines.append(f"verdict: {verdict}")
     if plan.fits is False:
-        lines.append(
-            "nearest fixes:" if fixes else "no setting plot-plan knows makes it fit: more ranks or larger devices"
-        )
+        if fixes:
+            lines.append("nearest fixes:")
+        else:
+            least = f"the least any setting plot-plan knows needs is {least.describe()}; " if least else ""
+            lines.append(
+                f"{machine.ranks} rank(s) of {machine.device_memory_gb:g} GiB cannot hold this model and run "
+                f"at all: {least}use more ranks or larger devices"
+            )
         lines += [f"  {fix.describe()}" for fix in fixes]
     lines.append(
         f"per optimizer step: {plan.tokens_per_step:,.0f} tokens, {plan.flops_per_step:.3g} FLOPs "

@@ -149,3 +149,14 @@ def shortest_cut(config: Config, shape: ModelShape, machine: Machine, lengths: D
             overrides = {"data.max_length": length, "data.max_prompt_length": prompt}
             return Fix(overrides, plan, f"truncates {share:.0%} of the pairs")
     return None
+
+
+def least_memory(config: Config, shape: ModelShape, machine: Machine, lengths: DataLengths) -> Fix | None:
+    """Every change plot-plan knows at once (the largest sequence group, offload, LoRA...): the least
+    memory per rank any setting reaches, for a machine nothing fits on."""
+    combined = {}
+    for overrides, _ in candidates(config, shape, machine):
+        if with_overrides(config, {**combined, **overrides}) is not None:
+            combined.update(overrides)
+    changed = with_overrides(config, combined)
+    return None if changed is None else Fix(combined, plan_memory(changed, shape, machine, lengths), "all at once")

@@ -57,7 +57,9 @@ def test_plot_plan_names_bad_input_once(tmp_path, tiny_model_dir, capsys):
     assert "no-such-model" in err and "Traceback" not in err
     model = str(config_only(tmp_path, tiny_model_dir))
     assert plot_plan(["--model.name_or_path", model, "--tokens", "100", "--gpu-memory-gb", "0.001"]) == 1
-    assert "no setting plot-plan knows makes it fit" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "1 rank(s) of 0.001 GiB cannot hold this model and run at all" in out
+    assert "the least any setting plot-plan knows needs is" in out
     assert plot_plan(["--model.name_or_path", model, "--tokens", "100", "--ranks", "0"]) == 2
     assert "--ranks: must be >= 1" in capsys.readouterr().err
 
