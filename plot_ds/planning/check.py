@@ -8,7 +8,7 @@ from ..config import Config
 from ..errors import MemoryPlanError
 from .fixes import nearest_fixes
 from .memory_plan import CUDA_RUNTIME_GB, GIB, DataLengths, Machine, MemoryPlan, plan_memory
-from .model_shape import read_model_shape
+from .model_shape import ShapeUnknown, read_model_shape
 
 
 def resident_gb() -> float:
@@ -54,7 +54,12 @@ def plan_before_loading(
     if config.plan.check == "off" or not examples:
         return None
     model = config.model
-    shape = read_model_shape(model.name_or_path, model.revision, model.trust_remote_code)
+    try:
+        shape = read_model_shape(model.name_or_path, model.revision, model.trust_remote_code)
+    except ShapeUnknown as err:
+        if is_main:
+            print(f"[plot_ds] warning: no memory plan ({err}); training goes on without one", flush=True)
+        return None
     lengths = DataLengths.of_examples(examples)
     plan = plan_memory(config, shape, machine, lengths, ds_config)
     if is_main:

@@ -78,9 +78,9 @@ class DataLengths:
         width = max(p + max(c, r) for p, c, r in longest)
         responses = sum(c + r for _, c, r in longest)
         tokens = 2 * len(longest) * width
-        if packed:
-            tokens = sum(2 * p + c + r for p, c, r in longest)
-        if not shared_prompt:
+        if packed:  # one row of sequences: with prompt sharing each prompt once
+            tokens = sum((1 if shared_prompt else 2) * p + c + r for p, c, r in longest)
+        if packed or not shared_prompt:
             return MicroBatchShape(2 * len(longest), width, responses, tokens)
         prompt, response = max(p for p, _, _ in longest), max(max(c, r) for _, c, r in longest)
         shared = len(longest) * (prompt + 2 * response)

@@ -9,6 +9,11 @@ from dataclasses import dataclass
 from ..errors import ModelError
 
 
+class ShapeUnknown(ModelError):
+    """transformers cannot build the architecture on the meta device: plot-plan cannot size it, and
+    plot-train trains without a plan."""
+
+
 @dataclass(frozen=True)
 class Linear:
     """A linear layer LoRA may adapt: its short name and sizes."""
@@ -76,14 +81,14 @@ def shape_of(hf_config, where: str = "the model") -> ModelShape:
     try:
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(hf_config)
-    except (ValueError, KeyError) as err:
-        raise ModelError(
+    except (ValueError, KeyError, TypeError, RuntimeError, NotImplementedError) as err:
+        raise ShapeUnknown(
             f"{where}: transformers cannot build a causal LM of model type '{hf_config.model_type}' "
             f"({err}); plot-plan needs an architecture transformers knows (or model.trust_remote_code true)"
         ) from None
     layers = _decoder_layers(model)
     if not layers:
-        raise ModelError(f"{where}: no decoder layers found in {type(model).__name__}; plot-plan cannot size it")
+        raise ShapeUnknown(f"{where}: no decoder layers found in {type(model).__name__}; plot-plan cannot size it")
     heads = text.num_attention_heads
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
     experts = getattr(text, "num_experts_per_tok", None) or 1
