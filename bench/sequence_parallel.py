@@ -36,19 +36,11 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def status_gb(field: str) -> float:
-    """A field of /proc/self/status (VmRSS, VmHWM) in GiB."""
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 2**20
-    raise KeyError(field)
-
-
 def worker(overrides: dict, out: str) -> None:
     import torch
 
     from plot_ds.config import load_config
+    from plot_ds.planning.check import process_status_gb as status_gb
     from plot_ds.distributed.process_group import barrier
     from plot_ds.training.host_memory import trim_host_heap
     from plot_ds.training.loop import train_step

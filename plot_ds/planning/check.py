@@ -11,12 +11,13 @@ from .memory_plan import CUDA_RUNTIME_GB, GIB, DataLengths, Machine, MemoryPlan,
 from .model_shape import ShapeUnknown, read_model_shape
 
 
-def resident_gb() -> float:
-    """This process's resident memory now (VmRSS), or 0 where /proc does not say."""
+def process_status_gb(field: str = "VmRSS") -> float:
+    """A memory field of /proc/self/status in GiB (VmRSS: resident now; VmHWM: its high-water mark),
+    or 0 where /proc does not say."""
     try:
         with open("/proc/self/status") as status:
             for line in status:
-                if line.startswith("VmRSS:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) / 2**20
     except OSError:
         pass
@@ -43,7 +44,7 @@ def resident_after_imports(config: Config) -> float:
 
     if config.adapter.active:
         import peft  # noqa: F401
-    return resident_gb()
+    return process_status_gb("VmRSS")
 
 
 def plan_before_loading(
