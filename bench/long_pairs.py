@@ -57,6 +57,14 @@ def long_pairs(tokens: int, count: int, tokenizer) -> list[dict]:
     return pairs
 
 
+def write_long_pairs(path: str, tokens: int, count: int, tokenizer) -> str:
+    """``count`` pairs of about ``tokens`` tokens as JSONL (ids long0, long1, ...) at ``path``."""
+    with open(path, "w") as handle:
+        for index, pair in enumerate(long_pairs(tokens, count, tokenizer)):
+            handle.write(json.dumps({"id": f"long{index}", **pair}) + "\n")
+    return path
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--tokens", type=int, required=True, help="about this many tokens a pair")

@@ -115,14 +115,12 @@ def overrides_for(tokens: int, extra: dict, data: str, output_dir: str, args) ->
 
 
 def measure(name: str, tmp: str, tokenizer, args) -> dict:
-    from bench.long_pairs import long_pairs
+    from bench.long_pairs import write_long_pairs
 
     ranks, tokens, extra = CONFIGS[name]
-    data = os.path.join(tmp, f"pairs{tokens}.jsonl")
-    if not os.path.exists(data):
-        with open(data, "w") as handle:
-            for index, pair in enumerate(long_pairs(tokens, 2 * ranks * 2, tokenizer)):
-                handle.write(json.dumps({"id": f"long{index}", **pair}) + "\n")
+    data = os.path.join(tmp, f"pairs{tokens}_{ranks}.jsonl")
+    if not os.path.exists(data):  # two micro-batches of 2 pairs per rank
+        write_long_pairs(data, tokens, 2 * ranks * 2, tokenizer)
     out = os.path.join(tmp, f"{name}.json")
     overrides = overrides_for(tokens, extra, data, os.path.join(tmp, name), args)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "65536"}

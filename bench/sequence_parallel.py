@@ -111,16 +111,13 @@ def main() -> None:
         return
     from transformers import AutoTokenizer
 
-    from bench.long_pairs import long_pairs
+    from bench.long_pairs import write_long_pairs
     from plot_ds.assets import resolve_model_path
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(args.model))
     results = []
     with tempfile.TemporaryDirectory() as tmp:
-        data = os.path.join(tmp, "pairs.jsonl")
-        with open(data, "w") as handle:
-            for index, pair in enumerate(long_pairs(args.tokens, 2, tokenizer)):
-                handle.write(json.dumps({"id": f"long{index}", **pair}) + "\n")
+        data = write_long_pairs(os.path.join(tmp, "pairs.jsonl"), args.tokens, 2, tokenizer)
         for group in map(int, args.groups.split(",")):
             out = os.path.join(tmp, f"group{group}.json")
             overrides = overrides_for(args, group, data, os.path.join(tmp, f"run{group}"))
