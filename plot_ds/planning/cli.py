@@ -125,7 +125,7 @@ def describe(plan, fixes, shape, report, config, least=None) -> str:
         f"run: {plan.summary}",
     ]
     if report is not None:
-        lines.append(f"data: {report.summary()}")
+        lines.append(f"data: {report.describe()}")
     lines += ["", plan.table(), ""]
     verdict = {None: "no memory stated: nothing to fit", True: "fits", False: "DOES NOT FIT"}[plan.fits]
     lines.append(f"verdict: {verdict}")

@@ -44,6 +44,17 @@ def test_plot_plan_prints_each_part_and_the_nearest_fixes(tmp_path, tiny_model_d
     assert "data.max_length" in out and "truncates" in out
 
 
+def test_plot_plan_reads_the_datas_lengths(tmp_path, tiny_model_dir, data_file, capsys):
+    """Without --tokens the training pairs are tokenised as plot-train would: the plan's largest
+    micro-batch is the longest pairs', and the data's histogram is shown."""
+    model = str(config_only(tmp_path, tiny_model_dir, tokenizer=True))
+    common = ["--model.name_or_path", model, "--data.source", str(data_file), "--data.eval_size", "3"]
+    assert plot_plan([*common, "--train.micro_batch_size", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "tokens per pair (prompt + longer response)" in out and "10 pairs" in out
+    assert "micro-batch 2 x " in out and "verdict: fits" in out
+
+
 def test_plot_plan_names_bad_input_once(tmp_path, tiny_model_dir, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()
