@@ -285,6 +285,9 @@ def plan_memory(
     )
     weights = reference_weights(shape, zero) if reference == "engine" else 0.0
     parts.append(Part("reference", weights, REFERENCE_NOTES.get(reference, "frozen engine")))
+    if reference == "cache":  # before training, a reference engine beside the policy computes the cache
+        cache_pass = reference_weights(shape, zero) + inference_bytes(shape, settings, batch)
+        parts.append(Part("cache pass", cache_pass, "the reference engine and its forward, before training"))
     runtime = "CUDA context (assumed)" if machine.device == "gpu" else "this process before its weights"
     parts.append(Part("runtime", machine.runtime_gb * GIB, runtime))
     host = states.host + (reference_weights(shape, zero) if reference == "offloaded" else 0.0)
@@ -299,7 +302,7 @@ def plan_memory(
         machine,
         summary,
         {part.name: part for part in parts},
-        step_phases(zero.stage == 3 or config.train.gradient_accumulation_steps > 1),
+        step_phases(zero.stage == 3 or config.train.gradient_accumulation_steps > 1, reference == "cache"),
         host * machine.ranks_per_node,
         pairs * lengths.mean_tokens(),
         step_flops(config, shape, lengths, reference in ("engine", "offloaded", "base")) * data_ranks,
@@ -322,10 +325,11 @@ def step_parts(shape: ModelShape, settings: StepSettings, batch: MicroBatchShape
     ]
 
 
-def step_phases(gradients_early: bool) -> dict[str, list[str]]:
+def step_phases(gradients_early: bool, cache_pass: bool = False) -> dict[str, list[str]]:
     """The parts alive at each phase's peak. ZeRO-2 allocates its gradient buffer at a backward's
     first reduction and frees it at the step (``gradients_early`` false); accumulation keeps it from
-    one micro-batch to the next, and ZeRO-3's lives all run."""
+    one micro-batch to the next, and ZeRO-3's lives all run. ``cache_pass``: the reference cache's
+    pass before training (the optimizer's master copy exists by then; its moments do not)."""
     held = ["parameters", "optimizer state", "buffers", "reference"]
     early = held + ["gradients"] * gradients_early
     phases = {
@@ -334,6 +338,8 @@ def step_phases(gradients_early: bool) -> dict[str, list[str]]:
         "the reference's forward": early + ["gathered parameters", "reference forward"],
         "the optimizer step": held + ["gradients", "optimizer step"],
     }
+    if cache_pass:
+        phases["the reference cache pass"] = early + ["cache pass"]
     return {name: parts + ["runtime"] for name, parts in phases.items()}
 
 

@@ -220,3 +220,6 @@ def test_the_plan_peaks_where_the_largest_phase_is(tmp_path):
     assert plan.fits is True
     tight = plan_memory(config, shape, Machine(ranks=1, device="gpu", device_memory_gb=plan.peak_gb * 0.99), lengths)
     assert tight.fits is False
+    cached = plan_memory(load_config(None, {"reference.mode": "cache"}), shape, Machine(ranks=1), lengths)
+    assert cached.parts["reference"].bytes == 0 and "the reference cache pass" in cached.phases
+    assert cached.parts["cache pass"].bytes > plan.parts["reference"].bytes  # the engine and its forward
