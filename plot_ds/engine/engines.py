@@ -26,22 +26,24 @@ from ..forward.tiled_head import tile_positions, why_not_tiled
 TILED_ABOVE_BYTES = 2**30
 
 
-def shares_prompt(config, ds_config: dict) -> bool:
+def shares_prompt(config, ds_config: dict, ranks: int | None = None) -> bool:
     """``model.share_prompt`` for an engine of ``ds_config``. ``auto`` shares the prompt unless
     ZeRO-3 fetches the parameters from other ranks or from host memory: each of the three passes
     would fetch them again, and its backward reduce-scatter the gradients again (docs/benchmarks.md).
     On one rank without offload those are local copies, and sharing saves compute. Never under
-    sequence parallelism (plain rows only; ``true`` is refused there by the config)."""
+    sequence parallelism (plain rows only; ``true`` is refused there by the config). ``ranks``: the
+    world's size (default: the running world's), which the memory plan states before a launch."""
     if config.parallel.sequence > 1:
         return False
     if config.model.share_prompt != "auto":
         return config.model.share_prompt
     if zero_stage(ds_config) != 3:
         return True
-    import deepspeed.comm as dist
+    if ranks is None:
+        import deepspeed.comm as dist
 
+        ranks = dist.get_world_size() if dist.is_initialized() else 1
     offload = ds_config["zero_optimization"].get("offload_param") or {}
-    ranks = dist.get_world_size() if dist.is_initialized() else 1
     return ranks == 1 and offload.get("device", "none") in ("none", None)
 
 

@@ -9,6 +9,8 @@ import json
 from dataclasses import dataclass, field
 
 from ..config import Config
+from ..engine.engines import TILED_ABOVE_BYTES, shares_prompt
+from ..forward.tiled_head import tile_positions
 from .model_shape import ModelShape
 from .model_states import ModelStates, ZeroSettings, frozen_weights, gathered_bytes, trained_states
 from .step_memory import (
@@ -173,19 +175,7 @@ def plan_ds_config(config: Config, shape: ModelShape, machine: Machine, precisio
     return fill_ds_config(template, config.train, machine.ranks, shape.hidden_size, precision)
 
 
-def shares_prompt(config: Config, zero: ZeroSettings) -> bool:
-    """engines.shares_prompt for the planned machine (and no key/value cache under checkpointing)."""
-    if config.parallel.sequence > 1 or config.model.gradient_checkpointing:
-        return False
-    if config.model.share_prompt != "auto":
-        return config.model.share_prompt
-    return zero.stage != 3 or (zero.ranks == 1 and not zero.offload_param)
-
-
 def step_settings(config: Config, shape: ModelShape, zero: ZeroSettings, positions: int, device: str) -> StepSettings:
-    from ..engine.engines import TILED_ABOVE_BYTES
-    from ..forward.tiled_head import tile_positions
-
     b, plot, adapter = zero.element_size, config.plot, config.adapter
     tiled = config.model.tiled_head is True or (
         config.model.tiled_head == "auto" and positions > TILED_ABOVE_BYTES // (shape.vocab_size * b)
@@ -272,9 +262,12 @@ def plan_memory(
     precision = resolved_precision(config, machine)
     if ds_config is not None:
         precision = "bf16" if ds_config["bf16"]["enabled"] else "fp16" if ds_config["fp16"]["enabled"] else "fp32"
-    zero = ZeroSettings.from_ds_config(ds_config or plan_ds_config(config, shape, machine, precision), machine.ranks)
+    ds_config = ds_config or plan_ds_config(config, shape, machine, precision)
+    zero = ZeroSettings.from_ds_config(ds_config, machine.ranks)
     packed = config.data.packing and config.parallel.sequence == 1
-    batch = lengths.largest_micro_batch(config.train.micro_batch_size, shares_prompt(config, zero), packed)
+    # As the policy's engine decides it (no key/value cache to share under checkpointing).
+    shared = shares_prompt(config, ds_config, machine.ranks) and not config.model.gradient_checkpointing
+    batch = lengths.largest_micro_batch(config.train.micro_batch_size, shared, packed)
     if config.parallel.sequence > 1:
         batch = batch.per_rank(config.parallel.sequence)
     settings = step_settings(config, shape, zero, batch.response_positions, machine.device)
