@@ -95,11 +95,11 @@ def setup_run(config: Config, dist: DistInfo | None = None, frozen_model: str | 
     )
     if not trains and not eval_examples:
         raise DataError("no held-out pairs to evaluate on: set data.eval_source, data.eval_split or data.eval_size")
-    ranks_per_node = int(os.environ.get("LOCAL_WORLD_SIZE", dist.world_size))
-    machine = machine_of_run(config, dist.world_size, ranks_per_node, dist.device.type)
-    plan = plan_before_loading(config, machine, train_examples, ds_config, dist.is_main) if trains else None
-    sampler = None
-    if trains:
+    sampler, plan = None, None
+    if trains:  # the memory plan, before any weight is read
+        ranks_per_node = int(os.environ.get("LOCAL_WORLD_SIZE", dist.world_size))
+        machine = machine_of_run(config, dist.world_size, ranks_per_node, dist.device.type)
+        plan = plan_before_loading(config, machine, train_examples, ds_config, dist.is_main)
         train = config.train
         sampler = GlobalBatchSampler(
             len(train_examples),
