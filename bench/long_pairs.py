@@ -57,6 +57,15 @@ def long_pairs(tokens: int, count: int, tokenizer) -> list[dict]:
     return pairs
 
 
+def tokenizer_of(model: str):
+    """The tokenizer of a model folder, hub id or built-in."""
+    from transformers import AutoTokenizer
+
+    from plot_ds.assets import resolve_model_path
+
+    return AutoTokenizer.from_pretrained(resolve_model_path(model))
+
+
 def write_long_pairs(path: str, tokens: int, count: int, tokenizer) -> str:
     """``count`` pairs of about ``tokens`` tokens as JSONL (ids long0, long1, ...) at ``path``."""
     with open(path, "w") as handle:
@@ -72,11 +81,7 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--tokenizer", default="builtin:smollm2-135m-instruct")
     args = parser.parse_args()
-    from transformers import AutoTokenizer
-
-    from plot_ds.assets import resolve_model_path
-
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(args.tokenizer))
+    tokenizer = tokenizer_of(args.tokenizer)
     pairs = long_pairs(args.tokens, args.pairs, tokenizer)
     with open(args.out, "w") as out:
         for pair in pairs:

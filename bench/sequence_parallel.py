@@ -109,12 +109,9 @@ def main() -> None:
     if args.worker:
         worker(json.loads(args.worker), args.out)
         return
-    from transformers import AutoTokenizer
+    from bench.long_pairs import tokenizer_of, write_long_pairs
 
-    from bench.long_pairs import write_long_pairs
-    from plot_ds.assets import resolve_model_path
-
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(args.model))
+    tokenizer = tokenizer_of(args.model)
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         data = write_long_pairs(os.path.join(tmp, "pairs.jsonl"), args.tokens, 2, tokenizer)
